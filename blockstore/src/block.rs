@@ -1,0 +1,428 @@
+//! Blocks: [`BlockId`], [`BlockMeta`] and [`Block`], and their checksummed on-disk form.
+//!
+//! A block's payload is an Arrow [`RecordBatch`] with the schema of [`block_schema`]:
+//!
+//! | column | type | |
+//! |---|---|---|
+//! | `shard_id` | Utf8 | shard the record came from |
+//! | `sequence_number` | Utf8 | canonical decimal sequence number |
+//! | `sub_sequence` | UInt64 | index inside a KPL aggregate, 0 for plain records |
+//! | `partition_key` | Utf8 | producer's partition key |
+//! | `approximate_arrival` | Timestamp(ms) | when the service accepted the record |
+//! | `data` | Binary | payload |
+//!
+//! # Encoded form
+//!
+//! ```text
+//! "SLUICEB1"            8 bytes magic (format version 1)
+//! meta_len: u32 LE      length of the JSON BlockMeta that follows
+//! meta: JSON            BlockMeta (id, ranges, num_records, num_bytes)
+//! padding               zeros up to a 64-byte boundary, so Arrow buffers stay aligned
+//! Arrow IPC stream      schema message + one record batch + end-of-stream marker
+//! crc32c: u32 LE        CRC-32C (Castagnoli) of every byte before it
+//! ```
+//!
+//! The disk tier and the replica tier store exactly these bytes, so a block file alone says which
+//! ranges it covers. [`Block::decode`] checks the CRC before it parses anything and decodes the
+//! Arrow buffers without copying them.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, LazyLock};
+
+use arrow_array::builder::{BinaryBuilder, StringBuilder, TimestampMillisecondBuilder, UInt64Builder};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{TimestampMillisecondType, UInt64Type};
+use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
+use arrow_buffer::Buffer;
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Position, Record, Result, SequenceNumber, SequenceNumberRanges};
+
+const MAGIC: &[u8; 8] = b"SLUICEB1";
+const ALIGNMENT: usize = 64;
+
+/// Identifies a block: which input stream produced it, in which run, and its number in that run.
+///
+/// The run id keeps ids of different incarnations of the application apart, so a restarted
+/// process never confuses its new blocks with copies left over from a previous run.
+///
+/// ```
+/// use sluice_blockstore::BlockId;
+/// let id = BlockId { input_id: 0, run_id: 0x1f, seq: 42 };
+/// assert_eq!(id.to_string(), "input-0-000000000000001f-42");
+/// assert_eq!(id.to_string().parse::<BlockId>()?, id);
+/// # Ok::<(), sluice_blockstore::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlockId {
+    /// The input stream (receiver) that produced the block.
+    pub input_id: u32,
+    /// The run (application incarnation) that produced the block.
+    pub run_id: u64,
+    /// The block's number within the run, increasing.
+    pub seq: u64,
+}
+
+impl fmt::Display for BlockId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "input-{}-{:016x}-{}", self.input_id, self.run_id, self.seq)
+    }
+}
+
+impl FromStr for BlockId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidBlockId { text: s.to_owned() };
+        let rest = s.strip_prefix("input-").ok_or_else(bad)?;
+        let mut parts = rest.splitn(3, '-');
+        let input_id = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let run_id = parts
+            .next()
+            .and_then(|p| u64::from_str_radix(p, 16).ok())
+            .ok_or_else(bad)?;
+        let seq = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        Ok(Self { input_id, run_id, seq })
+    }
+}
+
+/// What the engine knows about a block without reading it: its id, lineage and size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockMeta {
+    /// The block's id.
+    pub id: BlockId,
+    /// The source ranges its records came from.
+    pub ranges: SequenceNumberRanges,
+    /// Number of records.
+    pub num_records: u64,
+    /// Payload bytes (record data plus partition keys), the unit of memory budgets.
+    pub num_bytes: u64,
+}
+
+/// An immutable block: its [`BlockMeta`] and its records as an Arrow [`RecordBatch`].
+///
+/// Cloning is cheap: the Arrow buffers are shared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    meta: BlockMeta,
+    batch: RecordBatch,
+}
+
+static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("shard_id", DataType::Utf8, false),
+        Field::new("sequence_number", DataType::Utf8, false),
+        Field::new("sub_sequence", DataType::UInt64, false),
+        Field::new("partition_key", DataType::Utf8, false),
+        Field::new(
+            "approximate_arrival",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
+        Field::new("data", DataType::Binary, false),
+    ]))
+});
+
+/// The Arrow schema of a block's payload.
+pub fn block_schema() -> SchemaRef {
+    SCHEMA.clone()
+}
+
+impl Block {
+    /// Builds a block from records and the ranges they cover.
+    ///
+    /// # Errors
+    /// [`Error::Arrow`] if Arrow rejects the arrays (it does not for well-formed records).
+    pub fn from_records(id: BlockId, ranges: SequenceNumberRanges, records: &[Record]) -> Result<Self> {
+        let n = records.len();
+        let data_len: usize = records.iter().map(|r| r.data.len()).sum();
+        let key_len: usize = records.iter().map(|r| r.partition_key.len()).sum();
+        let mut shard = StringBuilder::with_capacity(n, n * 16);
+        let mut seq = StringBuilder::with_capacity(n, n * 56);
+        let mut sub = UInt64Builder::with_capacity(n);
+        let mut key = StringBuilder::with_capacity(n, key_len);
+        let mut arrival = TimestampMillisecondBuilder::with_capacity(n);
+        let mut data = BinaryBuilder::with_capacity(n, data_len);
+        for r in records {
+            shard.append_value(&r.shard_id);
+            seq.append_value(r.position.sequence.as_str());
+            sub.append_value(r.position.sub_sequence);
+            key.append_value(&r.partition_key);
+            arrival.append_value(r.approximate_arrival_ms);
+            data.append_value(&r.data);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(shard.finish()),
+            Arc::new(seq.finish()),
+            Arc::new(sub.finish()),
+            Arc::new(key.finish()),
+            Arc::new(arrival.finish()),
+            Arc::new(data.finish()),
+        ];
+        let batch = RecordBatch::try_new(block_schema(), columns)?;
+        let meta = BlockMeta {
+            id,
+            ranges,
+            num_records: n as u64,
+            num_bytes: (data_len + key_len) as u64,
+        };
+        Ok(Self { meta, batch })
+    }
+
+    /// Wraps an existing batch; the batch must have [`block_schema`].
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] if the schema or the record count disagrees with `meta`.
+    pub fn try_new(meta: BlockMeta, batch: RecordBatch) -> Result<Self> {
+        if batch.schema().fields() != block_schema().fields() {
+            return Err(Error::Corrupt {
+                id: Some(meta.id),
+                detail: "payload schema is not the block schema".into(),
+            });
+        }
+        if batch.num_rows() as u64 != meta.num_records {
+            return Err(Error::Corrupt {
+                id: Some(meta.id),
+                detail: format!(
+                    "meta says {} records, payload has {}",
+                    meta.num_records,
+                    batch.num_rows()
+                ),
+            });
+        }
+        Ok(Self { meta, batch })
+    }
+
+    /// The block's metadata.
+    pub fn meta(&self) -> &BlockMeta {
+        &self.meta
+    }
+
+    /// The block's id.
+    pub fn id(&self) -> BlockId {
+        self.meta.id
+    }
+
+    /// The records as an Arrow batch.
+    pub fn batch(&self) -> &RecordBatch {
+        &self.batch
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.batch.num_rows()
+    }
+
+    /// Whether the block holds no records.
+    pub fn is_empty(&self) -> bool {
+        self.batch.num_rows() == 0
+    }
+
+    /// The payload column (record data), for kernels that only need the bytes.
+    pub fn data(&self) -> &BinaryArray {
+        self.batch.column(5).as_binary::<i32>()
+    }
+
+    /// The partition-key column.
+    pub fn partition_keys(&self) -> &StringArray {
+        self.batch.column(3).as_string::<i32>()
+    }
+
+    /// Heap bytes held by the Arrow buffers (what the memory tier charges for this block).
+    pub fn memory_size(&self) -> usize {
+        self.batch.get_array_memory_size()
+    }
+
+    /// The records, rebuilt as [`Record`] values (allocates per record; kernels that only need
+    /// payloads should use [`Block::data`]).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] if a stored sequence number is not canonical.
+    pub fn records(&self) -> Result<Vec<Record>> {
+        let shard = self.batch.column(0).as_string::<i32>();
+        let seq = self.batch.column(1).as_string::<i32>();
+        let sub = self.batch.column(2).as_primitive::<UInt64Type>();
+        let key = self.partition_keys();
+        let arrival = self.batch.column(4).as_primitive::<TimestampMillisecondType>();
+        let data = self.data();
+        let mut last_shard: Option<Arc<str>> = None;
+        (0..self.len())
+            .map(|i| {
+                let shard_id = match &last_shard {
+                    Some(s) if &**s == shard.value(i) => s.clone(),
+                    _ => {
+                        let s: Arc<str> = Arc::from(shard.value(i));
+                        last_shard = Some(s.clone());
+                        s
+                    }
+                };
+                let sequence = SequenceNumber::parse(seq.value(i)).map_err(|e| Error::Corrupt {
+                    id: Some(self.meta.id),
+                    detail: format!("record {i}: {e}"),
+                })?;
+                Ok(Record {
+                    shard_id,
+                    position: Position::new(sequence, sub.value(i)),
+                    partition_key: Arc::from(key.value(i)),
+                    approximate_arrival_ms: arrival.value(i),
+                    data: Bytes::copy_from_slice(data.value(i)),
+                })
+            })
+            .collect()
+    }
+
+    /// Encodes the block in its checksummed on-disk form (see the module docs).
+    ///
+    /// # Errors
+    /// [`Error::Arrow`] if IPC encoding fails.
+    pub fn encode(&self) -> Result<Bytes> {
+        let meta = serde_json::to_vec(&self.meta).map_err(|e| Error::Corrupt {
+            id: Some(self.meta.id),
+            detail: format!("cannot encode block meta: {e}"),
+        })?;
+        let header_len = (MAGIC.len() + 4 + meta.len()).next_multiple_of(ALIGNMENT);
+        let payload_hint = self.batch.get_array_memory_size() + 1024;
+        let mut out = BytesMut::with_capacity(header_len + payload_hint + 4).writer();
+        {
+            let buf = out.get_mut();
+            buf.put_slice(MAGIC);
+            buf.put_u32_le(meta.len() as u32);
+            buf.put_slice(&meta);
+            buf.resize(header_len, 0);
+        }
+        {
+            let mut writer = arrow_ipc::writer::StreamWriter::try_new(&mut out, &self.batch.schema())?;
+            writer.write(&self.batch)?;
+            writer.finish()?;
+        }
+        let mut buf = out.into_inner();
+        let crc = crc32c::crc32c(&buf);
+        buf.put_u32_le(crc);
+        Ok(buf.freeze())
+    }
+
+    /// Decodes and verifies an encoded block. Arrow buffers share `bytes` (no copy).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] if the checksum, magic, metadata or Arrow payload is wrong; a corrupt
+    /// copy must be treated as missing, never returned.
+    pub fn decode(bytes: Bytes) -> Result<Self> {
+        let corrupt = |detail: String| Error::Corrupt { id: None, detail };
+        if bytes.len() < MAGIC.len() + 8 {
+            return Err(corrupt(format!("{} bytes is too short for a block", bytes.len())));
+        }
+        let body_len = bytes.len() - 4;
+        let stored = u32::from_le_bytes(bytes[body_len..].try_into().expect("4 bytes"));
+        let actual = crc32c::crc32c(&bytes[..body_len]);
+        if stored != actual {
+            return Err(corrupt(format!(
+                "CRC32C mismatch: stored {stored:08x}, computed {actual:08x}"
+            )));
+        }
+        if &bytes[..MAGIC.len()] != MAGIC {
+            return Err(corrupt("bad magic: not a Sluice block (format 1)".into()));
+        }
+        let meta_len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+        let meta_end = 12 + meta_len;
+        if meta_end > body_len {
+            return Err(corrupt(format!("meta length {meta_len} runs past the end")));
+        }
+        let meta: BlockMeta =
+            serde_json::from_slice(&bytes[12..meta_end]).map_err(|e| corrupt(format!("bad block meta: {e}")))?;
+        let header_len = meta_end.next_multiple_of(ALIGNMENT);
+        if header_len > body_len {
+            return Err(Error::Corrupt {
+                id: Some(meta.id),
+                detail: "payload missing".into(),
+            });
+        }
+        let mut buffer = Buffer::from(bytes.slice(header_len..body_len));
+        let mut decoder = arrow_ipc::reader::StreamDecoder::new();
+        let mut batch = None;
+        while !buffer.is_empty() {
+            match decoder.decode(&mut buffer)? {
+                Some(b) if batch.is_none() => batch = Some(b),
+                Some(_) => {
+                    return Err(Error::Corrupt {
+                        id: Some(meta.id),
+                        detail: "more than one record batch".into(),
+                    });
+                }
+                None => {}
+            }
+        }
+        decoder.finish()?;
+        let batch = batch.ok_or_else(|| Error::Corrupt {
+            id: Some(meta.id),
+            detail: "no record batch".into(),
+        })?;
+        Self::try_new(meta, batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SequenceNumberRange;
+
+    pub(crate) fn sample(n: usize) -> Block {
+        let records: Vec<Record> = (0..n)
+            .map(|i| Record {
+                shard_id: "shard-0".into(),
+                position: Position::new(SequenceNumber::from_u128(1000 + i as u128), (i % 3) as u64),
+                partition_key: format!("k{i}").into(),
+                approximate_arrival_ms: 1_700_000_000_000 + i as i64,
+                data: Bytes::from(format!("record number {i}")),
+            })
+            .collect();
+        let ranges = SequenceNumberRanges::from(SequenceNumberRange {
+            stream: "s".into(),
+            shard_id: "shard-0".into(),
+            from: records[0].position.clone(),
+            to: records[n - 1].position.clone(),
+            record_count: n as u64,
+        });
+        Block::from_records(
+            BlockId {
+                input_id: 1,
+                run_id: 7,
+                seq: 3,
+            },
+            ranges,
+            &records,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn encode_decode_round_trip() {
+        let block = sample(100);
+        let bytes = block.encode().unwrap();
+        let back = Block::decode(bytes).unwrap();
+        assert_eq!(back, block);
+        assert_eq!(back.records().unwrap(), block.records().unwrap());
+        assert_eq!(back.records().unwrap()[4].position.sub_sequence, 1);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let bytes = sample(5).encode().unwrap();
+        for i in (0..bytes.len()).step_by(7) {
+            let mut copy = bytes.to_vec();
+            copy[i] ^= 0x40;
+            assert!(
+                matches!(Block::decode(Bytes::from(copy)), Err(Error::Corrupt { .. })),
+                "flip at byte {i} not detected"
+            );
+        }
+        assert!(Block::decode(bytes.slice(..bytes.len() - 1)).is_err());
+    }
+
+    #[test]
+    fn block_id_parse_rejects_garbage() {
+        assert!("input-x-1-2".parse::<BlockId>().is_err());
+        assert!("block-1-2-3".parse::<BlockId>().is_err());
+    }
+}

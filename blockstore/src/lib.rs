@@ -16,6 +16,7 @@
 //! `operators` build on it, and only `engine` wires them together.
 
 mod block;
+mod clock;
 mod error;
 mod level;
 mod range;
@@ -24,6 +25,7 @@ mod replay;
 mod sequence;
 
 pub use block::{Block, BlockId, BlockMeta, block_schema};
+pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use error::{Error, Result};
 pub use level::{ParseStorageLevelError, StorageLevel};
 pub use range::{SequenceNumberRange, SequenceNumberRanges};

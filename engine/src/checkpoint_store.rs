@@ -1,0 +1,275 @@
+//! [`CheckpointStore`]: the files of the checkpoint location (metadata log, state snapshots).
+//!
+//! The checkpoint location is a local directory or an object-store URL. Local writes are atomic
+//! and durable (temp file, fsync, rename, fsync of the directory), so a `kill -9` or a power cut
+//! leaves either the old or the new file. Object-store writes are single PUTs, atomic by nature;
+//! create-only writes use a conditional put.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+
+use crate::{Error, Result};
+
+/// A named-file store rooted at a checkpoint location.
+#[derive(Clone)]
+pub struct CheckpointStore {
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Local(PathBuf),
+    Object {
+        store: Arc<dyn ObjectStore>,
+        prefix: ObjectPath,
+        runtime: Arc<tokio::runtime::Runtime>,
+    },
+}
+
+impl fmt::Debug for CheckpointStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.location())
+    }
+}
+
+fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { path, source }
+}
+
+impl CheckpointStore {
+    /// A store in a local directory (created if missing).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the directory cannot be created.
+    pub fn local(dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(Self {
+            backend: Backend::Local(dir),
+        })
+    }
+
+    /// A store on an object store under `prefix`.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] if the I/O runtime cannot be started.
+    pub fn object_store(store: Arc<dyn ObjectStore>, prefix: ObjectPath) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start the checkpoint I/O runtime: {e}")))?;
+        Ok(Self {
+            backend: Backend::Object {
+                store,
+                prefix,
+                runtime: Arc::new(runtime),
+            },
+        })
+    }
+
+    /// A printable location.
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Local(dir) => dir.display().to_string(),
+            Backend::Object { store, prefix, .. } => format!("{store}/{prefix}"),
+        }
+    }
+
+    /// The store for a sub-directory.
+    pub fn child(&self, name: &str) -> Self {
+        let backend = match &self.backend {
+            Backend::Local(dir) => Backend::Local(dir.join(name)),
+            Backend::Object { store, prefix, runtime } => Backend::Object {
+                store: store.clone(),
+                prefix: prefix.child(name),
+                runtime: runtime.clone(),
+            },
+        };
+        Self { backend }
+    }
+
+    fn put(&self, name: &str, bytes: &[u8], create_only: bool) -> Result<()> {
+        match &self.backend {
+            Backend::Local(dir) => {
+                fs::create_dir_all(dir).map_err(io(dir))?;
+                let path = dir.join(name);
+                if create_only && path.exists() {
+                    return Err(Error::AlreadyExists {
+                        location: path.display().to_string(),
+                    });
+                }
+                let tmp = dir.join(format!(".{name}.tmp"));
+                let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
+                file.write_all(bytes).map_err(io(&tmp))?;
+                file.sync_all().map_err(io(&tmp))?;
+                drop(file);
+                fs::rename(&tmp, &path).map_err(io(&path))?;
+                fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+                Ok(())
+            }
+            Backend::Object { store, prefix, runtime } => {
+                let path = prefix.child(name);
+                let mode = if create_only {
+                    PutMode::Create
+                } else {
+                    PutMode::Overwrite
+                };
+                let opts = PutOptions {
+                    mode,
+                    ..PutOptions::default()
+                };
+                let payload = PutPayload::from(bytes.to_vec());
+                runtime
+                    .block_on(store.put_opts(&path, payload, opts))
+                    .map_err(|source| match source {
+                        object_store::Error::AlreadyExists { .. } => Error::AlreadyExists {
+                            location: path.to_string(),
+                        },
+                        source => Error::ObjectStore {
+                            location: path.to_string(),
+                            source,
+                        },
+                    })?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes a new file; fails with [`Error::AlreadyExists`] if it exists.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn put_new(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.put(name, bytes, true)
+    }
+
+    /// Writes a file, replacing any previous version atomically.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn put_replace(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.put(name, bytes, false)
+    }
+
+    /// Reads a file.
+    ///
+    /// # Errors
+    /// Storage errors (including not found).
+    pub fn get(&self, name: &str) -> Result<Vec<u8>> {
+        match &self.backend {
+            Backend::Local(dir) => {
+                let path = dir.join(name);
+                fs::read(&path).map_err(io(path))
+            }
+            Backend::Object { store, prefix, runtime } => {
+                let path = prefix.child(name);
+                runtime
+                    .block_on(async { store.get(&path).await?.bytes().await })
+                    .map(|b| b.to_vec())
+                    .map_err(|source| Error::ObjectStore {
+                        location: path.to_string(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Names of the files directly in this store (temp files excluded), unsorted.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn list(&self) -> Result<Vec<String>> {
+        match &self.backend {
+            Backend::Local(dir) => {
+                let entries = match fs::read_dir(dir) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                    Err(e) => return Err(io(dir)(e)),
+                };
+                let mut names = Vec::new();
+                for entry in entries {
+                    let entry = entry.map_err(io(dir))?;
+                    if entry.file_type().map_err(io(entry.path()))?.is_file()
+                        && let Some(name) = entry.file_name().to_str()
+                        && !name.starts_with('.')
+                    {
+                        names.push(name.to_owned());
+                    }
+                }
+                Ok(names)
+            }
+            Backend::Object { store, prefix, runtime } => runtime
+                .block_on(async { store.list_with_delimiter(Some(prefix)).await })
+                .map(|listing| {
+                    listing
+                        .objects
+                        .into_iter()
+                        .filter_map(|o| o.location.filename().map(str::to_owned))
+                        .collect()
+                })
+                .map_err(|source| Error::ObjectStore {
+                    location: prefix.to_string(),
+                    source,
+                }),
+        }
+    }
+
+    /// Deletes a file; deleting a missing file is not an error.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        match &self.backend {
+            Backend::Local(dir) => {
+                let path = dir.join(name);
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
+                    _ => Ok(()),
+                }
+            }
+            Backend::Object { store, prefix, runtime } => {
+                let path = prefix.child(name);
+                match runtime.block_on(store.delete(&path)) {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(source) => Err(Error::ObjectStore {
+                        location: path.to_string(),
+                        source,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Deletes every file under this store recursively (object stores) or the directory (local).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn delete_all(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Local(dir) => match fs::remove_dir_all(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(dir)(e)),
+                _ => Ok(()),
+            },
+            Backend::Object { store, prefix, runtime } => runtime
+                .block_on(async {
+                    let paths: Vec<_> = store.list(Some(prefix)).map_ok(|o| o.location).try_collect().await?;
+                    for p in paths {
+                        store.delete(&p).await?;
+                    }
+                    Ok(())
+                })
+                .map_err(|source| Error::ObjectStore {
+                    location: prefix.to_string(),
+                    source,
+                }),
+        }
+    }
+}

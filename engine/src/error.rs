@@ -1,0 +1,69 @@
+//! The engine's error type.
+
+use std::path::PathBuf;
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A local file operation failed.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// An object-store operation on the checkpoint location failed.
+    #[error("object store error at {location}: {source}")]
+    ObjectStore {
+        /// The object path.
+        location: String,
+        /// The underlying error.
+        source: object_store::Error,
+    },
+    /// A create-only write found the file already there.
+    #[error("{location} already exists")]
+    AlreadyExists {
+        /// The file or object.
+        location: String,
+    },
+    /// A metadata log or state file failed its checksum or could not be parsed.
+    #[error(
+        "corrupt metadata file {file}: {detail}; the checkpoint location is damaged — restore it or start with a new one (records since the last shard checkpoint would be re-read)"
+    )]
+    CorruptMetadata {
+        /// The file.
+        file: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Invalid configuration; the message names the field and the fix.
+    #[error("invalid configuration: {field}: {reason}")]
+    Config {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// A block store operation failed.
+    #[error(transparent)]
+    BlockStore(#[from] sluice_blockstore::Error),
+    /// A bug or an unexpected state inside the engine.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Whether retrying the same operation may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Io { .. } | Error::ObjectStore { .. } => true,
+            Error::BlockStore(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// Result with the engine's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

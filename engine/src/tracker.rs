@@ -1,0 +1,304 @@
+//! [`ReceivedBlockTracker`]: which blocks exist, which batch each belongs to, what is done.
+//!
+//! Every state change is written to the [`MetadataLog`] **before** it takes effect in memory, so
+//! the in-memory state is always something the log can rebuild (Spark's `ReceivedBlockTracker`,
+//! with the same recovery rule: blocks recovered from the log belong to a dead incarnation and are
+//! marked invalid, so their batches read them by replay unless a valid copy is found).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use sluice_blockstore::{BlockId, BlockMeta, Position};
+
+use crate::Result;
+use crate::metadata_log::{LogEvent, MetadataLog};
+
+/// A block the tracker knows, with whether its id is valid in this incarnation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackedBlock {
+    /// Id, ranges, size.
+    pub meta: BlockMeta,
+    /// `false` for blocks recovered from a previous run: their store copies may be gone, so
+    /// reading goes to replay unless a valid copy is found.
+    pub is_block_id_valid: bool,
+}
+
+type ShardKey = (Arc<str>, Arc<str>);
+
+#[derive(Debug, Default)]
+struct State {
+    blocks: HashMap<BlockId, TrackedBlock>,
+    unallocated: VecDeque<BlockId>,
+    batches: BTreeMap<i64, Vec<BlockId>>,
+    completed: BTreeSet<i64>,
+    last_allocated: Option<i64>,
+    last_logged: HashMap<ShardKey, Position>,
+    appends_since_compaction: usize,
+}
+
+impl State {
+    fn apply(&mut self, event: &LogEvent, recovering: bool) {
+        match event {
+            LogEvent::BlockAdded { meta } => {
+                for (stream, shard, to) in meta.ranges.last_position_per_shard() {
+                    let slot = self.last_logged.entry((stream, shard)).or_insert_with(|| to.clone());
+                    if *slot < to {
+                        *slot = to;
+                    }
+                }
+                let tracked = TrackedBlock {
+                    meta: meta.clone(),
+                    is_block_id_valid: !recovering,
+                };
+                if self.blocks.insert(meta.id, tracked).is_none() {
+                    self.unallocated.push_back(meta.id);
+                }
+            }
+            LogEvent::BatchAllocated { time_ms, blocks } => {
+                self.unallocated.retain(|id| !blocks.contains(id));
+                self.batches.insert(*time_ms, blocks.clone());
+                self.last_allocated = Some(self.last_allocated.map_or(*time_ms, |t| t.max(*time_ms)));
+            }
+            LogEvent::BatchCompleted { time_ms } => {
+                self.completed.insert(*time_ms);
+            }
+            LogEvent::Cleanup { before_ms } => {
+                self.cleanup(*before_ms);
+            }
+            LogEvent::ShardPositions { positions } => {
+                for (stream, shard, pos) in positions {
+                    let slot = self
+                        .last_logged
+                        .entry((stream.clone(), shard.clone()))
+                        .or_insert_with(|| pos.clone());
+                    if *slot < *pos {
+                        *slot = pos.clone();
+                    }
+                }
+            }
+        }
+    }
+
+    fn cleanup(&mut self, before_ms: i64) -> Vec<BlockId> {
+        let old: Vec<i64> = self
+            .batches
+            .range(..before_ms)
+            .map(|(t, _)| *t)
+            .filter(|t| self.completed.contains(t))
+            .collect();
+        let mut removed = Vec::new();
+        for t in old {
+            if let Some(ids) = self.batches.remove(&t) {
+                for id in ids {
+                    self.blocks.remove(&id);
+                    removed.push(id);
+                }
+            }
+            self.completed.remove(&t);
+        }
+        removed
+    }
+
+    /// The events that rebuild this state (for compaction).
+    fn snapshot(&self) -> Vec<LogEvent> {
+        let mut events = vec![LogEvent::ShardPositions {
+            positions: self
+                .last_logged
+                .iter()
+                .map(|((s, sh), p)| (s.clone(), sh.clone(), p.clone()))
+                .collect(),
+        }];
+        let mut ids: Vec<&BlockId> = self.blocks.keys().collect();
+        ids.sort();
+        // Allocated blocks first in batch order, then the unallocated queue in order, so that
+        // replaying BlockAdded re-creates the same queue order.
+        for ids in self.batches.values() {
+            events.extend(ids.iter().map(|id| LogEvent::BlockAdded {
+                meta: self.blocks[id].meta.clone(),
+            }));
+        }
+        events.extend(self.unallocated.iter().map(|id| LogEvent::BlockAdded {
+            meta: self.blocks[id].meta.clone(),
+        }));
+        for (t, ids) in &self.batches {
+            events.push(LogEvent::BatchAllocated {
+                time_ms: *t,
+                blocks: ids.clone(),
+            });
+        }
+        // No `Cleanup` event: this state already reflects every cleanup, and replaying one would
+        // also drop batches completed after it.
+        events.extend(self.completed.iter().map(|t| LogEvent::BatchCompleted { time_ms: *t }));
+        events
+    }
+}
+
+/// What recovery found in the metadata log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveredState {
+    /// Batches allocated but not completed, oldest first: they re-run with exactly their blocks.
+    pub pending_batches: Vec<i64>,
+    /// The latest batch time allocated before the crash.
+    pub last_allocated: Option<i64>,
+    /// Number of logged blocks not yet allocated: they go to the next batch.
+    pub unallocated_blocks: usize,
+    /// The last logged position of every shard: reading resumes strictly after it.
+    pub resume_after: Vec<(Arc<str>, Arc<str>, Position)>,
+}
+
+/// Tracks blocks and batch allocations, logging every change before applying it.
+#[derive(Debug)]
+pub struct ReceivedBlockTracker {
+    log: MetadataLog,
+    state: Mutex<State>,
+    compact_every: usize,
+}
+
+/// Default number of log appends between compactions.
+pub const DEFAULT_COMPACT_EVERY: usize = 200;
+
+impl ReceivedBlockTracker {
+    /// Opens the tracker on `log`, replaying what is there (blocks from it are marked invalid).
+    ///
+    /// # Errors
+    /// Metadata log read errors (a corrupt log is an error, never silently truncated).
+    pub fn recover(log: MetadataLog) -> Result<(Self, RecoveredState)> {
+        let events = log.read_all()?;
+        let mut state = State::default();
+        for event in &events {
+            state.apply(event, true);
+        }
+        let recovered = RecoveredState {
+            pending_batches: state
+                .batches
+                .keys()
+                .copied()
+                .filter(|t| !state.completed.contains(t))
+                .collect(),
+            last_allocated: state.last_allocated,
+            unallocated_blocks: state.unallocated.len(),
+            resume_after: state
+                .last_logged
+                .iter()
+                .map(|((s, sh), p)| (s.clone(), sh.clone(), p.clone()))
+                .collect(),
+        };
+        Ok((
+            Self {
+                log,
+                state: Mutex::new(state),
+                compact_every: DEFAULT_COMPACT_EVERY,
+            },
+            recovered,
+        ))
+    }
+
+    /// Sets how many appends may accumulate before the log is compacted.
+    #[must_use]
+    pub fn with_compact_every(mut self, appends: usize) -> Self {
+        self.compact_every = appends.max(1);
+        self
+    }
+
+    fn log_and_apply(&self, event: LogEvent) -> Result<()> {
+        let mut state = self.state.lock().expect("tracker lock");
+        self.log.append(std::slice::from_ref(&event))?;
+        state.apply(&event, false);
+        state.appends_since_compaction += 1;
+        Ok(())
+    }
+
+    /// Durably records a stored block; after this returns `Ok` the block's ranges may be
+    /// checkpointed at the source (durability order step 2 → 3).
+    ///
+    /// # Errors
+    /// Metadata log errors: the block is then not tracked and its ranges must not be checkpointed.
+    pub fn add_block(&self, meta: BlockMeta) -> Result<()> {
+        self.log_and_apply(LogEvent::BlockAdded { meta })
+    }
+
+    /// Allocates every unallocated block to the batch at `time_ms` and logs it, or returns the
+    /// existing allocation if that batch was already allocated (recovery re-runs it with exactly
+    /// its blocks).
+    ///
+    /// # Errors
+    /// Metadata log errors: nothing is allocated and the batch must not run.
+    pub fn allocate_blocks_to_batch(&self, time_ms: i64) -> Result<Vec<TrackedBlock>> {
+        let mut state = self.state.lock().expect("tracker lock");
+        if !state.batches.contains_key(&time_ms) {
+            if state.last_allocated.is_some_and(|last| time_ms <= last) {
+                // An earlier time than one already allocated: it gets nothing (Spark logs the same).
+                return Ok(Vec::new());
+            }
+            let blocks: Vec<BlockId> = state.unallocated.iter().copied().collect();
+            let event = LogEvent::BatchAllocated { time_ms, blocks };
+            self.log.append(std::slice::from_ref(&event))?;
+            state.apply(&event, false);
+            state.appends_since_compaction += 1;
+        }
+        Ok(state.batches[&time_ms]
+            .iter()
+            .map(|id| state.blocks[id].clone())
+            .collect())
+    }
+
+    /// Whether any logged block waits for a batch.
+    pub fn has_unallocated_blocks(&self) -> bool {
+        !self.state.lock().expect("tracker lock").unallocated.is_empty()
+    }
+
+    /// Durably records that the batch's output is committed (durability order step 5).
+    ///
+    /// # Errors
+    /// Metadata log errors: the batch then re-runs after a restart, which the idempotent sinks
+    /// absorb.
+    pub fn batch_completed(&self, time_ms: i64) -> Result<()> {
+        self.log_and_apply(LogEvent::BatchCompleted { time_ms })
+    }
+
+    /// Forgets completed batches before `before_ms` and returns their blocks, which the caller
+    /// removes from the block store (durability order step 6). Compacts the log when due.
+    ///
+    /// # Errors
+    /// Metadata log errors.
+    pub fn cleanup(&self, before_ms: i64) -> Result<Vec<BlockId>> {
+        let mut state = self.state.lock().expect("tracker lock");
+        let event = LogEvent::Cleanup { before_ms };
+        self.log.append(std::slice::from_ref(&event))?;
+        let removed = state.cleanup(before_ms);
+        state.appends_since_compaction += 1;
+        if state.appends_since_compaction >= self.compact_every {
+            self.log.compact(&state.snapshot())?;
+            state.appends_since_compaction = 0;
+        }
+        Ok(removed)
+    }
+
+    /// The blocks of an allocated batch (empty if unknown).
+    pub fn blocks_of_batch(&self, time_ms: i64) -> Vec<TrackedBlock> {
+        let state = self.state.lock().expect("tracker lock");
+        state
+            .batches
+            .get(&time_ms)
+            .map(|ids| ids.iter().map(|id| state.blocks[id].clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The last logged position per `(stream, shard)`.
+    pub fn last_logged_positions(&self) -> Vec<(Arc<str>, Arc<str>, Position)> {
+        let state = self.state.lock().expect("tracker lock");
+        state
+            .last_logged
+            .iter()
+            .map(|((s, sh), p)| (s.clone(), sh.clone(), p.clone()))
+            .collect()
+    }
+
+    /// Number of files in the metadata log.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn log_file_count(&self) -> Result<usize> {
+        self.log.file_count()
+    }
+}

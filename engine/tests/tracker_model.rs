@@ -1,0 +1,161 @@
+//! Model-based test of the ReceivedBlockTracker and its metadata log: random operations and
+//! crashes (reopen from the log) against a plain reference model.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use sluice_blockstore::{BlockId, BlockMeta, Position, SequenceNumber, SequenceNumberRange, SequenceNumberRanges};
+use sluice_engine::{CheckpointStore, MetadataLog, ReceivedBlockTracker};
+
+#[derive(Debug, Clone)]
+enum Op {
+    AddBlock { shard: u8, records: u8 },
+    Allocate,
+    Complete { nth_pending: u8 },
+    Cleanup { keep_last: u8 },
+    Crash,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..3, 1u8..20).prop_map(|(shard, records)| Op::AddBlock { shard, records }),
+        2 => Just(Op::Allocate),
+        2 => (0u8..4).prop_map(|nth_pending| Op::Complete { nth_pending }),
+        1 => (0u8..4).prop_map(|keep_last| Op::Cleanup { keep_last }),
+        1 => Just(Op::Crash),
+    ]
+}
+
+#[derive(Default)]
+struct Model {
+    next_seq: u64,
+    shard_next: BTreeMap<u8, u128>,
+    unallocated: Vec<BlockId>,
+    batches: BTreeMap<i64, Vec<BlockId>>,
+    completed: BTreeSet<i64>,
+    last_pos: BTreeMap<String, String>,
+    now: i64,
+}
+
+fn open(store: &CheckpointStore, compact_every: usize) -> (ReceivedBlockTracker, sluice_engine::RecoveredState) {
+    let log = MetadataLog::open(store).unwrap();
+    let (t, r) = ReceivedBlockTracker::recover(log).unwrap();
+    (t.with_compact_every(compact_every), r)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn tracker_survives_crashes(ops in proptest::collection::vec(op(), 1..60), compact_every in 1usize..5) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::local(dir.path()).unwrap();
+        let (mut tracker, _) = open(&store, compact_every);
+        let mut m = Model::default();
+        for op in ops {
+            match op {
+                Op::AddBlock { shard, records } => {
+                    let from = *m.shard_next.entry(shard).or_insert(1_000_000);
+                    let to = from + u128::from(records) - 1;
+                    m.shard_next.insert(shard, to + 1);
+                    let id = BlockId { input_id: 0, run_id: 1, seq: m.next_seq };
+                    m.next_seq += 1;
+                    let range = SequenceNumberRange {
+                        stream: "s".into(),
+                        shard_id: format!("shard-{shard}").into(),
+                        from: Position::plain(SequenceNumber::from_u128(from)),
+                        to: Position::plain(SequenceNumber::from_u128(to)),
+                        record_count: u64::from(records),
+                    };
+                    let meta = BlockMeta { id, ranges: SequenceNumberRanges::from(range), num_records: u64::from(records), num_bytes: 10 };
+                    tracker.add_block(meta).unwrap();
+                    m.unallocated.push(id);
+                    m.last_pos.insert(format!("shard-{shard}"), to.to_string());
+                }
+                Op::Allocate => {
+                    m.now += 1000;
+                    let got: Vec<BlockId> = tracker.allocate_blocks_to_batch(m.now).unwrap().iter().map(|b| b.meta.id).collect();
+                    prop_assert_eq!(&got, &m.unallocated);
+                    m.batches.insert(m.now, std::mem::take(&mut m.unallocated));
+                }
+                Op::Complete { nth_pending } => {
+                    let pending: Vec<i64> = m.batches.keys().copied().filter(|t| !m.completed.contains(t)).collect();
+                    if let Some(t) = pending.get(nth_pending as usize) {
+                        tracker.batch_completed(*t).unwrap();
+                        m.completed.insert(*t);
+                    }
+                }
+                Op::Cleanup { keep_last } => {
+                    let before = m.now - i64::from(keep_last) * 1000;
+                    let removed = tracker.cleanup(before).unwrap();
+                    let expected: Vec<i64> = m.batches.range(..before).map(|(t, _)| *t).filter(|t| m.completed.contains(t)).collect();
+                    let mut expected_ids = Vec::new();
+                    for t in expected {
+                        expected_ids.extend(m.batches.remove(&t).unwrap());
+                        m.completed.remove(&t);
+                    }
+                    prop_assert_eq!(removed, expected_ids);
+                }
+                Op::Crash => {
+                    drop(tracker);
+                    let (t, recovered) = open(&store, compact_every);
+                    tracker = t;
+                    let pending: Vec<i64> = m.batches.keys().copied().filter(|t| !m.completed.contains(t)).collect();
+                    prop_assert_eq!(&recovered.pending_batches, &pending);
+                    prop_assert_eq!(recovered.unallocated_blocks, m.unallocated.len());
+                    let mut resume: Vec<(String, String)> = recovered.resume_after.iter().map(|(_, sh, p)| (sh.to_string(), p.sequence.to_string())).collect();
+                    resume.sort();
+                    let expected: Vec<(String, String)> = m.last_pos.clone().into_iter().collect();
+                    prop_assert_eq!(resume, expected);
+                    for (t, ids) in &m.batches {
+                        let got = tracker.blocks_of_batch(*t);
+                        prop_assert!(got.iter().all(|b| !b.is_block_id_valid), "recovered blocks must be marked invalid");
+                        prop_assert_eq!(&got.iter().map(|b| b.meta.id).collect::<Vec<_>>(), ids);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_entry_is_an_error_not_a_silent_truncation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CheckpointStore::local(dir.path()).unwrap();
+    let (tracker, _) = open(&store, 1000);
+    tracker.allocate_blocks_to_batch(1000).unwrap();
+    tracker.batch_completed(1000).unwrap();
+    drop(tracker);
+    let file = std::fs::read_dir(dir.path().join("metadata"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[2] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    let err = ReceivedBlockTracker::recover(MetadataLog::open(&store).unwrap()).unwrap_err();
+    assert!(matches!(err, sluice_engine::Error::CorruptMetadata { .. }), "{err}");
+}
+
+#[test]
+fn allocation_of_a_known_batch_returns_the_same_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CheckpointStore::local(dir.path()).unwrap();
+    let (tracker, _) = open(&store, 1000);
+    let meta = BlockMeta {
+        id: BlockId {
+            input_id: 0,
+            run_id: 1,
+            seq: 0,
+        },
+        ranges: SequenceNumberRanges::new(),
+        num_records: 0,
+        num_bytes: 0,
+    };
+    tracker.add_block(meta).unwrap();
+    let first = tracker.allocate_blocks_to_batch(1000).unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(tracker.allocate_blocks_to_batch(1000).unwrap(), first);
+    assert!(tracker.allocate_blocks_to_batch(500).unwrap().is_empty());
+}

@@ -49,6 +49,22 @@ pub enum Error {
     /// A block store operation failed.
     #[error(transparent)]
     BlockStore(#[from] sluice_blockstore::Error),
+    /// The stream stopped because of an error (a batch failed under the stop policy, data was
+    /// lost, a receiver gave up).
+    #[error("the stream stopped: {reason}")]
+    Stopped {
+        /// Why.
+        reason: String,
+    },
+    /// A graceful stop did not finish in time; what was not processed is logged and runs after a
+    /// restart.
+    #[error(
+        "graceful stop did not finish within {timeout:?}; unprocessed blocks are logged and will run after a restart"
+    )]
+    StopTimeout {
+        /// The timeout.
+        timeout: std::time::Duration,
+    },
     /// A bug or an unexpected state inside the engine.
     #[error("internal error: {0}")]
     Internal(String),

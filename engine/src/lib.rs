@@ -20,11 +20,30 @@
 //! 6. blocks and log entries are cleaned up only behind completed batches.
 
 mod checkpoint_store;
+mod context;
+mod dstream;
 mod error;
+pub mod graph;
+mod input;
 mod metadata_log;
+mod metrics;
+mod outputs;
+mod rate_estimator;
+mod state;
 mod tracker;
+mod window;
 
 pub use checkpoint_store::CheckpointStore;
+pub use context::{
+    DEFAULT_BATCH_INTERVAL, DEFAULT_DATA_DIR, DEFAULT_MAX_TASK_ATTEMPTS, StreamingContext, StreamingContextBuilder,
+};
+pub use dstream::{DStream, Data, Key};
 pub use error::{Error, Result};
+pub use graph::{DeadLetter, FailurePolicy, JobError, TaskError};
 pub use metadata_log::{LogEvent, MetadataLog};
+pub use metrics::{BatchInfo, MetricsSnapshot};
+pub use outputs::{BoxError, OutputError};
+pub use rate_estimator::{
+    BackpressureConfig, DEFAULT_DERIVATIVE, DEFAULT_INTEGRAL, DEFAULT_MIN_RATE, DEFAULT_PROPORTIONAL, PidRateEstimator,
+};
 pub use tracker::{DEFAULT_COMPACT_EVERY, ReceivedBlockTracker, RecoveredState, TrackedBlock};

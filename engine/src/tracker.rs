@@ -32,6 +32,7 @@ struct State {
     batches: BTreeMap<i64, Vec<BlockId>>,
     completed: BTreeSet<i64>,
     last_allocated: Option<i64>,
+    last_completed: Option<i64>,
     last_logged: HashMap<ShardKey, Position>,
     appends_since_compaction: usize,
 }
@@ -61,6 +62,7 @@ impl State {
             }
             LogEvent::BatchCompleted { time_ms } => {
                 self.completed.insert(*time_ms);
+                self.last_completed = Some(self.last_completed.map_or(*time_ms, |t| t.max(*time_ms)));
             }
             LogEvent::Cleanup { before_ms } => {
                 self.cleanup(*before_ms);
@@ -129,6 +131,9 @@ impl State {
         // No `Cleanup` event: this state already reflects every cleanup, and replaying one would
         // also drop batches completed after it.
         events.extend(self.completed.iter().map(|t| LogEvent::BatchCompleted { time_ms: *t }));
+        if let Some(t) = self.last_completed.filter(|t| !self.completed.contains(t)) {
+            events.push(LogEvent::BatchCompleted { time_ms: t });
+        }
         events
     }
 }
@@ -140,6 +145,8 @@ pub struct RecoveredState {
     pub pending_batches: Vec<i64>,
     /// The latest batch time allocated before the crash.
     pub last_allocated: Option<i64>,
+    /// The latest completed batch: operator state is restored to its snapshot.
+    pub last_completed: Option<i64>,
     /// Number of logged blocks not yet allocated: they go to the next batch.
     pub unallocated_blocks: usize,
     /// The last logged position of every shard: reading resumes strictly after it.
@@ -176,6 +183,7 @@ impl ReceivedBlockTracker {
                 .filter(|t| !state.completed.contains(t))
                 .collect(),
             last_allocated: state.last_allocated,
+            last_completed: state.last_completed,
             unallocated_blocks: state.unallocated.len(),
             resume_after: state
                 .last_logged
@@ -240,6 +248,11 @@ impl ReceivedBlockTracker {
             .iter()
             .map(|id| state.blocks[id].clone())
             .collect())
+    }
+
+    /// The latest allocated batch time.
+    pub fn last_allocated(&self) -> Option<i64> {
+        self.state.lock().expect("tracker lock").last_allocated
     }
 
     /// Whether any logged block waits for a batch.

@@ -1,0 +1,375 @@
+//! [`DStream`]: a stream of per-batch partitioned collections, and its operators.
+//!
+//! A `DStream<T>` is a node of the operator graph; building one does no work. When the
+//! [`StreamingContext`](crate::StreamingContext) runs a batch, every output operation
+//! (`foreach_batch`, `print`, `save_parquet`) computes its stream for that batch time. See the
+//! [`graph`](crate::graph) module for how narrow operators are fused and where stages begin.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+
+use crate::context::GraphBuilder;
+use crate::graph::{BatchEnv, JobError, Node, Scope, TaskError};
+use crate::tracker::TrackedBlock;
+
+/// Element types a stream can carry.
+pub trait Data: Send + Sync + 'static {}
+impl<T: Send + Sync + 'static> Data for T {}
+
+/// Keys of keyed operators: hashed deterministically (FxHash) so a key lands in the same shuffle
+/// partition in every run.
+pub trait Key: Data + Clone + Eq + Hash {}
+impl<T: Data + Clone + Eq + Hash> Key for T {}
+
+/// A discretized stream: for every batch time, a partitioned collection of `T`.
+pub struct DStream<T> {
+    pub(crate) node: Arc<dyn Node<T>>,
+    pub(crate) graph: GraphBuilder,
+}
+
+impl<T> Clone for DStream<T> {
+    fn clone(&self) -> Self {
+        Self {
+            node: self.node.clone(),
+            graph: self.graph.clone(),
+        }
+    }
+}
+
+type Emit<'a, T> = &'a mut dyn FnMut(T);
+
+/// Element-wise narrow node: `f(x, emit)` may emit zero or more outputs per input.
+struct FlatMapNode<I, O> {
+    parent: Arc<dyn Node<I>>,
+    f: Arc<dyn Fn(I, Emit<'_, O>) + Send + Sync>,
+}
+
+impl<I: Data, O: Data> Node<O> for FlatMapNode<I, O> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.parent.num_partitions(env)
+    }
+    fn active(&self, env: &BatchEnv) -> bool {
+        self.parent.active(env)
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        self.parent.prepare(env)
+    }
+    fn compute(&self, env: &BatchEnv, scope: Scope, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
+        let f = &*self.f;
+        self.parent.compute(env, scope, p, &mut |x| f(x, emit))
+    }
+    fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
+        self.parent.source_block(env, p)
+    }
+    fn forget(&self, time_ms: i64) {
+        self.parent.forget(time_ms);
+    }
+}
+
+/// Whole-partition narrow node.
+struct MapPartitionsNode<I, O> {
+    parent: Arc<dyn Node<I>>,
+    f: Arc<dyn Fn(usize, Vec<I>) -> Vec<O> + Send + Sync>,
+}
+
+impl<I: Data, O: Data> Node<O> for MapPartitionsNode<I, O> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.parent.num_partitions(env)
+    }
+    fn active(&self, env: &BatchEnv) -> bool {
+        self.parent.active(env)
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        self.parent.prepare(env)
+    }
+    fn compute(&self, env: &BatchEnv, scope: Scope, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
+        let mut items = Vec::new();
+        self.parent.compute(env, scope, p, &mut |x| items.push(x))?;
+        (self.f)(p, items).into_iter().for_each(emit);
+        Ok(())
+    }
+    fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
+        self.parent.source_block(env, p)
+    }
+    fn forget(&self, time_ms: i64) {
+        self.parent.forget(time_ms);
+    }
+}
+
+/// Concatenation of the partitions of several streams.
+struct UnionNode<T> {
+    parents: Vec<Arc<dyn Node<T>>>,
+}
+
+impl<T: Data> UnionNode<T> {
+    fn locate(&self, env: &BatchEnv, mut p: usize) -> Option<(&Arc<dyn Node<T>>, usize)> {
+        for parent in &self.parents {
+            let n = parent.num_partitions(env);
+            if p < n {
+                return Some((parent, p));
+            }
+            p -= n;
+        }
+        None
+    }
+}
+
+impl<T: Data> Node<T> for UnionNode<T> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.parents.iter().map(|p| p.num_partitions(env)).sum()
+    }
+    fn active(&self, env: &BatchEnv) -> bool {
+        self.parents.iter().any(|p| p.active(env))
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        self.parents.iter().try_for_each(|p| p.prepare(env))
+    }
+    fn compute(&self, env: &BatchEnv, scope: Scope, p: usize, emit: Emit<'_, T>) -> Result<(), TaskError> {
+        match self.locate(env, p) {
+            Some((parent, q)) => parent.compute(env, scope, q, emit),
+            None => Ok(()),
+        }
+    }
+    fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
+        self.locate(env, p).and_then(|(parent, q)| parent.source_block(env, q))
+    }
+    fn forget(&self, time_ms: i64) {
+        self.parents.iter().for_each(|p| p.forget(time_ms));
+    }
+}
+
+/// Output of a stage, cached per batch time.
+pub(crate) struct StageCache<T> {
+    by_time: Mutex<BTreeMap<i64, Arc<Vec<Vec<T>>>>>,
+}
+
+impl<T> Default for StageCache<T> {
+    fn default() -> Self {
+        Self {
+            by_time: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl<T: Clone> StageCache<T> {
+    pub(crate) fn get(&self, time_ms: i64) -> Option<Arc<Vec<Vec<T>>>> {
+        self.by_time.lock().expect("stage cache").get(&time_ms).cloned()
+    }
+    pub(crate) fn put(&self, time_ms: i64, parts: Vec<Vec<T>>) -> Arc<Vec<Vec<T>>> {
+        let parts = Arc::new(parts);
+        self.by_time.lock().expect("stage cache").insert(time_ms, parts.clone());
+        parts
+    }
+    pub(crate) fn forget_up_to(&self, time_ms: i64) {
+        self.by_time.lock().expect("stage cache").retain(|t, _| *t > time_ms);
+    }
+    pub(crate) fn emit(&self, env: &BatchEnv, p: usize, emit: Emit<'_, T>) -> Result<(), TaskError> {
+        let parts = self.get(env.time_ms).ok_or_else(|| TaskError::Panicked {
+            message: format!("internal: stage output for batch {} not prepared", env.time_ms),
+        })?;
+        parts.get(p).into_iter().flatten().cloned().for_each(emit);
+        Ok(())
+    }
+    pub(crate) fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.get(env.time_ms).map_or(0, |p| p.len())
+    }
+}
+
+/// Splits map-side combined maps into `n` shuffle partitions and merges them per partition.
+pub(crate) fn shuffle_merge<K: Key, V: Data>(
+    env: &BatchEnv,
+    maps: Vec<FxHashMap<K, V>>,
+    n: usize,
+    merge: &(dyn Fn(&mut V, V) + Sync),
+) -> Vec<FxHashMap<K, V>> {
+    let hasher = FxBuildHasher;
+    env.runner.pool.install(|| {
+        let bucketed: Vec<Vec<Vec<(K, V)>>> = maps
+            .into_par_iter()
+            .map(|map| {
+                let mut buckets: Vec<Vec<(K, V)>> = (0..n).map(|_| Vec::new()).collect();
+                for (k, v) in map {
+                    let b = (hasher.hash_one(&k) % n as u64) as usize;
+                    buckets[b].push((k, v));
+                }
+                buckets
+            })
+            .collect();
+        let mut columns: Vec<Vec<Vec<(K, V)>>> = (0..n).map(|_| Vec::with_capacity(bucketed.len())).collect();
+        for buckets in bucketed {
+            for (q, bucket) in buckets.into_iter().enumerate() {
+                columns[q].push(bucket);
+            }
+        }
+        columns
+            .into_par_iter()
+            .map(|column| {
+                let mut out: FxHashMap<K, V> = FxHashMap::default();
+                for (k, v) in column.into_iter().flatten() {
+                    match out.get_mut(&k) {
+                        Some(acc) => merge(acc, v),
+                        None => {
+                            out.insert(k, v);
+                        }
+                    }
+                }
+                out
+            })
+            .collect()
+    })
+}
+
+/// `reduce_by_key`: map-side combine in the fused stage below, then a hash shuffle.
+struct ReduceByKeyNode<K, V> {
+    parent: Arc<dyn Node<(K, V)>>,
+    reduce: Arc<dyn Fn(V, V) -> V + Send + Sync>,
+    partitions: usize,
+    cache: StageCache<(K, V)>,
+}
+
+fn fold_into<K: Key, V: Clone>(map: &mut FxHashMap<K, V>, k: K, v: V, reduce: &(dyn Fn(V, V) -> V + Send + Sync)) {
+    match map.get_mut(&k) {
+        // `reduce` takes its arguments by value; values are `Clone` (for counts a plain copy).
+        Some(slot) => *slot = reduce(slot.clone(), v),
+        None => {
+            map.insert(k, v);
+        }
+    }
+}
+
+impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.cache.num_partitions(env)
+    }
+    fn active(&self, env: &BatchEnv) -> bool {
+        self.parent.active(env)
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        if self.cache.get(env.time_ms).is_some() {
+            return Ok(());
+        }
+        self.parent.prepare(env)?;
+        let reduce = &*self.reduce;
+        let parent = &*self.parent;
+        let maps = env.runner.run(
+            env,
+            parent.num_partitions(env),
+            &FxHashMap::default,
+            &|acc: &mut FxHashMap<K, V>, more| more.into_iter().for_each(|(k, v)| fold_into(acc, k, v, reduce)),
+            &|p| parent.source_block(env, p),
+            &|p, scope, acc: &mut FxHashMap<K, V>| {
+                parent.compute(env, scope, p, &mut |(k, v)| fold_into(acc, k, v, reduce))
+            },
+        )?;
+        let merged = shuffle_merge(env, maps, self.partitions, &|acc: &mut V, v| {
+            *acc = reduce(acc.clone(), v)
+        });
+        self.cache.put(
+            env.time_ms,
+            merged.into_iter().map(|m| m.into_iter().collect()).collect(),
+        );
+        Ok(())
+    }
+    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: Emit<'_, (K, V)>) -> Result<(), TaskError> {
+        self.cache.emit(env, p, emit)
+    }
+    fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
+        None
+    }
+    fn forget(&self, time_ms: i64) {
+        self.cache.forget_up_to(time_ms);
+        self.parent.forget(time_ms);
+    }
+}
+
+impl<T: Data> DStream<T> {
+    fn narrow<O: Data>(&self, f: impl Fn(T, Emit<'_, O>) + Send + Sync + 'static) -> DStream<O> {
+        DStream {
+            node: Arc::new(FlatMapNode {
+                parent: self.node.clone(),
+                f: Arc::new(f),
+            }),
+            graph: self.graph.clone(),
+        }
+    }
+
+    /// Applies `f` to every element.
+    pub fn map<O: Data>(&self, f: impl Fn(T) -> O + Send + Sync + 'static) -> DStream<O> {
+        self.narrow(move |x, emit| emit(f(x)))
+    }
+
+    /// Applies `f` to every element and flattens the results.
+    pub fn flat_map<O: Data, I: IntoIterator<Item = O>>(
+        &self,
+        f: impl Fn(T) -> I + Send + Sync + 'static,
+    ) -> DStream<O> {
+        self.narrow(move |x, emit| f(x).into_iter().for_each(&mut *emit))
+    }
+
+    /// Keeps the elements for which `f` is true.
+    pub fn filter(&self, f: impl Fn(&T) -> bool + Send + Sync + 'static) -> DStream<T> {
+        self.narrow(move |x, emit| {
+            if f(&x) {
+                emit(x);
+            }
+        })
+    }
+
+    /// Applies `f` to each whole partition (given its index).
+    pub fn map_partitions<O: Data>(&self, f: impl Fn(usize, Vec<T>) -> Vec<O> + Send + Sync + 'static) -> DStream<O> {
+        DStream {
+            node: Arc::new(MapPartitionsNode {
+                parent: self.node.clone(),
+                f: Arc::new(f),
+            }),
+            graph: self.graph.clone(),
+        }
+    }
+
+    /// The partitions of `self` followed by those of `others`, per batch.
+    pub fn union(&self, others: &[DStream<T>]) -> DStream<T> {
+        let mut parents = vec![self.node.clone()];
+        parents.extend(others.iter().map(|o| o.node.clone()));
+        DStream {
+            node: Arc::new(UnionNode { parents }),
+            graph: self.graph.clone(),
+        }
+    }
+}
+
+impl<K: Key, V: Data + Clone> DStream<(K, V)> {
+    /// Combines the values of each key with `reduce` (associative and commutative), combining
+    /// map-side before the shuffle into the context's default number of partitions.
+    pub fn reduce_by_key(&self, reduce: impl Fn(V, V) -> V + Send + Sync + 'static) -> DStream<(K, V)> {
+        let partitions = self.graph.default_partitions();
+        self.reduce_by_key_into(reduce, partitions)
+    }
+
+    /// [`reduce_by_key`](Self::reduce_by_key) into `partitions` shuffle partitions.
+    pub fn reduce_by_key_into(
+        &self,
+        reduce: impl Fn(V, V) -> V + Send + Sync + 'static,
+        partitions: usize,
+    ) -> DStream<(K, V)> {
+        DStream {
+            node: Arc::new(ReduceByKeyNode {
+                parent: self.node.clone(),
+                reduce: Arc::new(reduce),
+                partitions: partitions.max(1),
+                cache: StageCache::default(),
+            }),
+            graph: self.graph.clone(),
+        }
+    }
+}
+
+impl<T: Key> DStream<T> {
+    /// Counts each distinct element per batch.
+    pub fn count_by_value(&self) -> DStream<(T, u64)> {
+        self.map(|x| (x, 1u64)).reduce_by_key(|a, b| a + b)
+    }
+}

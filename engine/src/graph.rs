@@ -1,0 +1,294 @@
+//! The operator graph behind [`DStream`](crate::DStream): nodes, stages and the task runner.
+//!
+//! # Execution model
+//!
+//! A batch is computed by **stages**. Narrow operators (`map`, `flat_map`, `filter`,
+//! `map_partitions`, `union`) are *fused*: a node computes one partition by asking its parent to
+//! push elements into a closure, so a chain `blocks → flat_map → map → reduce_by_key` runs as one
+//! rayon task per input block that never materialises the intermediate elements. Keyed operators,
+//! windows, state and outputs are stage boundaries: they run the fused chain below them as tasks
+//! (one per partition, in parallel on the context's rayon pool), shuffle or collect the results,
+//! and cache them for the rest of the batch.
+//!
+//! # Failures
+//!
+//! A task that fails (a panic in user code, or a block that cannot be read) is retried up to
+//! `max_task_attempts` times. After that the [`FailurePolicy`](crate::FailurePolicy) applies:
+//! stop the stream (default), or — for stages that read input blocks — evaluate the partition
+//! record by record, keep what succeeds and send each failing input record, with its shard,
+//! position and the error, to the dead-letter sink. Records are never skipped silently.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+use sluice_blockstore::{Block, Record};
+
+use crate::tracker::TrackedBlock;
+
+/// Why a task failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TaskError {
+    /// User code panicked.
+    #[error("user code panicked: {message}")]
+    Panicked {
+        /// The panic message.
+        message: String,
+    },
+    /// An input block could not be read from the store nor replayed from the source.
+    #[error("input block unavailable: {message}")]
+    BlockUnavailable {
+        /// What the block reader said (includes the ranges).
+        message: String,
+        /// Whether the source no longer holds the data (`DataLost`): retrying cannot help.
+        data_lost: bool,
+    },
+}
+
+impl TaskError {
+    pub(crate) fn from_panic(payload: &Box<dyn Any + Send>) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".to_owned());
+        TaskError::Panicked { message }
+    }
+
+    fn is_retryable(&self) -> bool {
+        !matches!(self, TaskError::BlockUnavailable { data_lost: true, .. })
+    }
+}
+
+/// Reads the blocks of a batch (the engine implements it with the block store + replay).
+pub(crate) trait ReadBlock: Send + Sync {
+    /// The block, from the store or rebuilt by replay.
+    fn read(&self, block: &TrackedBlock) -> Result<Block, TaskError>;
+}
+
+/// Builds the environment of an earlier batch time (for windows after a restart).
+pub(crate) trait BatchHistory: Send + Sync {
+    /// The environment of batch `time_ms`, or `None` when that batch is unknown or cleaned.
+    fn env_for(&self, time_ms: i64) -> Option<BatchEnv>;
+}
+
+/// Everything a node needs to compute one batch.
+#[derive(Clone)]
+pub(crate) struct BatchEnv {
+    /// The batch time.
+    pub time_ms: i64,
+    /// The batch interval.
+    pub interval_ms: i64,
+    /// The blocks of this batch per input id, in allocation order.
+    pub inputs: Arc<HashMap<u32, Vec<TrackedBlock>>>,
+    /// Block reader.
+    pub blocks: Arc<dyn ReadBlock>,
+    /// Earlier batches.
+    pub history: Arc<dyn BatchHistory>,
+    /// The task runner (pool, retry, failure policy).
+    pub runner: Arc<StageRunner>,
+}
+
+/// Restricts a computation to one input record (the per-record dead-letter fallback).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Scope {
+    /// Only this record of the source block, when set.
+    pub only_record: Option<usize>,
+}
+
+/// A node of the graph producing elements of type `T`.
+pub(crate) trait Node<T>: Send + Sync {
+    /// Number of partitions for this batch.
+    fn num_partitions(&self, env: &BatchEnv) -> usize;
+    /// Whether the stream has data at this batch time (windows are active only when they
+    /// slide); outputs skip inactive streams.
+    fn active(&self, _env: &BatchEnv) -> bool {
+        true
+    }
+    /// Runs the stages this node depends on (bottom-up) and caches their output for the batch.
+    ///
+    /// # Errors
+    /// The first stage failure that the failure policy turns into a stop.
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError>;
+    /// Pushes the elements of one partition into `emit`. Only called after `prepare`.
+    ///
+    /// # Errors
+    /// A task failure.
+    fn compute(&self, env: &BatchEnv, scope: Scope, partition: usize, emit: &mut dyn FnMut(T))
+    -> Result<(), TaskError>;
+    /// The input block a partition reads, when the partition is a fused chain over one block.
+    fn source_block(&self, env: &BatchEnv, partition: usize) -> Option<TrackedBlock>;
+    /// Drops per-batch caches of batches up to `time_ms` that will not be needed again.
+    fn forget(&self, time_ms: i64);
+}
+
+/// A failed batch: the policy said stop.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("batch {time_ms}: task for partition {partition} failed after {attempts} attempts: {error}")]
+pub struct JobError {
+    /// The batch time.
+    pub time_ms: i64,
+    /// The failing partition.
+    pub partition: usize,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error.
+    pub error: TaskError,
+}
+
+/// What to do with a task that still fails after its retries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Stop the stream with the error (the default): nothing is skipped, the batch re-runs after a
+    /// fix and restart.
+    #[default]
+    Stop,
+    /// Evaluate the failing partition record by record and send the records that fail, with their
+    /// shard, position and error, to the dead-letter sink; the rest of the batch proceeds. Applies
+    /// to stages that read input blocks; failures after a shuffle still stop the stream.
+    DeadLetter,
+}
+
+/// An input record that failed, for the dead-letter sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The batch it belonged to.
+    pub batch_time_ms: i64,
+    /// The record, with its shard and position.
+    pub record: Record,
+    /// The error.
+    pub error: String,
+    /// Attempts made on its partition before it was isolated.
+    pub attempts: u32,
+}
+
+/// Runs stage tasks on the context's pool with retries and the failure policy.
+pub(crate) struct StageRunner {
+    pub pool: rayon::ThreadPool,
+    pub max_attempts: u32,
+    pub policy: FailurePolicy,
+    pub dead_letters: Mutex<Vec<DeadLetter>>,
+    pub task_failures: std::sync::atomic::AtomicU64,
+    pub task_retries: std::sync::atomic::AtomicU64,
+}
+
+fn run_guarded<A>(
+    task: &(dyn Fn(usize, Scope, &mut A) -> Result<(), TaskError> + Sync),
+    p: usize,
+    scope: Scope,
+    acc: &mut A,
+) -> Result<(), TaskError> {
+    match catch_unwind(AssertUnwindSafe(|| task(p, scope, acc))) {
+        Ok(result) => result,
+        Err(payload) => Err(TaskError::from_panic(&payload)),
+    }
+}
+
+impl StageRunner {
+    /// Runs `task` for every partition in parallel; each partition gets a fresh accumulator.
+    ///
+    /// `source` gives the input block behind a partition (for the per-record fallback) and
+    /// `merge` folds a per-record accumulator into the partition's.
+    pub(crate) fn run<A: Send>(
+        &self,
+        env: &BatchEnv,
+        partitions: usize,
+        new_acc: &(dyn Fn() -> A + Sync),
+        merge: &(dyn Fn(&mut A, A) + Sync),
+        source: &(dyn Fn(usize) -> Option<TrackedBlock> + Sync),
+        task: &(dyn Fn(usize, Scope, &mut A) -> Result<(), TaskError> + Sync),
+    ) -> Result<Vec<A>, JobError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.pool.install(|| {
+            (0..partitions)
+                .into_par_iter()
+                .map(|p| {
+                    let mut attempts = 0;
+                    let error = loop {
+                        attempts += 1;
+                        let mut acc = new_acc();
+                        match run_guarded(task, p, Scope::default(), &mut acc) {
+                            Ok(()) => return Ok(acc),
+                            Err(e) => {
+                                self.task_failures.fetch_add(1, Relaxed);
+                                tracing::warn!(batch = env.time_ms, partition = p, attempt = attempts, error = %e, "task failed");
+                                if attempts >= self.max_attempts || !e.is_retryable() {
+                                    break e;
+                                }
+                                self.task_retries.fetch_add(1, Relaxed);
+                            }
+                        }
+                    };
+                    let job_error = JobError { time_ms: env.time_ms, partition: p, attempts, error };
+                    if self.policy != FailurePolicy::DeadLetter || !job_error.error.is_retryable() {
+                        return Err(job_error);
+                    }
+                    let Some(block) = source(p) else { return Err(job_error) };
+                    self.isolate_records(env, p, attempts, &block, new_acc, merge, task).map_err(|_| job_error)
+                })
+                .collect()
+        })
+    }
+
+    /// The per-record fallback: each record of the partition's block runs alone; failures go to
+    /// the dead-letter list, successes are merged.
+    #[allow(clippy::too_many_arguments)]
+    fn isolate_records<A>(
+        &self,
+        env: &BatchEnv,
+        p: usize,
+        attempts: u32,
+        block: &TrackedBlock,
+        new_acc: &(dyn Fn() -> A + Sync),
+        merge: &(dyn Fn(&mut A, A) + Sync),
+        task: &(dyn Fn(usize, Scope, &mut A) -> Result<(), TaskError> + Sync),
+    ) -> Result<A, TaskError> {
+        let records = env
+            .blocks
+            .read(block)?
+            .records()
+            .map_err(|e| TaskError::BlockUnavailable {
+                message: e.to_string(),
+                data_lost: false,
+            })?;
+        let mut acc = new_acc();
+        let mut failed = Vec::new();
+        for (i, record) in records.into_iter().enumerate() {
+            let mut one = new_acc();
+            match run_guarded(task, p, Scope { only_record: Some(i) }, &mut one) {
+                Ok(()) => merge(&mut acc, one),
+                Err(e) => failed.push(DeadLetter {
+                    batch_time_ms: env.time_ms,
+                    record,
+                    error: e.to_string(),
+                    attempts,
+                }),
+            }
+        }
+        tracing::warn!(
+            batch = env.time_ms,
+            partition = p,
+            records = failed.len(),
+            "records sent to the dead-letter sink"
+        );
+        self.dead_letters.lock().expect("dead letters").extend(failed);
+        Ok(acc)
+    }
+
+    /// Runs a fused chain into one `Vec` per partition.
+    pub(crate) fn collect<T: Send>(&self, env: &BatchEnv, node: &dyn Node<T>) -> Result<Vec<Vec<T>>, JobError> {
+        node.prepare(env)?;
+        self.run(
+            env,
+            node.num_partitions(env),
+            &Vec::new,
+            &|acc: &mut Vec<T>, more| acc.extend(more),
+            &|p| node.source_block(env, p),
+            &|p, scope, acc: &mut Vec<T>| node.compute(env, scope, p, &mut |x| acc.push(x)),
+        )
+    }
+}

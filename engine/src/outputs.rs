@@ -1,0 +1,97 @@
+//! Output operations: `foreach_batch`, `print`, and the Parquet sink.
+//!
+//! An output operation computes its stream for the batch and hands the result on. Outputs run
+//! one after another, in the order they were registered, on the job thread; their stages run in
+//! parallel on the pool. Delivery: the Parquet sink is idempotent per batch time (a re-run
+//! replaces the batch's files), so its output is exactly-once; `foreach_batch` with arbitrary side
+//! effects is at-least-once (a batch interrupted by a crash runs again).
+
+use std::sync::Arc;
+
+use crate::dstream::{DStream, Data};
+use crate::graph::{BatchEnv, JobError, Node};
+
+/// A registered output operation.
+pub(crate) trait OutputOp: Send + Sync {
+    /// Computes and delivers the batch.
+    ///
+    /// # Errors
+    /// A stage failure (policy: stop) or a sink error.
+    fn run(&self, env: &BatchEnv) -> Result<(), OutputError>;
+    /// Drops caches of batches up to `time_ms`.
+    fn forget(&self, time_ms: i64);
+}
+
+/// Why an output operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutputError {
+    /// A task failed and the failure policy says stop.
+    #[error(transparent)]
+    Job(#[from] JobError),
+    /// The user's output function or a sink returned an error.
+    #[error("output of batch {time_ms} failed: {message}")]
+    Sink {
+        /// Batch time.
+        time_ms: i64,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// The error type user output functions return.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+struct ForeachBatch<T> {
+    node: Arc<dyn Node<T>>,
+    f: Arc<dyn Fn(i64, Vec<T>) -> Result<(), BoxError> + Send + Sync>,
+}
+
+impl<T: Data> OutputOp for ForeachBatch<T> {
+    fn run(&self, env: &BatchEnv) -> Result<(), OutputError> {
+        if !self.node.active(env) {
+            // Still run the stages below so windows see every batch.
+            self.node.prepare(env)?;
+            return Ok(());
+        }
+        let parts = env.runner.collect(env, &*self.node)?;
+        let items: Vec<T> = parts.into_iter().flatten().collect();
+        (self.f)(env.time_ms, items).map_err(|e| OutputError::Sink {
+            time_ms: env.time_ms,
+            message: e.to_string(),
+        })
+    }
+    fn forget(&self, time_ms: i64) {
+        self.node.forget(time_ms);
+    }
+}
+
+impl<T: Data> DStream<T> {
+    /// Runs `f` on the job thread with the batch time and every element of the batch.
+    ///
+    /// At-least-once: after a crash, a batch that had not completed runs again with the same
+    /// elements. An error stops the stream (the batch is not marked complete).
+    pub fn foreach_batch(&self, f: impl Fn(i64, Vec<T>) -> Result<(), BoxError> + Send + Sync + 'static) {
+        self.graph.add_output(Box::new(ForeachBatch {
+            node: self.node.clone(),
+            f: Arc::new(f),
+        }));
+    }
+}
+
+impl<T: Data + std::fmt::Debug> DStream<T> {
+    /// Prints the first `n` elements of every batch, as Spark's `print` does.
+    pub fn print(&self, n: usize) {
+        self.foreach_batch(move |time_ms, items| {
+            println!("-------------------------------------------\nTime: {time_ms} ms\n-------------------------------------------");
+            for item in items.iter().take(n) {
+                println!("{item:?}");
+            }
+            if items.len() > n {
+                println!("...");
+            }
+            println!();
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,342 @@
+//! Operator state: `update_state_by_key`, and how state is snapshotted with its batch.
+//!
+//! # Protocol
+//!
+//! After a batch's outputs are committed and before its `BatchCompleted` is logged, every stateful
+//! operator writes its state *as of that batch* to
+//! `<checkpoint>/state/<batch time:020>-<operator index>.state` (JSON + CRC-32C, atomic replace).
+//! On restart, state is restored from the snapshot of the last completed batch, and the batches
+//! after it re-run in order — so the state a re-run sees is exactly the state the first run saw.
+//! Operators are matched by their index in graph-construction order; a program that adds a
+//! stateful operator starts it empty (with a warning), and one that removes operators ignores
+//! their snapshots. Snapshots older than the previous completed batch are deleted.
+
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::checkpoint_store::CheckpointStore;
+use crate::dstream::{DStream, Data, Key, StageCache, shuffle_merge};
+use crate::graph::{BatchEnv, JobError, Node, Scope, TaskError};
+use crate::tracker::TrackedBlock;
+use crate::{Error, Result};
+
+/// An operator whose state must survive restarts.
+pub(crate) trait StatefulOp: Send + Sync {
+    /// The state as of batch `time_ms` (`None` if the operator has not run that batch).
+    fn snapshot(&self, time_ms: i64) -> Result<Option<Vec<u8>>>;
+    /// Replaces the state with a snapshot taken at `time_ms`.
+    fn restore(&self, time_ms: i64, bytes: &[u8]) -> Result<()>;
+}
+
+fn state_dir(checkpoint: &CheckpointStore) -> CheckpointStore {
+    checkpoint.child("state")
+}
+
+fn file_name(time_ms: i64, index: usize) -> String {
+    format!("{time_ms:020}-{index}.state")
+}
+
+fn parse_time(name: &str) -> Option<i64> {
+    name.strip_suffix(".state")?.split('-').next()?.parse().ok()
+}
+
+/// Writes every operator's state for `time_ms`.
+pub(crate) fn snapshot_all(checkpoint: &CheckpointStore, time_ms: i64, ops: &[Arc<dyn StatefulOp>]) -> Result<()> {
+    let dir = state_dir(checkpoint);
+    for (index, op) in ops.iter().enumerate() {
+        if let Some(mut bytes) = op.snapshot(time_ms)? {
+            let crc = crc32c::crc32c(&bytes);
+            bytes.extend_from_slice(&crc.to_le_bytes());
+            dir.put_replace(&file_name(time_ms, index), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Restores every operator from the snapshots of the last completed batch (a newer snapshot
+/// belongs to a batch that did not complete and will re-run).
+pub(crate) fn restore_all(
+    checkpoint: &CheckpointStore,
+    last_completed: Option<i64>,
+    ops: &[Arc<dyn StatefulOp>],
+) -> Result<()> {
+    let Some(time_ms) = last_completed else { return Ok(()) };
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let dir = state_dir(checkpoint);
+    let names = dir.list()?;
+    for (index, op) in ops.iter().enumerate() {
+        let name = file_name(time_ms, index);
+        if !names.contains(&name) {
+            tracing::warn!(
+                operator = index,
+                batch = time_ms,
+                "no state snapshot for this operator; it starts empty"
+            );
+            continue;
+        }
+        let bytes = dir.get(&name)?;
+        if bytes.len() < 4 {
+            return Err(Error::CorruptMetadata {
+                file: name,
+                detail: "too short".into(),
+            });
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(Error::CorruptMetadata {
+                file: name,
+                detail: "CRC-32C mismatch".into(),
+            });
+        }
+        op.restore(time_ms, body)?;
+    }
+    Ok(())
+}
+
+/// Deletes snapshots older than the one before `latest_ms`.
+pub(crate) fn cleanup_snapshots(checkpoint: &CheckpointStore, latest_ms: i64) -> Result<()> {
+    let dir = state_dir(checkpoint);
+    let names = dir.list()?;
+    let mut times: Vec<i64> = names
+        .iter()
+        .filter_map(|n| parse_time(n))
+        .filter(|t| *t < latest_ms)
+        .collect();
+    times.sort_unstable();
+    times.dedup();
+    let Some(&keep) = times.last() else { return Ok(()) };
+    for name in names {
+        if parse_time(&name).is_some_and(|t| t < keep) {
+            dir.delete(&name)?;
+        }
+    }
+    Ok(())
+}
+
+type UpdateFn<K, V, S> = dyn Fn(&K, Vec<V>, Option<S>) -> Option<S> + Send + Sync;
+
+struct StateTable<K, S> {
+    time_ms: Option<i64>,
+    parts: Arc<Vec<FxHashMap<K, S>>>,
+}
+
+/// `update_state_by_key`: groups new values by key, then updates every key's state.
+struct UpdateStateNode<K, V, S> {
+    parent: Arc<dyn Node<(K, V)>>,
+    update: Arc<UpdateFn<K, V, S>>,
+    partitions: usize,
+    state: Mutex<StateTable<K, S>>,
+    cache: StageCache<(K, S)>,
+}
+
+impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.cache.num_partitions(env)
+    }
+
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        if self.cache.get(env.time_ms).is_some() {
+            return Ok(());
+        }
+        self.parent.prepare(env)?;
+        let parent = &*self.parent;
+        let grouped = env.runner.run(
+            env,
+            parent.num_partitions(env),
+            &FxHashMap::default,
+            &|acc: &mut FxHashMap<K, Vec<V>>, more| {
+                for (k, mut vs) in more {
+                    acc.entry(k).or_default().append(&mut vs);
+                }
+            },
+            &|p| parent.source_block(env, p),
+            &|p, scope, acc: &mut FxHashMap<K, Vec<V>>| {
+                parent.compute(env, scope, p, &mut |(k, v)| acc.entry(k).or_default().push(v))
+            },
+        )?;
+        let grouped = shuffle_merge(env, grouped, self.partitions, &|acc: &mut Vec<V>, mut more| {
+            acc.append(&mut more)
+        });
+        let previous = {
+            let table = self.state.lock().expect("state");
+            if table.time_ms.is_some_and(|t| t >= env.time_ms) {
+                return Err(JobError {
+                    time_ms: env.time_ms,
+                    partition: 0,
+                    attempts: 1,
+                    error: TaskError::Panicked {
+                        message: format!(
+                            "state is already at batch {:?}; batches must run in order",
+                            table.time_ms
+                        ),
+                    },
+                });
+            }
+            table.parts.clone()
+        };
+        let update = &*self.update;
+        let new_parts: Vec<Result<FxHashMap<K, S>, (usize, TaskError)>> = env.runner.pool.install(|| {
+            grouped
+                .into_par_iter()
+                .enumerate()
+                .map(|(q, mut new_values)| {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let mut out = FxHashMap::default();
+                        if let Some(prev) = previous.get(q) {
+                            for (k, s) in prev {
+                                let values = new_values.remove(k).unwrap_or_default();
+                                if let Some(s) = update(k, values, Some(s.clone())) {
+                                    out.insert(k.clone(), s);
+                                }
+                            }
+                        }
+                        for (k, values) in new_values {
+                            if let Some(s) = update(&k, values, None) {
+                                out.insert(k, s);
+                            }
+                        }
+                        out
+                    }))
+                    .map_err(|payload| (q, TaskError::from_panic(&payload)))
+                })
+                .collect()
+        });
+        let mut parts = Vec::with_capacity(new_parts.len());
+        for part in new_parts {
+            match part {
+                Ok(p) => parts.push(p),
+                Err((partition, error)) => {
+                    return Err(JobError {
+                        time_ms: env.time_ms,
+                        partition,
+                        attempts: 1,
+                        error,
+                    });
+                }
+            }
+        }
+        self.cache.put(
+            env.time_ms,
+            parts
+                .iter()
+                .map(|m| m.iter().map(|(k, s)| (k.clone(), s.clone())).collect())
+                .collect(),
+        );
+        *self.state.lock().expect("state") = StateTable {
+            time_ms: Some(env.time_ms),
+            parts: Arc::new(parts),
+        };
+        Ok(())
+    }
+
+    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut((K, S))) -> Result<(), TaskError> {
+        self.cache.emit(env, p, emit)
+    }
+
+    fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
+        None
+    }
+
+    fn forget(&self, time_ms: i64) {
+        self.cache.forget_up_to(time_ms);
+        self.parent.forget(time_ms);
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Snapshot<K, S> {
+    version: u32,
+    time_ms: i64,
+    entries: Vec<(K, S)>,
+}
+
+const SNAPSHOT_VERSION: u32 = 1;
+
+impl<K, V, S> StatefulOp for UpdateStateNode<K, V, S>
+where
+    K: Key + Serialize + DeserializeOwned,
+    V: Data,
+    S: Data + Clone + Serialize + DeserializeOwned,
+{
+    fn snapshot(&self, time_ms: i64) -> Result<Option<Vec<u8>>> {
+        let table = self.state.lock().expect("state");
+        if table.time_ms != Some(time_ms) {
+            return Ok(None);
+        }
+        let entries: Vec<(&K, &S)> = table.parts.iter().flat_map(|m| m.iter()).collect();
+        let snapshot = Snapshot {
+            version: SNAPSHOT_VERSION,
+            time_ms,
+            entries,
+        };
+        serde_json::to_vec(&snapshot)
+            .map(Some)
+            .map_err(|e| Error::Internal(format!("cannot encode state: {e}")))
+    }
+
+    fn restore(&self, time_ms: i64, bytes: &[u8]) -> Result<()> {
+        let snapshot: Snapshot<K, S> = serde_json::from_slice(bytes).map_err(|e| Error::CorruptMetadata {
+            file: format!("state snapshot of batch {time_ms}"),
+            detail: format!("cannot decode (did the key or state type change?): {e}"),
+        })?;
+        if snapshot.version != SNAPSHOT_VERSION {
+            return Err(Error::CorruptMetadata {
+                file: format!("state snapshot of batch {time_ms}"),
+                detail: format!("snapshot version {} is not {SNAPSHOT_VERSION}", snapshot.version),
+            });
+        }
+        let mut parts: Vec<FxHashMap<K, S>> = (0..self.partitions).map(|_| FxHashMap::default()).collect();
+        for (k, s) in snapshot.entries {
+            let q = (FxBuildHasher.hash_one(&k) % self.partitions as u64) as usize;
+            parts[q].insert(k, s);
+        }
+        *self.state.lock().expect("state") = StateTable {
+            time_ms: Some(time_ms),
+            parts: Arc::new(parts),
+        };
+        Ok(())
+    }
+}
+
+impl<K, V> DStream<(K, V)>
+where
+    K: Key + Serialize + DeserializeOwned,
+    V: Data,
+{
+    /// Keeps a state per key across batches: every batch, `update(key, new_values, old_state)`
+    /// runs for every key that has new values or a state; returning `None` removes the key.
+    ///
+    /// The state is snapshotted with each batch and restored on restart (see the module docs), so
+    /// a re-run batch sees exactly the state its first run saw.
+    pub fn update_state_by_key<S>(
+        &self,
+        update: impl Fn(&K, Vec<V>, Option<S>) -> Option<S> + Send + Sync + 'static,
+    ) -> DStream<(K, S)>
+    where
+        S: Data + Clone + Serialize + DeserializeOwned,
+    {
+        let partitions = self.graph.default_partitions();
+        let node = Arc::new(UpdateStateNode {
+            parent: self.node.clone(),
+            update: Arc::new(update),
+            partitions,
+            state: Mutex::new(StateTable {
+                time_ms: None,
+                parts: Arc::new(Vec::new()),
+            }),
+            cache: StageCache::default(),
+        });
+        self.graph.add_stateful(node.clone());
+        DStream {
+            node,
+            graph: self.graph.clone(),
+        }
+    }
+}

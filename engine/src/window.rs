@@ -1,0 +1,299 @@
+//! Window operators: `window` and `reduce_by_key_and_window`.
+//!
+//! Window length and slide are whole numbers of batches, as in Spark (where they must be
+//! multiples of the batch interval). A windowed stream is *active* only at batch times that are a
+//! multiple of the slide; outputs skip it at other times.
+//!
+//! A window needs the outputs of its parent for the last `length` batches. They are kept in memory
+//! as batches run; after a restart the missing ones are recomputed from those batches' blocks
+//! (the engine keeps the blocks of the last `length + slide` batches for this; blocks from the
+//! previous run are read from the store or replayed from the source). Windows over stateful
+//! streams are not recomputed this way: put the window below the state.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use rustc_hash::FxHashMap;
+
+use crate::dstream::{DStream, Data, Key, StageCache};
+use crate::graph::{BatchEnv, JobError, Node, Scope, TaskError};
+use crate::tracker::TrackedBlock;
+
+type Parts<T> = Arc<Vec<Vec<T>>>;
+
+/// Parent outputs per batch time, computed on demand for earlier batches.
+struct History<T> {
+    by_time: Mutex<BTreeMap<i64, Parts<T>>>,
+}
+
+impl<T: Data> History<T> {
+    fn new() -> Self {
+        Self {
+            by_time: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn get(&self, env: &BatchEnv, parent: &dyn Node<T>, time_ms: i64) -> Result<Parts<T>, JobError> {
+        if let Some(parts) = self.by_time.lock().expect("window history").get(&time_ms) {
+            return Ok(parts.clone());
+        }
+        let parts = if time_ms == env.time_ms {
+            env.runner.collect(env, parent)?
+        } else {
+            match env.history.env_for(time_ms) {
+                Some(past) => env.runner.collect(&past, parent)?,
+                None => Vec::new(),
+            }
+        };
+        let parts = Arc::new(parts);
+        self.by_time
+            .lock()
+            .expect("window history")
+            .insert(time_ms, parts.clone());
+        Ok(parts)
+    }
+
+    fn forget_before(&self, time_ms: i64) {
+        self.by_time
+            .lock()
+            .expect("window history")
+            .retain(|t, _| *t >= time_ms);
+    }
+}
+
+fn is_active(env: &BatchEnv, slide: usize) -> bool {
+    (env.time_ms / env.interval_ms).rem_euclid(slide as i64) == 0
+}
+
+fn window_times(env: &BatchEnv, length: usize) -> impl Iterator<Item = i64> + '_ {
+    (0..length as i64).rev().map(move |k| env.time_ms - k * env.interval_ms)
+}
+
+/// `window`: the union of the parent's last `length` batches.
+struct WindowNode<T> {
+    parent: Arc<dyn Node<T>>,
+    length: usize,
+    slide: usize,
+    history: History<T>,
+    cache: StageCache<T>,
+}
+
+impl<T: Data + Clone> Node<T> for WindowNode<T> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.cache.num_partitions(env)
+    }
+    fn active(&self, env: &BatchEnv) -> bool {
+        is_active(env, self.slide)
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        // The parent runs every batch so that its outputs are at hand when the window slides.
+        let current = self.history.get(env, &*self.parent, env.time_ms)?;
+        if !self.active(env) || self.cache.get(env.time_ms).is_some() {
+            return Ok(());
+        }
+        let mut parts = Vec::new();
+        for t in window_times(env, self.length) {
+            let p = if t == env.time_ms {
+                current.clone()
+            } else {
+                self.history.get(env, &*self.parent, t)?
+            };
+            parts.extend(p.iter().cloned());
+        }
+        self.cache.put(env.time_ms, parts);
+        Ok(())
+    }
+    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut(T)) -> Result<(), TaskError> {
+        if self.cache.get(env.time_ms).is_none() {
+            return Ok(());
+        }
+        self.cache.emit(env, p, emit)
+    }
+    fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
+        None
+    }
+    fn forget(&self, time_ms: i64) {
+        self.cache.forget_up_to(time_ms);
+        self.history.forget_before(time_ms);
+        self.parent.forget(time_ms);
+    }
+}
+
+type ReduceFn<V> = dyn Fn(V, V) -> V + Send + Sync;
+type FilterFn<K, V> = dyn Fn(&K, &V) -> bool + Send + Sync;
+
+/// `reduce_by_key_and_window` with an inverse function: the previous window's result plus the
+/// batches entering minus the batches leaving.
+struct InvertibleWindowNode<K, V> {
+    reduced: Arc<dyn Node<(K, V)>>,
+    reduce: Arc<ReduceFn<V>>,
+    inverse: Arc<ReduceFn<V>>,
+    filter: Option<Arc<FilterFn<K, V>>>,
+    length: usize,
+    slide: usize,
+    history: History<(K, V)>,
+    previous: Mutex<Option<(i64, Arc<FxHashMap<K, V>>)>>,
+    cache: StageCache<(K, V)>,
+}
+
+fn fold<K: Key, V: Clone>(into: &mut FxHashMap<K, V>, parts: &[Vec<(K, V)>], f: &ReduceFn<V>) {
+    for (k, v) in parts.iter().flatten() {
+        match into.get_mut(k) {
+            Some(acc) => *acc = f(acc.clone(), v.clone()),
+            None => {
+                into.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.cache.num_partitions(env)
+    }
+    fn active(&self, env: &BatchEnv) -> bool {
+        is_active(env, self.slide)
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        self.history.get(env, &*self.reduced, env.time_ms)?;
+        if !self.active(env) || self.cache.get(env.time_ms).is_some() {
+            return Ok(());
+        }
+        let step = self.slide as i64 * env.interval_ms;
+        let previous = self.previous.lock().expect("window state").clone();
+        let mut result: FxHashMap<K, V> = match previous {
+            Some((t, prev)) if t == env.time_ms - step => {
+                let mut acc = (*prev).clone();
+                // Entering: the last `slide` batches. Leaving: the `slide` batches before the window.
+                for k in 0..self.slide as i64 {
+                    let entering = self
+                        .history
+                        .get(env, &*self.reduced, env.time_ms - k * env.interval_ms)?;
+                    fold(&mut acc, &entering, &*self.reduce);
+                    let leaving_time = env.time_ms - (self.length as i64 + k) * env.interval_ms;
+                    let leaving = self.history.get(env, &*self.reduced, leaving_time)?;
+                    for (key, v) in leaving.iter().flatten() {
+                        if let Some(a) = acc.get_mut(key) {
+                            *a = (self.inverse)(a.clone(), v.clone());
+                        }
+                    }
+                }
+                acc
+            }
+            _ => {
+                // First window, or after a restart: compute it from the batches it spans.
+                let mut acc = FxHashMap::default();
+                for t in window_times(env, self.length) {
+                    let parts = self.history.get(env, &*self.reduced, t)?;
+                    fold(&mut acc, &parts, &*self.reduce);
+                }
+                acc
+            }
+        };
+        if let Some(filter) = &self.filter {
+            result.retain(|k, v| filter(k, v));
+        }
+        let result = Arc::new(result);
+        *self.previous.lock().expect("window state") = Some((env.time_ms, result.clone()));
+        self.cache.put(
+            env.time_ms,
+            vec![result.iter().map(|(k, v)| (k.clone(), v.clone())).collect()],
+        );
+        Ok(())
+    }
+    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut((K, V))) -> Result<(), TaskError> {
+        if self.cache.get(env.time_ms).is_none() {
+            return Ok(());
+        }
+        self.cache.emit(env, p, emit)
+    }
+    fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
+        None
+    }
+    fn forget(&self, time_ms: i64) {
+        self.cache.forget_up_to(time_ms);
+        self.history.forget_before(time_ms);
+        self.reduced.forget(time_ms);
+    }
+}
+
+impl<T: Data + Clone> DStream<T> {
+    /// The union of the last `length` batches, every `slide` batches.
+    ///
+    /// # Panics
+    /// If `length` or `slide` is 0.
+    pub fn window(&self, length: usize, slide: usize) -> DStream<T> {
+        assert!(
+            length > 0 && slide > 0,
+            "window length and slide must be at least one batch"
+        );
+        self.graph.remember(length + slide);
+        DStream {
+            node: Arc::new(WindowNode {
+                parent: self.node.clone(),
+                length,
+                slide,
+                history: History::new(),
+                cache: StageCache::default(),
+            }),
+            graph: self.graph.clone(),
+        }
+    }
+}
+
+impl<K: Key, V: Data + Clone> DStream<(K, V)> {
+    /// Reduces each key's values over the last `length` batches, every `slide` batches.
+    ///
+    /// With `inverse` (which must undo `reduce`: `inverse(reduce(a, b), b) == a`), each window is
+    /// computed incrementally from the previous one; `filter` then drops keys whose value no
+    /// longer matters (for counts: `|_, c| *c > 0`). Without `inverse`, each window is reduced
+    /// from the per-batch results it spans.
+    ///
+    /// # Panics
+    /// If `length` or `slide` is 0.
+    pub fn reduce_by_key_and_window(
+        &self,
+        reduce: impl Fn(V, V) -> V + Send + Sync + 'static,
+        inverse: Option<Arc<ReduceFn<V>>>,
+        filter: Option<Arc<FilterFn<K, V>>>,
+        length: usize,
+        slide: usize,
+    ) -> DStream<(K, V)> {
+        assert!(
+            length > 0 && slide > 0,
+            "window length and slide must be at least one batch"
+        );
+        let reduce: Arc<ReduceFn<V>> = Arc::new(reduce);
+        let per_batch = {
+            let r = reduce.clone();
+            self.reduce_by_key(move |a, b| r(a, b))
+        };
+        match inverse {
+            None => {
+                let r = reduce.clone();
+                let windowed = per_batch.window(length, slide).reduce_by_key(move |a, b| r(a, b));
+                match filter {
+                    Some(f) => windowed.filter(move |(k, v)| f(k, v)),
+                    None => windowed,
+                }
+            }
+            Some(inverse) => {
+                self.graph.remember(length + slide);
+                DStream {
+                    node: Arc::new(InvertibleWindowNode {
+                        reduced: per_batch.node,
+                        reduce,
+                        inverse,
+                        filter,
+                        length,
+                        slide,
+                        history: History::new(),
+                        previous: Mutex::new(None),
+                        cache: StageCache::default(),
+                    }),
+                    graph: self.graph.clone(),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Sources: sharded, replayable logs behind one trait.
+//!
+//! A [`Source`] is what the shared shard-reading loop reads from: it lists shards with their
+//! parent/child links, opens a [`ShardReader`] at a [`StartingPosition`], and — through the
+//! [`Replay`] supertrait — re-reads an exact range. The embedded local log and Kinesis both
+//! implement it, so pacing, end-of-shard handling, parent-before-child ordering, blocks and
+//! checkpoints are written once.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sluice_blockstore::{Position, Record, Replay, SequenceNumber};
+
+/// Where a reader starts in a shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartingPosition {
+    /// The oldest record the source still holds.
+    TrimHorizon,
+    /// Only records written after the reader opens.
+    Latest,
+    /// The first record that arrived at or after this time (ms since the epoch).
+    AtTimestamp(i64),
+    /// The record at this position (inclusive).
+    AtPosition(Position),
+    /// The first record strictly after this position. Resuming after a checkpoint or after the
+    /// last logged range uses this; it skips the remaining sub-records of an aggregate correctly.
+    AfterPosition(Position),
+}
+
+/// One shard as the source describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    /// The shard id.
+    pub shard_id: Arc<str>,
+    /// Parents (one after a split, two after a merge); children start only after all parents end.
+    pub parent_shard_ids: Vec<Arc<str>>,
+    /// Inclusive hash-key range of the partition keys this shard receives (MD5 of the key as u128).
+    pub hash_key_range: (u128, u128),
+    /// Set when the shard is closed: its last sequence number (no record will follow it).
+    pub ending_sequence: Option<SequenceNumber>,
+}
+
+impl ShardInfo {
+    /// Whether the shard is closed to writes.
+    pub fn is_closed(&self) -> bool {
+        self.ending_sequence.is_some()
+    }
+}
+
+/// What one read returned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadBatch {
+    /// User records (after KPL de-aggregation), in position order. May be empty even mid-shard.
+    pub records: Vec<Record>,
+    /// The shard is closed and every record has now been returned: `ChildShards` in Kinesis.
+    pub end_of_shard: Option<Vec<Arc<str>>>,
+    /// How far behind the newest record this read was (ms), when the source knows.
+    pub millis_behind_latest: Option<i64>,
+}
+
+/// Why a source operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The requested position is older than what the source still holds (retention). Not retryable.
+    #[error("data expired in {stream}/{shard_id}: {detail}")]
+    DataExpired {
+        /// Stream name.
+        stream: String,
+        /// Shard id.
+        shard_id: String,
+        /// What is gone.
+        detail: String,
+    },
+    /// No such stream or shard. Not retryable.
+    #[error("unknown shard {shard_id} of stream {stream}")]
+    UnknownShard {
+        /// Stream name.
+        stream: String,
+        /// Shard id.
+        shard_id: String,
+    },
+    /// The source throttled the call. Retryable after a backoff.
+    #[error("throttled by the source: {0}")]
+    Throttled(String),
+    /// The reader's iterator expired; reopen from the last position. Retryable.
+    #[error("shard iterator expired: {0}")]
+    IteratorExpired(String),
+    /// A transient failure (I/O, network). Retryable.
+    #[error("source unavailable: {detail}")]
+    Unavailable {
+        /// What failed.
+        detail: String,
+        /// The cause.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// The request is invalid (bad position, bad configuration). Not retryable.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl SourceError {
+    /// Whether retrying (after a backoff, reopening the reader if needed) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Throttled(_) | SourceError::IteratorExpired(_) | SourceError::Unavailable { .. }
+        )
+    }
+}
+
+/// A sharded, replayable log.
+///
+/// # Contract
+/// - `list_shards` returns every shard the reader may need, open and closed, with parent links;
+///   closed shards carry their ending sequence number.
+/// - A reader returns records of its shard in strictly increasing position order, never one twice,
+///   and reports `end_of_shard` exactly once, after the last record of a closed shard.
+/// - `replay` (from [`Replay`]) returns exactly the records of the ranges, per its contract.
+/// - All methods may be called from several threads; readers are used by one thread at a time.
+pub trait Source: Replay + fmt::Debug {
+    /// The stream name ranges are tagged with.
+    fn stream_name(&self) -> &str;
+    /// The shards of the stream.
+    ///
+    /// # Errors
+    /// [`SourceError`]; retryable ones are retried by the caller.
+    fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError>;
+    /// Opens a reader on one shard.
+    ///
+    /// # Errors
+    /// [`SourceError::UnknownShard`], [`SourceError::DataExpired`] when the position is trimmed.
+    fn open_reader(&self, shard_id: &str, start: &StartingPosition) -> Result<Box<dyn ShardReader>, SourceError>;
+}
+
+/// Reads one shard forward.
+pub trait ShardReader: Send {
+    /// Reads up to `max_records` records. May return none (nothing new yet, or an empty page).
+    ///
+    /// # Errors
+    /// [`SourceError`]; after a retryable error the caller may call `read` again or reopen.
+    fn read(&mut self, max_records: usize) -> Result<ReadBatch, SourceError>;
+}

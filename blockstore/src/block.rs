@@ -4,12 +4,12 @@
 //!
 //! | column | type | |
 //! |---|---|---|
-//! | `shard_id` | Utf8 | shard the record came from |
-//! | `sequence_number` | Utf8 | canonical decimal sequence number |
-//! | `sub_sequence` | UInt64 | index inside a KPL aggregate, 0 for plain records |
-//! | `partition_key` | Utf8 | producer's partition key |
-//! | `approximate_arrival` | Timestamp(ms) | when the service accepted the record |
-//! | `data` | Binary | payload |
+//! | `shard_id` | `Utf8` | shard the record came from |
+//! | `sequence_number` | `Utf8` | canonical decimal sequence number |
+//! | `sub_sequence` | `UInt64` | index inside a KPL aggregate, 0 for plain records |
+//! | `partition_key` | `Utf8` | producer's partition key |
+//! | `approximate_arrival` | `Timestamp(ms)` | when the service accepted the record |
+//! | `data` | `Binary` | payload |
 //!
 //! # Encoded form
 //!
@@ -33,7 +33,7 @@ use std::sync::{Arc, LazyLock};
 use arrow_array::builder::{BinaryBuilder, StringBuilder, TimestampMillisecondBuilder, UInt64Builder};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{TimestampMillisecondType, UInt64Type};
-use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
+use arrow_array::{Array, ArrayRef, BinaryArray, RecordBatch, StringArray};
 use arrow_buffer::Buffer;
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -230,9 +230,35 @@ impl Block {
         self.batch.column(3).as_string::<i32>()
     }
 
-    /// Heap bytes held by the Arrow buffers (what the memory tier charges for this block).
+    /// Heap bytes held by the block's Arrow buffers: what the memory tier charges for it.
+    ///
+    /// Each distinct allocation is counted once. This matters for decoded blocks, whose columns
+    /// are all zero-copy slices of the one buffer they were read into: Arrow's own
+    /// `get_array_memory_size` would charge that buffer once per column buffer (about ten times).
+    ///
+    /// ```
+    /// # use sluice_blockstore::testing::{sample_block, sample_records};
+    /// # use sluice_blockstore::Block;
+    /// let block = sample_block(1, &sample_records("shard-0", 0, 100, 1_000));
+    /// let decoded = Block::decode(block.encode()?)?;
+    /// // The decoded block is charged about the size of its encoded buffer, not ten times that.
+    /// assert!(decoded.memory_size() <= block.encode()?.len());
+    /// assert!(block.memory_size() >= 100 * 1_000);
+    /// # Ok::<(), sluice_blockstore::Error>(())
+    /// ```
     pub fn memory_size(&self) -> usize {
-        self.batch.get_array_memory_size()
+        let mut allocations: Vec<(usize, usize)> = Vec::new();
+        // The block schema is flat (no child arrays), so buffers and null masks are all there is.
+        for column in self.batch.columns() {
+            let data = column.to_data();
+            let nulls = data.nulls().map(|n| n.buffer());
+            for buffer in data.buffers().iter().chain(nulls) {
+                allocations.push((buffer.data_ptr().as_ptr() as usize, buffer.capacity()));
+            }
+        }
+        allocations.sort_unstable();
+        allocations.dedup_by_key(|(start, _)| *start);
+        allocations.iter().map(|(_, capacity)| capacity).sum()
     }
 
     /// The records, rebuilt as [`Record`] values (allocates per record; kernels that only need
@@ -338,7 +364,9 @@ impl Block {
                 detail: "payload missing".into(),
             });
         }
-        let mut buffer = Buffer::from(bytes.slice(header_len..body_len));
+        let mut payload = bytes;
+        payload.truncate(body_len);
+        let mut buffer = Buffer::from(payload.split_off(header_len));
         let mut decoder = arrow_ipc::reader::StreamDecoder::new();
         let mut batch = None;
         while !buffer.is_empty() {

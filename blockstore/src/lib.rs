@@ -17,21 +17,48 @@
 
 mod block;
 mod clock;
+mod disk_tier;
 mod error;
 mod level;
+mod memory_tier;
+mod object_location;
 mod range;
+mod reader;
 mod record;
 mod replay;
+mod replica_tier;
 mod sequence;
+mod store;
+mod store_config;
+mod store_metrics;
+mod tier;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use block::{Block, BlockId, BlockMeta, block_schema};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
+pub use disk_tier::{DiskSync, DiskTier};
 pub use error::{Error, Result};
 pub use level::{ParseStorageLevelError, StorageLevel};
+pub use memory_tier::{EvictedBlock, MemoryTier, TooLargeForMemory};
+pub use object_location::{
+    DEFAULT_OBJECT_STORE_MAX_RETRIES, DEFAULT_OBJECT_STORE_RETRY_TIMEOUT, object_store_from_url,
+};
 pub use range::{SequenceNumberRange, SequenceNumberRanges};
+pub use reader::{
+    BlockReader, BlockReaderConfig, DEFAULT_INITIAL_BACKOFF_MS, DEFAULT_MAX_BACKOFF_MS, DEFAULT_RETRY_TIMEOUT_MS,
+    ReadError,
+};
 pub use record::Record;
 pub use replay::{Replay, ReplayError};
+pub use replica_tier::ReplicaTier;
 pub use sequence::{MAX_SEQUENCE_DIGITS, ParseSequenceNumberError, Position, SequenceNumber};
+pub use store::{BlockStore, BlockStoreTiers};
+pub use store_config::{BlockStoreConfig, DEFAULT_DATA_DIR, DEFAULT_DISK_SYNC, DEFAULT_MEMORY_BUDGET_BYTES};
+pub use store_metrics::BlockStoreMetrics;
+pub use tier::{BlockTier, StoredBlock};
 
 pub use arrow_array::RecordBatch;
 pub use bytes::Bytes;
+pub use object_store;

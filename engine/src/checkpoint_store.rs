@@ -84,6 +84,7 @@ impl CheckpointStore {
     }
 
     /// The store for a sub-directory.
+    #[must_use]
     pub fn child(&self, name: &str) -> Self {
         let backend = match &self.backend {
             Backend::Local(dir) => Backend::Local(dir.join(name)),

@@ -13,7 +13,7 @@ use crate::checkpoint_store::CheckpointStore;
 use crate::graph::{BatchEnv, BatchHistory, FailurePolicy, StageRunner};
 use crate::input::{EngineBlocks, InputSpec, InputWiring, RunningInput};
 use crate::metadata_log::MetadataLog;
-use crate::metrics::{BatchInfo, Metrics, MetricsSnapshot};
+use crate::metrics::{BatchInfo, DEFAULT_ERROR_RATE_BOUND, HealthEvent, Metrics, MetricsSnapshot};
 use crate::outputs::OutputOp;
 use crate::rate_estimator::{BackpressureConfig, PidRateEstimator};
 use crate::state::StatefulOp;
@@ -42,19 +42,21 @@ pub const DEFAULT_DATA_DIR: &str = ".sluice-data";
 #[derive(Debug, Clone)]
 pub struct StreamingContextBuilder {
     batch_interval: Duration,
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     checkpoint: Option<String>,
-    storage_level: StorageLevel,
+    pub(crate) storage_level: StorageLevel,
     executor_threads: usize,
     shuffle_partitions: Option<usize>,
     clock: Option<SharedClock>,
     max_task_attempts: u32,
     failure_policy: FailurePolicy,
-    dead_letter: Option<String>,
+    pub(crate) dead_letter: Option<String>,
     backpressure: BackpressureConfig,
     graceful_stop_timeout: Option<Duration>,
-    memory_budget_bytes: Option<u64>,
-    replica_url: Option<String>,
+    pub(crate) memory_budget_bytes: Option<u64>,
+    pub(crate) replica_url: Option<String>,
+    stuck_bound: Option<Duration>,
+    error_rate_bound: f64,
 }
 
 impl Default for StreamingContextBuilder {
@@ -74,6 +76,8 @@ impl Default for StreamingContextBuilder {
             graceful_stop_timeout: None,
             memory_budget_bytes: None,
             replica_url: None,
+            stuck_bound: None,
+            error_rate_bound: DEFAULT_ERROR_RATE_BOUND,
         }
     }
 }
@@ -166,6 +170,21 @@ impl StreamingContextBuilder {
         self
     }
 
+    /// Total delay above which a batch raises [`HealthEvent::StuckProcessing`] (default 10 ×
+    /// batch interval).
+    #[must_use]
+    pub fn stuck_bound(mut self, bound: Duration) -> Self {
+        self.stuck_bound = Some(bound);
+        self
+    }
+    /// Fraction of failed task attempts above which a batch raises
+    /// [`HealthEvent::HighErrorRate`] (default 0.05).
+    #[must_use]
+    pub fn error_rate_bound(mut self, bound: f64) -> Self {
+        self.error_rate_bound = bound;
+        self
+    }
+
     /// Validates the settings and builds the context. Nothing runs until
     /// [`StreamingContext::start`].
     ///
@@ -198,6 +217,12 @@ impl StreamingContextBuilder {
             });
         }
         self.backpressure.validate()?;
+        if !(0.0..=1.0).contains(&self.error_rate_bound) {
+            return Err(Error::Config {
+                field: "error_rate_bound",
+                reason: format!("{} is not a fraction in 0..=1", self.error_rate_bound),
+            });
+        }
         let shuffle_partitions = self.shuffle_partitions.unwrap_or(self.executor_threads * 2);
         let graph = GraphBuilder {
             inner: Arc::new(Mutex::new(GraphParts::default())),
@@ -217,6 +242,8 @@ pub(crate) struct GraphParts {
     pub outputs: Vec<Box<dyn OutputOp>>,
     pub stateful: Vec<Arc<dyn StatefulOp>>,
     pub inputs: Vec<InputSpec>,
+    pub listeners: Vec<Box<dyn Fn(&BatchInfo) + Send + Sync>>,
+    pub health_listeners: Vec<Box<dyn Fn(&HealthEvent) + Send + Sync>>,
     pub remember_batches: usize,
 }
 
@@ -297,6 +324,36 @@ impl StreamingContext {
         StreamingContextBuilder::default()
     }
 
+    /// Calls `listener` on the job thread after every completed batch (Spark's
+    /// `StreamingListener.onBatchCompleted`).
+    pub fn add_batch_listener(&self, listener: impl Fn(&BatchInfo) + Send + Sync + 'static) {
+        self.graph
+            .inner
+            .lock()
+            .expect("graph")
+            .listeners
+            .push(Box::new(listener));
+    }
+
+    /// The running context's block store (for operations and tests).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the context is not started.
+    pub fn block_store(&self) -> Result<Arc<sluice_blockstore::BlockStore>> {
+        Ok(self.shared()?.blocks.store().clone())
+    }
+
+    /// Calls `listener` for every event raised by the built-in detectors (stuck processing, high
+    /// error rate).
+    pub fn add_health_listener(&self, listener: impl Fn(&HealthEvent) + Send + Sync + 'static) {
+        self.graph
+            .inner
+            .lock()
+            .expect("graph")
+            .health_listeners
+            .push(Box::new(listener));
+    }
+
     /// The engine's metrics so far.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.metrics.snapshot()
@@ -367,6 +424,7 @@ impl StreamingContext {
             dead_letters: Mutex::new(Vec::new()),
             task_failures: AtomicU64::new(0),
             task_retries: AtomicU64::new(0),
+            tasks: AtomicU64::new(0),
         });
         let resume_after: HashMap<(Arc<str>, Arc<str>), sluice_blockstore::Position> = recovered
             .resume_after
@@ -377,9 +435,8 @@ impl StreamingContext {
             run_id,
             clock: clock.clone(),
             data_dir: config.data_dir.clone(),
-            handler: blocks.clone(),
+            blocks: blocks.clone(),
             resume_after,
-            metrics: self.metrics.clone(),
         };
         let mut inputs = Vec::new();
         {
@@ -456,7 +513,12 @@ impl StreamingContext {
             // Read receiver state first: blocks they stored before reporting caught up are then
             // visible to the tracker check that follows.
             let caught_up = shared.inputs.iter().all(|i| i.caught_up());
-            if caught_up && !shared.tracker.has_unallocated_blocks() && shared.all_allocated_processed() {
+            let processed_one = shared.status.lock().expect("status").last_processed_ms.is_some();
+            if caught_up
+                && processed_one
+                && !shared.tracker.has_unallocated_blocks()
+                && shared.all_allocated_processed()
+            {
                 return Ok(true);
             }
             if std::time::Instant::now() >= deadline {
@@ -548,7 +610,7 @@ impl StreamingContext {
 impl Drop for StreamingContext {
     fn drop(&mut self) {
         // No detached threads: a context dropped while running stops without draining.
-        if self.running.get_mut().map(|r| r.is_some()).unwrap_or(false) {
+        if self.running.get_mut().is_ok_and(|r| r.is_some()) {
             let _ignored = self.stop(false);
         }
     }
@@ -606,7 +668,7 @@ impl Shared {
     fn run_generator(self: Arc<Self>, pending: &[i64]) {
         for &time_ms in pending {
             if let Err(e) = self.run_batch(time_ms) {
-                return self.fail(e);
+                return self.fail(&e);
             }
         }
         let mut next = (self.clock.now_ms() / self.interval_ms + 1) * self.interval_ms;
@@ -617,6 +679,9 @@ impl Shared {
             if self.stop_requested.load(Ordering::SeqCst) {
                 return self.finish(None);
             }
+            if let Some(reason) = self.inputs.iter().find_map(|i| i.failure()) {
+                return self.fail(&Error::Receiver(reason));
+            }
             if self.drain_requested.load(Ordering::SeqCst) && !self.tracker.has_unallocated_blocks() {
                 // Receivers are stopped (stop() stops them first), so nothing new can arrive.
                 return self.finish(None);
@@ -626,7 +691,7 @@ impl Shared {
                 return self.finish(None);
             }
             if let Err(e) = self.run_batch(next) {
-                return self.fail(e);
+                return self.fail(&e);
             }
             next += self.interval_ms;
             // Do not pile up batches when the clock jumped ahead (manual clocks, long pauses).
@@ -637,13 +702,16 @@ impl Shared {
         }
     }
 
-    fn fail(&self, e: Error) {
+    fn fail(&self, e: &Error) {
         tracing::error!(error = %e, "stopping the stream");
         self.finish(Some(e.to_string()));
     }
 
     fn run_batch(self: &Arc<Self>, time_ms: i64) -> Result<()> {
         let submitted = self.clock.now_ms();
+        let monotonic = std::time::Instant::now();
+        let tasks_before = self.runner.tasks.load(Ordering::Relaxed);
+        let failures_before = self.runner.task_failures.load(Ordering::Relaxed);
         let blocks = self.tracker.allocate_blocks_to_batch(time_ms)?;
         let num_records: u64 = blocks.iter().map(|b| b.meta.num_records).sum();
         let env = self.env(time_ms, blocks);
@@ -692,8 +760,27 @@ impl Shared {
             scheduling_delay_ms: (started - time_ms.max(submitted.min(time_ms))).max(0),
             processing_delay_ms: ended - started,
             dead_letters: dead.len() as u64,
+            processing_micros: u64::try_from(monotonic.elapsed().as_micros()).unwrap_or(u64::MAX),
+            tasks: self.runner.tasks.load(Ordering::Relaxed) - tasks_before,
+            task_failures: self.runner.task_failures.load(Ordering::Relaxed) - failures_before,
         };
         self.metrics.record_batch(&info);
+        let stuck_bound = self.config.stuck_bound.map_or(self.interval_ms * 10, |d| {
+            i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+        });
+        let events = crate::metrics::detect(&info, stuck_bound, self.config.error_rate_bound);
+        let graph = self.graph.lock().expect("graph");
+        for listener in &graph.listeners {
+            listener(&info);
+        }
+        for event in &events {
+            tracing::warn!(?event, "health event");
+            self.metrics.health_events.fetch_add(1, Ordering::Relaxed);
+            for listener in &graph.health_listeners {
+                listener(event);
+            }
+        }
+        drop(graph);
         self.update_rate(&info);
         Ok(())
     }

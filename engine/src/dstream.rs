@@ -20,12 +20,13 @@ use crate::tracker::TrackedBlock;
 pub trait Data: Send + Sync + 'static {}
 impl<T: Send + Sync + 'static> Data for T {}
 
-/// Keys of keyed operators: hashed deterministically (FxHash) so a key lands in the same shuffle
+/// Keys of keyed operators: hashed deterministically (`FxHash`) so a key lands in the same shuffle
 /// partition in every run.
 pub trait Key: Data + Clone + Eq + Hash {}
 impl<T: Data + Clone + Eq + Hash> Key for T {}
 
 /// A discretized stream: for every batch time, a partitioned collection of `T`.
+#[must_use = "a DStream does nothing until an output operation (foreach_batch, print, save_parquet) uses it"]
 pub struct DStream<T> {
     pub(crate) node: Arc<dyn Node<T>>,
     pub(crate) graph: GraphBuilder,
@@ -41,11 +42,12 @@ impl<T> Clone for DStream<T> {
 }
 
 type Emit<'a, T> = &'a mut dyn FnMut(T);
+type EmitFn<I, O> = dyn Fn(I, Emit<'_, O>) + Send + Sync;
 
 /// Element-wise narrow node: `f(x, emit)` may emit zero or more outputs per input.
 struct FlatMapNode<I, O> {
     parent: Arc<dyn Node<I>>,
-    f: Arc<dyn Fn(I, Emit<'_, O>) + Send + Sync>,
+    f: Arc<EmitFn<I, O>>,
 }
 
 impl<I: Data, O: Data> Node<O> for FlatMapNode<I, O> {
@@ -266,7 +268,7 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
             },
         )?;
         let merged = shuffle_merge(env, maps, self.partitions, &|acc: &mut V, v| {
-            *acc = reduce(acc.clone(), v)
+            *acc = reduce(acc.clone(), v);
         });
         self.cache.put(
             env.time_ms,

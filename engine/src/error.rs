@@ -65,6 +65,17 @@ pub enum Error {
         /// The timeout.
         timeout: std::time::Duration,
     },
+    /// A receiver could not be created, started or stopped.
+    #[error("receiver error: {0}")]
+    Receiver(String),
+    /// A sink (Parquet output, dead-letter) failed.
+    #[error("sink at {location} failed: {message}")]
+    Sink {
+        /// Where the sink writes.
+        location: String,
+        /// What failed.
+        message: String,
+    },
     /// A bug or an unexpected state inside the engine.
     #[error("internal error: {0}")]
     Internal(String),

@@ -174,6 +174,7 @@ pub(crate) struct StageRunner {
     pub dead_letters: Mutex<Vec<DeadLetter>>,
     pub task_failures: std::sync::atomic::AtomicU64,
     pub task_retries: std::sync::atomic::AtomicU64,
+    pub tasks: std::sync::atomic::AtomicU64,
 }
 
 fn run_guarded<A>(
@@ -210,6 +211,7 @@ impl StageRunner {
                     let mut attempts = 0;
                     let error = loop {
                         attempts += 1;
+                        self.tasks.fetch_add(1, Relaxed);
                         let mut acc = new_acc();
                         match run_guarded(task, p, Scope::default(), &mut acc) {
                             Ok(()) => return Ok(acc),

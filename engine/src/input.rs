@@ -1,14 +1,25 @@
 //! Inputs: receivers feeding the block store and the tracker, and the input node that reads a
 //! batch's blocks.
 //!
-//! TEMPORARY store: replaced by sluice_blockstore::BlockStore + BlockReader once they land.
+//! The engine is the only place where a receiver (`sluice-receiver`) meets the block store
+//! (`sluice-blockstore`): [`EngineBlocks`] implements the receiver's `BlockHandler` by storing a
+//! block at the context's storage level and then logging its `BlockAdded` (durability order steps
+//! 1 and 2) — the receiver advances shard checkpoints only after that returns. Reading goes through
+//! a `BlockReader` per input, which falls back to replaying the block's ranges from that input's
+//! source.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use sluice_blockstore::{Block, BlockId, Position, SharedClock};
+use sluice_blockstore::{
+    Block, BlockId, BlockReader, BlockStore, BlockStoreConfig, Position, SharedClock, StorageLevel,
+};
+use sluice_operators::{DeadLetterRow, DeadLetterSink};
+use sluice_receiver::local_log::LocalLog;
+use sluice_receiver::{BlockHandler, HandlerError, LocalLeaseStore, Receiver, ReceiverConfig, Source};
 
 use crate::checkpoint_store::CheckpointStore;
 use crate::context::StreamingContextBuilder;
@@ -16,7 +27,7 @@ use crate::dstream::DStream;
 use crate::graph::{BatchEnv, DeadLetter, JobError, Node, ReadBlock, Scope, TaskError};
 use crate::metrics::Metrics;
 use crate::tracker::{ReceivedBlockTracker, TrackedBlock};
-use crate::{Error, Result};
+use crate::{Error, Result, StreamingContext};
 
 /// How the engine starts one input when the context starts.
 pub(crate) struct InputSpec {
@@ -28,14 +39,16 @@ pub(crate) struct InputWiring {
     pub run_id: u64,
     pub clock: SharedClock,
     pub data_dir: PathBuf,
-    pub handler: Arc<EngineBlocks>,
+    pub blocks: Arc<EngineBlocks>,
     pub resume_after: HashMap<(Arc<str>, Arc<str>), Position>,
-    pub metrics: Arc<Metrics>,
 }
 
 /// A started input as the engine sees it.
 pub(crate) trait RunningInput: Send + Sync {
+    /// Every owned shard is read to its current end and everything read is stored and logged.
     fn caught_up(&self) -> bool;
+    /// A receiver that gave up, with why.
+    fn failure(&self) -> Option<String>;
     fn set_max_rate(&self, rate: Option<f64>);
     fn stop(&self, graceful: bool) -> Result<()>;
 }
@@ -44,40 +57,101 @@ pub(crate) trait RunningInput: Send + Sync {
 pub(crate) struct EngineBlocks {
     tracker: Arc<ReceivedBlockTracker>,
     metrics: Arc<Metrics>,
-    store: Mutex<HashMap<BlockId, Block>>,
+    store: Arc<BlockStore>,
+    level: StorageLevel,
+    clock: SharedClock,
+    readers: RwLock<HashMap<u32, BlockReader>>,
+    dead_letter: Mutex<Option<DeadLetterSink>>,
+    dead_letter_location: String,
 }
 
 impl EngineBlocks {
     pub(crate) fn open(
-        _config: &StreamingContextBuilder,
-        _clock: SharedClock,
+        config: &StreamingContextBuilder,
+        clock: SharedClock,
         tracker: Arc<ReceivedBlockTracker>,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
+        let mut store_config = BlockStoreConfig {
+            data_dir: config.data_dir.clone(),
+            ..BlockStoreConfig::default()
+        };
+        if let Some(bytes) = config.memory_budget_bytes {
+            store_config.memory_budget_bytes = bytes;
+        }
+        if let Some(url) = &config.replica_url {
+            store_config.replica_url = Some(url.clone());
+        }
+        let store = Arc::new(BlockStore::open(store_config)?);
+        let dead_letter_location = config
+            .dead_letter
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("dead-letter").display().to_string());
         Ok(Self {
             tracker,
             metrics,
-            store: Mutex::new(HashMap::new()),
+            store,
+            level: config.storage_level,
+            clock,
+            readers: RwLock::new(HashMap::new()),
+            dead_letter: Mutex::new(None),
+            dead_letter_location,
         })
     }
 
-    /// Durability order steps 1 and 2: store the block, then log it.
-    pub(crate) fn store_block(&self, block: Block) -> Result<()> {
-        let meta = block.meta().clone();
-        self.store.lock().expect("store").insert(meta.id, block);
-        self.tracker.add_block(meta)?;
-        self.metrics
-            .blocks_stored
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// Registers the source an input's blocks are replayed from.
+    pub(crate) fn register_input(&self, input_id: u32, source: Arc<dyn Source>) {
+        let reader = BlockReader::new(self.store.clone(), source, self.clock.clone());
+        self.readers.write().expect("readers").insert(input_id, reader);
+    }
+
+    /// Durability order steps 1 and 2: store the block at its level, then log it.
+    fn store_and_log(&self, block: &Block) -> Result<()> {
+        self.store.put(block, self.level)?;
+        self.tracker.add_block(block.meta().clone())?;
+        self.metrics.blocks_stored.fetch_add(1, Relaxed);
         Ok(())
     }
 
     pub(crate) fn remove(&self, id: BlockId) {
-        self.store.lock().expect("store").remove(&id);
+        if let Err(e) = self.store.remove(id) {
+            tracing::warn!(block = %id, error = %e, "could not remove a cleaned-up block");
+        }
     }
 
-    pub(crate) fn write_dead_letters(&self, _time_ms: i64, _dead: &[DeadLetter]) -> Result<()> {
-        Ok(())
+    /// The block store (for metrics and tests).
+    pub(crate) fn store(&self) -> &Arc<BlockStore> {
+        &self.store
+    }
+
+    pub(crate) fn write_dead_letters(&self, time_ms: i64, dead: &[DeadLetter]) -> Result<()> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let mut sink = self.dead_letter.lock().expect("dead letter sink");
+        if sink.is_none() {
+            *sink = Some(
+                DeadLetterSink::open(&self.dead_letter_location).map_err(|e| Error::Sink {
+                    location: self.dead_letter_location.clone(),
+                    message: e.to_string(),
+                })?,
+            );
+        }
+        let rows: Vec<DeadLetterRow> = dead
+            .iter()
+            .map(|d| DeadLetterRow {
+                record: d.record.clone(),
+                error: d.error.clone(),
+                attempts: d.attempts,
+            })
+            .collect();
+        sink.as_ref()
+            .expect("opened above")
+            .write_batch(time_ms, &rows)
+            .map_err(|e| Error::Sink {
+                location: self.dead_letter_location.clone(),
+                message: e.to_string(),
+            })
     }
 
     pub(crate) fn shutdown(&self) {}
@@ -85,27 +159,68 @@ impl EngineBlocks {
 
 impl ReadBlock for EngineBlocks {
     fn read(&self, block: &TrackedBlock) -> Result<Block, TaskError> {
-        self.store
-            .lock()
-            .expect("store")
-            .get(&block.meta.id)
-            .cloned()
+        let readers = self.readers.read().expect("readers");
+        let reader = readers
+            .get(&block.meta.id.input_id)
             .ok_or_else(|| TaskError::BlockUnavailable {
-                message: format!("block {} missing", block.meta.id),
-                data_lost: false,
-            })
+                message: format!(
+                    "block {} belongs to input {}, which this program does not define",
+                    block.meta.id, block.meta.id.input_id
+                ),
+                data_lost: true,
+            })?;
+        let replayed_before = self.store.metrics().blocks_replayed;
+        let result = reader.read(&block.meta, block.is_block_id_valid);
+        if self.store.metrics().blocks_replayed > replayed_before {
+            self.metrics.blocks_replayed.fetch_add(1, Relaxed);
+        }
+        result.map_err(|e| TaskError::BlockUnavailable {
+            data_lost: e.is_data_lost(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// The engine's `BlockHandler` for one receiver.
+struct Handler {
+    blocks: Arc<EngineBlocks>,
+}
+
+impl BlockHandler for Handler {
+    fn store_block(&self, block: Block) -> Result<(), HandlerError> {
+        self.blocks
+            .store_and_log(&block)
+            .map_err(|e| HandlerError::new(e.to_string(), e.is_retryable()))
+    }
+}
+
+struct ReceiverInput {
+    receiver: Receiver,
+}
+
+impl RunningInput for ReceiverInput {
+    fn caught_up(&self) -> bool {
+        self.receiver.status().caught_up
+    }
+    fn failure(&self) -> Option<String> {
+        self.receiver.status().failed
+    }
+    fn set_max_rate(&self, rate: Option<f64>) {
+        self.receiver.set_max_rate(rate);
+    }
+    fn stop(&self, graceful: bool) -> Result<()> {
+        self.receiver.stop(graceful).map_err(|e| Error::Receiver(e.to_string()))
     }
 }
 
 /// Opens the checkpoint location: a local path or an object-store URL.
 pub(crate) fn checkpoint_store_for(location: &str) -> Result<CheckpointStore> {
     if location.contains("://") && !location.starts_with("file://") {
-        return Err(Error::Config {
-            field: "checkpoint",
-            reason: format!("{location}: object-store URLs not wired yet"),
-        });
+        let (store, prefix) = sluice_blockstore::object_store_from_url(location, &HashMap::new())?;
+        CheckpointStore::object_store(store, prefix)
+    } else {
+        CheckpointStore::local(location.trim_start_matches("file://"))
     }
-    CheckpointStore::local(location.trim_start_matches("file://"))
 }
 
 /// Reads the payloads of an input's blocks: one partition per block.
@@ -156,16 +271,67 @@ impl Node<Bytes> for PayloadInputNode {
     fn forget(&self, _time_ms: i64) {}
 }
 
-impl crate::StreamingContext {
-    /// A stream of record payloads from a custom input (temporary for compile checks).
-    #[doc(hidden)]
-    pub fn payload_stream_for_tests(&self) -> DStream<Bytes> {
-        let id = self.graph.add_input(|_| InputSpec {
-            start: Box::new(|_| Err(Error::Internal("no receiver".into()))),
+impl StreamingContext {
+    /// A stream of record payloads read from `source` by a receiver.
+    ///
+    /// The receiver reads every shard (children after their parents), cuts blocks every
+    /// `config.block_interval_ms`, and checkpoints shard positions in a local lease file under
+    /// `<data_dir>/leases/` only after the blocks covering them are stored and logged. Each batch
+    /// has one partition per block; payloads are zero-copy slices of the block.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the receiver configuration is invalid.
+    pub fn source_stream(&self, source: Arc<dyn Source>, config: ReceiverConfig) -> Result<DStream<Bytes>> {
+        config.validate().map_err(|e| Error::Config {
+            field: "receiver",
+            reason: e.to_string(),
+        })?;
+        let input_id = self.graph.add_input(|input_id| InputSpec {
+            start: Box::new(move |wiring: &InputWiring| {
+                let stream: Arc<str> = Arc::from(source.stream_name());
+                wiring.blocks.register_input(input_id, source.clone());
+                let lease_file = wiring.data_dir.join("leases").join(format!("{stream}.json"));
+                let leases = Arc::new(LocalLeaseStore::open(&lease_file).map_err(|e| Error::Receiver(e.to_string()))?);
+                let resume_after = wiring
+                    .resume_after
+                    .iter()
+                    .filter(|((s, _), _)| *s == stream)
+                    .map(|((_, shard), p)| (shard.clone(), p.clone()))
+                    .collect();
+                let handler = Arc::new(Handler {
+                    blocks: wiring.blocks.clone(),
+                });
+                let config = ReceiverConfig {
+                    input_id,
+                    ..config.clone()
+                };
+                let receiver = Receiver::new(
+                    config,
+                    source.clone(),
+                    leases,
+                    handler,
+                    wiring.clock.clone(),
+                    wiring.run_id,
+                    resume_after,
+                )
+                .map_err(|e| Error::Receiver(e.to_string()))?;
+                receiver.start().map_err(|e| Error::Receiver(e.to_string()))?;
+                Ok(Box::new(ReceiverInput { receiver }) as Box<dyn RunningInput>)
+            }),
         });
-        DStream {
-            node: Arc::new(PayloadInputNode { input_id: id }),
+        Ok(DStream {
+            node: Arc::new(PayloadInputNode { input_id }),
             graph: self.graph.clone(),
-        }
+        })
+    }
+
+    /// A stream of record payloads from stream `stream` of the embedded local log in `dir`.
+    ///
+    /// # Errors
+    /// [`Error::Receiver`] if the log or stream cannot be opened; configuration errors.
+    pub fn local_log_stream(&self, dir: &Path, stream: &str, config: ReceiverConfig) -> Result<DStream<Bytes>> {
+        let log = LocalLog::open(dir).map_err(|e| Error::Receiver(e.to_string()))?;
+        let stream = log.stream(stream).map_err(|e| Error::Receiver(e.to_string()))?;
+        self.source_stream(Arc::new(stream), config)
     }
 }

@@ -41,7 +41,7 @@ pub use dstream::{DStream, Data, Key};
 pub use error::{Error, Result};
 pub use graph::{DeadLetter, FailurePolicy, JobError, TaskError};
 pub use metadata_log::{LogEvent, MetadataLog};
-pub use metrics::{BatchInfo, MetricsSnapshot};
+pub use metrics::{BatchInfo, DEFAULT_ERROR_RATE_BOUND, HealthEvent, MetricsSnapshot};
 pub use outputs::{BoxError, OutputError};
 pub use rate_estimator::{
     BackpressureConfig, DEFAULT_DERIVATIVE, DEFAULT_INTEGRAL, DEFAULT_MIN_RATE, DEFAULT_PROPORTIONAL, PidRateEstimator,

@@ -22,6 +22,63 @@ pub struct BatchInfo {
     pub processing_delay_ms: i64,
     /// Records sent to the dead-letter sink.
     pub dead_letters: u64,
+    /// Processing time measured with a monotonic clock, in microseconds (independent of the
+    /// injected clock; for overhead measurements).
+    pub processing_micros: u64,
+    /// Tasks run in this batch (including retries) and how many of them failed.
+    pub tasks: u64,
+    /// Failed task attempts in this batch.
+    pub task_failures: u64,
+}
+
+/// Built-in failure detectors (from the Kinesis failure-recovery guide).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum HealthEvent {
+    /// A batch's total delay exceeded the bound: processing is stuck or cannot keep up.
+    StuckProcessing {
+        /// Batch time.
+        batch_time_ms: i64,
+        /// Scheduling plus processing delay.
+        total_delay_ms: i64,
+        /// The configured bound.
+        bound_ms: i64,
+    },
+    /// More than the allowed fraction of task attempts failed in a batch.
+    HighErrorRate {
+        /// Batch time.
+        batch_time_ms: i64,
+        /// Failed attempts / all attempts.
+        rate: f64,
+        /// The configured bound (default 5 %).
+        bound: f64,
+    },
+}
+
+/// Default error-rate bound of the high-error-rate detector (5 %).
+pub const DEFAULT_ERROR_RATE_BOUND: f64 = 0.05;
+
+/// Evaluates the detectors for one batch.
+pub(crate) fn detect(info: &BatchInfo, stuck_bound_ms: i64, error_rate_bound: f64) -> Vec<HealthEvent> {
+    let mut events = Vec::new();
+    if info.total_delay_ms() > stuck_bound_ms {
+        events.push(HealthEvent::StuckProcessing {
+            batch_time_ms: info.batch_time_ms,
+            total_delay_ms: info.total_delay_ms(),
+            bound_ms: stuck_bound_ms,
+        });
+    }
+    if info.tasks > 0 {
+        let rate = info.task_failures as f64 / info.tasks as f64;
+        if rate > error_rate_bound {
+            events.push(HealthEvent::HighErrorRate {
+                batch_time_ms: info.batch_time_ms,
+                rate,
+                bound: error_rate_bound,
+            });
+        }
+    }
+    events
 }
 
 impl BatchInfo {
@@ -39,6 +96,8 @@ pub struct Metrics {
     pub(crate) blocks_stored: AtomicU64,
     pub(crate) blocks_replayed: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
+    pub(crate) task_failures: AtomicU64,
+    pub(crate) health_events: AtomicU64,
     pub(crate) rate_limit: AtomicU64,
     pub(crate) last_batch: Mutex<Option<BatchInfo>>,
     pub(crate) pid: Mutex<Option<PidRateEstimator>>,
@@ -57,6 +116,10 @@ pub struct MetricsSnapshot {
     pub blocks_replayed: u64,
     /// Records sent to the dead-letter sink.
     pub dead_letters: u64,
+    /// Failed task attempts.
+    pub task_failures: u64,
+    /// Health events raised by the detectors.
+    pub health_events: u64,
     /// The rate the backpressure controller last set (records/s; 0 = never set).
     pub rate_limit: u64,
     /// The last completed batch.
@@ -68,6 +131,7 @@ impl Metrics {
         self.batches_completed.fetch_add(1, Relaxed);
         self.records_processed.fetch_add(info.num_records, Relaxed);
         self.dead_letters.fetch_add(info.dead_letters, Relaxed);
+        self.task_failures.fetch_add(info.task_failures, Relaxed);
         *self.last_batch.lock().expect("metrics") = Some(*info);
     }
 
@@ -79,6 +143,8 @@ impl Metrics {
             blocks_stored: self.blocks_stored.load(Relaxed),
             blocks_replayed: self.blocks_replayed.load(Relaxed),
             dead_letters: self.dead_letters.load(Relaxed),
+            task_failures: self.task_failures.load(Relaxed),
+            health_events: self.health_events.load(Relaxed),
             rate_limit: self.rate_limit.load(Relaxed),
             last_batch: *self.last_batch.lock().expect("metrics"),
         }

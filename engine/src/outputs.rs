@@ -95,3 +95,56 @@ impl<T: Data + std::fmt::Debug> DStream<T> {
         });
     }
 }
+
+struct SaveParquet<T> {
+    node: Arc<dyn Node<T>>,
+    sink: sluice_operators::ParquetSink,
+    location: String,
+}
+
+impl<T: Data + sluice_operators::ToRecordBatch> OutputOp for SaveParquet<T> {
+    fn run(&self, env: &BatchEnv) -> Result<(), OutputError> {
+        let sink_error = |message: String| OutputError::Sink {
+            time_ms: env.time_ms,
+            message: format!("Parquet sink {}: {message}", self.location),
+        };
+        if !self.node.active(env) {
+            self.node.prepare(env)?;
+            return Ok(());
+        }
+        let parts = env.runner.collect(env, &*self.node)?;
+        let batches = parts
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| T::to_record_batch(p).map_err(|e| sink_error(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.sink
+            .write_batch(env.time_ms, batches)
+            .map_err(|e| sink_error(e.to_string()))
+    }
+    fn forget(&self, time_ms: i64) {
+        self.node.forget(time_ms);
+    }
+}
+
+impl<T: Data + sluice_operators::ToRecordBatch> DStream<T> {
+    /// Writes every batch as Parquet under `location` (a local directory or an object-store URL
+    /// such as `s3://bucket/prefix`): one directory `batch_time=<ms>` per batch with one file per
+    /// partition and a `_SUCCESS` marker written last. Re-running a batch replaces its files, so
+    /// the output is exactly-once.
+    ///
+    /// # Errors
+    /// [`crate::Error::Sink`] if the location cannot be opened.
+    pub fn save_parquet(&self, location: &str) -> crate::Result<()> {
+        let sink = sluice_operators::ParquetSink::open(location).map_err(|e| crate::Error::Sink {
+            location: location.to_owned(),
+            message: e.to_string(),
+        })?;
+        self.graph.add_output(Box::new(SaveParquet {
+            node: self.node.clone(),
+            sink,
+            location: location.to_owned(),
+        }));
+        Ok(())
+    }
+}

@@ -162,7 +162,7 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
             },
         )?;
         let grouped = shuffle_merge(env, grouped, self.partitions, &|acc: &mut Vec<V>, mut more| {
-            acc.append(&mut more)
+            acc.append(&mut more);
         });
         let previous = {
             let table = self.state.lock().expect("state");

@@ -208,10 +208,10 @@ impl ReceivedBlockTracker {
         self
     }
 
-    fn log_and_apply(&self, event: LogEvent) -> Result<()> {
+    fn log_and_apply(&self, event: &LogEvent) -> Result<()> {
         let mut state = self.state.lock().expect("tracker lock");
-        self.log.append(std::slice::from_ref(&event))?;
-        state.apply(&event, false);
+        self.log.append(std::slice::from_ref(event))?;
+        state.apply(event, false);
         state.appends_since_compaction += 1;
         Ok(())
     }
@@ -222,7 +222,7 @@ impl ReceivedBlockTracker {
     /// # Errors
     /// Metadata log errors: the block is then not tracked and its ranges must not be checkpointed.
     pub fn add_block(&self, meta: BlockMeta) -> Result<()> {
-        self.log_and_apply(LogEvent::BlockAdded { meta })
+        self.log_and_apply(&LogEvent::BlockAdded { meta })
     }
 
     /// Allocates every unallocated block to the batch at `time_ms` and logs it, or returns the
@@ -266,7 +266,7 @@ impl ReceivedBlockTracker {
     /// Metadata log errors: the batch then re-runs after a restart, which the idempotent sinks
     /// absorb.
     pub fn batch_completed(&self, time_ms: i64) -> Result<()> {
-        self.log_and_apply(LogEvent::BatchCompleted { time_ms })
+        self.log_and_apply(&LogEvent::BatchCompleted { time_ms })
     }
 
     /// Forgets completed batches before `before_ms` and returns their blocks, which the caller

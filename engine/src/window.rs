@@ -120,6 +120,7 @@ impl<T: Data + Clone> Node<T> for WindowNode<T> {
 }
 
 type ReduceFn<V> = dyn Fn(V, V) -> V + Send + Sync;
+type WindowResult<K, V> = Option<(i64, Arc<FxHashMap<K, V>>)>;
 type FilterFn<K, V> = dyn Fn(&K, &V) -> bool + Send + Sync;
 
 /// `reduce_by_key_and_window` with an inverse function: the previous window's result plus the
@@ -132,7 +133,7 @@ struct InvertibleWindowNode<K, V> {
     length: usize,
     slide: usize,
     history: History<(K, V)>,
-    previous: Mutex<Option<(i64, Arc<FxHashMap<K, V>>)>>,
+    previous: Mutex<WindowResult<K, V>>,
     cache: StageCache<(K, V)>,
 }
 

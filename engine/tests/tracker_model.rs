@@ -1,4 +1,4 @@
-//! Model-based test of the ReceivedBlockTracker and its metadata log: random operations and
+//! Model-based test of the `ReceivedBlockTracker` and its metadata log: random operations and
 //! crashes (reopen from the log) against a plain reference model.
 
 use std::collections::{BTreeMap, BTreeSet};

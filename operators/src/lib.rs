@@ -1,1 +1,26 @@
-//! placeholder
+//! # sluice-operators
+//!
+//! The per-batch side of Sluice: what a batch's records turn into and where they end up.
+//!
+//! It owns:
+//! - [`ParquetSink`]: idempotent, batch-partitioned Parquet output on a local directory,
+//!   `memory://` or S3 (`batch_time=<ms>/part-<i>.parquet` + `_SUCCESS` written last, re-runs
+//!   replace), which is what makes Parquet output exactly-once;
+//! - [`ToRecordBatch`]: how row types become Arrow;
+//! - [`DeadLetterSink`] and [`DeadLetterRow`]: records that failed processing, with their error;
+//! - [`bench_data`]: the deterministic Zipf text generator shared by examples, tests and benches.
+//!
+//! It builds on `sluice-blockstore`'s data model only. It must never know about receivers,
+//! sources, the job scheduler or checkpoints: only `engine` wires those to operators.
+
+pub mod bench_data;
+mod dead_letter;
+mod error;
+mod location;
+mod parquet_sink;
+mod to_record_batch;
+
+pub use dead_letter::{DeadLetterRow, DeadLetterSink, dead_letter_schema, dead_letters_to_record_batch};
+pub use error::{Error, Result};
+pub use parquet_sink::{BATCH_DIR_PREFIX, PART_PREFIX, ParquetSink, SUCCESS_MARKER, batch_dir_name, part_file_name};
+pub use to_record_batch::ToRecordBatch;

@@ -3,11 +3,47 @@
 //! Receivers: they read sharded, replayable sources and turn what they read into blocks tagged
 //! with the exact ranges they cover.
 //!
-//! It owns the [`Source`] seam (the embedded local log; Kinesis later), the shared shard-reading
-//! loop, the `BlockGenerator` with its bounded queue and rate limiter, the receiver lifecycle, and
-//! leases and checkpoints (`LeaseStore`). It depends only on `sluice-blockstore` and must never
-//! know about operators or the engine: the engine plugs in through the `BlockHandler` trait.
+//! It owns:
+//! - the [`Source`] seam (a sharded, replayable log: list shards with parent/child links, read a
+//!   shard from a position, replay a range exactly) and its embedded implementation, the
+//!   [`local_log`]; Kinesis plugs into the same seam later;
+//! - the shared shard-reading loop (one thread per owned shard: pacing, end-of-shard, children
+//!   only after every parent is finished), inside the [`Receiver`];
+//! - the [`BlockGenerator`] with its bounded queue (producers block, nothing is dropped) and the
+//!   run-time adjustable [`RateLimiter`];
+//! - leases and checkpoints ([`LeaseStore`], [`LocalLeaseStore`]) modelled on the KCL lease table.
+//!
+//! It depends only on `sluice-blockstore` and must never know about operators or the engine: the
+//! engine plugs in through [`BlockHandler`], which stores a block and makes its metadata durable
+//! before it returns. The receiver records a block's ranges as stored only after that, and
+//! checkpoints only stored positions — durability order step 3.
+//!
+//! Threads, not async: each receiver runs a supervisor, a coordinator (leases, checkpoints), one
+//! reader per owned shard, and the generator's timer and pusher. Every thread has an owner that
+//! joins it; time comes from the injected clock.
 
+mod block_generator;
+mod config_error;
+mod file_lock;
+mod lease;
+pub mod local_log;
+mod rate_limiter;
+mod receiver;
+mod signal;
 mod source;
+#[cfg(feature = "testing")]
+pub mod testing;
 
-pub use source::{ReadBatch, ShardInfo, ShardReader, Source, SourceError, StartingPosition};
+pub use block_generator::{
+    BlockGenerator, BlockGeneratorBuilder, BlockGeneratorConfig, BlockGeneratorStartError, BlockHandler,
+    GeneratorError, GeneratorMetrics, GeneratorPhase, GeneratorStats, HandlerError, StopMode, WhenFull,
+};
+pub use config_error::ConfigError;
+pub use lease::{Checkpoint, Lease, LeaseError, LeaseFence, LeaseStore, LocalLeaseStore};
+pub use local_log::{LocalLog, LocalLogError, LocalStream, Producer};
+pub use rate_limiter::RateLimiter;
+pub use receiver::{
+    InitialPosition, Receiver, ReceiverConfig, ReceiverError, ReceiverMetrics, ReceiverState, ReceiverStatus,
+    ShardMetrics,
+};
+pub use source::{ReadBatch, ReadPacing, ShardInfo, ShardReader, Source, SourceError, StartingPosition};

@@ -27,6 +27,39 @@ pub enum StartingPosition {
     AfterPosition(Position),
 }
 
+/// How often and how much the shared shard-reading loop reads one shard.
+///
+/// Kinesis allows 5 `GetRecords` calls per second per shard, so its source asks for at least
+/// 200 ms between reads; the local log can be read as fast as the disk allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPacing {
+    /// Minimum time between two reads of one shard (ms), whatever they return.
+    pub min_read_interval_ms: u64,
+    /// Time to wait after a read that returned no record (ms) before reading again.
+    pub idle_interval_ms: u64,
+    /// Most records asked for in one read (the loop asks for fewer under a rate limit).
+    pub max_records_per_read: usize,
+}
+
+impl ReadPacing {
+    /// Default minimum time between reads: none.
+    pub const DEFAULT_MIN_READ_INTERVAL_MS: u64 = 0;
+    /// Default wait after an empty read.
+    pub const DEFAULT_IDLE_INTERVAL_MS: u64 = 100;
+    /// Default records per read (the Kinesis `GetRecords` maximum).
+    pub const DEFAULT_MAX_RECORDS_PER_READ: usize = 10_000;
+}
+
+impl Default for ReadPacing {
+    fn default() -> Self {
+        Self {
+            min_read_interval_ms: Self::DEFAULT_MIN_READ_INTERVAL_MS,
+            idle_interval_ms: Self::DEFAULT_IDLE_INTERVAL_MS,
+            max_records_per_read: Self::DEFAULT_MAX_RECORDS_PER_READ,
+        }
+    }
+}
+
 /// One shard as the source describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardInfo {
@@ -98,6 +131,17 @@ pub enum SourceError {
     /// The request is invalid (bad position, bad configuration). Not retryable.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The source's stored data failed a check (checksum, gap between segments). The records
+    /// cannot be served; never skipped silently. Not retryable.
+    #[error("corrupt data in {stream}/{shard_id}: {detail}")]
+    Corrupt {
+        /// Stream name.
+        stream: String,
+        /// Shard id.
+        shard_id: String,
+        /// What is wrong and where.
+        detail: String,
+    },
 }
 
 impl SourceError {
@@ -122,6 +166,10 @@ impl SourceError {
 pub trait Source: Replay + fmt::Debug {
     /// The stream name ranges are tagged with.
     fn stream_name(&self) -> &str;
+    /// How the shard-reading loop paces reads of one shard of this source.
+    fn read_pacing(&self) -> ReadPacing {
+        ReadPacing::default()
+    }
     /// The shards of the stream.
     ///
     /// # Errors

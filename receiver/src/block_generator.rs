@@ -1,0 +1,1254 @@
+//! [`BlockGenerator`]: turns a stream of records into blocks tagged with the exact ranges they
+//! cover, and hands them to a [`BlockHandler`] in order, with bounded memory.
+//!
+//! # Design
+//!
+//! Producers (the shard-reading loops) add pages of records of one shard. Under one lock, the
+//! records are appended to the current buffer **together with** the [`SequenceNumberRange`] that
+//! describes them, so a sealed block's ranges cover exactly its records (Spark's
+//! `addMultipleDataWithCallback` + `onAddData`). A page that does not fit the current block is
+//! split, and each part gets its own range.
+//!
+//! The buffer is sealed into a block every `block_interval_ms` (on the injected clock) or as soon
+//! as it reaches `max_block_records` / `max_block_bytes`. Sealed blocks wait in a queue of
+//! `queue_capacity` blocks for the single pusher thread, which builds the Arrow [`Block`] and calls
+//! [`BlockHandler::store_block`], in block order, retrying retryable failures.
+//!
+//! **Backpressure**: when the queue is full, a full buffer cannot be sealed, and the producer that
+//! needs room blocks until the pusher takes a block (the [`WhenFull::Block`] policy; nothing is
+//! ever dropped). Spark's generator blocks only its timer and lets the current buffer grow without
+//! limit; here the buffered payload is bounded by [`BlockGenerator::memory_bound_bytes`]:
+//! `(queue_capacity + 2) × max_block_bytes` (queue, the block being stored, the current buffer).
+//! A single record larger than `max_block_bytes` is sealed alone, so the bound grows to that
+//! record's size in that case.
+//!
+//! **Rate limit**: with a [`RateLimiter`], every page first reserves its records at the current
+//! rate (outside the lock), so the backpressure controller can slow producers at run time.
+//!
+//! **Failure**: if storing a block still fails after `max_push_attempts` (or with a
+//! non-retryable error), the generator fails: queued data is discarded (it was never stored, so
+//! no position covering it is ever recorded), producers get [`GeneratorError::StoreFailed`], and
+//! the owner restarts reading from the last *stored* positions.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sluice_blockstore::{Block, BlockId, BlockMeta, Record, SequenceNumberRange, SequenceNumberRanges, SharedClock};
+
+use crate::config_error::ConfigError;
+use crate::rate_limiter::RateLimiter;
+use crate::signal::{MAX_REAL_WAIT, StopSignal, Wake};
+
+/// Where sealed blocks go: the engine stores them and makes their metadata durable.
+///
+/// # Contract
+/// - `store_block` is called from the generator's single pusher thread, one block at a time, in
+///   block order (increasing `BlockId::seq`). It may block; while it does, the queue fills and
+///   producers are eventually blocked (backpressure).
+/// - It returns `Ok` only after the block is stored **and** its metadata is durable (durability
+///   order steps 1 and 2). Only then does the receiver record the block's ranges as stored and
+///   let checkpoints advance over them.
+/// - On `Err`, the block counts as not stored. Retryable errors are retried (up to
+///   `max_push_attempts` in all); afterwards, or on a non-retryable error, the generator fails and
+///   the receiver restarts from the last stored positions. An implementation must therefore
+///   tolerate the same records arriving again in a later block (a retried or re-read block gets a
+///   new id).
+/// - It must return eventually: a stop, even an aborting one, waits for the call in flight.
+pub trait BlockHandler: Send + Sync {
+    /// Stores `block` durably.
+    ///
+    /// # Errors
+    /// [`HandlerError`], saying whether a retry may succeed.
+    fn store_block(&self, block: Block) -> Result<(), HandlerError>;
+}
+
+/// Why a [`BlockHandler`] could not store a block.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    message: String,
+    retryable: bool,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl HandlerError {
+    /// An error with a message and whether retrying the same block may succeed.
+    pub fn new(message: impl Into<String>, retryable: bool) -> Self {
+        Self {
+            message: message.into(),
+            retryable,
+            source: None,
+        }
+    }
+
+    /// An error wrapping its cause.
+    pub fn with_source(
+        message: impl Into<String>,
+        retryable: bool,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            retryable,
+            source: Some(source.into()),
+        }
+    }
+
+    /// Whether storing the same block again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// Why the generator did not accept records or could not store them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GeneratorError {
+    /// The generator is stopping or stopped. The first `accepted` records of the batch were taken
+    /// (they will be stored by a draining stop); the rest were not.
+    #[error("the block generator is stopped; {accepted} record(s) of the batch were accepted")]
+    Stopped {
+        /// Leading records of the batch that were accepted before the stop.
+        accepted: usize,
+    },
+    /// Storing a block failed for good; nothing after it was stored.
+    #[error("storing block {block} failed after {attempts} attempt(s): {message}")]
+    StoreFailed {
+        /// The block that could not be stored.
+        block: BlockId,
+        /// Attempts made.
+        attempts: u32,
+        /// The handler's last error.
+        message: String,
+        /// Whether the handler said a retry could help (a restart may then succeed).
+        retryable: bool,
+    },
+    /// Arrow rejected the records of a block (not expected for well-formed records).
+    #[error("block {block} could not be built: {message}")]
+    BuildFailed {
+        /// The block.
+        block: BlockId,
+        /// Arrow's error.
+        message: String,
+    },
+    /// The batch breaks the `add_batch` contract (records of several shards).
+    #[error("invalid batch: {reason}")]
+    InvalidBatch {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A generator thread could not be spawned.
+    #[error("could not spawn a block generator thread: {message}")]
+    Spawn {
+        /// The operating system's error.
+        message: String,
+    },
+}
+
+impl GeneratorError {
+    /// Whether restarting the receiver (re-reading from the last stored positions) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            GeneratorError::StoreFailed { retryable, .. } => *retryable,
+            GeneratorError::Spawn { .. } => true,
+            GeneratorError::Stopped { .. }
+            | GeneratorError::BuildFailed { .. }
+            | GeneratorError::InvalidBatch { .. } => false,
+        }
+    }
+}
+
+/// What a producer does when the generator's queue is full.
+///
+/// Only blocking exists: dropping data is never an option for a replayable source whose
+/// positions are checkpointed. The enum documents the policy and leaves room for a
+/// `FailFast` mode if a caller ever needs one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum WhenFull {
+    /// Block the producer until the pusher frees a slot.
+    #[default]
+    Block,
+}
+
+/// How [`BlockGenerator::stop`] treats buffered records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Seal what is buffered and store every queued block before returning.
+    Drain,
+    /// Discard what is buffered or queued (it was never stored, so no position covers it); wait
+    /// only for the block already being stored.
+    Discard,
+}
+
+/// Block sizes, timing and queueing of a [`BlockGenerator`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlockGeneratorConfig {
+    /// Seal the buffer into a block this often (ms, on the injected clock).
+    pub block_interval_ms: u64,
+    /// Seal as soon as the buffer holds this many records.
+    pub max_block_records: usize,
+    /// Seal as soon as the buffer holds this many payload bytes (data + partition keys).
+    pub max_block_bytes: usize,
+    /// Sealed blocks waiting for the pusher, at most.
+    pub queue_capacity: usize,
+    /// What producers do when the queue is full.
+    pub when_full: WhenFull,
+    /// Attempts to store one block (Spark: 4) before the generator fails.
+    pub max_push_attempts: u32,
+    /// Wait between attempts (ms, multiplied by the attempt number).
+    pub push_retry_backoff_ms: u64,
+}
+
+impl BlockGeneratorConfig {
+    /// Default block interval (Spark's `spark.streaming.blockInterval`).
+    pub const DEFAULT_BLOCK_INTERVAL_MS: u64 = 200;
+    /// Default records per block.
+    pub const DEFAULT_MAX_BLOCK_RECORDS: usize = 500_000;
+    /// Default payload bytes per block.
+    pub const DEFAULT_MAX_BLOCK_BYTES: usize = 16 << 20;
+    /// Default queue capacity (Spark's `spark.streaming.blockQueueSize`).
+    pub const DEFAULT_QUEUE_CAPACITY: usize = 10;
+    /// Default store attempts per block (Spark's Kinesis receiver).
+    pub const DEFAULT_MAX_PUSH_ATTEMPTS: u32 = 4;
+    /// Default backoff unit between store attempts.
+    pub const DEFAULT_PUSH_RETRY_BACKOFF_MS: u64 = 100;
+
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first invalid field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.block_interval_ms == 0 {
+            return Err(ConfigError::new("block_interval_ms", "must be at least 1 ms"));
+        }
+        if self.max_block_records == 0 {
+            return Err(ConfigError::new("max_block_records", "must be at least 1"));
+        }
+        if self.max_block_bytes == 0 {
+            return Err(ConfigError::new("max_block_bytes", "must be at least 1"));
+        }
+        if self.queue_capacity == 0 {
+            return Err(ConfigError::new(
+                "queue_capacity",
+                "must be at least 1 block (the queue is what bounds memory)",
+            ));
+        }
+        if self.max_push_attempts == 0 {
+            return Err(ConfigError::new("max_push_attempts", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl Default for BlockGeneratorConfig {
+    fn default() -> Self {
+        Self {
+            block_interval_ms: Self::DEFAULT_BLOCK_INTERVAL_MS,
+            max_block_records: Self::DEFAULT_MAX_BLOCK_RECORDS,
+            max_block_bytes: Self::DEFAULT_MAX_BLOCK_BYTES,
+            queue_capacity: Self::DEFAULT_QUEUE_CAPACITY,
+            when_full: WhenFull::Block,
+            max_push_attempts: Self::DEFAULT_MAX_PUSH_ATTEMPTS,
+            push_retry_backoff_ms: Self::DEFAULT_PUSH_RETRY_BACKOFF_MS,
+        }
+    }
+}
+
+/// Counters a generator updates; share one across generators to keep totals over restarts.
+#[derive(Debug, Default)]
+pub struct GeneratorMetrics {
+    /// Blocks stored (handler returned `Ok`).
+    pub blocks_stored: AtomicU64,
+    /// Records in stored blocks.
+    pub records_stored: AtomicU64,
+    /// Payload bytes in stored blocks.
+    pub bytes_stored: AtomicU64,
+    /// Store attempts that failed and were retried.
+    pub push_retries: AtomicU64,
+    /// Times a producer had to wait for room (backpressure).
+    pub producer_waits: AtomicU64,
+}
+
+/// Where the generator is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GeneratorPhase {
+    /// Accepting records.
+    Active,
+    /// Stopping with [`StopMode::Drain`]: no new records; buffered ones are being stored.
+    Draining,
+    /// Stopped; everything accepted was stored (or discarded by [`StopMode::Discard`]).
+    Stopped,
+    /// A block could not be stored; nothing after it will be.
+    Failed(GeneratorError),
+}
+
+/// A snapshot of the generator's buffers and counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratorStats {
+    /// Phase.
+    pub phase: GeneratorPhase,
+    /// Records buffered (current buffer + queue + the block being stored).
+    pub buffered_records: usize,
+    /// Payload bytes buffered (current buffer + queue + the block being stored).
+    pub buffered_bytes: usize,
+    /// Sealed blocks waiting for the pusher.
+    pub queued_blocks: usize,
+    /// Whether a block is being stored right now.
+    pub storing: bool,
+    /// Producers blocked waiting for room.
+    pub waiting_producers: usize,
+    /// Records accepted since start.
+    pub records_added: u64,
+    /// Records whose block was stored.
+    pub records_stored: u64,
+    /// Blocks stored by this generator.
+    pub blocks_stored: u64,
+}
+
+type StoredCallback = Arc<dyn Fn(&BlockMeta) + Send + Sync>;
+
+/// Builds and starts a [`BlockGenerator`].
+pub struct BlockGeneratorBuilder {
+    config: BlockGeneratorConfig,
+    stream: Arc<str>,
+    handler: Arc<dyn BlockHandler>,
+    clock: SharedClock,
+    input_id: u32,
+    run_id: u64,
+    next_seq: Arc<AtomicU64>,
+    rate_limiter: Option<Arc<RateLimiter>>,
+    on_stored: Option<StoredCallback>,
+    metrics: Arc<GeneratorMetrics>,
+}
+
+impl std::fmt::Debug for BlockGeneratorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockGeneratorBuilder")
+            .field("config", &self.config)
+            .field("stream", &self.stream)
+            .field("input_id", &self.input_id)
+            .field("run_id", &self.run_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlockGeneratorBuilder {
+    /// Block ids: `input_id`, `run_id`, and the counter the next `seq` is taken from (shared
+    /// across generators of one run so ids never repeat). Default: input 0, run 0, a new counter.
+    #[must_use]
+    pub fn block_ids(mut self, input_id: u32, run_id: u64, next_seq: Arc<AtomicU64>) -> Self {
+        self.input_id = input_id;
+        self.run_id = run_id;
+        self.next_seq = next_seq;
+        self
+    }
+
+    /// Limits the rate at which records are accepted.
+    #[must_use]
+    pub fn rate_limiter(mut self, limiter: Arc<RateLimiter>) -> Self {
+        self.rate_limiter = Some(limiter);
+        self
+    }
+
+    /// Called on the pusher thread after each block is stored, before the next one is stored.
+    #[must_use]
+    pub fn on_stored(mut self, callback: impl Fn(&BlockMeta) + Send + Sync + 'static) -> Self {
+        self.on_stored = Some(Arc::new(callback));
+        self
+    }
+
+    /// Counters to update (shared across restarts by the receiver).
+    #[must_use]
+    pub fn metrics(mut self, metrics: Arc<GeneratorMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Validates the configuration and starts the timer and pusher threads.
+    ///
+    /// # Errors
+    /// [`GeneratorError::InvalidBatch`] never; [`GeneratorError::Spawn`] if a thread cannot be
+    /// started. An invalid configuration is reported as a [`ConfigError`] inside
+    /// [`BlockGeneratorStartError`].
+    pub fn start(self) -> Result<BlockGenerator, BlockGeneratorStartError> {
+        self.config.validate()?;
+        let shared = Arc::new(Shared {
+            records_hint: self.config.max_block_records.min(1 << 16),
+            config: self.config,
+            stream: self.stream,
+            handler: self.handler,
+            clock: self.clock,
+            input_id: self.input_id,
+            run_id: self.run_id,
+            next_seq: self.next_seq,
+            rate_limiter: self.rate_limiter,
+            on_stored: self.on_stored,
+            metrics: self.metrics,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            adding: StopSignal::new(),
+            timer: StopSignal::new(),
+            abort: StopSignal::new(),
+        });
+        let pusher = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("sluice-block-pusher-{}", shared.input_id))
+                .spawn(move || shared.run_pusher())
+                .map_err(|e| GeneratorError::Spawn { message: e.to_string() })?
+        };
+        let timer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("sluice-block-timer-{}", shared.input_id))
+                .spawn(move || shared.run_timer())
+        };
+        let timer = match timer {
+            Ok(t) => t,
+            Err(e) => {
+                shared.abort_all();
+                let _ = pusher.join();
+                return Err(GeneratorError::Spawn { message: e.to_string() }.into());
+            }
+        };
+        Ok(BlockGenerator {
+            shared,
+            threads: Mutex::new(Some(Threads { timer, pusher })),
+        })
+    }
+}
+
+/// Why a [`BlockGenerator`] did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlockGeneratorStartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A thread could not be spawned.
+    #[error(transparent)]
+    Generator(#[from] GeneratorError),
+}
+
+struct Threads {
+    timer: JoinHandle<()>,
+    pusher: JoinHandle<()>,
+}
+
+/// Buffers records into blocks and stores them through a [`BlockHandler`]; see the
+/// [module docs](self).
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use sluice_blockstore::{Block, ManualClock, Position, Record, SequenceNumber};
+/// use sluice_receiver::{BlockGenerator, BlockGeneratorConfig, BlockHandler, HandlerError, StopMode};
+///
+/// #[derive(Default)]
+/// struct Collect(Mutex<Vec<Block>>);
+/// impl BlockHandler for Collect {
+///     fn store_block(&self, block: Block) -> Result<(), HandlerError> {
+///         self.0.lock().unwrap().push(block);
+///         Ok(())
+///     }
+/// }
+///
+/// let handler = Arc::new(Collect::default());
+/// let clock = Arc::new(ManualClock::new(0));
+/// let generator = BlockGenerator::builder(BlockGeneratorConfig::default(), "clicks", handler.clone(), clock)
+///     .start()?;
+/// let records: Vec<Record> = (1..=3u128)
+///     .map(|n| Record {
+///         shard_id: "shard-0".into(),
+///         position: Position::plain(SequenceNumber::from_u128(n)),
+///         partition_key: "k".into(),
+///         approximate_arrival_ms: 0,
+///         data: "hello".into(),
+///     })
+///     .collect();
+/// generator.add_batch(records)?;
+/// generator.stop(StopMode::Drain)?; // seals and stores what is buffered
+/// let blocks = handler.0.lock().unwrap();
+/// assert_eq!(blocks.len(), 1);
+/// assert_eq!(blocks[0].meta().ranges.to_string(), "clicks/shard-0[1..=3]x3");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct BlockGenerator {
+    shared: Arc<Shared>,
+    threads: Mutex<Option<Threads>>,
+}
+
+impl std::fmt::Debug for BlockGenerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockGenerator")
+            .field("stream", &self.shared.stream)
+            .field("input_id", &self.shared.input_id)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    config: BlockGeneratorConfig,
+    stream: Arc<str>,
+    handler: Arc<dyn BlockHandler>,
+    clock: SharedClock,
+    input_id: u32,
+    run_id: u64,
+    next_seq: Arc<AtomicU64>,
+    rate_limiter: Option<Arc<RateLimiter>>,
+    on_stored: Option<StoredCallback>,
+    metrics: Arc<GeneratorMetrics>,
+    records_hint: usize,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Stopped when adding stops (interrupts rate-limit waits).
+    adding: StopSignal,
+    /// Stops the timer thread.
+    timer: StopSignal,
+    /// Stopped on abort or failure (interrupts retry backoff).
+    abort: StopSignal,
+}
+
+#[derive(Default)]
+struct State {
+    records: Vec<Record>,
+    bytes: usize,
+    ranges: Vec<SequenceNumberRange>,
+    queue: VecDeque<Sealed>,
+    queued_records: usize,
+    queued_bytes: usize,
+    in_flight: Option<(usize, usize)>,
+    phase: Phase,
+    waiting_producers: usize,
+    records_added: u64,
+    records_stored: u64,
+    blocks_stored: u64,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Active,
+    /// No new records; the pusher keeps storing; the final buffer is being sealed.
+    Closing,
+    /// The pusher stores what is queued, then exits.
+    Draining,
+    Stopped,
+    Failed(GeneratorError),
+}
+
+struct Sealed {
+    id: BlockId,
+    records: Vec<Record>,
+    ranges: Vec<SequenceNumberRange>,
+    bytes: usize,
+}
+
+impl BlockGenerator {
+    /// Starts building a generator for `stream` (the name its ranges are tagged with).
+    pub fn builder(
+        config: BlockGeneratorConfig,
+        stream: impl Into<Arc<str>>,
+        handler: Arc<dyn BlockHandler>,
+        clock: SharedClock,
+    ) -> BlockGeneratorBuilder {
+        BlockGeneratorBuilder {
+            config,
+            stream: stream.into(),
+            handler,
+            clock,
+            input_id: 0,
+            run_id: 0,
+            next_seq: Arc::new(AtomicU64::new(0)),
+            rate_limiter: None,
+            on_stored: None,
+            metrics: Arc::new(GeneratorMetrics::default()),
+        }
+    }
+
+    /// Adds one record (a batch of one; prefer [`add_batch`](Self::add_batch) for throughput).
+    ///
+    /// # Errors
+    /// As [`add_batch`](Self::add_batch).
+    pub fn add(&self, record: Record) -> Result<(), GeneratorError> {
+        self.add_batch(vec![record])
+    }
+
+    /// Adds records of **one shard**, in increasing position order, as one unit: they get one
+    /// range per block they land in. Blocks while the rate limiter or a full queue says so.
+    ///
+    /// # Errors
+    /// - [`GeneratorError::Stopped`] if the generator stops before every record was accepted
+    ///   (`accepted` says how many leading records were);
+    /// - [`GeneratorError::StoreFailed`] / [`GeneratorError::BuildFailed`] once the generator has
+    ///   failed;
+    /// - [`GeneratorError::InvalidBatch`] if the records come from several shards.
+    pub fn add_batch(&self, records: Vec<Record>) -> Result<(), GeneratorError> {
+        self.shared.add_batch(records)
+    }
+
+    /// A snapshot of buffers and counters.
+    pub fn stats(&self) -> GeneratorStats {
+        Shared::stats(&self.shared.state.lock().expect("generator lock"))
+    }
+
+    /// Whether nothing is buffered, queued or being stored.
+    pub fn is_idle(&self) -> bool {
+        let state = self.shared.state.lock().expect("generator lock");
+        state.records.is_empty() && state.queue.is_empty() && state.in_flight.is_none()
+    }
+
+    /// The error that failed the generator, if it failed.
+    pub fn failure(&self) -> Option<GeneratorError> {
+        match &self.shared.state.lock().expect("generator lock").phase {
+            Phase::Failed(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    /// The most payload bytes the generator buffers while records are at most `max_block_bytes`
+    /// each: `(queue_capacity + 2) × max_block_bytes`.
+    pub fn memory_bound_bytes(&self) -> usize {
+        (self.shared.config.queue_capacity + 2) * self.shared.config.max_block_bytes
+    }
+
+    /// Waits (in real time, at most `timeout`) until `predicate` holds for the stats; returns
+    /// whether it did. For monitoring and tests.
+    pub fn wait_for(&self, timeout: Duration, mut predicate: impl FnMut(&GeneratorStats) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.state.lock().expect("generator lock");
+        loop {
+            if predicate(&Shared::stats(&state)) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, (deadline - now).min(MAX_REAL_WAIT))
+                .expect("generator lock")
+                .0;
+        }
+    }
+
+    /// Stops the generator and joins its threads.
+    ///
+    /// With [`StopMode::Drain`], new records are refused, the buffer is sealed and every queued
+    /// block is stored before this returns (it waits for the handler, however slow). With
+    /// [`StopMode::Discard`], buffered and queued records are dropped — they were never stored,
+    /// so no checkpoint covers them and they will be read again.
+    ///
+    /// # Errors
+    /// The generator's failure, if a block could not be stored (before or during the stop).
+    pub fn stop(&self, mode: StopMode) -> Result<(), GeneratorError> {
+        let threads = self.threads.lock().expect("generator threads").take();
+        match mode {
+            StopMode::Drain => self.shared.drain(threads),
+            StopMode::Discard => {
+                self.shared.abort_all();
+                if let Some(t) = threads {
+                    join(t);
+                }
+            }
+        }
+        match &self.shared.state.lock().expect("generator lock").phase {
+            Phase::Failed(e) => Err(e.clone()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for BlockGenerator {
+    /// A safety net: a generator dropped without [`stop`](BlockGenerator::stop) discards what it
+    /// buffers and joins its threads (waiting for a store in flight).
+    fn drop(&mut self) {
+        if let Some(threads) = self.threads.get_mut().ok().and_then(Option::take) {
+            self.shared.abort_all();
+            join(threads);
+        }
+    }
+}
+
+fn join(threads: Threads) {
+    // A panicking generator thread has already reported through the panic hook; the state it
+    // left is Failed or Stopped either way.
+    let _ = threads.timer.join();
+    let _ = threads.pusher.join();
+}
+
+impl Shared {
+    fn stats(state: &State) -> GeneratorStats {
+        let (flight_records, flight_bytes) = state.in_flight.unwrap_or((0, 0));
+        GeneratorStats {
+            phase: match &state.phase {
+                Phase::Active => GeneratorPhase::Active,
+                Phase::Closing | Phase::Draining => GeneratorPhase::Draining,
+                Phase::Stopped => GeneratorPhase::Stopped,
+                Phase::Failed(e) => GeneratorPhase::Failed(e.clone()),
+            },
+            buffered_records: state.records.len() + state.queued_records + flight_records,
+            buffered_bytes: state.bytes + state.queued_bytes + flight_bytes,
+            queued_blocks: state.queue.len(),
+            storing: state.in_flight.is_some(),
+            waiting_producers: state.waiting_producers,
+            records_added: state.records_added,
+            records_stored: state.records_stored,
+            blocks_stored: state.blocks_stored,
+        }
+    }
+
+    fn add_batch(&self, mut records: Vec<Record>) -> Result<(), GeneratorError> {
+        let Some(first) = records.first() else {
+            return Ok(());
+        };
+        let shard = first.shard_id.clone();
+        if let Some(other) = records
+            .iter()
+            .find(|r| !Arc::ptr_eq(&r.shard_id, &shard) && r.shard_id != shard)
+        {
+            return Err(GeneratorError::InvalidBatch {
+                reason: format!(
+                    "a batch holds records of one shard; found {} and {}",
+                    shard, other.shard_id
+                ),
+            });
+        }
+        debug_assert!(
+            records.windows(2).all(|w| w[0].position < w[1].position),
+            "records of a batch must be in strictly increasing position order"
+        );
+        if let Some(limiter) = &self.rate_limiter
+            && !limiter.acquire_or_stop(records.len(), &self.adding)
+        {
+            return Err(Self::refusal(&self.state.lock().expect("generator lock"), 0));
+        }
+        let total = records.len();
+        let config = &self.config;
+        let mut state = self.state.lock().expect("generator lock");
+        loop {
+            if state.phase != Phase::Active {
+                return Err(Self::refusal(&state, total - records.len()));
+            }
+            let room_records = config.max_block_records.saturating_sub(state.records.len());
+            let room_bytes = config.max_block_bytes.saturating_sub(state.bytes);
+            let mut take = 0;
+            let mut bytes = 0;
+            for r in records.iter().take(room_records) {
+                let size = r.size_bytes();
+                // An empty buffer always takes one record, however large, so progress is made.
+                if bytes + size > room_bytes && !(take == 0 && state.records.is_empty()) {
+                    break;
+                }
+                bytes += size;
+                take += 1;
+            }
+            if take > 0 {
+                state.ranges.push(SequenceNumberRange {
+                    stream: self.stream.clone(),
+                    shard_id: shard.clone(),
+                    from: records[0].position.clone(),
+                    to: records[take - 1].position.clone(),
+                    record_count: take as u64,
+                });
+                if take == records.len() {
+                    if state.records.is_empty() {
+                        std::mem::swap(&mut state.records, &mut records);
+                    } else {
+                        state.records.append(&mut records);
+                    }
+                } else {
+                    state.records.extend(records.drain(..take));
+                }
+                state.bytes += bytes;
+                state.records_added += take as u64;
+                if records.is_empty() {
+                    if state.records.len() >= config.max_block_records || state.bytes >= config.max_block_bytes {
+                        self.try_seal(&mut state);
+                    }
+                    return Ok(());
+                }
+            }
+            // The current buffer is full: seal it, or wait for the pusher to make room.
+            if !self.try_seal(&mut state) {
+                state.waiting_producers += 1;
+                self.metrics.producer_waits.fetch_add(1, Ordering::Relaxed);
+                self.changed.notify_all();
+                state = self.changed.wait(state).expect("generator lock");
+                state.waiting_producers -= 1;
+            }
+        }
+    }
+
+    fn refusal(state: &State, accepted: usize) -> GeneratorError {
+        match &state.phase {
+            Phase::Failed(e) => e.clone(),
+            _ => GeneratorError::Stopped { accepted },
+        }
+    }
+
+    /// Seals the current buffer into the queue; `false` if the queue is full.
+    fn try_seal(&self, state: &mut MutexGuard<'_, State>) -> bool {
+        if state.records.is_empty() {
+            return true;
+        }
+        if state.queue.len() >= self.config.queue_capacity {
+            return false;
+        }
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let hint = state.records.len().min(self.records_hint);
+        let records = std::mem::replace(&mut state.records, Vec::with_capacity(hint));
+        let ranges = std::mem::take(&mut state.ranges);
+        let bytes = std::mem::take(&mut state.bytes);
+        state.queued_records += records.len();
+        state.queued_bytes += bytes;
+        state.queue.push_back(Sealed {
+            id: BlockId {
+                input_id: self.input_id,
+                run_id: self.run_id,
+                seq,
+            },
+            records,
+            ranges,
+            bytes,
+        });
+        self.changed.notify_all();
+        true
+    }
+
+    fn run_timer(&self) {
+        let interval = self.config.block_interval_ms as i64;
+        loop {
+            let now = self.clock.now_ms();
+            let tick = (now.div_euclid(interval) + 1) * interval;
+            match self.timer.wait_until(&*self.clock, tick) {
+                Wake::Stopped => return,
+                Wake::Nudged => continue,
+                Wake::Deadline => {}
+            }
+            let mut state = self.state.lock().expect("generator lock");
+            if state.phase == Phase::Active {
+                // A full queue leaves the buffer in place; producers block once it is full.
+                self.try_seal(&mut state);
+            }
+        }
+    }
+
+    fn run_pusher(&self) {
+        loop {
+            let sealed = {
+                let mut state = self.state.lock().expect("generator lock");
+                loop {
+                    if let Some(sealed) = state.queue.pop_front() {
+                        state.queued_records -= sealed.records.len();
+                        state.queued_bytes -= sealed.bytes;
+                        state.in_flight = Some((sealed.records.len(), sealed.bytes));
+                        self.changed.notify_all();
+                        break sealed;
+                    }
+                    match state.phase {
+                        Phase::Active | Phase::Closing => {
+                            state = self.changed.wait(state).expect("generator lock");
+                        }
+                        Phase::Draining | Phase::Stopped | Phase::Failed(_) => return,
+                    }
+                }
+            };
+            if !self.push(sealed) {
+                return;
+            }
+        }
+    }
+
+    /// Builds and stores one block; `false` when the pusher must exit (failure or abort).
+    fn push(&self, sealed: Sealed) -> bool {
+        let Sealed {
+            id,
+            records,
+            ranges,
+            bytes,
+        } = sealed;
+        let block = match Block::from_records(id, SequenceNumberRanges::from(ranges), &records) {
+            Ok(block) => block,
+            Err(e) => {
+                self.fail(GeneratorError::BuildFailed {
+                    block: id,
+                    message: e.to_string(),
+                });
+                return false;
+            }
+        };
+        let count = records.len();
+        drop(records);
+        let max = self.config.max_push_attempts;
+        let mut attempt = 1;
+        loop {
+            match self.handler.store_block(block.clone()) {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() && attempt < max => {
+                    tracing::warn!(block = %id, attempt, error = %e, "storing a block failed; retrying");
+                    self.metrics.push_retries.fetch_add(1, Ordering::Relaxed);
+                    let backoff = self.config.push_retry_backoff_ms * u64::from(attempt);
+                    if self.abort.wait_ms(&*self.clock, backoff) == Wake::Stopped {
+                        self.finish_in_flight(None);
+                        return false;
+                    }
+                    attempt += 1;
+                }
+                Err(e) => {
+                    tracing::error!(block = %id, attempt, error = %e, "storing a block failed for good");
+                    self.fail(GeneratorError::StoreFailed {
+                        block: id,
+                        attempts: attempt,
+                        message: e.to_string(),
+                        retryable: e.is_retryable(),
+                    });
+                    return false;
+                }
+            }
+        }
+        if let Some(callback) = &self.on_stored {
+            callback(block.meta());
+        }
+        self.metrics.blocks_stored.fetch_add(1, Ordering::Relaxed);
+        self.metrics.records_stored.fetch_add(count as u64, Ordering::Relaxed);
+        self.metrics.bytes_stored.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.finish_in_flight(Some(count))
+    }
+
+    /// Clears the in-flight slot; returns whether the pusher should go on.
+    fn finish_in_flight(&self, stored: Option<usize>) -> bool {
+        let mut state = self.state.lock().expect("generator lock");
+        state.in_flight = None;
+        if let Some(count) = stored {
+            state.records_stored += count as u64;
+            state.blocks_stored += 1;
+        }
+        self.changed.notify_all();
+        !matches!(state.phase, Phase::Stopped | Phase::Failed(_))
+    }
+
+    fn fail(&self, error: GeneratorError) {
+        {
+            let mut state = self.state.lock().expect("generator lock");
+            state.phase = Phase::Failed(error);
+            Self::discard(&mut state);
+            self.changed.notify_all();
+        }
+        self.adding.stop();
+        self.abort.stop();
+        self.timer.stop();
+    }
+
+    fn discard(state: &mut State) {
+        state.records.clear();
+        state.ranges.clear();
+        state.bytes = 0;
+        state.queue.clear();
+        state.queued_records = 0;
+        state.queued_bytes = 0;
+        state.in_flight = None;
+    }
+
+    fn abort_all(&self) {
+        {
+            let mut state = self.state.lock().expect("generator lock");
+            if !matches!(state.phase, Phase::Failed(_)) {
+                state.phase = Phase::Stopped;
+            }
+            Self::discard(&mut state);
+            self.changed.notify_all();
+        }
+        self.adding.stop();
+        self.abort.stop();
+        self.timer.stop();
+    }
+
+    fn drain(&self, threads: Option<Threads>) {
+        {
+            let mut state = self.state.lock().expect("generator lock");
+            if state.phase == Phase::Active {
+                state.phase = Phase::Closing;
+            }
+            self.changed.notify_all();
+        }
+        self.adding.stop();
+        self.timer.stop();
+        let Some(Threads { timer, pusher }) = threads else {
+            return;
+        };
+        let _ = timer.join();
+        {
+            let mut state = self.state.lock().expect("generator lock");
+            while state.phase == Phase::Closing && !self.try_seal(&mut state) {
+                state = self.changed.wait(state).expect("generator lock");
+            }
+            if state.phase == Phase::Closing {
+                state.phase = Phase::Draining;
+            }
+            self.changed.notify_all();
+        }
+        let _ = pusher.join();
+        let mut state = self.state.lock().expect("generator lock");
+        if state.phase == Phase::Draining {
+            state.phase = Phase::Stopped;
+        }
+        self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use sluice_blockstore::{ManualClock, Position, SequenceNumber};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Collect {
+        blocks: Mutex<Vec<Block>>,
+        fail_first: AtomicU32,
+        retryable: bool,
+    }
+
+    impl BlockHandler for Collect {
+        fn store_block(&self, block: Block) -> Result<(), HandlerError> {
+            if self
+                .fail_first
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(HandlerError::new("injected", self.retryable));
+            }
+            self.blocks.lock().unwrap().push(block);
+            Ok(())
+        }
+    }
+
+    fn records(shard: &str, from: u128, n: u128, size: usize) -> Vec<Record> {
+        let shard: Arc<str> = shard.into();
+        (from..from + n)
+            .map(|i| Record {
+                shard_id: shard.clone(),
+                position: Position::plain(SequenceNumber::from_u128(i)),
+                partition_key: "k".into(),
+                approximate_arrival_ms: 0,
+                data: vec![0u8; size].into(),
+            })
+            .collect()
+    }
+
+    fn config() -> BlockGeneratorConfig {
+        BlockGeneratorConfig {
+            push_retry_backoff_ms: 0,
+            ..BlockGeneratorConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_timer_seals_on_the_clock() {
+        let clock = Arc::new(ManualClock::new(0));
+        let handler = Arc::new(Collect::default());
+        let generator = BlockGenerator::builder(config(), "s", handler.clone(), clock.clone())
+            .start()
+            .unwrap();
+        generator.add_batch(records("a", 1, 3, 10)).unwrap();
+        assert_eq!(
+            generator.stats().blocks_stored,
+            0,
+            "nothing is sealed before the interval"
+        );
+        // The timer may not have read the clock yet; keep moving time until it seals.
+        let mut ticks = 0;
+        while !generator.wait_for(Duration::from_millis(20), |s| s.blocks_stored == 1) {
+            clock.advance_ms(200);
+            ticks += 1;
+            assert!(ticks < 500, "the timer never sealed the block");
+        }
+        generator.stop(StopMode::Drain).unwrap();
+        let blocks = handler.blocks.lock().unwrap();
+        assert_eq!(blocks[0].meta().ranges.to_string(), "s/a[1..=3]x3");
+    }
+
+    #[test]
+    fn a_batch_that_does_not_fit_is_split_with_one_range_per_part() {
+        let clock = Arc::new(ManualClock::new(0));
+        let handler = Arc::new(Collect::default());
+        let cfg = BlockGeneratorConfig {
+            max_block_records: 4,
+            ..config()
+        };
+        let generator = BlockGenerator::builder(cfg, "s", handler.clone(), clock)
+            .start()
+            .unwrap();
+        generator.add_batch(records("a", 1, 3, 1)).unwrap();
+        generator.add_batch(records("b", 10, 6, 1)).unwrap();
+        generator.stop(StopMode::Drain).unwrap();
+        let blocks = handler.blocks.lock().unwrap();
+        let ranges: Vec<String> = blocks.iter().map(|b| b.meta().ranges.to_string()).collect();
+        assert_eq!(
+            ranges,
+            ["s/a[1..=3]x3, s/b[10..=10]x1", "s/b[11..=14]x4", "s/b[15..=15]x1"]
+        );
+        let seqs: Vec<u64> = blocks.iter().map(|b| b.id().seq).collect();
+        assert_eq!(seqs, [0, 1, 2]);
+    }
+
+    #[test]
+    fn byte_limit_and_oversized_records() {
+        let clock = Arc::new(ManualClock::new(0));
+        let handler = Arc::new(Collect::default());
+        let cfg = BlockGeneratorConfig {
+            max_block_bytes: 100,
+            ..config()
+        };
+        let generator = BlockGenerator::builder(cfg, "s", handler.clone(), clock)
+            .start()
+            .unwrap();
+        // 49 bytes each (48 + key): two per block; a 500-byte record is sealed alone.
+        generator.add_batch(records("a", 1, 3, 48)).unwrap();
+        generator.add_batch(records("a", 4, 1, 500)).unwrap();
+        generator.stop(StopMode::Drain).unwrap();
+        let sizes: Vec<usize> = handler.blocks.lock().unwrap().iter().map(Block::len).collect();
+        assert_eq!(sizes, [2, 1, 1]);
+    }
+
+    #[test]
+    fn mixed_shards_are_rejected() {
+        let clock = Arc::new(ManualClock::new(0));
+        let handler = Arc::new(Collect::default());
+        let generator = BlockGenerator::builder(config(), "s", handler, clock).start().unwrap();
+        let mut batch = records("a", 1, 2, 1);
+        batch.extend(records("b", 3, 1, 1));
+        assert!(matches!(
+            generator.add_batch(batch),
+            Err(GeneratorError::InvalidBatch { .. })
+        ));
+        generator.stop(StopMode::Drain).unwrap();
+    }
+
+    #[test]
+    fn retryable_failures_are_retried_then_stored() {
+        let clock = Arc::new(ManualClock::new(0));
+        let handler = Arc::new(Collect {
+            fail_first: AtomicU32::new(3),
+            retryable: true,
+            ..Collect::default()
+        });
+        let metrics = Arc::new(GeneratorMetrics::default());
+        let generator = BlockGenerator::builder(config(), "s", handler.clone(), clock)
+            .metrics(metrics.clone())
+            .start()
+            .unwrap();
+        generator.add_batch(records("a", 1, 2, 1)).unwrap();
+        generator.stop(StopMode::Drain).unwrap();
+        assert_eq!(handler.blocks.lock().unwrap().len(), 1);
+        assert_eq!(metrics.push_retries.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn exhausted_retries_fail_the_generator_and_refuse_records() {
+        let clock = Arc::new(ManualClock::new(0));
+        let handler = Arc::new(Collect {
+            fail_first: AtomicU32::new(4),
+            retryable: true,
+            ..Collect::default()
+        });
+        let stored = Arc::new(AtomicU64::new(0));
+        let cfg = BlockGeneratorConfig {
+            max_block_records: 2,
+            ..config()
+        };
+        let generator = {
+            let stored = stored.clone();
+            BlockGenerator::builder(cfg, "s", handler.clone(), clock)
+                .on_stored(move |_| {
+                    stored.fetch_add(1, Ordering::SeqCst);
+                })
+                .start()
+                .unwrap()
+        };
+        // Two records fill the block: it is sealed at once and the pusher starts failing.
+        generator.add_batch(records("a", 1, 2, 1)).unwrap();
+        assert!(generator.wait_for(Duration::from_secs(10), |s| matches!(
+            s.phase,
+            GeneratorPhase::Failed(_)
+        )));
+        let err = generator.add_batch(records("a", 3, 1, 1)).unwrap_err();
+        assert!(matches!(err, GeneratorError::StoreFailed { attempts: 4, .. }), "{err}");
+        assert!(err.is_retryable());
+        assert!(generator.stop(StopMode::Drain).is_err());
+        assert_eq!(stored.load(Ordering::SeqCst), 0, "nothing counts as stored");
+    }
+
+    #[test]
+    fn a_non_retryable_failure_is_not_retried() {
+        let clock = Arc::new(ManualClock::new(0));
+        let handler = Arc::new(Collect {
+            fail_first: AtomicU32::new(1),
+            retryable: false,
+            ..Collect::default()
+        });
+        let generator = BlockGenerator::builder(config(), "s", handler, clock).start().unwrap();
+        generator.add_batch(records("a", 1, 2, 1)).unwrap();
+        let err = generator.stop(StopMode::Drain).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                GeneratorError::StoreFailed {
+                    attempts: 1,
+                    retryable: false,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn discard_drops_buffered_records() {
+        let clock = Arc::new(ManualClock::new(0));
+        let handler = Arc::new(Collect::default());
+        let generator = BlockGenerator::builder(config(), "s", handler.clone(), clock)
+            .start()
+            .unwrap();
+        generator.add_batch(records("a", 1, 2, 1)).unwrap();
+        generator.stop(StopMode::Discard).unwrap();
+        assert!(handler.blocks.lock().unwrap().is_empty());
+        assert_eq!(
+            generator.add_batch(records("a", 3, 1, 1)),
+            Err(GeneratorError::Stopped { accepted: 0 })
+        );
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let bad = BlockGeneratorConfig {
+            queue_capacity: 0,
+            ..BlockGeneratorConfig::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().field, "queue_capacity");
+        let json = r#"{"block_interval_ms": 50, "bogus": 1}"#;
+        assert!(serde_json::from_str::<BlockGeneratorConfig>(json).is_err());
+        let json = r#"{"block_interval_ms": 50}"#;
+        let cfg: BlockGeneratorConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(cfg.block_interval_ms, 50);
+        assert_eq!(cfg.queue_capacity, BlockGeneratorConfig::DEFAULT_QUEUE_CAPACITY);
+    }
+}

@@ -1,0 +1,94 @@
+//! The local-log CLI commands as functions returning printable text.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use super::LocalLog;
+use super::error::{LocalLogError, Result};
+
+/// How `put` derives each line's partition key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyMode {
+    /// The CRC32C of the line, in hex: equal lines go to the same shard.
+    LineHash,
+    /// A running counter: lines spread round the shards.
+    Counter,
+}
+
+/// `create`: creates `stream` with `shards` shards.
+///
+/// # Errors
+/// See [`LocalLog::create_stream`].
+pub fn create(dir: &Path, stream: &str, shards: u32) -> Result<String> {
+    LocalLog::open(dir)?.create_stream(stream, shards)?;
+    Ok(format!(
+        "created stream {stream} with {shards} shards in {}\n",
+        dir.display()
+    ))
+}
+
+/// `put`: appends each line of `lines` as one record, then flushes.
+///
+/// # Errors
+/// Producer errors; [`LocalLogError::Io`] when reading `lines` fails.
+pub fn put(dir: &Path, stream: &str, lines: impl BufRead, key_mode: KeyMode) -> Result<String> {
+    let mut producer = LocalLog::open(dir)?.stream(stream)?.producer()?;
+    let mut count = 0u64;
+    for line in lines.lines() {
+        let line = line.map_err(|e| LocalLogError::io("<input>", e))?;
+        let key = match key_mode {
+            KeyMode::LineHash => format!("{:08x}", crc32c::crc32c(line.as_bytes())),
+            KeyMode::Counter => count.to_string(),
+        };
+        producer.put(&key, line.as_bytes())?;
+        count += 1;
+    }
+    producer.flush()?;
+    Ok(format!("put {count} records into {stream}\n"))
+}
+
+/// `split`: splits `shard` at `new_starting_hash_key`, or at the middle of its range.
+///
+/// # Errors
+/// See [`super::Producer::split_shard`].
+pub fn split(dir: &Path, stream: &str, shard: &str, new_starting_hash_key: Option<u128>) -> Result<String> {
+    let stream_handle = LocalLog::open(dir)?.stream(stream)?;
+    let key = if let Some(key) = new_starting_hash_key {
+        key
+    } else {
+        let info = stream_handle.describe()?;
+        let shard_info =
+            info.shards
+                .iter()
+                .find(|s| &*s.info.shard_id == shard)
+                .ok_or_else(|| LocalLogError::UnknownShard {
+                    stream: stream.into(),
+                    shard_id: shard.into(),
+                })?;
+        let (start, end) = shard_info.info.hash_key_range;
+        start + (end - start) / 2 + 1
+    };
+    let (a, b) = stream_handle.producer()?.split_shard(shard, key)?;
+    Ok(format!("split {shard} at {key} into {a} and {b}\n"))
+}
+
+/// `merge`: merges two adjacent shards.
+///
+/// # Errors
+/// See [`super::Producer::merge_shards`].
+pub fn merge(dir: &Path, stream: &str, shard_a: &str, shard_b: &str) -> Result<String> {
+    let child = LocalLog::open(dir)?
+        .stream(stream)?
+        .producer()?
+        .merge_shards(shard_a, shard_b)?;
+    Ok(format!("merged {shard_a} and {shard_b} into {child}\n"))
+}
+
+/// `describe`: shards, ranges, segments and sizes.
+///
+/// # Errors
+/// See [`super::LocalStream::describe`].
+pub fn describe(dir: &Path, stream: &str) -> Result<String> {
+    Ok(LocalLog::open(dir)?.stream(stream)?.describe()?.to_string())
+}

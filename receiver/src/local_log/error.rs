@@ -1,0 +1,105 @@
+//! [`LocalLogError`]: why a local-log operation failed.
+
+use std::path::PathBuf;
+
+use crate::SourceError;
+
+/// The result of local-log operations.
+pub type Result<T, E = LocalLogError> = std::result::Result<T, E>;
+
+/// Why a local-log operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocalLogError {
+    /// A file-system call failed. Retryable when the cause is transient (disk full, EINTR).
+    #[error("local log I/O on {}: {source}", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `meta.json` could not be parsed or written. Not retryable.
+    #[error("local log metadata {} is invalid: {source}", path.display())]
+    Meta {
+        /// The metadata file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `create_stream` on a stream that already exists. Not retryable.
+    #[error("stream {stream} already exists in the local log")]
+    StreamExists {
+        /// Stream name.
+        stream: String,
+    },
+    /// No such stream in the log directory. Not retryable.
+    #[error("unknown stream {stream} in the local log")]
+    UnknownStream {
+        /// Stream name.
+        stream: String,
+    },
+    /// No such shard in the stream. Not retryable.
+    #[error("unknown shard {shard_id} of stream {stream}")]
+    UnknownShard {
+        /// Stream name.
+        stream: String,
+        /// Shard id.
+        shard_id: String,
+    },
+    /// The shard is closed (split or merged) and takes no more writes or reshards.
+    #[error("shard {shard_id} of stream {stream} is closed")]
+    ShardClosed {
+        /// Stream name.
+        stream: String,
+        /// Shard id.
+        shard_id: String,
+    },
+    /// Another producer holds the single-writer lock. Retryable once that producer exits.
+    #[error(
+        "stream {stream} already has a producer: the writer lock {} is held by another process or handle",
+        lock_path.display()
+    )]
+    WriterLocked {
+        /// Stream name.
+        stream: String,
+        /// The lock file.
+        lock_path: PathBuf,
+    },
+    /// Invalid argument (bad name, bad hash key, non-adjacent merge, empty aggregate…). Not retryable.
+    #[error("invalid local log request: {0}")]
+    Invalid(String),
+}
+
+impl LocalLogError {
+    /// Whether retrying the same call may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, LocalLogError::Io { .. } | LocalLogError::WriterLocked { .. })
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        LocalLogError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+impl From<LocalLogError> for SourceError {
+    fn from(error: LocalLogError) -> Self {
+        match error {
+            LocalLogError::UnknownShard { stream, shard_id } => SourceError::UnknownShard { stream, shard_id },
+            LocalLogError::UnknownStream { stream } => SourceError::UnknownShard {
+                stream,
+                shard_id: String::new(),
+            },
+            LocalLogError::Invalid(detail) => SourceError::Invalid(detail),
+            other => SourceError::Unavailable {
+                detail: other.to_string(),
+                source: Some(Box::new(other)),
+            },
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The shard-reading loop every source shares: one thread per owned shard.
+//!
+//! It opens a reader at the starting position, reads pages no larger than one second's worth at
+//! the current rate limit, hands each page to the block generator as one unit (which may block:
+//! rate limit, full queue), keeps the source's pacing (minimum interval between reads, idle wait
+//! after an empty read), retries retryable source errors with capped exponential backoff —
+//! reopening the reader strictly after the last record read when the iterator expired or the
+//! source was unavailable — and ends when the source reports the end of the shard.
+
+use std::sync::Arc;
+
+use sluice_blockstore::Record;
+
+use super::Core;
+use super::metrics::MetricsCells;
+use crate::block_generator::{BlockGenerator, GeneratorError};
+use crate::signal::{StopSignal, Wake};
+use crate::source::{ShardReader, SourceError, StartingPosition};
+
+/// Backoff after a retryable source error: doubles from this…
+const BACKOFF_START_MS: u64 = 100;
+/// …up to this.
+const BACKOFF_MAX_MS: u64 = 5_000;
+
+/// How a shard loop ended.
+#[derive(Debug)]
+pub(crate) enum LoopOutcome {
+    /// The shard is closed and every record of it was handed to the generator.
+    Ended { children: Vec<Arc<str>> },
+    /// Its stop signal fired.
+    Stopped,
+    /// The generator refused records (it stopped or failed; the coordinator sees which).
+    GeneratorClosed,
+    /// A non-retryable source error.
+    Failed(SourceError),
+    /// The thread panicked (set by the joiner).
+    Panicked,
+}
+
+pub(crate) fn run(
+    core: &Arc<Core>,
+    generator: &BlockGenerator,
+    shard: &Arc<str>,
+    start: StartingPosition,
+    signal: &StopSignal,
+) -> LoopOutcome {
+    let pacing = core.source.read_pacing();
+    let clock = &*core.clock;
+    let mut start = start;
+    let mut reader: Option<Box<dyn ShardReader>> = None;
+    let mut backoff = 0;
+    let mut last_read_ms: Option<i64> = None;
+    loop {
+        if signal.is_stopped() {
+            return LoopOutcome::Stopped;
+        }
+        let error = match reader.as_mut() {
+            None => match core.source.open_reader(shard, &start) {
+                Ok(r) => {
+                    reader = Some(r);
+                    continue;
+                }
+                Err(e) => e,
+            },
+            Some(r) => {
+                if let Some(last) = last_read_ms
+                    && pacing.min_read_interval_ms > 0
+                    && signal.wait_until(clock, last.saturating_add(pacing.min_read_interval_ms as i64))
+                        == Wake::Stopped
+                {
+                    return LoopOutcome::Stopped;
+                }
+                last_read_ms = Some(clock.now_ms());
+                let limit = core.rate.records_per_read(pacing.max_records_per_read);
+                match r.read(limit) {
+                    Ok(batch) => {
+                        backoff = 0;
+                        let got_records = !batch.records.is_empty();
+                        if got_records {
+                            let last = batch.records.last().expect("non-empty").position.clone();
+                            if let Err(outcome) = hand_over(core, generator, shard, batch.records) {
+                                return outcome;
+                            }
+                            start = StartingPosition::AfterPosition(last);
+                        }
+                        if let Some(children) = batch.end_of_shard {
+                            mark_ended(core, shard, children.clone());
+                            return LoopOutcome::Ended { children };
+                        }
+                        if !got_records {
+                            mark_at_end(core, shard);
+                            if signal.wait_ms(clock, pacing.idle_interval_ms) == Wake::Stopped {
+                                return LoopOutcome::Stopped;
+                            }
+                        }
+                        continue;
+                    }
+                    Err(e) => e,
+                }
+            }
+        };
+        if !error.is_retryable() {
+            tracing::error!(shard = %shard, error = %error, "reading the shard failed");
+            return LoopOutcome::Failed(error);
+        }
+        match &error {
+            SourceError::Throttled(_) => MetricsCells::bump(&core.metrics.source_throttles),
+            // Reopen strictly after the last record handed over (or at the original start).
+            _ => reader = None,
+        }
+        backoff = if backoff == 0 {
+            BACKOFF_START_MS
+        } else {
+            (backoff * 2).min(BACKOFF_MAX_MS)
+        };
+        tracing::warn!(shard = %shard, error = %error, backoff_ms = backoff, "retryable source error");
+        if signal.wait_ms(clock, backoff) == Wake::Stopped {
+            return LoopOutcome::Stopped;
+        }
+    }
+}
+
+/// Hands a page to the generator, keeping the read counters exact if only part is accepted.
+fn hand_over(
+    core: &Core,
+    generator: &BlockGenerator,
+    shard: &Arc<str>,
+    records: Vec<Record>,
+) -> Result<(), LoopOutcome> {
+    let n = records.len() as u64;
+    let bytes: u64 = records.iter().map(|r| r.size_bytes() as u64).sum();
+    let last = records.last().map(|r| r.position.clone());
+    {
+        let mut progress = core.progress.lock().expect("progress lock");
+        let p = progress.entry(shard.clone()).or_default();
+        p.records_read += n;
+        p.at_end = false;
+    }
+    match generator.add_batch(records) {
+        Ok(()) => {
+            core.metrics.received(shard, n, bytes);
+            let mut progress = core.progress.lock().expect("progress lock");
+            progress.entry(shard.clone()).or_default().latest_read = last;
+            Ok(())
+        }
+        Err(e) => {
+            let accepted = match e {
+                GeneratorError::Stopped { accepted } => accepted as u64,
+                _ => 0,
+            };
+            let mut progress = core.progress.lock().expect("progress lock");
+            let p = progress.entry(shard.clone()).or_default();
+            p.records_read -= n - accepted;
+            Err(LoopOutcome::GeneratorClosed)
+        }
+    }
+}
+
+fn mark_at_end(core: &Core, shard: &Arc<str>) {
+    let mut progress = core.progress.lock().expect("progress lock");
+    progress.entry(shard.clone()).or_default().at_end = true;
+    drop(progress);
+    core.status_changed.notify_all();
+}
+
+fn mark_ended(core: &Core, shard: &Arc<str>, children: Vec<Arc<str>>) {
+    let mut progress = core.progress.lock().expect("progress lock");
+    let p = progress.entry(shard.clone()).or_default();
+    p.ended = Some(children);
+    p.at_end = true;
+    drop(progress);
+    core.stop.nudge();
+}

@@ -91,25 +91,25 @@ fn main() -> anyhow::Result<()> {
     } = Cli::parse();
     match command {
         LogCommand::Create { target, shards } => {
-            cli::create(&target.dir, &target.stream, shards)?;
-            println!(
-                "created stream {} with {shards} shard(s) in {}",
-                target.stream,
-                target.dir.display()
-            );
+            print!("{}", cli::create(&target.dir, &target.stream, shards)?);
         }
         LogCommand::Put { target, files } => {
-            let mut total = 0;
             if files.is_empty() || files.iter().any(|f| f.as_os_str() == "-") {
-                total += cli::put(&target.dir, &target.stream, std::io::stdin().lock())?;
+                let stdin = std::io::stdin().lock();
+                print!(
+                    "{}",
+                    cli::put(&target.dir, &target.stream, stdin, cli::KeyMode::Counter)?
+                );
             }
             for file in files.iter().filter(|f| f.as_os_str() != "-") {
                 let reader: Box<dyn BufRead> = Box::new(std::io::BufReader::new(
                     std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
                 ));
-                total += cli::put(&target.dir, &target.stream, reader)?;
+                print!(
+                    "{}",
+                    cli::put(&target.dir, &target.stream, reader, cli::KeyMode::Counter)?
+                );
             }
-            println!("appended {total} record(s) to {}", target.stream);
         }
         LogCommand::Split { target, shard, at } => {
             print!("{}", cli::split(&target.dir, &target.stream, &shard, at)?);

@@ -55,7 +55,7 @@ fn sum_parquet(location: &Path) -> HashMap<String, u64> {
     use arrow_array::cast::AsArray;
     use arrow_array::types::UInt64Type;
     let mut sums = HashMap::new();
-    for (_time, batch) in sluice::operators::read_committed(&location.display().to_string()).unwrap() {
+    for (_time, batch) in sluice::operators::ParquetSink::read_committed(&location.display().to_string()).unwrap() {
         let keys = batch.column(0).as_string::<i32>();
         let values = batch.column(1).as_primitive::<UInt64Type>();
         for i in 0..batch.num_rows() {

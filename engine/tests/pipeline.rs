@@ -114,7 +114,7 @@ fn sum_parquet(location: &str) -> HashMap<String, u64> {
     use arrow_array::cast::AsArray;
     use arrow_array::types::UInt64Type;
     let mut sums = HashMap::new();
-    for (_time, batch) in sluice_operators::read_committed(location).unwrap() {
+    for (_time, batch) in sluice_operators::ParquetSink::read_committed(location).unwrap() {
         let keys = batch.column(0).as_string::<i32>();
         let values = batch.column(1).as_primitive::<UInt64Type>();
         for i in 0..batch.num_rows() {
@@ -198,7 +198,7 @@ fn dead_letter_policy_routes_exactly_the_failing_records_with_their_positions() 
     lines.remove(137);
     assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
     assert_eq!(ctx.metrics().dead_letters, 2);
-    let rows: usize = sluice_operators::read_committed(&dir.path().join("dead").display().to_string())
+    let rows: usize = sluice_operators::DeadLetterSink::read_committed(&dir.path().join("dead").display().to_string())
         .unwrap()
         .iter()
         .map(|(_, b)| b.num_rows())

@@ -81,36 +81,38 @@ fn load(args: &Args, log_dir: &Path) -> anyhow::Result<()> {
     let stream = log.create_stream(STREAM, args.shards).context("create stream")?;
     let mut producer = stream.producer().context("open producer")?;
     let mut n: u64 = 0;
-    let mut put = |line: &str| -> anyhow::Result<()> {
-        n += 1;
-        producer.put(&n.to_string(), Bytes::copy_from_slice(line.as_bytes()))?;
-        Ok(())
-    };
-    if args.files.is_empty() {
-        for line in bench_data::zipf_lines(args.corpus_lines, 50_000, 42) {
-            put(&line)?;
-        }
-    } else {
-        for file in &args.files {
-            let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
-                Box::new(std::io::stdin().lock())
-            } else {
-                Box::new(std::io::BufReader::new(
-                    std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
-                ))
-            };
-            for line in reader.lines() {
-                put(&line?)?;
+    {
+        let mut put = |line: &str| -> anyhow::Result<()> {
+            n += 1;
+            producer.put(&n.to_string(), Bytes::copy_from_slice(line.as_bytes()))?;
+            Ok(())
+        };
+        if args.files.is_empty() {
+            for line in bench_data::zipf_lines(args.corpus_lines, 50_000, 42) {
+                put(&line)?;
+            }
+        } else {
+            for file in &args.files {
+                let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
+                    Box::new(std::io::stdin().lock())
+                } else {
+                    Box::new(std::io::BufReader::new(
+                        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
+                    ))
+                };
+                for line in reader.lines() {
+                    put(&line?)?;
+                }
             }
         }
     }
-    drop(put);
     producer.flush()?;
     std::fs::write(log_dir.join(LOADED_MARKER), b"")?;
     eprintln!("loaded {n} lines into {}", log_dir.display());
     Ok(())
 }
 
+#[allow(clippy::needless_pass_by_value)] // `flat_map` hands each line over by value
 fn words(line: Bytes) -> impl Iterator<Item = Bytes> {
     let mut start = 0;
     let mut out = Vec::new();

@@ -91,7 +91,7 @@ fn benches(c: &mut Criterion, f: &Fixture) {
         b.iter(|| memory_put_get(&f.memory, black_box(&f.block)));
     });
     group.bench_function("disk_tier_put+get", |b| {
-        b.iter(|| disk_put_get(&f.disk, black_box(&f.block)))
+        b.iter(|| disk_put_get(&f.disk, black_box(&f.block)));
     });
     group.bench_function("raw_file_write+read", |b| {
         b.iter(|| raw_write_read(&f.raw_path, black_box(&f.encoded), false));
@@ -156,7 +156,7 @@ fn comparison_table(f: &Fixture) {
     ];
     println!(
         "\nblock store vs raw operations, {:.2} MiB encoded block, median of {n} runs",
-        bytes / 1048576.0
+        bytes / 1_048_576.0
     );
     println!(
         "{:<28} {:>11} {:>10} | {:<22} {:>11} {:>10} | {:>6} {:>6}",

@@ -251,7 +251,7 @@ impl Block {
         // The block schema is flat (no child arrays), so buffers and null masks are all there is.
         for column in self.batch.columns() {
             let data = column.to_data();
-            let nulls = data.nulls().map(|n| n.buffer());
+            let nulls = data.nulls().map(arrow_buffer::NullBuffer::buffer);
             for buffer in data.buffers().iter().chain(nulls) {
                 allocations.push((buffer.data_ptr().as_ptr() as usize, buffer.capacity()));
             }

@@ -263,7 +263,7 @@ mod tests {
     use crate::testing::{sample_block, sample_records};
 
     fn block(seq: u64, bytes: usize) -> Block {
-        sample_block(seq, &sample_records("s", seq as u128 * 100, 4, bytes / 4))
+        sample_block(seq, &sample_records("s", u128::from(seq) * 100, 4, bytes / 4))
     }
 
     #[test]

@@ -121,6 +121,8 @@ pub(crate) fn check_url(url: &str) -> Result<()> {
 /// [`Error::InvalidUrl`] for an unsupported or malformed URL, an unknown S3 option, or a local
 /// directory that cannot be created; [`Error::ObjectStore`] if the store rejects its
 /// configuration.
+// `options` comes from config files and CLI flags, always the default hasher.
+#[allow(clippy::implicit_hasher)]
 pub fn object_store_from_url(
     url: &str,
     options: &HashMap<String, String>,
@@ -205,7 +207,7 @@ mod tests {
             ("gs://bucket/x", "S3 and local-file"),
             ("file://relative/dir", "absolute path"),
         ] {
-            let err = object_store_from_url(url, &none).err().expect(url);
+            let err = object_store_from_url(url, &none).expect_err(url);
             let text = err.to_string();
             assert!(matches!(err, Error::InvalidUrl { .. }), "{url}: {text}");
             assert!(

@@ -98,6 +98,8 @@ impl BlockStore {
     /// [`Error::Config`] / [`Error::InvalidUrl`] for an invalid configuration; [`Error::Io`] if
     /// the block directory cannot be created; [`Error::ObjectStore`] / [`Error::Runtime`] if the
     /// replica cannot be set up.
+    // Owned like every other `open(config)`; only borrowed inside for now.
+    #[allow(clippy::needless_pass_by_value)]
     pub fn open_with_clock(config: BlockStoreConfig, clock: SharedClock) -> Result<Self> {
         config.validate()?;
         let budget = usize::try_from(config.memory_budget_bytes).map_err(|_| Error::Config {
@@ -312,6 +314,7 @@ impl BlockStore {
 
     /// Spills an evicted block to disk if its level includes disk and no disk copy exists, else
     /// drops it (counted) unless the replica holds it.
+    #[allow(clippy::needless_pass_by_value)] // the evicted block is dropped here unless spilled
     fn spill(&self, victim: EvictedBlock) {
         Counters::incr(&self.counters.evictions);
         let id = victim.block.id();

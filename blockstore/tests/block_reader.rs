@@ -1,5 +1,6 @@
 //! [`BlockReader`]: store first, replay when the block is gone or its id is invalid, retries with
 //! backoff through the injected clock, typed failures.
+#![allow(clippy::result_large_err)] // `ReadError` is large by design; see reader.rs
 
 use std::sync::Arc;
 

@@ -155,7 +155,7 @@ impl Harness {
                 block.id()
             ),
             (Some((expected, _)), Some(block)) => {
-                prop_assert!(block == *expected, "block {} came back with other bytes", key)
+                prop_assert!(block == *expected, "block {} came back with other bytes", key);
             }
             (Some((_, level)), None) => prop_assert!(!level.is_durable(), "block {} stored at {} was lost", key, level),
         }

@@ -237,13 +237,16 @@ impl StreamingContextBuilder {
     }
 }
 
+type BatchListener = Box<dyn Fn(&BatchInfo) + Send + Sync>;
+type HealthListener = Box<dyn Fn(&HealthEvent) + Send + Sync>;
+
 #[derive(Default)]
 pub(crate) struct GraphParts {
     pub outputs: Vec<Box<dyn OutputOp>>,
     pub stateful: Vec<Arc<dyn StatefulOp>>,
     pub inputs: Vec<InputSpec>,
-    pub listeners: Vec<Box<dyn Fn(&BatchInfo) + Send + Sync>>,
-    pub health_listeners: Vec<Box<dyn Fn(&HealthEvent) + Send + Sync>>,
+    pub listeners: Vec<BatchListener>,
+    pub health_listeners: Vec<HealthListener>,
     pub remember_batches: usize,
 }
 
@@ -580,7 +583,6 @@ impl StreamingContext {
         if let Some(handle) = run.generator.take() {
             let _joined = handle.join();
         }
-        shared.blocks.shutdown();
         if timed_out {
             return Err(Error::StopTimeout { timeout });
         }

@@ -31,8 +31,10 @@ use crate::{Error, Result, StreamingContext};
 
 /// How the engine starts one input when the context starts.
 pub(crate) struct InputSpec {
-    pub start: Box<dyn Fn(&InputWiring) -> Result<Box<dyn RunningInput>> + Send + Sync>,
+    pub start: StartInput,
 }
+
+type StartInput = Box<dyn Fn(&InputWiring) -> Result<Box<dyn RunningInput>> + Send + Sync>;
 
 /// What an input gets from the engine at start.
 pub(crate) struct InputWiring {
@@ -153,8 +155,6 @@ impl EngineBlocks {
                 message: e.to_string(),
             })
     }
-
-    pub(crate) fn shutdown(&self) {}
 }
 
 impl ReadBlock for EngineBlocks {

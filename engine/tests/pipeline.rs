@@ -27,6 +27,7 @@ fn fill_log(dir: &Path, lines: &[String], shards: u32) {
     producer.flush().unwrap();
 }
 
+#[allow(clippy::needless_pass_by_value)] // `flat_map` hands each line over by value
 fn words(line: Bytes) -> Vec<String> {
     String::from_utf8_lossy(&line)
         .split_ascii_whitespace()

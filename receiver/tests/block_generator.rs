@@ -1,4 +1,4 @@
-//! BlockGenerator under concurrency: every record lands in exactly one block with ranges that
+//! `BlockGenerator` under concurrency: every record lands in exactly one block with ranges that
 //! describe it exactly, and a stalled store blocks producers with bounded memory.
 
 use std::collections::{BTreeMap, HashMap};
@@ -72,7 +72,7 @@ fn check_blocks(blocks: &[Block]) -> HashMap<String, Vec<Position>> {
                 .or_default()
                 .extend(positions.iter().cloned());
         }
-        for range in block.meta().ranges.iter() {
+        for range in &block.meta().ranges {
             assert!(by_shard.contains_key(&*range.shard_id), "no range without records");
         }
     }
@@ -178,7 +178,7 @@ fn a_stalled_store_blocks_producers_with_bounded_memory() {
     let producers = 3;
     let per_producer = 500;
     let record_bytes = 20 + 2; // data + partition key "k0".."k4"
-    std::thread::scope(|scope| {
+    let (blocked, stats) = std::thread::scope(|scope| {
         for p in 0..producers {
             let generator = &generator;
             scope.spawn(move || {
@@ -188,29 +188,29 @@ fn a_stalled_store_blocks_producers_with_bounded_memory() {
                 }
             });
         }
-        assert!(
-            generator.wait_for(WAIT, |s| s.waiting_producers == producers),
-            "every producer blocks: {:?}",
-            generator.stats()
-        );
-        assert!(
-            handler.is_waiting(),
-            "the one block in flight is stalled in the handler"
-        );
+        let blocked = generator.wait_for(WAIT, |s| s.waiting_producers == producers);
+        // The block in flight reaches the handler (and stalls there) once it is built.
+        let deadline = std::time::Instant::now() + WAIT;
+        while !handler.is_waiting() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
         let stats = generator.stats();
-        let bound = generator.memory_bound_bytes();
-        assert_eq!(bound, (2 + 2) * 1_000);
-        assert!(stats.buffered_bytes <= bound, "{} > {bound}", stats.buffered_bytes);
-        assert!(stats.buffered_records <= (2 + 2) * 10, "{stats:?}");
-        assert_eq!(stats.queued_blocks, 2);
-        assert!(stats.storing);
-        assert_eq!(stats.blocks_stored, 0);
-        // Nothing was dropped: everything accepted is still buffered.
-        assert_eq!(stats.records_added, stats.buffered_records as u64);
-        assert_eq!(stats.buffered_bytes, stats.buffered_records * record_bytes);
-        assert!(stats.records_added < (producers * per_producer) as u64);
+        // Release the producers before asserting, so a failed assertion cannot hang the scope.
         handler.resume();
+        (blocked, stats)
     });
+    assert!(blocked, "every producer blocks: {stats:?}");
+    let bound = generator.memory_bound_bytes();
+    assert_eq!(bound, (2 + 2) * 1_000);
+    assert!(stats.buffered_bytes <= bound, "{} > {bound}", stats.buffered_bytes);
+    assert!(stats.buffered_records <= (2 + 2) * 10, "{stats:?}");
+    assert_eq!(stats.queued_blocks, 2, "{stats:?}");
+    assert!(stats.storing, "one block is in flight, stalled in the handler");
+    assert_eq!(stats.blocks_stored, 0);
+    // Nothing was dropped: everything accepted is still buffered.
+    assert_eq!(stats.records_added, stats.buffered_records as u64);
+    assert_eq!(stats.buffered_bytes, stats.buffered_records * record_bytes);
+    assert!(stats.records_added < (producers * per_producer) as u64);
     generator.stop(StopMode::Drain).unwrap();
     let blocks = handler.blocks();
     let got = check_blocks(&blocks);

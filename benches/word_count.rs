@@ -211,7 +211,7 @@ fn main() {
         t.1 += info.processing_delay_ms;
     });
     ctx.start().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(if n < 100_000 { 300 } else { 3_000 }));
     ctx.stop(true).unwrap();
     let (batches, ms) = *total.lock().unwrap();
     println!(

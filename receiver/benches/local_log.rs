@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use sluice_blockstore::{Replay, SequenceNumberRange};
 use sluice_receiver::local_log::LocalLog;
 
-const RECORDS: usize = 200_000;
+/// Records per run under `cargo bench`; `cargo test` runs the same code on a smoke-sized input.
+const BENCH_RECORDS: usize = 200_000;
+const SMOKE_RECORDS: usize = 2_000;
 const RECORD_BYTES: usize = 100;
 
 fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
@@ -17,16 +19,21 @@ fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let records = if std::env::args().any(|a| a == "--bench") {
+        BENCH_RECORDS
+    } else {
+        SMOKE_RECORDS
+    };
     let dir = tempfile::tempdir()?;
     let payload = vec![b'x'; RECORD_BYTES];
-    let total = RECORDS * RECORD_BYTES;
+    let total = records * RECORD_BYTES;
 
     // Raw: buffered sequential write of the same payload bytes, then fsync.
     let raw_path = dir.path().join("raw.bin");
     let start = Instant::now();
     {
         let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&raw_path)?);
-        for _ in 0..RECORDS {
+        for _ in 0..records {
             file.write_all(&payload)?;
         }
         file.into_inner()?.sync_all()?;
@@ -45,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     let mut first = None;
     let mut last = None;
-    for _ in 0..RECORDS {
+    for _ in 0..records {
         let p = producer.put("k", &payload)?;
         first.get_or_insert_with(|| p.clone());
         last = Some(p);
@@ -57,15 +64,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         shard_id: Arc::from("shardId-000000000000"),
         from: first.expect("records written"),
         to: last.expect("records written"),
-        record_count: RECORDS as u64,
+        record_count: records as u64,
     };
     let start = Instant::now();
     let replayed = stream.replay(&range.into())?;
     let log_read = start.elapsed();
-    assert_eq!(replayed.len(), RECORDS);
+    assert_eq!(replayed.len(), records);
 
     println!(
-        "{RECORDS} records of {RECORD_BYTES} bytes ({:.1} MiB payload)",
+        "{records} records of {RECORD_BYTES} bytes ({:.1} MiB payload)",
         total as f64 / 1_048_576.0
     );
     println!("{:<22}{:>14}{:>14}{:>10}", "", "raw MiB/s", "log MiB/s", "ratio");
@@ -78,8 +85,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!(
         "log records/s: append {:.0}, replay {:.0}",
-        RECORDS as f64 / log_write.as_secs_f64(),
-        RECORDS as f64 / log_read.as_secs_f64()
+        records as f64 / log_write.as_secs_f64(),
+        records as f64 / log_read.as_secs_f64()
     );
     Ok(())
 }

@@ -188,13 +188,18 @@ fn a_stalled_store_blocks_producers_with_bounded_memory() {
                 }
             });
         }
-        let blocked = generator.wait_for(WAIT, |s| s.waiting_producers == producers);
-        // The block in flight reaches the handler (and stalls there) once it is built.
+        // The first sealed block reaches the handler and stalls there…
         let deadline = std::time::Instant::now() + WAIT;
         while !handler.is_waiting() && std::time::Instant::now() < deadline {
             std::thread::yield_now();
         }
-        let stats = generator.stats();
+        // …then the queue fills and every producer blocks. Nothing can move after that, so the
+        // snapshot taken when the predicate holds is the steady state.
+        let mut stats = generator.stats();
+        let blocked = generator.wait_for(WAIT, |s| {
+            stats = s.clone();
+            s.waiting_producers == producers && s.queued_blocks == 2 && s.storing
+        });
         // Release the producers before asserting, so a failed assertion cannot hang the scope.
         handler.resume();
         (blocked, stats)

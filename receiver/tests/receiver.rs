@@ -298,14 +298,18 @@ fn a_stolen_lease_stops_the_shard_and_its_old_owner_writes_nothing() {
     let receiver = h.receiver(config, HashMap::new());
     receiver.start().unwrap();
     h.drive(&receiver, |s| s.caught_up);
-    // Another worker steals the lease (it observed the current counter) and checkpoints.
-    let lease = h.leases.list_leases().unwrap().remove(0);
-    let stolen = h
-        .leases
-        .take_lease(&lease.lease_key, lease.lease_counter, "worker-2")
-        .unwrap();
+    // Another worker steals the lease with the counter it observed; if the owner wrote in
+    // between (a renewal or checkpoint bumps the counter), the take is refused and it retries.
+    let (lease, stolen) = loop {
+        let lease = h.leases.list_leases().unwrap().remove(0);
+        match h.leases.take_lease(&lease.lease_key, lease.lease_counter, "worker-2") {
+            Ok(stolen) => break (lease, stolen),
+            Err(e) => assert!(e.is_lease_lost(), "{e}"),
+        }
+    };
     h.drive(&receiver, |s| s.owned_shards.is_empty());
     let after = h.leases.get_lease(&lease.lease_key).unwrap().unwrap();
+    assert_eq!(after.lease_owner.as_deref(), Some("worker-2"));
     assert_eq!(after, stolen, "the old owner wrote nothing after losing the lease");
     assert_eq!(receiver.metrics().leases_lost, 1);
     receiver.stop(true).unwrap();

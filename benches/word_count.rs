@@ -126,10 +126,12 @@ fn engine(dir: &std::path::Path, lines: usize, threads: usize, batch: Duration) 
 }
 
 fn main() {
+    // `cargo test` builds benches with the test profile (debug assertions on): a smoke-sized run.
+    let default_lines = if cfg!(debug_assertions) { 5_000 } else { 2_000_000 };
     let n: usize = std::env::var("SLUICE_BENCH_LINES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2_000_000);
+        .unwrap_or(default_lines);
     let threads = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     eprintln!("generating {n} lines (Zipf over 50k words, seed 42)...");
     let lines = bench_data::zipf_lines(n, 50_000, 42);

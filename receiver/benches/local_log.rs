@@ -19,10 +19,10 @@ fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let records = if std::env::args().any(|a| a == "--bench") {
-        BENCH_RECORDS
-    } else {
+    let records = if cfg!(debug_assertions) {
         SMOKE_RECORDS
+    } else {
+        BENCH_RECORDS
     };
     let dir = tempfile::tempdir()?;
     let payload = vec![b'x'; RECORD_BYTES];

@@ -351,7 +351,11 @@ impl Coordinator<'_> {
                 running.signal.stop();
                 self.stopping.push(running);
             }
-            self.progress(key, |p| p.owned = false);
+            self.progress(key, |p| {
+                p.owned = false;
+                // The new owner finishes the shard; this worker no longer waits for it.
+                p.ended = None;
+            });
         }
     }
 

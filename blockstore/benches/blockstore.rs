@@ -87,6 +87,11 @@ fn benches(c: &mut Criterion, f: &Fixture) {
     group.sample_size(20);
     group.bench_function("encode+decode", |b| b.iter(|| encode_decode(black_box(&f.block))));
     group.bench_function("memcpy", |b| b.iter(|| memcpy(black_box(&f.encoded))));
+    group.bench_function("encode", |b| b.iter(|| black_box(&f.block).encode().expect("encode")));
+    group.bench_function("decode", |b| {
+        b.iter(|| Block::decode(black_box(f.encoded.clone())).expect("decode"));
+    });
+    group.bench_function("crc32c", |b| b.iter(|| crc32c::crc32c(black_box(&f.encoded))));
     group.bench_function("memory_tier_put+get", |b| {
         b.iter(|| memory_put_get(&f.memory, black_box(&f.block)));
     });

@@ -1,30 +1,6 @@
 //! Blocks: [`BlockId`], [`BlockMeta`] and [`Block`], and their checksummed on-disk form.
 //!
-//! A block's payload is an Arrow [`RecordBatch`] with the schema of [`block_schema`]:
-//!
-//! | column | type | |
-//! |---|---|---|
-//! | `shard_id` | `Utf8` | shard the record came from |
-//! | `sequence_number` | `Utf8` | canonical decimal sequence number |
-//! | `sub_sequence` | `UInt64` | index inside a KPL aggregate, 0 for plain records |
-//! | `partition_key` | `Utf8` | producer's partition key |
-//! | `approximate_arrival` | `Timestamp(ms)` | when the service accepted the record |
-//! | `data` | `Binary` | payload |
-//!
-//! # Encoded form
-//!
-//! ```text
-//! "SLUICEB1"            8 bytes magic (format version 1)
-//! meta_len: u32 LE      length of the JSON BlockMeta that follows
-//! meta: JSON            BlockMeta (id, ranges, num_records, num_bytes)
-//! padding               zeros up to a 64-byte boundary, so Arrow buffers stay aligned
-//! Arrow IPC stream      schema message + one record batch + end-of-stream marker
-//! crc32c: u32 LE        CRC-32C (Castagnoli) of every byte before it
-//! ```
-//!
-//! The disk tier and the replica tier store exactly these bytes, so a block file alone says which
-//! ranges it covers. [`Block::decode`] checks the CRC before it parses anything and decodes the
-//! Arrow buffers without copying them.
+//! The payload schema and the encoded form are documented on [`Block`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -102,6 +78,32 @@ pub struct BlockMeta {
 }
 
 /// An immutable block: its [`BlockMeta`] and its records as an Arrow [`RecordBatch`].
+///
+/// A block's payload is an Arrow [`RecordBatch`] with the schema of [`block_schema`]:
+///
+/// | column | type | |
+/// |---|---|---|
+/// | `shard_id` | `Utf8` | shard the record came from |
+/// | `sequence_number` | `Utf8` | canonical decimal sequence number |
+/// | `sub_sequence` | `UInt64` | index inside a KPL aggregate, 0 for plain records |
+/// | `partition_key` | `Utf8` | producer's partition key |
+/// | `approximate_arrival` | `Timestamp(ms)` | when the service accepted the record |
+/// | `data` | `Binary` | payload |
+///
+/// # Encoded form
+///
+/// ```text
+/// "SLUICEB1"            8 bytes magic (format version 1)
+/// meta_len: u32 LE      length of the JSON BlockMeta that follows
+/// meta: JSON            BlockMeta (id, ranges, num_records, num_bytes)
+/// padding               zeros up to a 64-byte boundary, so Arrow buffers stay aligned
+/// Arrow IPC stream      schema message + one record batch + end-of-stream marker
+/// crc32c: u32 LE        CRC-32C (Castagnoli) of every byte before it
+/// ```
+///
+/// The disk tier and the replica tier store exactly these bytes, so a block file alone says which
+/// ranges it covers. [`Block::decode`] checks the CRC before it parses anything and decodes the
+/// Arrow buffers without copying them.
 ///
 /// Cloning is cheap: the Arrow buffers are shared.
 #[derive(Debug, Clone, PartialEq)]
@@ -299,7 +301,7 @@ impl Block {
             .collect()
     }
 
-    /// Encodes the block in its checksummed on-disk form (see the module docs).
+    /// Encodes the block in its checksummed on-disk form (see [`Block`]).
     ///
     /// # Errors
     /// [`Error::Arrow`] if IPC encoding fails.

@@ -67,6 +67,8 @@ pub struct ManualClock {
 struct ManualState {
     now_ms: i64,
     sleepers: usize,
+    /// Calls to `sleep_until` that blocked, ever.
+    blocked_sleeps: u64,
 }
 
 impl ManualClock {
@@ -76,6 +78,7 @@ impl ManualClock {
             state: Mutex::new(ManualState {
                 now_ms: start_ms,
                 sleepers: 0,
+                blocked_sleeps: 0,
             }),
             changed: Condvar::new(),
         }
@@ -102,9 +105,34 @@ impl ManualClock {
 
     /// Blocks until at least `n` threads are sleeping on this clock (so a test can advance time
     /// knowing who will observe it).
+    ///
+    /// A thread just woken by [`advance_ms`](Self::advance_ms) may still count as sleeping until
+    /// it runs; to wait for a thread's *next* sleep, use
+    /// [`wait_for_blocked_sleeps`](Self::wait_for_blocked_sleeps).
     pub fn wait_for_sleepers(&self, n: usize) {
         let mut state = self.state.lock().expect("clock lock");
         while state.sleepers < n {
+            state = self.changed.wait(state).expect("clock lock");
+        }
+    }
+
+    /// Blocks until `sleep_until` calls have blocked at least `n` times in all since the clock was
+    /// created: a test that advances time after each wait steps a retry loop one sleep at a time.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use sluice_blockstore::{Clock, ManualClock};
+    /// let clock = Arc::new(ManualClock::new(0));
+    /// let sleeper = { let c = clock.clone(); std::thread::spawn(move || { c.sleep_until(10); c.sleep_until(20); }) };
+    /// for n in 1..=2 {
+    ///     clock.wait_for_blocked_sleeps(n);
+    ///     clock.advance_ms(10);
+    /// }
+    /// sleeper.join().unwrap();
+    /// ```
+    pub fn wait_for_blocked_sleeps(&self, n: u64) {
+        let mut state = self.state.lock().expect("clock lock");
+        while state.blocked_sleeps < n {
             state = self.changed.wait(state).expect("clock lock");
         }
     }
@@ -121,6 +149,7 @@ impl Clock for ManualClock {
             return;
         }
         state.sleepers += 1;
+        state.blocked_sleeps += 1;
         self.changed.notify_all();
         while state.now_ms < deadline_ms {
             state = self.changed.wait(state).expect("clock lock");

@@ -1,16 +1,6 @@
 //! [`DiskTier`]: one file per block in a local directory.
 //!
-//! A block `input-0-…-7` lives in `<dir>/input-0-…-7.blk` and holds exactly
-//! [`Block::encode`]'s bytes (format in the [`Block`] docs), so a file alone says which ranges it
-//! covers and whether it is intact (CRC32C).
-//!
-//! Writes are atomic: the bytes go to a hidden temporary file in the same directory
-//! (`.<name>.<pid>-<n>.tmp`), which is synced (per [`DiskSync`]), stamped with the store clock's
-//! time as its modification time, and renamed over the final name; the directory is synced after
-//! the rename. A crash leaves either no file, the old file, or the new one — at worst a stray
-//! temporary file, which [`DiskTier::open`] deletes. A file damaged any other way (torn by a
-//! filesystem without atomic rename, a flipped bit, truncated) fails its checksum and is reported
-//! as [`Error::Corrupt`].
+//! The design and its invariants are documented on [`DiskTier`].
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
@@ -39,7 +29,19 @@ pub enum DiskSync {
     Never,
 }
 
-/// Blocks as files in one directory; see the [module docs](self).
+/// Blocks as files in one directory.
+///
+/// A block `input-0-…-7` lives in `<dir>/input-0-…-7.blk` and holds exactly
+/// [`Block::encode`]'s bytes (format in the [`Block`] docs), so a file alone says which ranges it
+/// covers and whether it is intact (CRC32C).
+///
+/// Writes are atomic: the bytes go to a hidden temporary file in the same directory
+/// (`.<name>.<pid>-<n>.tmp`), which is synced (per [`DiskSync`]), stamped with the store clock's
+/// time as its modification time, and renamed over the final name; the directory is synced after
+/// the rename. A crash leaves either no file, the old file, or the new one — at worst a stray
+/// temporary file, which [`DiskTier::open`] deletes. A file damaged any other way (torn by a
+/// filesystem without atomic rename, a flipped bit, truncated) fails its checksum and is reported
+/// as [`Error::Corrupt`].
 ///
 /// ```
 /// use std::sync::Arc;

@@ -9,11 +9,30 @@
 //!   kept as canonical decimal text and ordered numerically, never as strings);
 //! - [`Record`] and [`Block`] (+ [`BlockId`], [`BlockMeta`]): immutable Arrow batches tagged with
 //!   the ranges they cover, and their checksummed encoded form;
-//! - [`StorageLevel`] and the block store with its memory, disk and object-store replica tiers;
-//! - the [`Replay`] seam and the `BlockReader` that falls back to it when a block is gone.
+//! - [`StorageLevel`] and the [`BlockStore`] with its tiers — the bounded [`MemoryTier`], the
+//!   [`DiskTier`] and the object-store [`ReplicaTier`] — behind one [`BlockTier`] contract;
+//! - the [`Replay`] seam and the [`BlockReader`] that falls back to it when a block is gone.
 //!
 //! It must never know about receivers, sources, operators or the engine: `receiver` and
 //! `operators` build on it, and only `engine` wires them together.
+//!
+//! ## Why it is built this way
+//!
+//! A block is lineage first, data second: its [`SequenceNumberRanges`] say how to re-read it from
+//! the source, so every copy is a cache of the source that may be lost without losing data. That
+//! is what lets the store bound memory (evict, spill, or drop `MEMORY_ONLY` blocks), treat a
+//! corrupt copy exactly like a missing one, and survive a restart with nothing but the ranges in
+//! the engine's metadata log. What the store guarantees in return is that it never returns wrong
+//! bytes (every stored copy carries a CRC32C) and that a `put` returns only once the durable
+//! copies its level names exist, so the engine may log the block and advance checkpoints.
+//!
+//! The API is synchronous: receivers and rayon task threads call it directly. The replica tier
+//! owns a small tokio runtime for `object_store` and never leaves threads behind.
+//!
+//! `docs/blockstore.md` describes the behaviour at the limits (full budget, full disk, unreachable
+//! replica, corrupt copies, restarts). Test doubles — an in-memory [`Replay`], fault-injecting
+//! tiers, an auto-advancing clock, data generators — are in the `testing` module (feature
+//! `testing`).
 
 mod block;
 mod clock;

@@ -1,13 +1,6 @@
 //! [`MemoryTier`]: a byte-bounded, least-recently-used cache of blocks.
 //!
-//! Each block is charged [`Block::memory_size`]. The tier never holds more than its budget: a
-//! block that does not fit evicts least-recently-used blocks until it does, and the evicted blocks
-//! are handed back to the caller ([`MemoryTier::insert`]) so the [`BlockStore`](crate::BlockStore)
-//! can spill them to disk or count them as dropped, per the level they were stored at. A block
-//! larger than the whole budget is refused and handed back ([`TooLargeForMemory`]).
-//!
-//! The charge covers the copy the tier holds. A block handed to a reader shares the same Arrow
-//! buffers; a reader that keeps it after it is evicted keeps that memory alive outside the budget.
+//! The design and its invariants are documented on [`MemoryTier`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -35,7 +28,16 @@ pub struct TooLargeForMemory {
     pub budget_bytes: usize,
 }
 
-/// A byte-bounded LRU cache of blocks; see the [module docs](self).
+/// A byte-bounded LRU cache of blocks.
+///
+/// Each block is charged [`Block::memory_size`]. The tier never holds more than its budget: a
+/// block that does not fit evicts least-recently-used blocks until it does, and the evicted blocks
+/// are handed back to the caller ([`MemoryTier::insert`]) so the [`BlockStore`](crate::BlockStore)
+/// can spill them to disk or count them as dropped, per the level they were stored at. A block
+/// larger than the whole budget is refused and handed back ([`TooLargeForMemory`]).
+///
+/// The charge covers the copy the tier holds. A block handed to a reader shares the same Arrow
+/// buffers; a reader that keeps it after it is evicted keeps that memory alive outside the budget.
 ///
 /// ```
 /// use std::sync::Arc;

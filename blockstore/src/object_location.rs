@@ -1,21 +1,6 @@
 //! Turning a location URL into an [`ObjectStore`] and a root path inside it.
 //!
-//! Supported forms:
-//!
-//! | URL | store |
-//! |---|---|
-//! | `file:///abs/dir` or a plain path `dir` | the local directory (created if missing) |
-//! | `memory://<name>/<prefix>` | a process-wide in-memory store registered under `<name>`: every URL with that name in one process sees the same objects (tests, simulated restarts) |
-//! | `s3://<bucket>/<prefix>` | Amazon S3 or an S3-compatible endpoint |
-//!
-//! For S3 the configuration starts from the standard AWS environment (`AWS_REGION`,
-//! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_ALLOW_HTTP`, and the
-//! endpoint from `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`), then applies the explicit
-//! options, which win. Option names are `object_store`'s S3 configuration keys, e.g. `endpoint`,
-//! `allow_http`, `region`, `access_key_id`, `secret_access_key`, `conditional_put`. Requests are
-//! retried at most [`DEFAULT_OBJECT_STORE_MAX_RETRIES`] times within
-//! [`DEFAULT_OBJECT_STORE_RETRY_TIMEOUT`], so an unreachable endpoint fails a put in seconds, not
-//! minutes.
+//! The URL forms and the S3 configuration are documented on [`object_store_from_url`].
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -105,8 +90,24 @@ pub(crate) fn check_url(url: &str) -> Result<()> {
     Ok(())
 }
 
-/// Opens the object store a location URL names, and the root path inside it; see the
-/// [module docs](self) for the URL forms and S3 configuration.
+/// Opens the object store a location URL names, and the root path inside it.
+///
+/// Supported forms:
+///
+/// | URL | store |
+/// |---|---|
+/// | `file:///abs/dir` or a plain path `dir` | the local directory (created if missing) |
+/// | `memory://<name>/<prefix>` | a process-wide in-memory store registered under `<name>`: every URL with that name in one process sees the same objects (tests, simulated restarts) |
+/// | `s3://<bucket>/<prefix>` | Amazon S3 or an S3-compatible endpoint |
+///
+/// For S3 the configuration starts from the standard AWS environment (`AWS_REGION`,
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_ALLOW_HTTP`, and the
+/// endpoint from `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`), then applies the explicit
+/// options, which win. Option names are `object_store`'s S3 configuration keys, e.g. `endpoint`,
+/// `allow_http`, `region`, `access_key_id`, `secret_access_key`, `conditional_put`. Requests are
+/// retried at most [`DEFAULT_OBJECT_STORE_MAX_RETRIES`] times within
+/// [`DEFAULT_OBJECT_STORE_RETRY_TIMEOUT`], so an unreachable endpoint fails a put in seconds, not
+/// minutes.
 ///
 /// ```
 /// use std::collections::HashMap;

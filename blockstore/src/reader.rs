@@ -1,29 +1,7 @@
 //! [`BlockReader`]: read a block from the store, or rebuild it by replaying its ranges — the Rust
 //! counterpart of Spark's `KinesisBackedBlockRDD` partition compute.
 //!
-//! # Policy
-//!
-//! 1. If `is_block_id_valid`, read the [`BlockStore`]. A copy whose metadata equals the expected
-//!    [`BlockMeta`] is returned. A missing or corrupt copy (the store counts and discards corrupt
-//!    ones), a copy with other metadata, or a store error all fall through to replay.
-//!    `is_block_id_valid == false` (a block from an earlier run whose copies are known to be gone)
-//!    goes straight to replay.
-//! 2. Replay: [`Replay::replay`] of exactly `meta.ranges`; the records must number
-//!    `meta.num_records`, and are rebuilt into a block with the same id and ranges.
-//! 3. Retryable [`ReplayError`]s (throttling, transient unavailability) are retried with jittered
-//!    exponential backoff: the `n`-th wait is drawn uniformly from `[b/2, b]` where
-//!    `b = min(initial_backoff · 2ⁿ⁻¹, max_backoff)`, and waits are cut short at the deadline
-//!    `start + retry_timeout`. After a failure at or past the deadline the read gives up. Waiting
-//!    goes through the injected [`Clock`](crate::Clock), so tests never sleep. The retry timeout is
-//!    independent of the batch interval.
-//! 4. Errors that retrying cannot fix return at once: [`ReadError::DataExpired`] when the source
-//!    no longer holds the data (the engine reports `DataLost`), [`ReadError::ReplayFailed`] for
-//!    the others.
-//! 5. Optionally ([`BlockReaderConfig::restore_level`]) the rebuilt block is put back into the
-//!    store, so that a re-run of the same batch does not replay it again.
-//!
-//! Replays are counted in the store's metrics (`blocks_replayed`, `records_replayed`,
-//! `replay_attempts`, `replay_failures`).
+//! The design and its invariants are documented on [`BlockReader`].
 
 // `ReadError` carries the block id, its ranges and the last replay error so a failure names
 // exactly what is missing; it is returned on the rare failure path only.
@@ -47,7 +25,7 @@ pub const DEFAULT_INITIAL_BACKOFF_MS: u64 = 100;
 /// Default [`BlockReaderConfig::max_backoff_ms`]: 2 s.
 pub const DEFAULT_MAX_BACKOFF_MS: u64 = 2_000;
 
-/// How a [`BlockReader`] retries replays; see the [module docs](self).
+/// How a [`BlockReader`] retries replays (the policy is described there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BlockReaderConfig {
@@ -218,7 +196,30 @@ impl ReadError {
 }
 
 /// Reads blocks from a [`BlockStore`], falling back to replaying their ranges from the source; see
-/// the [module docs](self).
+///
+/// # Policy
+///
+/// 1. If `is_block_id_valid`, read the [`BlockStore`]. A copy whose metadata equals the expected
+///    [`BlockMeta`] is returned. A missing or corrupt copy (the store counts and discards corrupt
+///    ones), a copy with other metadata, or a store error all fall through to replay.
+///    `is_block_id_valid == false` (a block from an earlier run whose copies are known to be gone)
+///    goes straight to replay.
+/// 2. Replay: [`Replay::replay`] of exactly `meta.ranges`; the records must number
+///    `meta.num_records`, and are rebuilt into a block with the same id and ranges.
+/// 3. Retryable [`ReplayError`]s (throttling, transient unavailability) are retried with jittered
+///    exponential backoff: the `n`-th wait is drawn uniformly from `[b/2, b]` where
+///    `b = min(initial_backoff · 2ⁿ⁻¹, max_backoff)`, and waits are cut short at the deadline
+///    `start + retry_timeout`. After a failure at or past the deadline the read gives up. Waiting
+///    goes through the injected [`Clock`](crate::Clock), so tests never sleep. The retry timeout is
+///    independent of the batch interval.
+/// 4. Errors that retrying cannot fix return at once: [`ReadError::DataExpired`] when the source
+///    no longer holds the data (the engine reports `DataLost`), [`ReadError::ReplayFailed`] for
+///    the others.
+/// 5. Optionally ([`BlockReaderConfig::restore_level`]) the rebuilt block is put back into the
+///    store, so that a re-run of the same batch does not replay it again.
+///
+/// Replays are counted in the store's metrics (`blocks_replayed`, `records_replayed`,
+/// `replay_attempts`, `replay_failures`).
 ///
 /// ```
 /// use std::sync::Arc;

@@ -1,19 +1,6 @@
 //! [`ReplicaTier`]: the second copy of a block, on an object store chosen by URL.
 //!
-//! Block `id` is stored as the object `<prefix>/<id>.blk` holding [`Block::encode`]'s bytes.
-//! Puts are create-only ([`PutMode::Create`]): an object store answering `AlreadyExists` means
-//! the block (ids are immutable) is already there, which is a success. A local directory store
-//! writes through a temporary file and a rename; S3 makes a create-only put atomic by itself.
-//!
-//! # Threads and the async runtime
-//!
-//! `object_store` is async; the rest of Sluice calls the block store from plain and rayon
-//! threads. The tier therefore owns a small current-thread tokio runtime (no worker threads of its
-//! own) and blocks on it: any number of threads may call the tier concurrently. When a method is
-//! called from inside a tokio runtime — where blocking would stall that runtime, and nesting
-//! `block_on` panics — the request runs on a scoped thread that the call joins before it returns.
-//! Prefer calling from plain threads. Dropping the tier shuts the runtime down, likewise off any
-//! async context.
+//! The design and its invariants are documented on [`ReplicaTier`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,7 +15,22 @@ use crate::{Block, BlockId, BlockTier, Error, Result, StoredBlock, object_store_
 
 const BLOCK_SUFFIX: &str = ".blk";
 
-/// Blocks as objects on an object store; see the [module docs](self).
+/// Blocks as objects on an object store.
+///
+/// Block `id` is stored as the object `<prefix>/<id>.blk` holding [`Block::encode`]'s bytes.
+/// Puts are create-only ([`PutMode::Create`]): an object store answering `AlreadyExists` means
+/// the block (ids are immutable) is already there, which is a success. A local directory store
+/// writes through a temporary file and a rename; S3 makes a create-only put atomic by itself.
+///
+/// # Threads and the async runtime
+///
+/// `object_store` is async; the rest of Sluice calls the block store from plain and rayon
+/// threads. The tier therefore owns a small current-thread tokio runtime (no worker threads of its
+/// own) and blocks on it: any number of threads may call the tier concurrently. When a method is
+/// called from inside a tokio runtime — where blocking would stall that runtime, and nesting
+/// `block_on` panics — the request runs on a scoped thread that the call joins before it returns.
+/// Prefer calling from plain threads. Dropping the tier shuts the runtime down, likewise off any
+/// async context.
 ///
 /// ```
 /// use std::collections::HashMap;
@@ -109,8 +111,8 @@ impl ReplicaTier {
         self.prefix.child(format!("{id}{BLOCK_SUFFIX}"))
     }
 
-    /// Runs `future` to completion on the tier's runtime, off any async context (see the module
-    /// docs).
+    /// Runs `future` to completion on the tier's runtime; called from inside a tokio runtime, it
+    /// runs on a scoped thread instead of blocking that runtime (see [`ReplicaTier`]).
     pub fn block_on<F>(&self, future: F) -> F::Output
     where
         F: Future + Send,

@@ -1,25 +1,7 @@
 //! [`BlockStore`]: a block's copies in memory, on local disk and on an object-store replica, per
 //! its [`StorageLevel`].
 //!
-//! # Invariants
-//!
-//! - **A put is done only when every durable copy its level names is written.** `put` writes the
-//!   disk copy (if the level has disk), then the replica (if `replication >= 2`), and only then
-//!   caches the block in memory (if the level has memory). The engine logs `BlockAdded` only
-//!   after `put` returns, so a logged block always has its durable copies.
-//! - **Memory is bounded.** The memory tier never holds more than its budget. An evicted block
-//!   spills to disk when its level includes disk and no disk copy exists, stays available from the
-//!   replica when its level has one, and is otherwise dropped and counted (replay rebuilds it). A
-//!   block larger than the whole budget is not cached; it lives in its other tiers, or — at
-//!   `MEMORY_ONLY` — nowhere, counted, until a read replays it.
-//! - **Only verified bytes are returned.** `get` tries memory, then disk, then the replica. A copy
-//!   that fails its checksum is counted, removed from its tier (best effort) and skipped; it is
-//!   never returned.
-//!
-//! The store remembers the level of every block it stored in this process (an id → level map, as
-//! bounded as the blocks themselves: `remove` drops the entry). Copies left by an earlier run are
-//! readable, listed, and removable (`remove`, `remove_older_than`), but not re-cached in memory,
-//! since their level is unknown.
+//! The design and its invariants are documented on [`BlockStore`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -42,7 +24,27 @@ pub struct BlockStoreTiers {
     pub replica: Arc<dyn BlockTier>,
 }
 
-/// Memory, disk and replica copies of blocks, per storage level; see the [module docs](self).
+/// Memory, disk and replica copies of blocks, per storage level.
+///
+/// # Invariants
+///
+/// - **A put is done only when every durable copy its level names is written.** `put` writes the
+///   disk copy (if the level has disk), then the replica (if `replication >= 2`), and only then
+///   caches the block in memory (if the level has memory). The engine logs `BlockAdded` only
+///   after `put` returns, so a logged block always has its durable copies.
+/// - **Memory is bounded.** The memory tier never holds more than its budget. An evicted block
+///   spills to disk when its level includes disk and no disk copy exists, stays available from the
+///   replica when its level has one, and is otherwise dropped and counted (replay rebuilds it). A
+///   block larger than the whole budget is not cached; it lives in its other tiers, or — at
+///   `MEMORY_ONLY` — nowhere, counted, until a read replays it.
+/// - **Only verified bytes are returned.** `get` tries memory, then disk, then the replica. A copy
+///   that fails its checksum is counted, removed from its tier (best effort) and skipped; it is
+///   never returned.
+///
+/// The store remembers the level of every block it stored in this process (an id → level map, as
+/// bounded as the blocks themselves: `remove` drops the entry). Copies left by an earlier run are
+/// readable, listed, and removable (`remove`, `remove_older_than`), but not re-cached in memory,
+/// since their level is unknown.
 ///
 /// All methods take `&self` and block the calling thread; the store is `Send + Sync` and meant to
 /// be shared (`Arc<BlockStore>`) by receivers and task threads. Do not call it from an async task

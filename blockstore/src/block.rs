@@ -311,7 +311,9 @@ impl Block {
             detail: format!("cannot encode block meta: {e}"),
         })?;
         let header_len = (MAGIC.len() + 4 + meta.len()).next_multiple_of(ALIGNMENT);
-        let payload_hint = self.batch.get_array_memory_size() + 1024;
+        // Room for the Arrow buffers, their 64-byte padding and the IPC messages: growing a
+        // multi-megabyte buffer would copy it.
+        let payload_hint = self.batch.get_array_memory_size() + 16 * 1024;
         let mut out = BytesMut::with_capacity(header_len + payload_hint + 4).writer();
         {
             let buf = out.get_mut();

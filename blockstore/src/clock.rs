@@ -138,6 +138,28 @@ impl ManualClock {
     }
 }
 
+impl ManualClock {
+    /// Like [`wait_for_blocked_sleeps`](Self::wait_for_blocked_sleeps), but gives up after
+    /// `timeout` of real time and says whether the count was reached: a test whose sleeper died
+    /// or never sleeps fails instead of hanging. The timeout is a deadlock guard, not a way to
+    /// pace a test.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sluice_blockstore::ManualClock;
+    /// let clock = ManualClock::new(0);
+    /// assert!(!clock.wait_for_blocked_sleeps_timeout(1, Duration::from_millis(1)));
+    /// ```
+    pub fn wait_for_blocked_sleeps_timeout(&self, n: u64, timeout: Duration) -> bool {
+        let state = self.state.lock().expect("clock lock");
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |state| state.blocked_sleeps < n)
+            .expect("clock lock");
+        state.blocked_sleeps >= n
+    }
+}
+
 impl Clock for ManualClock {
     fn now_ms(&self) -> i64 {
         self.state.lock().expect("clock lock").now_ms

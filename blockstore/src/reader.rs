@@ -268,6 +268,27 @@ impl BlockReader {
         Ok(self)
     }
 
+    /// The same reader retrying retryable replay failures for `retry_timeout` from the first
+    /// attempt (whole milliseconds; [`Duration::ZERO`] means one attempt). Default:
+    /// [`DEFAULT_RETRY_TIMEOUT_MS`].
+    ///
+    /// ```
+    /// # use std::{sync::Arc, time::Duration};
+    /// # use sluice_blockstore::testing::MemoryReplay;
+    /// # use sluice_blockstore::{BlockReader, BlockStore, BlockStoreConfig, SystemClock};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let store = Arc::new(BlockStore::open(BlockStoreConfig::new(dir.path()))?);
+    /// let reader = BlockReader::new(store, Arc::new(MemoryReplay::new()), Arc::new(SystemClock))
+    ///     .with_retry_timeout(Duration::from_secs(30));
+    /// assert_eq!(reader.config().retry_timeout_ms, 30_000);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
+    pub fn with_retry_timeout(mut self, retry_timeout: Duration) -> Self {
+        self.config.retry_timeout_ms = u64::try_from(retry_timeout.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
     /// The configuration in effect.
     pub fn config(&self) -> &BlockReaderConfig {
         &self.config

@@ -5,6 +5,8 @@
 //!   the same suite against its emulator.
 //! - [`RecordingHandler`] is a [`BlockHandler`] that keeps the blocks it is given, can be stalled
 //!   (to exercise backpressure) and can fail on demand (to exercise retries and restarts).
+//! - [`MemorySource`] is an in-memory sharded log implementing [`Source`](crate::Source) and
+//!   [`Replay`](sluice_blockstore::Replay), with shard splits and injected source errors.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Barrier, Condvar, Mutex};
@@ -13,6 +15,10 @@ use std::time::{Duration, Instant};
 use sluice_blockstore::{Block, Position, SequenceNumber};
 
 use crate::{BlockHandler, Checkpoint, HandlerError, Lease, LeaseError, LeaseFence, LeaseStore};
+
+mod memory_source;
+
+pub use memory_source::{MemorySource, ReaderOpened, SourceFault};
 
 type Case = fn(&dyn LeaseStore);
 

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::block_generator::{BlockGeneratorConfig, WhenFull};
 use crate::config_error::ConfigError;
 use crate::lease::Checkpoint;
-use crate::source::StartingPosition;
+use crate::source::{ReadPacing, StartingPosition};
 
 /// Where a shard without a checkpoint starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +89,13 @@ pub struct ReceiverConfig {
     pub lease_failover_ms: u64,
     /// Scan the lease table for leases to take (and shards for new leases) this often (ms).
     pub lease_taker_interval_ms: u64,
+    /// Most records asked for in one read of a shard; `None` keeps the source's
+    /// [`ReadPacing::max_records_per_read`](ReadPacing) (Kinesis: 10 000). The loop asks
+    /// for fewer under a rate limit.
+    pub read_max_records: Option<usize>,
+    /// Wait after a read that returned no record before reading the shard again (ms); `None`
+    /// keeps the source's [`ReadPacing::idle_interval_ms`](ReadPacing).
+    pub idle_poll_ms: Option<u64>,
 }
 
 impl ReceiverConfig {
@@ -115,6 +122,10 @@ impl ReceiverConfig {
     pub const DEFAULT_LEASE_FAILOVER_MS: u64 = 10_000;
     /// Default lease scan interval.
     pub const DEFAULT_LEASE_TAKER_INTERVAL_MS: u64 = 2_000;
+    /// Default records per read: the source's own pacing decides.
+    pub const DEFAULT_READ_MAX_RECORDS: Option<usize> = None;
+    /// Default idle wait: the source's own pacing decides.
+    pub const DEFAULT_IDLE_POLL_MS: Option<u64> = None;
 
     /// Checks every field.
     ///
@@ -142,6 +153,12 @@ impl ReceiverConfig {
         if self.lease_taker_interval_ms == 0 {
             return Err(ConfigError::new("lease_taker_interval_ms", "must be at least 1 ms"));
         }
+        if self.read_max_records == Some(0) {
+            return Err(ConfigError::new(
+                "read_max_records",
+                "must be at least 1 (or absent for the source's default)",
+            ));
+        }
         if let Some(id) = &self.worker_id
             && id.trim().is_empty()
         {
@@ -160,6 +177,15 @@ impl ReceiverConfig {
             when_full: WhenFull::Block,
             max_push_attempts: self.max_push_attempts,
             push_retry_backoff_ms: self.push_retry_backoff_ms,
+        }
+    }
+
+    /// The source's read pacing with this configuration's overrides applied.
+    pub fn read_pacing(&self, source_pacing: ReadPacing) -> ReadPacing {
+        ReadPacing {
+            min_read_interval_ms: source_pacing.min_read_interval_ms,
+            idle_interval_ms: self.idle_poll_ms.unwrap_or(source_pacing.idle_interval_ms),
+            max_records_per_read: self.read_max_records.unwrap_or(source_pacing.max_records_per_read),
         }
     }
 
@@ -191,6 +217,8 @@ impl Default for ReceiverConfig {
             worker_id: None,
             lease_failover_ms: Self::DEFAULT_LEASE_FAILOVER_MS,
             lease_taker_interval_ms: Self::DEFAULT_LEASE_TAKER_INTERVAL_MS,
+            read_max_records: Self::DEFAULT_READ_MAX_RECORDS,
+            idle_poll_ms: Self::DEFAULT_IDLE_POLL_MS,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! It opens a reader at the starting position, reads pages no larger than one second's worth at
 //! the current rate limit, hands each page to the block generator as one unit (which may block:
 //! rate limit, full queue), keeps the source's pacing (minimum interval between reads, idle wait
-//! after an empty read), retries retryable source errors with capped exponential backoff —
+//! after an empty read), retries retryable source errors with capped, jittered exponential backoff —
 //! reopening the reader strictly after the last record read when the iterator expired or the
 //! source was unavailable — and ends when the source reports the end of the shard.
 
@@ -44,7 +44,7 @@ pub(crate) fn run(
     start: StartingPosition,
     signal: &StopSignal,
 ) -> LoopOutcome {
-    let pacing = core.source.read_pacing();
+    let pacing = core.config.read_pacing(core.source.read_pacing());
     let clock = &*core.clock;
     let mut start = start;
     let mut reader: Option<Box<dyn ShardReader>> = None;
@@ -113,11 +113,22 @@ pub(crate) fn run(
         } else {
             (backoff * 2).min(BACKOFF_MAX_MS)
         };
-        tracing::warn!(shard = %shard, error = %error, backoff_ms = backoff, "retryable source error");
-        if signal.wait_ms(clock, backoff) == Wake::Stopped {
+        let wait = jittered(backoff, shard, clock.now_ms());
+        tracing::warn!(shard = %shard, error = %error, backoff_ms = wait, "retryable source error");
+        if signal.wait_ms(clock, wait) == Wake::Stopped {
             return LoopOutcome::Stopped;
         }
     }
+}
+
+/// "Equal jitter": half the backoff plus a random share of the other half, so shards throttled
+/// together (one account limit, one outage) do not retry in lock step. The randomness comes from
+/// the standard library's per-process random hasher keys; no RNG dependency is needed.
+fn jittered(backoff_ms: u64, shard: &str, now_ms: i64) -> u64 {
+    use std::hash::BuildHasher;
+    let half = backoff_ms / 2;
+    let random = std::hash::RandomState::new().hash_one((shard, now_ms));
+    half + random % (backoff_ms - half + 1)
 }
 
 /// Hands a page to the generator, keeping the read counters exact if only part is accepted.
@@ -170,4 +181,17 @@ fn mark_ended(core: &Core, shard: &Arc<str>, children: Vec<Arc<str>>) {
     p.at_end = true;
     drop(progress);
     core.stop.nudge();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jittered;
+
+    #[test]
+    fn jitter_stays_within_half_to_full_backoff() {
+        let waits: Vec<u64> = (0..200).map(|i| jittered(1_000, "shard", i)).collect();
+        assert!(waits.iter().all(|w| (500..=1_000).contains(w)), "{waits:?}");
+        assert!(waits.iter().any(|w| *w != waits[0]), "the waits vary");
+        assert_eq!(jittered(0, "shard", 0), 0);
+    }
 }

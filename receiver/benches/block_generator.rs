@@ -1,7 +1,7 @@
 //! `BlockGenerator` ingest of 100-byte records versus pushing the same records into a `Vec`,
 //! printed side by side.
 //!
-//! `cargo bench -p sluice-receiver --bench ingest` runs 2 M records (best of 5); without `--bench`
+//! `cargo bench -p sluice-receiver --bench block_generator` runs 2 M records (best of 5); without `--bench`
 //! (as `cargo test --all-targets` runs it) it does a quick smoke pass.
 //!
 //! - **Vec baseline**: move every record into a `Vec` (one `push` each), one thread.

@@ -6,7 +6,8 @@
 //! It owns:
 //! - the [`Source`] seam (a sharded, replayable log: list shards with parent/child links, read a
 //!   shard from a position, replay a range exactly) and its embedded implementation, the
-//!   [`local_log`]; Kinesis plugs into the same seam later;
+//!   [`local_log`]; with the `kinesis` feature, the Kinesis source (`kinesis`) plugs into the same
+//!   seam and a `DynamoDB` table (KCL schema) holds the leases;
 //! - the shared shard-reading loop (one thread per owned shard: pacing, end-of-shard, children
 //!   only after every parent is finished), inside the [`Receiver`];
 //! - the [`BlockGenerator`] with its bounded queue (producers block, nothing is dropped) and the
@@ -22,6 +23,8 @@
 //! reader per owned shard, and the generator's timer and pusher. Every thread has an owner that
 //! joins it; time comes from the injected clock.
 
+#[cfg(feature = "kinesis")]
+mod aws;
 mod block_generator;
 mod config_error;
 mod file_lock;
@@ -34,6 +37,8 @@ mod source;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+#[cfg(feature = "kinesis")]
+pub use aws::AwsSettings;
 pub use block_generator::{
     BlockGenerator, BlockGeneratorBuilder, BlockGeneratorConfig, BlockGeneratorStartError, BlockHandler,
     GeneratorError, GeneratorMetrics, GeneratorPhase, GeneratorStats, HandlerError, StopMode, WhenFull,

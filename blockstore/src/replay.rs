@@ -62,6 +62,16 @@ pub enum ReplayError {
     /// The source throttled the read. Retryable.
     #[error("throttled by the source: {0}")]
     Throttled(String),
+    /// The source rejected the request (invalid argument, access denied, bad data). Not
+    /// retryable.
+    #[error("the source rejected the replay: {detail}")]
+    Rejected {
+        /// What the source said.
+        detail: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// A transient failure (network, I/O). Retryable.
     #[error("source temporarily unavailable: {detail}")]
     Unavailable {

@@ -28,6 +28,8 @@ mod aws;
 mod block_generator;
 mod config_error;
 mod file_lock;
+#[cfg(feature = "kinesis")]
+pub mod kinesis;
 mod lease;
 pub mod local_log;
 mod rate_limiter;

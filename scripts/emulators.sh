@@ -307,6 +307,8 @@ emu_export_env() {
         AWS_ENDPOINT_URL_KINESIS AWS_ENDPOINT_URL_DYNAMODB AWS_ENDPOINT_URL_S3
     export SLUICE_KINESIS_ENDPOINT="http://127.0.0.1:$EMU_KINESIS_PORT"
     export SLUICE_MOTO_ENDPOINT="http://127.0.0.1:$EMU_MOTO_PORT"
+    # The names the Kinesis examples read (`--kinesis-endpoint` / `--dynamodb-endpoint` defaults).
+    export SLUICE_DYNAMODB_ENDPOINT="$SLUICE_MOTO_ENDPOINT"
     export SLUICE_TEST_S3_BUCKET="$EMU_BUCKET"
     export AWS_REGION="$EMU_REGION"
     export AWS_ACCESS_KEY_ID=test

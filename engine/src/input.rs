@@ -19,7 +19,7 @@ use sluice_blockstore::{
 };
 use sluice_operators::{DeadLetterRow, DeadLetterSink};
 use sluice_receiver::local_log::LocalLog;
-use sluice_receiver::{BlockHandler, HandlerError, LocalLeaseStore, Receiver, ReceiverConfig, Source};
+use sluice_receiver::{BlockHandler, HandlerError, LeaseStore, LocalLeaseStore, Receiver, ReceiverConfig, Source};
 
 use crate::checkpoint_store::CheckpointStore;
 use crate::context::StreamingContextBuilder;
@@ -282,6 +282,29 @@ impl StreamingContext {
     /// # Errors
     /// [`Error::Config`] if the receiver configuration is invalid.
     pub fn source_stream(&self, source: Arc<dyn Source>, config: ReceiverConfig) -> Result<DStream<Bytes>> {
+        self.receiver_stream(source, None, config)
+    }
+
+    /// Like [`StreamingContext::source_stream`], with shard leases and checkpoints in `leases`
+    /// (a table shared by every worker reading the stream, e.g. `DynamoDB`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the receiver configuration is invalid.
+    pub fn source_stream_with_leases(
+        &self,
+        source: Arc<dyn Source>,
+        leases: Arc<dyn LeaseStore>,
+        config: ReceiverConfig,
+    ) -> Result<DStream<Bytes>> {
+        self.receiver_stream(source, Some(leases), config)
+    }
+
+    fn receiver_stream(
+        &self,
+        source: Arc<dyn Source>,
+        leases: Option<Arc<dyn LeaseStore>>,
+        config: ReceiverConfig,
+    ) -> Result<DStream<Bytes>> {
         config.validate().map_err(|e| Error::Config {
             field: "receiver",
             reason: e.to_string(),
@@ -290,8 +313,13 @@ impl StreamingContext {
             start: Box::new(move |wiring: &InputWiring| {
                 let stream: Arc<str> = Arc::from(source.stream_name());
                 wiring.blocks.register_input(input_id, source.clone());
-                let lease_file = wiring.data_dir.join("leases").join(format!("{stream}.json"));
-                let leases = Arc::new(LocalLeaseStore::open(&lease_file).map_err(|e| Error::Receiver(e.to_string()))?);
+                let leases: Arc<dyn LeaseStore> = match &leases {
+                    Some(leases) => leases.clone(),
+                    None => {
+                        let lease_file = wiring.data_dir.join("leases").join(format!("{stream}.json"));
+                        Arc::new(LocalLeaseStore::open(&lease_file).map_err(|e| Error::Receiver(e.to_string()))?)
+                    }
+                };
                 let resume_after = wiring
                     .resume_after
                     .iter()

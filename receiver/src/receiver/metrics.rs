@@ -21,6 +21,9 @@ pub struct ShardMetrics {
     pub latest_stored: Option<Position>,
     /// Whether this receiver holds the shard's lease.
     pub owned: bool,
+    /// How far behind the newest record the last read was (ms; Kinesis `millisBehindLatest`),
+    /// when the source reports it: the processing-lag signal.
+    pub millis_behind_latest: Option<i64>,
 }
 
 /// A snapshot of a receiver's counters.
@@ -78,6 +81,7 @@ pub(crate) struct MetricsCells {
 pub(crate) struct ShardCells {
     pub(crate) records_received: u64,
     pub(crate) bytes_received: u64,
+    pub(crate) millis_behind_latest: Option<i64>,
 }
 
 impl MetricsCells {
@@ -86,6 +90,13 @@ impl MetricsCells {
         let cells = shards.entry(shard.clone()).or_default();
         cells.records_received += records;
         cells.bytes_received += bytes;
+    }
+
+    pub(crate) fn lag(&self, shard: &Arc<str>, millis_behind_latest: Option<i64>) {
+        if millis_behind_latest.is_some() {
+            let mut shards = self.shards.lock().expect("metrics lock");
+            shards.entry(shard.clone()).or_default().millis_behind_latest = millis_behind_latest;
+        }
     }
 
     pub(crate) fn bump(cell: &AtomicU64) {
@@ -116,6 +127,7 @@ impl MetricsCells {
                 ShardMetrics {
                     records_received: cells.records_received,
                     bytes_received: cells.bytes_received,
+                    millis_behind_latest: cells.millis_behind_latest,
                     ..ShardMetrics::default()
                 },
             );

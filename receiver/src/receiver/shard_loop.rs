@@ -75,6 +75,7 @@ pub(crate) fn run(
                 match r.read(limit) {
                     Ok(batch) => {
                         backoff = 0;
+                        core.metrics.lag(shard, batch.millis_behind_latest);
                         let got_records = !batch.records.is_empty();
                         if got_records {
                             let last = batch.records.last().expect("non-empty").position.clone();

@@ -1,0 +1,154 @@
+//! Word count over a Kinesis stream on kinesis-local (started by `scripts/with-emulators`): the
+//! totals equal a plain reference count, also while every stored block is deleted as soon as it
+//! lands — then batches are rebuilt by replaying exact ranges from Kinesis, including ranges that
+//! start or end inside KPL aggregates.
+#![cfg(feature = "kinesis")]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_engine::{DStream, StreamingContext};
+use sluice_operators::bench_data;
+use sluice_receiver::kinesis::{KinesisConfig, KinesisProducer, KinesisSource};
+use sluice_receiver::{AwsSettings, ReceiverConfig};
+
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn kinesis_config(prefix: &str) -> KinesisConfig {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let endpoint = std::env::var("SLUICE_KINESIS_ENDPOINT").expect(
+        "SLUICE_KINESIS_ENDPOINT is not set: run through `scripts/with-emulators cargo test ...` (or `scripts/test`)",
+    );
+    KinesisConfig {
+        aws: AwsSettings {
+            kinesis_endpoint: Some(endpoint),
+            ..AwsSettings::default()
+        },
+        min_read_interval_ms: 20,
+        idle_interval_ms: 50,
+        replay_backoff_ms: 20,
+        ..KinesisConfig::new(format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+}
+
+/// Creates a 2-shard stream holding `lines`: the first third as KPL aggregates of 10 lines, the
+/// rest as plain records.
+fn fill_stream(config: &KinesisConfig, lines: &[String]) -> KinesisProducer {
+    let producer = KinesisProducer::new(config).unwrap();
+    producer.create_stream(2).unwrap();
+    let third = lines.len() / 3;
+    for (n, chunk) in lines[..third].chunks(10).enumerate() {
+        let records: Vec<(String, &[u8])> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("{n}-{i}"), l.as_bytes()))
+            .collect();
+        producer.put_aggregated(&records).unwrap();
+    }
+    let plain: Vec<(String, &[u8])> = lines[third..]
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), l.as_bytes()))
+        .collect();
+    producer.put(&plain).unwrap();
+    producer
+}
+
+#[allow(clippy::needless_pass_by_value)] // `flat_map` hands each line over by value
+fn words(line: Bytes) -> Vec<String> {
+    String::from_utf8_lossy(&line)
+        .split_ascii_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn word_count(lines: &DStream<Bytes>) -> Arc<Mutex<HashMap<String, u64>>> {
+    let totals =
+        lines
+            .flat_map(words)
+            .count_by_value()
+            .update_state_by_key(|_w: &String, new: Vec<u64>, old: Option<u64>| {
+                Some(old.unwrap_or(0) + new.iter().sum::<u64>())
+            });
+    let latest: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let keep = latest.clone();
+    totals.foreach_batch(move |_t, all| {
+        *keep.lock().unwrap() = all.into_iter().collect();
+        Ok(())
+    });
+    latest
+}
+
+/// Runs word count over a fresh stream; with `delete_blocks`, a thread deletes every stored
+/// block (memory, disk, replica) while batches run.
+fn run(lines: &[String], delete_blocks: bool) -> (HashMap<String, u64>, u64, KinesisSource) {
+    let config = kinesis_config(if delete_blocks { "lost" } else { "wc" });
+    let producer = fill_stream(&config, lines);
+    let source = KinesisSource::connect(config).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(300))
+        .data_dir(dir.path())
+        .executor_threads(2)
+        .build()
+        .unwrap();
+    let receiver = ReceiverConfig {
+        block_interval_ms: 50,
+        // Small blocks: block boundaries fall inside aggregates.
+        max_block_records: 7,
+        ..ReceiverConfig::default()
+    };
+    let stream = ctx.source_stream(Arc::new(source.clone()), receiver).unwrap();
+    let totals = word_count(&stream);
+    ctx.start().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let deleter = delete_blocks.then(|| {
+        let store = ctx.block_store().unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut removed = 0;
+            while !stop.load(Ordering::SeqCst) {
+                removed += store.remove_older_than(i64::MAX).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            removed
+        })
+    });
+    let drained = ctx.await_drained(DRAIN_TIMEOUT).unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let removed = deleter.map_or(0, |d| d.join().unwrap());
+    ctx.stop(true).unwrap();
+    assert!(drained, "the stream was not drained");
+    if delete_blocks {
+        assert!(removed > 0, "the test deleted no block");
+    }
+    let replayed = ctx.metrics().blocks_replayed;
+    producer.delete_stream().unwrap();
+    let totals = totals.lock().unwrap().clone();
+    (totals, replayed, source)
+}
+
+#[test]
+fn kinesis_word_count_equals_the_reference() {
+    let lines = bench_data::zipf_lines(1_500, 300, 5);
+    let (totals, _, source) = run(&lines, false);
+    assert_eq!(totals, bench_data::reference_word_count(&lines));
+    assert!(source.metrics().get_records_calls > 0);
+}
+
+#[test]
+fn lost_blocks_are_replayed_exactly_from_kinesis() {
+    let lines = bench_data::zipf_lines(1_500, 300, 6);
+    let (totals, replayed, source) = run(&lines, true);
+    assert_eq!(totals, bench_data::reference_word_count(&lines));
+    assert!(replayed > 0, "no block was replayed");
+    let m = source.metrics();
+    assert!(m.replays > 0 && m.replay_records > 0, "{m:?}");
+}

@@ -313,12 +313,11 @@ impl StreamingContext {
             start: Box::new(move |wiring: &InputWiring| {
                 let stream: Arc<str> = Arc::from(source.stream_name());
                 wiring.blocks.register_input(input_id, source.clone());
-                let leases: Arc<dyn LeaseStore> = match &leases {
-                    Some(leases) => leases.clone(),
-                    None => {
-                        let lease_file = wiring.data_dir.join("leases").join(format!("{stream}.json"));
-                        Arc::new(LocalLeaseStore::open(&lease_file).map_err(|e| Error::Receiver(e.to_string()))?)
-                    }
+                let leases: Arc<dyn LeaseStore> = if let Some(leases) = &leases {
+                    leases.clone()
+                } else {
+                    let lease_file = wiring.data_dir.join("leases").join(format!("{stream}.json"));
+                    Arc::new(LocalLeaseStore::open(&lease_file).map_err(|e| Error::Receiver(e.to_string()))?)
                 };
                 let resume_after = wiring
                     .resume_after

@@ -47,6 +47,8 @@ pub use block_generator::{
 };
 pub use config_error::ConfigError;
 pub use lease::{Checkpoint, Lease, LeaseError, LeaseFence, LeaseStore, LocalLeaseStore};
+#[cfg(feature = "kinesis")]
+pub use lease::{DynamoConnectError, DynamoLeaseMetrics, DynamoLeaseOptions, DynamoLeaseStore};
 pub use local_log::{LocalLog, LocalLogError, LocalStream, Producer};
 pub use rate_limiter::RateLimiter;
 pub use receiver::{

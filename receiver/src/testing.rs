@@ -5,6 +5,8 @@
 //!   the same suite against its emulator.
 //! - [`RecordingHandler`] is a [`BlockHandler`] that keeps the blocks it is given, can be stalled
 //!   (to exercise backpressure) and can fail on demand (to exercise retries and restarts).
+//! - [`FaultProxy`] is a loopback HTTP proxy that injects AWS errors (throttling, expired
+//!   iterators) in front of an emulator.
 //! - [`MemorySource`] is an in-memory sharded log implementing [`Source`](crate::Source) and
 //!   [`Replay`](sluice_blockstore::Replay), with shard splits and injected source errors.
 
@@ -16,8 +18,10 @@ use sluice_blockstore::{Block, Position, SequenceNumber};
 
 use crate::{BlockHandler, Checkpoint, HandlerError, Lease, LeaseError, LeaseFence, LeaseStore};
 
+mod fault_proxy;
 mod memory_source;
 
+pub use fault_proxy::{FaultProxy, FaultRequest, FaultResponse};
 pub use memory_source::{MemorySource, ReaderOpened, SourceFault};
 
 type Case = fn(&dyn LeaseStore);

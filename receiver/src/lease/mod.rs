@@ -21,6 +21,8 @@
 //! the counter the taker observed. Any successful write bumps the counter, so a worker that lost
 //! its lease — even to a worker with the same id — can no longer write.
 
+#[cfg(feature = "kinesis")]
+mod dynamodb;
 mod local;
 
 use std::cmp::Ordering;
@@ -30,6 +32,8 @@ use std::path::PathBuf;
 
 use sluice_blockstore::{Position, SequenceNumber};
 
+#[cfg(feature = "kinesis")]
+pub use dynamodb::{DynamoConnectError, DynamoLeaseMetrics, DynamoLeaseOptions, DynamoLeaseStore};
 pub use local::LocalLeaseStore;
 
 /// How far a shard has been processed: a position, or one of the KCL sentinels.

@@ -144,7 +144,8 @@ PY
 emu_alive() {
     local stat
     [[ -r /proc/$1/stat ]] || return 1
-    stat=$(<"/proc/$1/stat") 2>/dev/null || return 1
+    # The process may exit between the test and the read: no message then.
+    stat=$({ cat "/proc/$1/stat"; } 2>/dev/null) || return 1
     stat=${stat##*) }
     [[ ${stat%% *} != Z ]]
 }

@@ -68,6 +68,14 @@ pub enum Error {
     /// A receiver could not be created, started or stopped.
     #[error("receiver error: {0}")]
     Receiver(String),
+    /// A Kinesis input could not connect: missing stream, unreachable endpoint, bad settings.
+    #[cfg(feature = "kinesis")]
+    #[error(transparent)]
+    Kinesis(#[from] sluice_receiver::kinesis::KinesisError),
+    /// The `DynamoDB` lease table could not be opened or created.
+    #[cfg(feature = "kinesis")]
+    #[error(transparent)]
+    LeaseTable(#[from] sluice_receiver::DynamoConnectError),
     /// A sink (Parquet output, dead-letter) failed.
     #[error("sink at {location} failed: {message}")]
     Sink {

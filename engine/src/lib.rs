@@ -40,6 +40,8 @@ pub use context::{
 pub use dstream::{DStream, Data, Key};
 pub use error::{Error, Result};
 pub use graph::{DeadLetter, FailurePolicy, JobError, TaskError};
+#[cfg(feature = "kinesis")]
+pub use input::KinesisInput;
 pub use metadata_log::{LogEvent, MetadataLog};
 pub use metrics::{BatchInfo, DEFAULT_ERROR_RATE_BOUND, HealthEvent, MetricsSnapshot};
 pub use outputs::{BoxError, OutputError};

@@ -3,33 +3,19 @@
 //! the Parquet output, summed over batches, equals the reference counts exactly — nothing lost,
 //! nothing counted twice.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
+use support::{example_binary, sum_parquet};
 
 const CORPUS_LINES: usize = 60_000;
 
-fn example_binary() -> PathBuf {
-    // Integration tests live in target/<profile>/deps; cargo builds examples into
-    // target/<profile>/examples before running tests.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let path = profile_dir
-        .join("examples")
-        .join(format!("word_count{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.exists(),
-        "{} is missing: run through `cargo test` (it builds examples)",
-        path.display()
-    );
-    path
-}
-
 fn command(data: &Path) -> Command {
-    let mut cmd = Command::new(example_binary());
+    let mut cmd = Command::new(example_binary("word_count"));
     cmd.args([
         "--data-dir",
         data.to_str().unwrap(),
@@ -49,20 +35,6 @@ fn command(data: &Path) -> Command {
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
     cmd
-}
-
-fn sum_parquet(location: &Path) -> HashMap<String, u64> {
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::UInt64Type;
-    let mut sums = HashMap::new();
-    for (_time, batch) in sluice::operators::ParquetSink::read_committed(&location.display().to_string()).unwrap() {
-        let keys = batch.column(0).as_string::<i32>();
-        let values = batch.column(1).as_primitive::<UInt64Type>();
-        for i in 0..batch.num_rows() {
-            *sums.entry(keys.value(i).to_owned()).or_default() += values.value(i);
-        }
-    }
-    sums
 }
 
 #[test]

@@ -43,18 +43,24 @@ impl KinesisProducer {
         })
     }
 
-    /// Creates the stream with `shards` shards (provisioned mode) and waits until it is active.
+    /// Creates the stream with `shards` shards (provisioned mode) unless it exists, and waits
+    /// until it is active. Returns whether it created it.
     ///
     /// # Errors
-    /// What Kinesis said (e.g. `ResourceInUseException` when it exists).
-    pub fn create_stream(&self, shards: u32) -> Result<(), SourceError> {
+    /// What Kinesis said (shard limits, bad name).
+    pub fn create_stream(&self, shards: u32) -> Result<bool, SourceError> {
         let request = self
             .client
             .create_stream()
             .stream_name(&self.stream)
             .shard_count(shards as i32);
-        block_on(request.send()).map_err(|e| classify(&e, "CreateStream"))?;
-        self.wait_active(Duration::from_secs(60))
+        let created = match block_on(request.send()) {
+            Ok(_) => true,
+            Err(e) if e.code() == Some("ResourceInUseException") => false,
+            Err(e) => return Err(classify(&e, "CreateStream")),
+        };
+        self.wait_active(Duration::from_secs(60))?;
+        Ok(created)
     }
 
     /// Waits until the stream is `ACTIVE` again (after a create, split or merge).

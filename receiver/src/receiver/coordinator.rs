@@ -335,6 +335,15 @@ impl Coordinator<'_> {
                     held.last_renew_ms = now;
                 }
                 Err(e) if e.is_lease_lost() => self.lose(&key),
+                // Unrenewed for the failover time: another worker may already have taken it
+                // (the KCL drops such leases too). Stop reading; write nothing more for it.
+                Err(e)
+                    if now.saturating_sub(self.held[&key].last_renew_ms)
+                        > self.core.config.lease_failover_ms as i64 =>
+                {
+                    tracing::warn!(shard = %key, error = %e, "lease not renewed within the failover time; stopping the shard");
+                    self.lose(&key);
+                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -306,7 +306,7 @@ fn throttled_reads_and_expired_iterators_lose_nothing_and_are_counted() {
         handler.clone(),
         Arc::new(SystemClock),
         1,
-        Default::default(),
+        HashMap::new(),
     )
     .unwrap();
     receiver.start().unwrap();

@@ -94,7 +94,8 @@ impl KinesisProducer {
     /// out. Returns each record's position, in input order.
     ///
     /// # Errors
-    /// A call that failed outright, or entries still failing after 20 attempts.
+    /// A call that failed outright, or entries still failing after 20 attempts in a row that
+    /// got nothing through.
     pub fn put<K: AsRef<str>, D: AsRef<[u8]>>(&self, records: &[(K, D)]) -> Result<Vec<Position>, SourceError> {
         let mut positions = Vec::with_capacity(records.len());
         let mut batch: Vec<usize> = Vec::new();
@@ -125,9 +126,11 @@ impl KinesisProducer {
     ) -> Result<Vec<Position>, SourceError> {
         let mut result: Vec<Option<Position>> = vec![None; batch.len()];
         let mut pending: Vec<usize> = (0..batch.len()).collect();
-        for attempt in 0..MAX_PUT_ATTEMPTS {
-            if attempt > 0 {
-                std::thread::sleep(Duration::from_millis((50u64 << attempt.min(6)).min(2_000)));
+        // Attempts without progress: the backoff grows only while nothing gets through.
+        let mut stalled = 0u32;
+        while stalled < MAX_PUT_ATTEMPTS {
+            if stalled > 0 {
+                std::thread::sleep(put_backoff(stalled));
             }
             let entries = pending
                 .iter()
@@ -148,7 +151,10 @@ impl KinesisProducer {
             let out = match block_on(request.send()) {
                 Ok(out) => out,
                 Err(e) => match classify(&e, "PutRecords") {
-                    SourceError::Throttled(_) | SourceError::Unavailable { .. } => continue,
+                    SourceError::Throttled(_) | SourceError::Unavailable { .. } => {
+                        stalled += 1;
+                        continue;
+                    }
                     other => return Err(other),
                 },
             };
@@ -159,6 +165,7 @@ impl KinesisProducer {
                     None => still.push(j),
                 }
             }
+            stalled = if still.len() < pending.len() { 1 } else { stalled + 1 };
             pending = still;
             if pending.is_empty() {
                 return Ok(result.into_iter().map(|p| p.expect("every entry succeeded")).collect());
@@ -187,7 +194,7 @@ impl KinesisProducer {
         let payload = kpl::aggregate(records);
         for attempt in 0..MAX_PUT_ATTEMPTS {
             if attempt > 0 {
-                std::thread::sleep(Duration::from_millis((50u64 << attempt.min(6)).min(2_000)));
+                std::thread::sleep(put_backoff(attempt));
             }
             let request = self
                 .client
@@ -275,6 +282,12 @@ impl KinesisProducer {
             Err(e) => Err(classify(&e, "DeleteStream")),
         }
     }
+}
+
+/// Backoff before attempt `n` (1-based) of a throttled put: 100 ms doubling to 1 s (the
+/// service's limits are per second).
+fn put_backoff(n: u32) -> Duration {
+    Duration::from_millis((50u64 << n.min(5)).min(1_000))
 }
 
 fn parse(sequence: &str) -> Result<SequenceNumber, SourceError> {

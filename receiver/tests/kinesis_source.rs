@@ -1,6 +1,7 @@
 //! The Kinesis source against kinesis-local (started by `scripts/with-emulators`, which exports
 //! `SLUICE_KINESIS_ENDPOINT`): reading with every starting position, KPL de-aggregation, exact
-//! replay by range (also starting and ending inside aggregates), shard end after a split, the
+//! replay by range (also starting and ending inside aggregates; a trimmed start is `DataExpired`),
+//! shard end after a split, the
 //! receiver over a stream that is split and merged while it reads, and fast failures for bad
 //! configuration.
 #![cfg(feature = "kinesis")]
@@ -336,4 +337,40 @@ fn bad_configuration_fails_fast_with_the_fix_in_the_message() {
         matches!(err, KinesisError::Config(ref e) if e.field == "stream_name"),
         "{err}"
     );
+}
+
+#[test]
+fn replay_of_a_trimmed_range_is_data_expired() {
+    use sluice_receiver::testing::{FaultProxy, FaultResponse};
+    // The stream's oldest record is past the range's start, as after retention trimmed it: the
+    // proxy answers GetRecords with a page that starts at a later sequence number.
+    let (producer, source) = stream("trimmed", 1);
+    let shard = source.list_shards().unwrap()[0].shard_id.clone();
+    let positions = producer.put(&[("k", b"gone"), ("k", b"kept")]).unwrap();
+    let later = positions[1].sequence.to_string();
+    let page = format!(
+        r#"{{"Records":[{{"SequenceNumber":"{later}","Data":"a2VwdA==","PartitionKey":"k","ApproximateArrivalTimestamp":1.7E9}}],"NextShardIterator":"x","MillisBehindLatest":0}}"#
+    );
+    let proxy = FaultProxy::start(&endpoint(), move |request| {
+        (request.operation() == "GetRecords").then(|| FaultResponse {
+            status: 200,
+            content_type: "application/x-amz-json-1.1".into(),
+            body: page.clone(),
+        })
+    })
+    .unwrap();
+    let mut config = source.config().clone();
+    config.aws.kinesis_endpoint = Some(proxy.url());
+    let through_proxy = KinesisSource::connect(config).unwrap();
+    let range = SequenceNumberRange {
+        stream: Arc::from(source.stream_name()),
+        shard_id: shard,
+        from: positions[0].clone(),
+        to: positions[1].clone(),
+        record_count: 2,
+    };
+    let err = through_proxy.replay(&SequenceNumberRanges(vec![range])).unwrap_err();
+    assert!(matches!(err, ReplayError::DataExpired { .. }), "{err}");
+    assert!(!err.is_retryable());
+    producer.delete_stream().unwrap();
 }

@@ -1,9 +1,8 @@
 //! The Kinesis source against kinesis-local (started by `scripts/with-emulators`, which exports
 //! `SLUICE_KINESIS_ENDPOINT`): reading with every starting position, KPL de-aggregation, exact
 //! replay by range (also starting and ending inside aggregates; a trimmed start is `DataExpired`),
-//! shard end after a split, the
-//! receiver over a stream that is split and merged while it reads, and fast failures for bad
-//! configuration.
+//! shard end after a split, the receiver over a stream that is split and merged while it reads,
+//! and fast failures for bad configuration.
 #![cfg(feature = "kinesis")]
 
 use std::collections::{BTreeMap, HashMap};

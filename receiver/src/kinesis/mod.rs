@@ -154,7 +154,7 @@ pub enum KinesisError {
     /// The stream does not exist.
     #[error(
         "Kinesis stream {stream:?} does not exist (region {region}, endpoint {endpoint}); create it first \
-         (e.g. `sluice kinesis create {stream} --shards 2`) or fix `stream_name`"
+         (`aws kinesis create-stream --stream-name {stream} --shard-count 2`, or `KinesisProducer::create_stream`) or fix `stream_name`"
     )]
     StreamNotFound {
         /// The stream name.

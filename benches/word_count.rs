@@ -6,6 +6,8 @@
 //!    merged) over the same lines on the same number of threads.
 //! 2. End to end through the local log (records/s from start to drained).
 //! 3. Scheduling overhead per empty batch.
+//! 4. Peak RSS of an end-to-end run with a 64 MiB block-store memory budget, in a child process
+//!    that never holds the corpus (aim: at most the budget + 128 MiB).
 //!
 //! `cargo bench --bench word_count` (set `SLUICE_BENCH_LINES` for a smaller run).
 
@@ -125,7 +127,66 @@ fn engine(dir: &std::path::Path, lines: usize, threads: usize, batch: Duration) 
     (Duration::from_millis(ms as u64), wall, distinct)
 }
 
+/// The block-store memory budget of the peak-RSS run.
+const RSS_BUDGET: u64 = 64 << 20;
+
+/// Peak resident set size of this process (`VmHWM`), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The child of section 4: fills a log with `n` lines in chunks (never the whole corpus in
+/// memory), runs word count end to end with a `RSS_BUDGET` block-store budget (and the receiver
+/// rate limit in `SLUICE_BENCH_RSS_RATE`, if set), prints
+/// `<rss before engine> <peak rss>` in bytes.
+fn rss_child(n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = LocalLog::open(dir.path().join("log")).unwrap();
+    let mut producer = log.create_stream("lines", 4).unwrap().producer().unwrap();
+    let chunk = 100_000;
+    for (c, start) in (0..n).step_by(chunk).enumerate() {
+        for (i, line) in bench_data::zipf_lines(chunk.min(n - start), 50_000, 42 + c as u64)
+            .iter()
+            .enumerate()
+        {
+            producer
+                .put(&(start + i).to_string(), Bytes::copy_from_slice(line.as_bytes()))
+                .unwrap();
+        }
+    }
+    producer.flush().unwrap();
+    drop(producer);
+    let before = peak_rss();
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_secs(1))
+        .data_dir(dir.path().join("data"))
+        .memory_budget_bytes(RSS_BUDGET)
+        .storage_level(sluice::prelude::StorageLevel::MEMORY_AND_DISK)
+        .build()
+        .unwrap();
+    let config = ReceiverConfig {
+        max_rate: std::env::var("SLUICE_BENCH_RSS_RATE").ok().and_then(|r| r.parse().ok()),
+        ..ReceiverConfig::default()
+    };
+    let stream = ctx.local_log_stream(&dir.path().join("log"), "lines", config).unwrap();
+    stream.flat_map(words).count_by_value().foreach_batch(|_t, _c| Ok(()));
+    ctx.start().unwrap();
+    assert!(ctx.await_drained(Duration::from_secs(900)).unwrap());
+    ctx.stop(true).unwrap();
+    assert_eq!(ctx.metrics().records_processed, n as u64);
+    println!("{before} {}", peak_rss());
+}
+
 fn main() {
+    if let Ok(n) = std::env::var("SLUICE_BENCH_RSS_CHILD") {
+        rss_child(n.parse().unwrap());
+        return;
+    }
     // `cargo test` builds benches with the test profile (debug assertions on): a smoke-sized run.
     let default_lines = if cfg!(debug_assertions) { 5_000 } else { 2_000_000 };
     let n: usize = std::env::var("SLUICE_BENCH_LINES")
@@ -222,4 +283,41 @@ fn main() {
         format!("{batches} batches"),
         ms as f64 / batches.max(1) as f64
     );
+    peak_rss_section(n);
+}
+
+/// Section 4: runs `rss_child` in a fresh process and prints its peak RSS.
+fn peak_rss_section(n: usize) {
+    let mib = |b: u64| b as f64 / 1_048_576.0;
+    println!(
+        "peak RSS end to end, {:.0} MiB block-store budget (aim <= {:.0} MiB):",
+        mib(RSS_BUDGET),
+        mib(RSS_BUDGET) + 128.0
+    );
+    for (label, rate) in [
+        ("  unlimited ingest (one batch holds ~1 s of reads)", None),
+        ("  max_rate 200k records/s", Some(200_000)),
+    ] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.env("SLUICE_BENCH_RSS_CHILD", n.to_string());
+        if let Some(rate) = rate {
+            child.env("SLUICE_BENCH_RSS_RATE", rate.to_string());
+        }
+        let out = child.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let figures: Vec<u64> = text
+            .lines()
+            .last()
+            .unwrap_or("")
+            .split(' ')
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        println!(
+            "{label:<44} {:>11.0}MiB {:>10}   (before the engine started {:.0} MiB)",
+            mib(figures[1]),
+            "",
+            mib(figures[0])
+        );
+    }
 }

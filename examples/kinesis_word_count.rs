@@ -18,14 +18,14 @@
 //! start it again: batches in flight are re-run with exactly their blocks (replayed from
 //! Kinesis by range when the block store lost them), and the summed output stays exact.
 
+mod support;
+
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use clap::Parser;
-use sluice::engine::{BatchInfo, KinesisInput, StreamingContext};
+use sluice::engine::{KinesisInput, StreamingContext};
 use sluice::operators::bench_data;
 use sluice::receiver::kinesis::{KinesisConfig, KinesisProducer};
 use sluice::receiver::{AwsSettings, InitialPosition, ReceiverConfig};
@@ -150,51 +150,6 @@ fn main() -> anyhow::Result<()> {
     };
     let lines = ctx.kinesis_stream(input)?;
 
-    let counts = lines
-        .flat_map(|line: Bytes| {
-            String::from_utf8_lossy(&line)
-                .split_ascii_whitespace()
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .count_by_value();
-    counts.save_parquet(&args.data_dir.join("output").display().to_string())?;
-    let totals = counts.update_state_by_key(|_word: &String, new: Vec<u64>, old: Option<u64>| {
-        Some(old.unwrap_or(0) + new.iter().sum::<u64>())
-    });
-    let top = args.top;
-    let latest_top: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
-    let keep = latest_top.clone();
-    totals.foreach_batch(move |_time, mut all| {
-        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        all.truncate(top);
-        *keep.lock().expect("top words") = all;
-        Ok(())
-    });
-    ctx.add_batch_listener(|info: &BatchInfo| {
-        println!(
-            "batch {:>14} | {:>8} records | processing {:>5} ms | scheduling delay {:>5} ms",
-            info.batch_time_ms, info.num_records, info.processing_delay_ms, info.scheduling_delay_ms
-        );
-    });
-
-    ctx.start()?;
-    if args.follow {
-        ctx.await_termination()?;
-        return Ok(());
-    }
-    let drained = ctx.await_drained(Duration::from_secs(args.timeout_s))?;
-    ctx.stop(true)?;
-    if !drained {
-        bail!("the stream was not drained within {} s", args.timeout_s);
-    }
-    let m = ctx.metrics();
-    println!(
-        "\nprocessed {} records in {} batches; top {top} words in total:",
-        m.records_processed, m.batches_completed
-    );
-    for (word, count) in latest_top.lock().expect("top words").iter() {
-        println!("{count:>10}  {word}");
-    }
-    Ok(())
+    let latest_top = support::count_words(&ctx, &lines, &args.data_dir, args.top)?;
+    support::run(&ctx, args.follow, Duration::from_secs(args.timeout_s), &latest_top)
 }

@@ -15,15 +15,16 @@
 //! that was in flight with exactly the same blocks, and resumes reading where its metadata log
 //! says — the Parquet output summed over batches and the totals stay exact.
 
+mod support;
+
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
-use sluice::engine::{BatchInfo, StreamingContext};
+use sluice::engine::StreamingContext;
 use sluice::operators::bench_data;
 use sluice::receiver::ReceiverConfig;
 use sluice::receiver::local_log::LocalLog;
@@ -112,24 +113,6 @@ fn load(args: &Args, log_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::needless_pass_by_value)] // `flat_map` hands each line over by value
-fn words(line: Bytes) -> impl Iterator<Item = Bytes> {
-    let mut start = 0;
-    let mut out = Vec::new();
-    for (i, b) in line.iter().enumerate() {
-        if b.is_ascii_whitespace() {
-            if i > start {
-                out.push(line.slice(start..i));
-            }
-            start = i + 1;
-        }
-    }
-    if line.len() > start {
-        out.push(line.slice(start..));
-    }
-    out.into_iter()
-}
-
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -155,47 +138,6 @@ fn main() -> anyhow::Result<()> {
     };
     let lines = ctx.local_log_stream(&log_dir, STREAM, config)?;
 
-    let counts = lines
-        .flat_map(words)
-        .count_by_value()
-        .map(|(w, c)| (String::from_utf8_lossy(&w).into_owned(), c));
-    counts.save_parquet(&args.data_dir.join("output").display().to_string())?;
-    let totals = counts.update_state_by_key(|_word: &String, new: Vec<u64>, old: Option<u64>| {
-        Some(old.unwrap_or(0) + new.iter().sum::<u64>())
-    });
-    let top = args.top;
-    let latest_top: Arc<std::sync::Mutex<Vec<(String, u64)>>> = Arc::default();
-    let keep = latest_top.clone();
-    totals.foreach_batch(move |_time, mut all| {
-        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        all.truncate(top);
-        *keep.lock().expect("top words") = all;
-        Ok(())
-    });
-    ctx.add_batch_listener(|info: &BatchInfo| {
-        println!(
-            "batch {:>14} | {:>8} records | processing {:>5} ms | scheduling delay {:>5} ms",
-            info.batch_time_ms, info.num_records, info.processing_delay_ms, info.scheduling_delay_ms
-        );
-    });
-
-    ctx.start()?;
-    if args.follow {
-        ctx.await_termination()?;
-        return Ok(());
-    }
-    let drained = ctx.await_drained(Duration::from_secs(args.timeout_s))?;
-    ctx.stop(true)?;
-    if !drained {
-        bail!("the log was not drained within {} s", args.timeout_s);
-    }
-    let m = ctx.metrics();
-    println!(
-        "\nprocessed {} records in {} batches; top {top} words in total:",
-        m.records_processed, m.batches_completed
-    );
-    for (word, count) in latest_top.lock().expect("top words").iter() {
-        println!("{count:>10}  {word}");
-    }
-    Ok(())
+    let latest_top = support::count_words(&ctx, &lines, &args.data_dir, args.top)?;
+    support::run(&ctx, args.follow, Duration::from_secs(args.timeout_s), &latest_top)
 }

@@ -102,6 +102,65 @@ impl<I: Data, O: Data> Node<O> for MapPartitionsNode<I, O> {
     }
 }
 
+type BatchFn<I, O> = dyn Fn(i64, Vec<I>) -> Vec<O> + Send + Sync;
+
+/// `transform`: a whole-batch function, so a stage boundary. Its result is cut into `partitions`
+/// contiguous chunks, so downstream narrow operators run in parallel and the concatenation of
+/// the partitions (what `foreach_batch` sees) keeps the order `f` returned.
+struct TransformNode<I, O> {
+    parent: Arc<dyn Node<I>>,
+    f: Arc<BatchFn<I, O>>,
+    partitions: usize,
+    cache: StageCache<O>,
+}
+
+impl<I: Data, O: Data + Clone> Node<O> for TransformNode<I, O> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.cache.num_partitions(env)
+    }
+    fn active(&self, env: &BatchEnv) -> bool {
+        self.parent.active(env)
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        if self.cache.get(env.time_ms).is_some() {
+            return Ok(());
+        }
+        self.parent.prepare(env)?;
+        if !self.parent.active(env) {
+            // No batch to transform (a window that does not slide now): no output.
+            self.cache.put(env.time_ms, Vec::new());
+            return Ok(());
+        }
+        let out = env.runner.run_barrier(env, &*self.parent, &*self.f)?;
+        self.cache.put(env.time_ms, split_contiguous(out, self.partitions));
+        Ok(())
+    }
+    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
+        self.cache.emit(env, p, emit)
+    }
+    fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
+        None
+    }
+    fn forget(&self, time_ms: i64) {
+        self.cache.forget_up_to(time_ms);
+        self.parent.forget(time_ms);
+    }
+}
+
+/// Cuts `items` into at most `n` contiguous, nearly equal chunks (none when `items` is empty).
+fn split_contiguous<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
+    let chunk = items.len().div_ceil(n.max(1)).max(1);
+    let mut parts = Vec::with_capacity(n);
+    let mut items = items.into_iter();
+    loop {
+        let part: Vec<T> = items.by_ref().take(chunk).collect();
+        if part.is_empty() {
+            return parts;
+        }
+        parts.push(part);
+    }
+}
+
 /// Concatenation of the partitions of several streams.
 struct UnionNode<T> {
     parents: Vec<Arc<dyn Node<T>>>,
@@ -332,6 +391,41 @@ impl<T: Data> DStream<T> {
         }
     }
 
+    /// Applies `f` to the whole batch at once: `f(batch_time_ms, elements)` returns the batch of
+    /// the new stream (Spark's `transform`). Use it for what needs every element of the batch
+    /// together: sorting, de-duplicating across partitions, top-k, joining with a table.
+    ///
+    /// This is a stage boundary (a barrier, like a shuffle): the stream below it is computed in
+    /// parallel, its partitions are concatenated in order and handed to `f` on the executor pool
+    /// (so `f` may itself use rayon); `f`'s result is cut into the context's default number of
+    /// partitions, in order. A panic in `f` is retried (the input is recomputed), up to the
+    /// context's `max_task_attempts`; then the batch fails and the stream stops — the dead-letter
+    /// policy does not apply, since no single input record is to blame. `f` must be a
+    /// deterministic function of its input for re-run batches to reproduce their output.
+    ///
+    /// ```no_run
+    /// # fn demo(lines: sluice_engine::DStream<String>) {
+    /// // Every distinct line of the batch, sorted (across all partitions).
+    /// let sorted = lines.transform(|_batch_time_ms, mut lines: Vec<String>| {
+    ///     lines.sort_unstable();
+    ///     lines.dedup();
+    ///     lines
+    /// });
+    /// sorted.print(10);
+    /// # }
+    /// ```
+    pub fn transform<O: Data + Clone>(&self, f: impl Fn(i64, Vec<T>) -> Vec<O> + Send + Sync + 'static) -> DStream<O> {
+        DStream {
+            node: Arc::new(TransformNode {
+                parent: self.node.clone(),
+                f: Arc::new(f),
+                partitions: self.graph.default_partitions(),
+                cache: StageCache::default(),
+            }),
+            graph: self.graph.clone(),
+        }
+    }
+
     /// The partitions of `self` followed by those of `others`, per batch.
     pub fn union(&self, others: &[DStream<T>]) -> DStream<T> {
         let mut parents = vec![self.node.clone()];
@@ -373,5 +467,19 @@ impl<T: Key> DStream<T> {
     /// Counts each distinct element per batch.
     pub fn count_by_value(&self) -> DStream<(T, u64)> {
         self.map(|x| (x, 1u64)).reduce_by_key(|a, b| a + b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_contiguous;
+
+    #[test]
+    fn split_contiguous_keeps_order_and_balances() {
+        let parts = split_contiguous((0..10).collect(), 4);
+        assert_eq!(parts, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![9]]);
+        assert_eq!(split_contiguous((0..2).collect(), 4), vec![vec![0], vec![1]]);
+        assert!(split_contiguous(Vec::<u8>::new(), 4).is_empty());
+        assert_eq!(split_contiguous(vec![1, 2], 0), vec![vec![1, 2]]);
     }
 }

@@ -102,7 +102,9 @@ impl AwsSettings {
             Some(region) if is_region_shaped(region.as_ref()) => Ok(config),
             Some(region) => Err(ConfigError::new(
                 "region",
-                format!("{region} (from the environment or profile) is not an AWS region name; set AWS_REGION to one such as \"us-east-1\""),
+                format!(
+                    "{region} (from the environment or profile) is not an AWS region name; set AWS_REGION to one such as \"us-east-1\""
+                ),
             )),
             None => Err(ConfigError::new(
                 "region",
@@ -135,7 +137,9 @@ fn is_region_shaped(region: &str) -> bool {
     let parts: Vec<&str> = region.split('-').collect();
     parts.len() >= 3
         && parts[0].len() == 2
-        && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()))
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()))
         && parts[..parts.len() - 1]
             .iter()
             .all(|p| p.bytes().all(|b| b.is_ascii_lowercase()))
@@ -177,7 +181,13 @@ mod tests {
 
     #[test]
     fn region_names() {
-        for ok in ["us-east-1", "eu-west-2", "us-gov-west-1", "cn-north-1", "ap-southeast-4"] {
+        for ok in [
+            "us-east-1",
+            "eu-west-2",
+            "us-gov-west-1",
+            "cn-north-1",
+            "ap-southeast-4",
+        ] {
             assert!(is_region_shaped(ok), "{ok}");
         }
         for bad in ["", "useast1", "us-east", "US-EAST-1", "us-east-x", "mars-1", "us--1"] {

@@ -9,47 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice_engine::{DStream, Error, FailurePolicy, StreamingContext};
 use sluice_operators::bench_data;
-use sluice_receiver::ReceiverConfig;
-use sluice_receiver::local_log::LocalLog;
 
-const STREAM: &str = "lines";
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+mod support;
 
-fn fill_log(dir: &Path, lines: &[String], shards: u32) {
-    let log = LocalLog::open(dir).unwrap();
-    let stream = log.create_stream(STREAM, shards).unwrap();
-    let mut producer = stream.producer().unwrap();
-    for (i, line) in lines.iter().enumerate() {
-        producer
-            .put(&i.to_string(), Bytes::copy_from_slice(line.as_bytes()))
-            .unwrap();
-    }
-    producer.flush().unwrap();
-}
-
-#[allow(clippy::needless_pass_by_value)] // `flat_map` hands each line over by value
-fn words(line: Bytes) -> Vec<String> {
-    String::from_utf8_lossy(&line)
-        .split_ascii_whitespace()
-        .map(str::to_owned)
-        .collect()
-}
-
-fn context(data: &Path, batch_ms: u64, threads: usize) -> StreamingContext {
-    StreamingContext::builder()
-        .batch_interval(Duration::from_millis(batch_ms))
-        .data_dir(data)
-        .executor_threads(threads)
-        .build()
-        .unwrap()
-}
-
-fn receiver_config(block_ms: u64) -> ReceiverConfig {
-    ReceiverConfig {
-        block_interval_ms: block_ms,
-        ..ReceiverConfig::default()
-    }
-}
+use support::{DRAIN_TIMEOUT, STREAM, context, fill_log, receiver_config, words};
 
 /// Word count whose totals (state) are captured after every batch.
 fn word_count(lines: &DStream<Bytes>) -> Arc<Mutex<HashMap<String, u64>>> {

@@ -6,11 +6,10 @@
 //! [`graph`](crate::graph) module for how narrow operators are fused and where stages begin.
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-use rayon::prelude::*;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use sluice_operators::shuffle::{CombineMap, Combiner, Reduce, shuffle};
 
 use crate::context::GraphBuilder;
 use crate::graph::{BatchEnv, JobError, Node, Scope, TaskError};
@@ -240,48 +239,31 @@ impl<T: Clone> StageCache<T> {
     }
 }
 
-/// Splits map-side combined maps into `n` shuffle partitions and merges them per partition.
-pub(crate) fn shuffle_merge<K: Key, V: Data>(
+/// The map side and the shuffle of a keyed stage: the fused chain below runs as tasks (with the
+/// runner's retries and failure policy) that fold their records straight into a
+/// [`CombineMap`], then the maps are hash-shuffled into `partitions`. The kernels are
+/// `sluice_operators::shuffle`; this only runs them.
+pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
     env: &BatchEnv,
-    maps: Vec<FxHashMap<K, V>>,
-    n: usize,
-    merge: &(dyn Fn(&mut V, V) + Sync),
-) -> Vec<FxHashMap<K, V>> {
-    let hasher = FxBuildHasher;
-    env.runner.pool.install(|| {
-        let bucketed: Vec<Vec<Vec<(K, V)>>> = maps
-            .into_par_iter()
-            .map(|map| {
-                let mut buckets: Vec<Vec<(K, V)>> = (0..n).map(|_| Vec::new()).collect();
-                for (k, v) in map {
-                    let b = (hasher.hash_one(&k) % n as u64) as usize;
-                    buckets[b].push((k, v));
-                }
-                buckets
-            })
-            .collect();
-        let mut columns: Vec<Vec<Vec<(K, V)>>> = (0..n).map(|_| Vec::with_capacity(bucketed.len())).collect();
-        for buckets in bucketed {
-            for (q, bucket) in buckets.into_iter().enumerate() {
-                columns[q].push(bucket);
-            }
-        }
-        columns
-            .into_par_iter()
-            .map(|column| {
-                let mut out: FxHashMap<K, V> = FxHashMap::default();
-                for (k, v) in column.into_iter().flatten() {
-                    match out.get_mut(&k) {
-                        Some(acc) => merge(acc, v),
-                        None => {
-                            out.insert(k, v);
-                        }
-                    }
-                }
-                out
-            })
-            .collect()
-    })
+    parent: &dyn Node<(K, V)>,
+    combiner: &C,
+    partitions: usize,
+) -> Result<Vec<CombineMap<K, C::Acc>>, JobError> {
+    parent.prepare(env)?;
+    let maps = env.runner.run(
+        env,
+        parent.num_partitions(env),
+        &CombineMap::new,
+        &|acc: &mut CombineMap<K, C::Acc>, more| acc.merge_map(more, combiner),
+        &|p| parent.source_block(env, p),
+        &|p, scope, acc: &mut CombineMap<K, C::Acc>| {
+            parent.compute(env, scope, p, &mut |(k, v)| acc.add(k, v, combiner))
+        },
+    )?;
+    Ok(env
+        .runner
+        .pool
+        .install(|| shuffle::<K, V, C>(maps, partitions, combiner)))
 }
 
 /// `reduce_by_key`: map-side combine in the fused stage below, then a hash shuffle.
@@ -290,16 +272,6 @@ struct ReduceByKeyNode<K, V> {
     reduce: Arc<dyn Fn(V, V) -> V + Send + Sync>,
     partitions: usize,
     cache: StageCache<(K, V)>,
-}
-
-fn fold_into<K: Key, V: Clone>(map: &mut FxHashMap<K, V>, k: K, v: V, reduce: &(dyn Fn(V, V) -> V + Send + Sync)) {
-    match map.get_mut(&k) {
-        // `reduce` takes its arguments by value; values are `Clone` (for counts a plain copy).
-        Some(slot) => *slot = reduce(slot.clone(), v),
-        None => {
-            map.insert(k, v);
-        }
-    }
 }
 
 impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
@@ -313,22 +285,7 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
         if self.cache.get(env.time_ms).is_some() {
             return Ok(());
         }
-        self.parent.prepare(env)?;
-        let reduce = &*self.reduce;
-        let parent = &*self.parent;
-        let maps = env.runner.run(
-            env,
-            parent.num_partitions(env),
-            &FxHashMap::default,
-            &|acc: &mut FxHashMap<K, V>, more| more.into_iter().for_each(|(k, v)| fold_into(acc, k, v, reduce)),
-            &|p| parent.source_block(env, p),
-            &|p, scope, acc: &mut FxHashMap<K, V>| {
-                parent.compute(env, scope, p, &mut |(k, v)| fold_into(acc, k, v, reduce))
-            },
-        )?;
-        let merged = shuffle_merge(env, maps, self.partitions, &|acc: &mut V, v| {
-            *acc = reduce(acc.clone(), v);
-        });
+        let merged = combine_by_key(env, &*self.parent, &Reduce(&*self.reduce), self.partitions)?;
         self.cache.put(
             env.time_ms,
             merged.into_iter().map(|m| m.into_iter().collect()).collect(),

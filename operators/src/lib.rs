@@ -3,6 +3,9 @@
 //! The per-batch side of Sluice: what a batch's records turn into and where they end up.
 //!
 //! It owns:
+//! - [`shuffle`]: the keyed-shuffle kernels (map-side combining with a [`shuffle::Combiner`], hash
+//!   partitioning, the merge after the shuffle) that the engine's keyed operators run in their
+//!   tasks;
 //! - [`ParquetSink`]: idempotent, batch-partitioned Parquet output on a local directory,
 //!   `memory://` or S3 (`batch_time=<ms>/part-<i>.parquet` + `_SUCCESS` written last, re-runs
 //!   replace), which is what makes Parquet output exactly-once;
@@ -18,6 +21,7 @@ mod dead_letter;
 mod error;
 mod location;
 mod parquet_sink;
+pub mod shuffle;
 mod to_record_batch;
 
 pub use dead_letter::{DeadLetterRow, DeadLetterSink, dead_letter_schema, dead_letters_to_record_batch};

@@ -19,7 +19,6 @@
 pub mod bench_data;
 mod dead_letter;
 mod error;
-mod location;
 mod parquet_sink;
 pub mod shuffle;
 mod to_record_batch;

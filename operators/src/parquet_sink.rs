@@ -21,6 +21,7 @@
 //! a batch's output depends only on its (replayable) input, re-running a batch after a crash
 //! *replaces* its output rather than adding to it: the sink is exactly-once per batch time.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow_array::RecordBatch;
@@ -32,7 +33,9 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use crate::{Error, Result, location};
+use sluice_blockstore::object_store_from_url;
+
+use crate::{Error, Result};
 
 /// Prefix of a batch directory name; the batch time follows, zero-padded to 20 digits.
 pub const BATCH_DIR_PREFIX: &str = "batch_time=";
@@ -76,7 +79,15 @@ impl BatchDirStore {
             .enable_all()
             .build()
             .map_err(|source| Error::Runtime { source })?;
-        let (store, root) = location::resolve(url, options)?;
+        let options: HashMap<String, String> = options.iter().cloned().collect();
+        let (store, root) = object_store_from_url(url, &options).map_err(|e| match e {
+            sluice_blockstore::Error::ObjectStore { location, source } => Error::ObjectStore { location, source },
+            sluice_blockstore::Error::InvalidUrl { url, reason } => Error::InvalidLocation { url, reason },
+            other => Error::InvalidLocation {
+                url: url.to_owned(),
+                reason: other.to_string(),
+            },
+        })?;
         Ok(Self {
             url: url.to_owned(),
             store,
@@ -242,8 +253,10 @@ pub struct ParquetSink {
 }
 
 impl ParquetSink {
-    /// Opens a sink rooted at `url` (a local path, `file://`, `memory://<name>/<prefix>` or
-    /// `s3://<bucket>/<prefix>`; S3 is configured from the `AWS_*` environment).
+    /// Opens a sink rooted at `url` (a local path, `file:///abs/dir`, `memory://<name>/<prefix>`
+    /// or `s3://<bucket>/<prefix>`; S3 is configured from the `AWS_*` environment). URLs are
+    /// resolved by [`sluice_blockstore::object_store_from_url`], the one URL parser of the
+    /// workspace: every `memory://<name>` URL in a process shares one store per name.
     ///
     /// # Errors
     /// [`Error::InvalidLocation`] for an unsupported URL or an uncreatable directory,
@@ -254,11 +267,13 @@ impl ParquetSink {
     }
 
     /// Like [`ParquetSink::open`], with explicit store options that override the environment
-    /// (for S3, `object_store` `AmazonS3ConfigKey` names such as `aws_endpoint` or
-    /// `aws_allow_http`; ignored by other stores).
+    /// (for S3, `object_store` `AmazonS3ConfigKey` names such as `endpoint` / `aws_endpoint` or
+    /// `allow_http` / `aws_allow_http`). Only S3 takes options.
     ///
     /// # Errors
-    /// As [`ParquetSink::open`]; also [`Error::InvalidLocation`] for an unknown option key.
+    /// As [`ParquetSink::open`]; also [`Error::InvalidLocation`] for an unknown option key, a
+    /// `bucket` option (the bucket comes from the URL), or options given to a local or
+    /// `memory://` location.
     pub fn open_with_options(url: &str, options: &[(String, String)]) -> Result<Self> {
         Ok(Self {
             inner: BatchDirStore::open(url, options)?,

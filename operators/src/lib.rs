@@ -16,6 +16,7 @@
 //! It builds on `sluice-blockstore`'s data model only. It must never know about receivers,
 //! sources, the job scheduler or checkpoints: only `engine` wires those to operators.
 
+mod batch_dir;
 pub mod bench_data;
 mod dead_letter;
 mod error;

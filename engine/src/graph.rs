@@ -13,7 +13,7 @@
 //! # Failures
 //!
 //! A task that fails (a panic in user code, or a block that cannot be read) is retried up to
-//! `max_task_attempts` times. After that the [`FailurePolicy`](crate::FailurePolicy) applies:
+//! `max_task_attempts` times. After that the [`FailurePolicy`] applies:
 //! stop the stream (default), or — for stages that read input blocks — evaluate the partition
 //! record by record, keep what succeeds and send each failing input record, with its shard,
 //! position and the error, to the dead-letter sink. Records are never skipped silently.

@@ -66,8 +66,8 @@ pub use object_location::{
 };
 pub use range::{SequenceNumberRange, SequenceNumberRanges};
 pub use reader::{
-    BlockReader, BlockReaderConfig, DEFAULT_INITIAL_BACKOFF_MS, DEFAULT_MAX_BACKOFF_MS, DEFAULT_RETRY_TIMEOUT_MS,
-    ReadError,
+    BlockOrigin, BlockReader, BlockReaderConfig, DEFAULT_INITIAL_BACKOFF_MS, DEFAULT_MAX_BACKOFF_MS,
+    DEFAULT_RETRY_TIMEOUT_MS, ReadError,
 };
 pub use record::Record;
 pub use replay::{Replay, ReplayError};

@@ -195,6 +195,16 @@ impl ReadError {
     }
 }
 
+/// Where a block returned by [`BlockReader::read_with_origin`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BlockOrigin {
+    /// A valid copy in the [`BlockStore`] (memory, disk or replica).
+    Store,
+    /// Rebuilt by replaying the block's ranges from the source.
+    Replay,
+}
+
 /// Reads blocks from a [`BlockStore`], falling back to replaying their ranges from the source; see
 ///
 /// # Policy
@@ -295,15 +305,49 @@ impl BlockReader {
     }
 
     /// The block `meta` describes: from the store when `is_block_id_valid` and a valid copy
-    /// exists, else rebuilt by replay.
+    /// exists, else rebuilt by replay. [`read_with_origin`](Self::read_with_origin) also says
+    /// which.
     ///
     /// # Errors
     /// [`ReadError`]: the data expired at the source, replay failed for good or kept failing past
     /// the retry timeout, or returned the wrong number of records.
     pub fn read(&self, meta: &BlockMeta, is_block_id_valid: bool) -> Result<Block, ReadError> {
+        self.read_with_origin(meta, is_block_id_valid).map(|(block, _)| block)
+    }
+
+    /// Like [`read`](Self::read), and says where the block came from.
+    ///
+    /// Callers that count replays must use this rather than diffing the store's
+    /// `blocks_replayed` metric around a read: the metric is shared by every reader of the store,
+    /// so with concurrent reads a replay by one read would be counted by another.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use sluice_blockstore::testing::{MemoryReplay, SAMPLE_STREAM, sample_block, sample_records};
+    /// use sluice_blockstore::{BlockOrigin, BlockReader, BlockStore, BlockStoreConfig, StorageLevel, SystemClock};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let store = Arc::new(BlockStore::open(BlockStoreConfig::new(dir.path()))?);
+    /// let records = sample_records("shard-0", 100, 5, 10);
+    /// let source = Arc::new(MemoryReplay::from_records(SAMPLE_STREAM, records.clone()));
+    /// let reader = BlockReader::new(store.clone(), source, Arc::new(SystemClock));
+    /// let block = sample_block(7, &records);
+    /// assert_eq!(reader.read_with_origin(block.meta(), true)?.1, BlockOrigin::Replay);
+    /// store.put(&block, StorageLevel::MEMORY_ONLY)?;
+    /// assert_eq!(reader.read_with_origin(block.meta(), true)?, (block, BlockOrigin::Store));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    pub fn read_with_origin(
+        &self,
+        meta: &BlockMeta,
+        is_block_id_valid: bool,
+    ) -> Result<(Block, BlockOrigin), ReadError> {
         if is_block_id_valid {
             match self.store.get(meta.id) {
-                Ok(Some(block)) if block.meta() == meta => return Ok(block),
+                Ok(Some(block)) if block.meta() == meta => return Ok((block, BlockOrigin::Store)),
                 Ok(Some(block)) => {
                     tracing::warn!(block = %meta.id, stored = ?block.meta(), expected = ?meta, "stored copy describes other ranges; replaying");
                 }
@@ -315,7 +359,7 @@ impl BlockReader {
                 }
             }
         }
-        self.replay_block(meta)
+        self.replay_block(meta).map(|block| (block, BlockOrigin::Replay))
     }
 
     fn replay_block(&self, meta: &BlockMeta) -> Result<Block, ReadError> {

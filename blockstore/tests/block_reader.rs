@@ -8,7 +8,7 @@ use sluice_blockstore::testing::{
     AutoAdvanceClock, InjectedFailure, MemoryReplay, SAMPLE_STREAM, sample_block, sample_records,
 };
 use sluice_blockstore::{
-    Block, BlockReader, BlockReaderConfig, BlockStore, BlockStoreConfig, DEFAULT_MAX_BACKOFF_MS,
+    Block, BlockOrigin, BlockReader, BlockReaderConfig, BlockStore, BlockStoreConfig, DEFAULT_MAX_BACKOFF_MS,
     DEFAULT_RETRY_TIMEOUT_MS, DiskSync, ManualClock, ReadError, ReplayError, SharedClock, StorageLevel,
 };
 
@@ -260,4 +260,33 @@ fn an_empty_block_rebuilds_to_an_empty_block() {
         .unwrap();
     assert!(block.is_empty());
     assert_eq!(block, empty);
+}
+
+#[test]
+fn read_with_origin_says_store_or_replay_even_with_concurrent_replays() {
+    let s = setup();
+    s.store.put(&s.block, StorageLevel::MEMORY_AND_DISK).unwrap();
+    let reader = reader(&s, Arc::new(AutoAdvanceClock::new(0)));
+    // Concurrently: one thread reads the stored block, another replays (invalid id). Diffing the
+    // store-wide `blocks_replayed` counter around the first read could blame it for the replay;
+    // the origin cannot.
+    std::thread::scope(|scope| {
+        let replaying = scope.spawn(|| {
+            (0..50)
+                .map(|_| reader.read_with_origin(s.block.meta(), false).unwrap().1)
+                .collect::<Vec<_>>()
+        });
+        for _ in 0..50 {
+            let (block, origin) = reader.read_with_origin(s.block.meta(), true).unwrap();
+            assert_eq!((block, origin), (s.block.clone(), BlockOrigin::Store));
+        }
+        assert!(replaying.join().unwrap().iter().all(|o| *o == BlockOrigin::Replay));
+    });
+    assert_eq!(s.store.metrics().blocks_replayed, 50);
+    s.store.remove(s.block.meta().id).unwrap();
+    assert_eq!(
+        reader.read_with_origin(s.block.meta(), true).unwrap().1,
+        BlockOrigin::Replay,
+        "a lost block is replayed"
+    );
 }

@@ -6,11 +6,10 @@
 //! [`graph`](crate::graph) module for how narrow operators are fused and where stages begin.
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-use rayon::prelude::*;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use sluice_operators::shuffle::{CombineMap, Combiner, Reduce, shuffle};
 
 use crate::context::GraphBuilder;
 use crate::graph::{BatchEnv, JobError, Node, Scope, TaskError};
@@ -102,6 +101,65 @@ impl<I: Data, O: Data> Node<O> for MapPartitionsNode<I, O> {
     }
 }
 
+type BatchFn<I, O> = dyn Fn(i64, Vec<I>) -> Vec<O> + Send + Sync;
+
+/// `transform`: a whole-batch function, so a stage boundary. Its result is cut into `partitions`
+/// contiguous chunks, so downstream narrow operators run in parallel and the concatenation of
+/// the partitions (what `foreach_batch` sees) keeps the order `f` returned.
+struct TransformNode<I, O> {
+    parent: Arc<dyn Node<I>>,
+    f: Arc<BatchFn<I, O>>,
+    partitions: usize,
+    cache: StageCache<O>,
+}
+
+impl<I: Data, O: Data + Clone> Node<O> for TransformNode<I, O> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.cache.num_partitions(env)
+    }
+    fn active(&self, env: &BatchEnv) -> bool {
+        self.parent.active(env)
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        if self.cache.get(env.time_ms).is_some() {
+            return Ok(());
+        }
+        self.parent.prepare(env)?;
+        if !self.parent.active(env) {
+            // No batch to transform (a window that does not slide now): no output.
+            self.cache.put(env.time_ms, Vec::new());
+            return Ok(());
+        }
+        let out = env.runner.run_barrier(env, &*self.parent, &*self.f)?;
+        self.cache.put(env.time_ms, split_contiguous(out, self.partitions));
+        Ok(())
+    }
+    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
+        self.cache.emit(env, p, emit)
+    }
+    fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
+        None
+    }
+    fn forget(&self, time_ms: i64) {
+        self.cache.forget_up_to(time_ms);
+        self.parent.forget(time_ms);
+    }
+}
+
+/// Cuts `items` into at most `n` contiguous, nearly equal chunks (none when `items` is empty).
+fn split_contiguous<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
+    let chunk = items.len().div_ceil(n.max(1)).max(1);
+    let mut parts = Vec::with_capacity(n);
+    let mut items = items.into_iter();
+    loop {
+        let part: Vec<T> = items.by_ref().take(chunk).collect();
+        if part.is_empty() {
+            return parts;
+        }
+        parts.push(part);
+    }
+}
+
 /// Concatenation of the partitions of several streams.
 struct UnionNode<T> {
     parents: Vec<Arc<dyn Node<T>>>,
@@ -181,48 +239,31 @@ impl<T: Clone> StageCache<T> {
     }
 }
 
-/// Splits map-side combined maps into `n` shuffle partitions and merges them per partition.
-pub(crate) fn shuffle_merge<K: Key, V: Data>(
+/// The map side and the shuffle of a keyed stage: the fused chain below runs as tasks (with the
+/// runner's retries and failure policy) that fold their records straight into a
+/// [`CombineMap`], then the maps are hash-shuffled into `partitions`. The kernels are
+/// `sluice_operators::shuffle`; this only runs them.
+pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
     env: &BatchEnv,
-    maps: Vec<FxHashMap<K, V>>,
-    n: usize,
-    merge: &(dyn Fn(&mut V, V) + Sync),
-) -> Vec<FxHashMap<K, V>> {
-    let hasher = FxBuildHasher;
-    env.runner.pool.install(|| {
-        let bucketed: Vec<Vec<Vec<(K, V)>>> = maps
-            .into_par_iter()
-            .map(|map| {
-                let mut buckets: Vec<Vec<(K, V)>> = (0..n).map(|_| Vec::new()).collect();
-                for (k, v) in map {
-                    let b = (hasher.hash_one(&k) % n as u64) as usize;
-                    buckets[b].push((k, v));
-                }
-                buckets
-            })
-            .collect();
-        let mut columns: Vec<Vec<Vec<(K, V)>>> = (0..n).map(|_| Vec::with_capacity(bucketed.len())).collect();
-        for buckets in bucketed {
-            for (q, bucket) in buckets.into_iter().enumerate() {
-                columns[q].push(bucket);
-            }
-        }
-        columns
-            .into_par_iter()
-            .map(|column| {
-                let mut out: FxHashMap<K, V> = FxHashMap::default();
-                for (k, v) in column.into_iter().flatten() {
-                    match out.get_mut(&k) {
-                        Some(acc) => merge(acc, v),
-                        None => {
-                            out.insert(k, v);
-                        }
-                    }
-                }
-                out
-            })
-            .collect()
-    })
+    parent: &dyn Node<(K, V)>,
+    combiner: &C,
+    partitions: usize,
+) -> Result<Vec<CombineMap<K, C::Acc>>, JobError> {
+    parent.prepare(env)?;
+    let maps = env.runner.run(
+        env,
+        parent.num_partitions(env),
+        &CombineMap::new,
+        &|acc: &mut CombineMap<K, C::Acc>, more| acc.merge_map(more, combiner),
+        &|p| parent.source_block(env, p),
+        &|p, scope, acc: &mut CombineMap<K, C::Acc>| {
+            parent.compute(env, scope, p, &mut |(k, v)| acc.add(k, v, combiner))
+        },
+    )?;
+    Ok(env
+        .runner
+        .pool
+        .install(|| shuffle::<K, V, C>(maps, partitions, combiner)))
 }
 
 /// `reduce_by_key`: map-side combine in the fused stage below, then a hash shuffle.
@@ -231,16 +272,6 @@ struct ReduceByKeyNode<K, V> {
     reduce: Arc<dyn Fn(V, V) -> V + Send + Sync>,
     partitions: usize,
     cache: StageCache<(K, V)>,
-}
-
-fn fold_into<K: Key, V: Clone>(map: &mut FxHashMap<K, V>, k: K, v: V, reduce: &(dyn Fn(V, V) -> V + Send + Sync)) {
-    match map.get_mut(&k) {
-        // `reduce` takes its arguments by value; values are `Clone` (for counts a plain copy).
-        Some(slot) => *slot = reduce(slot.clone(), v),
-        None => {
-            map.insert(k, v);
-        }
-    }
 }
 
 impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
@@ -254,22 +285,7 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
         if self.cache.get(env.time_ms).is_some() {
             return Ok(());
         }
-        self.parent.prepare(env)?;
-        let reduce = &*self.reduce;
-        let parent = &*self.parent;
-        let maps = env.runner.run(
-            env,
-            parent.num_partitions(env),
-            &FxHashMap::default,
-            &|acc: &mut FxHashMap<K, V>, more| more.into_iter().for_each(|(k, v)| fold_into(acc, k, v, reduce)),
-            &|p| parent.source_block(env, p),
-            &|p, scope, acc: &mut FxHashMap<K, V>| {
-                parent.compute(env, scope, p, &mut |(k, v)| fold_into(acc, k, v, reduce))
-            },
-        )?;
-        let merged = shuffle_merge(env, maps, self.partitions, &|acc: &mut V, v| {
-            *acc = reduce(acc.clone(), v);
-        });
+        let merged = combine_by_key(env, &*self.parent, &Reduce(&*self.reduce), self.partitions)?;
         self.cache.put(
             env.time_ms,
             merged.into_iter().map(|m| m.into_iter().collect()).collect(),
@@ -332,6 +348,41 @@ impl<T: Data> DStream<T> {
         }
     }
 
+    /// Applies `f` to the whole batch at once: `f(batch_time_ms, elements)` returns the batch of
+    /// the new stream (Spark's `transform`). Use it for what needs every element of the batch
+    /// together: sorting, de-duplicating across partitions, top-k, joining with a table.
+    ///
+    /// This is a stage boundary (a barrier, like a shuffle): the stream below it is computed in
+    /// parallel, its partitions are concatenated in order and handed to `f` on the executor pool
+    /// (so `f` may itself use rayon); `f`'s result is cut into the context's default number of
+    /// partitions, in order. A panic in `f` is retried (the input is recomputed), up to the
+    /// context's `max_task_attempts`; then the batch fails and the stream stops — the dead-letter
+    /// policy does not apply, since no single input record is to blame. `f` must be a
+    /// deterministic function of its input for re-run batches to reproduce their output.
+    ///
+    /// ```no_run
+    /// # fn demo(lines: sluice_engine::DStream<String>) {
+    /// // Every distinct line of the batch, sorted (across all partitions).
+    /// let sorted = lines.transform(|_batch_time_ms, mut lines: Vec<String>| {
+    ///     lines.sort_unstable();
+    ///     lines.dedup();
+    ///     lines
+    /// });
+    /// sorted.print(10);
+    /// # }
+    /// ```
+    pub fn transform<O: Data + Clone>(&self, f: impl Fn(i64, Vec<T>) -> Vec<O> + Send + Sync + 'static) -> DStream<O> {
+        DStream {
+            node: Arc::new(TransformNode {
+                parent: self.node.clone(),
+                f: Arc::new(f),
+                partitions: self.graph.default_partitions(),
+                cache: StageCache::default(),
+            }),
+            graph: self.graph.clone(),
+        }
+    }
+
     /// The partitions of `self` followed by those of `others`, per batch.
     pub fn union(&self, others: &[DStream<T>]) -> DStream<T> {
         let mut parents = vec![self.node.clone()];
@@ -373,5 +424,19 @@ impl<T: Key> DStream<T> {
     /// Counts each distinct element per batch.
     pub fn count_by_value(&self) -> DStream<(T, u64)> {
         self.map(|x| (x, 1u64)).reduce_by_key(|a, b| a + b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_contiguous;
+
+    #[test]
+    fn split_contiguous_keeps_order_and_balances() {
+        let parts = split_contiguous((0..10).collect(), 4);
+        assert_eq!(parts, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![9]]);
+        assert_eq!(split_contiguous((0..2).collect(), 4), vec![vec![0], vec![1]]);
+        assert!(split_contiguous(Vec::<u8>::new(), 4).is_empty());
+        assert_eq!(split_contiguous(vec![1, 2], 0), vec![vec![1, 2]]);
     }
 }

@@ -6,14 +6,14 @@
 //! `map_partitions`, `union`) are *fused*: a node computes one partition by asking its parent to
 //! push elements into a closure, so a chain `blocks → flat_map → map → reduce_by_key` runs as one
 //! rayon task per input block that never materialises the intermediate elements. Keyed operators,
-//! windows, state and outputs are stage boundaries: they run the fused chain below them as tasks
-//! (one per partition, in parallel on the context's rayon pool), shuffle or collect the results,
-//! and cache them for the rest of the batch.
+//! whole-batch functions (`transform`), windows, state and outputs are stage boundaries: they run
+//! the fused chain below them as tasks (one per partition, in parallel on the context's rayon
+//! pool), shuffle or collect the results, and cache them for the rest of the batch.
 //!
 //! # Failures
 //!
 //! A task that fails (a panic in user code, or a block that cannot be read) is retried up to
-//! `max_task_attempts` times. After that the [`FailurePolicy`](crate::FailurePolicy) applies:
+//! `max_task_attempts` times. After that the [`FailurePolicy`] applies:
 //! stop the stream (default), or — for stages that read input blocks — evaluate the partition
 //! record by record, keep what succeeds and send each failing input record, with its shard,
 //! position and the error, to the dead-letter sink. Records are never skipped silently.
@@ -279,6 +279,45 @@ impl StageRunner {
         );
         self.dead_letters.lock().expect("dead letters").extend(failed);
         Ok(acc)
+    }
+
+    /// Runs a whole-batch function `f` over every element of `node` for the batch: a barrier,
+    /// like a shuffle. `node`'s stages run first (with their own retries); then `f` runs on the
+    /// pool with all elements in partition order. A panic in `f` is retried by recomputing the
+    /// input from its lineage (cached stages, or the batch's blocks), up to `max_attempts`
+    /// times; then the batch fails. The per-record dead-letter fallback does not apply: a
+    /// whole-batch function has no single input record to blame.
+    pub(crate) fn run_barrier<T: Send, O: Send>(
+        &self,
+        env: &BatchEnv,
+        node: &dyn Node<T>,
+        f: &(dyn Fn(i64, Vec<T>) -> Vec<O> + Sync),
+    ) -> Result<Vec<O>, JobError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let items: Vec<T> = self.collect(env, node)?.into_iter().flatten().collect();
+            self.tasks.fetch_add(1, Relaxed);
+            let error = match self
+                .pool
+                .install(|| catch_unwind(AssertUnwindSafe(|| f(env.time_ms, items))))
+            {
+                Ok(out) => return Ok(out),
+                Err(payload) => TaskError::from_panic(&payload),
+            };
+            self.task_failures.fetch_add(1, Relaxed);
+            tracing::warn!(batch = env.time_ms, attempt = attempts, error = %error, "whole-batch function failed");
+            if attempts >= self.max_attempts {
+                return Err(JobError {
+                    time_ms: env.time_ms,
+                    partition: 0,
+                    attempts,
+                    error,
+                });
+            }
+            self.task_retries.fetch_add(1, Relaxed);
+        }
     }
 
     /// Runs a fused chain into one `Vec` per partition.

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use sluice_blockstore::{
-    Block, BlockId, BlockReader, BlockStore, BlockStoreConfig, Position, SharedClock, StorageLevel,
+    Block, BlockId, BlockOrigin, BlockReader, BlockStore, BlockStoreConfig, Position, SharedClock, StorageLevel,
 };
 use sluice_operators::{DeadLetterRow, DeadLetterSink};
 use sluice_receiver::local_log::LocalLog;
@@ -169,15 +169,18 @@ impl ReadBlock for EngineBlocks {
                 ),
                 data_lost: true,
             })?;
-        let replayed_before = self.store.metrics().blocks_replayed;
-        let result = reader.read(&block.meta, block.is_block_id_valid);
-        if self.store.metrics().blocks_replayed > replayed_before {
+        let (read, origin) = reader
+            .read_with_origin(&block.meta, block.is_block_id_valid)
+            .map_err(|e| TaskError::BlockUnavailable {
+                data_lost: e.is_data_lost(),
+                message: e.to_string(),
+            })?;
+        // The reader says whether it replayed: the store's replay counter is shared by concurrent
+        // tasks, so diffing it around this read would miscount.
+        if origin == BlockOrigin::Replay {
             self.metrics.blocks_replayed.fetch_add(1, Relaxed);
         }
-        result.map_err(|e| TaskError::BlockUnavailable {
-            data_lost: e.is_data_lost(),
-            message: e.to_string(),
-        })
+        Ok(read)
     }
 }
 

@@ -11,16 +11,17 @@
 //! stateful operator starts it empty (with a warning), and one that removes operators ignores
 //! their snapshots. Snapshots older than the previous completed batch are deleted.
 
-use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::checkpoint_store::CheckpointStore;
-use crate::dstream::{DStream, Data, Key, StageCache, shuffle_merge};
+use sluice_operators::shuffle::{Group, partition_of};
+
+use crate::dstream::{DStream, Data, Key, StageCache, combine_by_key};
 use crate::graph::{BatchEnv, JobError, Node, Scope, TaskError};
 use crate::tracker::TrackedBlock;
 use crate::{Error, Result};
@@ -145,25 +146,7 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
         if self.cache.get(env.time_ms).is_some() {
             return Ok(());
         }
-        self.parent.prepare(env)?;
-        let parent = &*self.parent;
-        let grouped = env.runner.run(
-            env,
-            parent.num_partitions(env),
-            &FxHashMap::default,
-            &|acc: &mut FxHashMap<K, Vec<V>>, more| {
-                for (k, mut vs) in more {
-                    acc.entry(k).or_default().append(&mut vs);
-                }
-            },
-            &|p| parent.source_block(env, p),
-            &|p, scope, acc: &mut FxHashMap<K, Vec<V>>| {
-                parent.compute(env, scope, p, &mut |(k, v)| acc.entry(k).or_default().push(v))
-            },
-        )?;
-        let grouped = shuffle_merge(env, grouped, self.partitions, &|acc: &mut Vec<V>, mut more| {
-            acc.append(&mut more);
-        });
+        let grouped = combine_by_key(env, &*self.parent, &Group::new(), self.partitions)?;
         let previous = {
             let table = self.state.lock().expect("state");
             if table.time_ms.is_some_and(|t| t >= env.time_ms) {
@@ -294,8 +277,7 @@ where
         }
         let mut parts: Vec<FxHashMap<K, S>> = (0..self.partitions).map(|_| FxHashMap::default()).collect();
         for (k, s) in snapshot.entries {
-            let q = (FxBuildHasher.hash_one(&k) % self.partitions as u64) as usize;
-            parts[q].insert(k, s);
+            parts[partition_of(&k, self.partitions)].insert(k, s);
         }
         *self.state.lock().expect("state") = StateTable {
             time_ms: Some(time_ms),

@@ -11,6 +11,7 @@
 //! streams are not recomputed this way: put the window below the state.
 
 use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use rustc_hash::FxHashMap;
@@ -162,37 +163,71 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
         }
         let step = self.slide as i64 * env.interval_ms;
         let previous = self.previous.lock().expect("window state").clone();
-        let mut result: FxHashMap<K, V> = match previous {
-            Some((t, prev)) if t == env.time_ms - step => {
-                let mut acc = (*prev).clone();
+        // The incremental form needs overlapping windows (`slide < length`): with `slide >=
+        // length` the batches "entering" would include some outside the window and the ones
+        // "leaving" some the previous window never held, and nothing is saved anyway.
+        let incremental = match previous {
+            Some((t, prev)) if t == env.time_ms - step && self.slide < self.length => {
                 // Entering: the last `slide` batches. Leaving: the `slide` batches before the window.
+                let mut entering = Vec::with_capacity(self.slide);
+                let mut leaving = Vec::with_capacity(self.slide);
                 for k in 0..self.slide as i64 {
-                    let entering = self
-                        .history
-                        .get(env, &*self.reduced, env.time_ms - k * env.interval_ms)?;
-                    fold(&mut acc, &entering, &*self.reduce);
-                    let leaving_time = env.time_ms - (self.length as i64 + k) * env.interval_ms;
-                    let leaving = self.history.get(env, &*self.reduced, leaving_time)?;
-                    for (key, v) in leaving.iter().flatten() {
+                    let time = env.time_ms - k * env.interval_ms;
+                    entering.push(self.history.get(env, &*self.reduced, time)?);
+                    let time = env.time_ms - (self.length as i64 + k) * env.interval_ms;
+                    leaving.push(self.history.get(env, &*self.reduced, time)?);
+                }
+                Some((prev, entering, leaving))
+            }
+            _ => None,
+        };
+        let spanned = match incremental {
+            Some(_) => Vec::new(),
+            // First window, after a restart, or not overlapping: reduce the batches it spans.
+            None => window_times(env, self.length)
+                .map(|t| self.history.get(env, &*self.reduced, t))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        // User functions run here, outside a task: a panic fails the batch instead of the job
+        // generator thread.
+        let reduce = &*self.reduce;
+        let inverse = &*self.inverse;
+        let computed = catch_unwind(AssertUnwindSafe(|| {
+            if let Some((prev, entering, leaving)) = incremental {
+                let mut acc = (*prev).clone();
+                for parts in &entering {
+                    fold(&mut acc, parts, reduce);
+                }
+                for parts in &leaving {
+                    for (key, v) in parts.iter().flatten() {
                         if let Some(a) = acc.get_mut(key) {
-                            *a = (self.inverse)(a.clone(), v.clone());
+                            *a = inverse(a.clone(), v.clone());
                         }
                     }
                 }
                 acc
-            }
-            _ => {
-                // First window, or after a restart: compute it from the batches it spans.
+            } else {
                 let mut acc = FxHashMap::default();
-                for t in window_times(env, self.length) {
-                    let parts = self.history.get(env, &*self.reduced, t)?;
-                    fold(&mut acc, &parts, &*self.reduce);
+                for parts in &spanned {
+                    fold(&mut acc, parts, reduce);
                 }
                 acc
             }
-        };
+        }));
+        let mut result = computed.map_err(|payload| JobError {
+            time_ms: env.time_ms,
+            partition: 0,
+            attempts: 1,
+            error: TaskError::from_panic(&payload),
+        })?;
         if let Some(filter) = &self.filter {
-            result.retain(|k, v| filter(k, v));
+            let filtered = catch_unwind(AssertUnwindSafe(|| result.retain(|k, v| filter(k, v))));
+            filtered.map_err(|payload| JobError {
+                time_ms: env.time_ms,
+                partition: 0,
+                attempts: 1,
+                error: TaskError::from_panic(&payload),
+            })?;
         }
         let result = Arc::new(result);
         *self.previous.lock().expect("window state") = Some((env.time_ms, result.clone()));
@@ -246,7 +281,8 @@ impl<K: Key, V: Data + Clone> DStream<(K, V)> {
     /// Reduces each key's values over the last `length` batches, every `slide` batches.
     ///
     /// With `inverse` (which must undo `reduce`: `inverse(reduce(a, b), b) == a`), each window is
-    /// computed incrementally from the previous one; `filter` then drops keys whose value no
+    /// computed incrementally from the previous one when windows overlap (`slide < length`;
+    /// otherwise each window is reduced from its batches); `filter` then drops keys whose value no
     /// longer matters (for counts: `|_, c| *c > 0`). Without `inverse`, each window is reduced
     /// from the per-batch results it spans.
     ///

@@ -9,47 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice_engine::{DStream, Error, FailurePolicy, StreamingContext};
 use sluice_operators::bench_data;
-use sluice_receiver::ReceiverConfig;
-use sluice_receiver::local_log::LocalLog;
 
-const STREAM: &str = "lines";
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+mod support;
 
-fn fill_log(dir: &Path, lines: &[String], shards: u32) {
-    let log = LocalLog::open(dir).unwrap();
-    let stream = log.create_stream(STREAM, shards).unwrap();
-    let mut producer = stream.producer().unwrap();
-    for (i, line) in lines.iter().enumerate() {
-        producer
-            .put(&i.to_string(), Bytes::copy_from_slice(line.as_bytes()))
-            .unwrap();
-    }
-    producer.flush().unwrap();
-}
-
-#[allow(clippy::needless_pass_by_value)] // `flat_map` hands each line over by value
-fn words(line: Bytes) -> Vec<String> {
-    String::from_utf8_lossy(&line)
-        .split_ascii_whitespace()
-        .map(str::to_owned)
-        .collect()
-}
-
-fn context(data: &Path, batch_ms: u64, threads: usize) -> StreamingContext {
-    StreamingContext::builder()
-        .batch_interval(Duration::from_millis(batch_ms))
-        .data_dir(data)
-        .executor_threads(threads)
-        .build()
-        .unwrap()
-}
-
-fn receiver_config(block_ms: u64) -> ReceiverConfig {
-    ReceiverConfig {
-        block_interval_ms: block_ms,
-        ..ReceiverConfig::default()
-    }
-}
+use support::{DRAIN_TIMEOUT, STREAM, context, fill_log, receiver_config, words};
 
 /// Word count whose totals (state) are captured after every batch.
 fn word_count(lines: &DStream<Bytes>) -> Arc<Mutex<HashMap<String, u64>>> {
@@ -275,4 +238,60 @@ fn lost_blocks_are_rebuilt_by_replay_with_identical_results() {
     assert!(removed > 0, "the test deleted no block");
     assert!(ctx.metrics().blocks_replayed > 0, "no block was replayed");
     assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
+}
+
+#[test]
+fn transform_sees_the_whole_batch_across_partitions_and_is_retried() {
+    let lines = bench_data::zipf_lines(3_000, 400, 21);
+    let dir = tempfile::tempdir().unwrap();
+    fill_log(&dir.path().join("log"), &lines, 3);
+    let ctx = context(&dir.path().join("data"), 150, 3);
+    let stream = ctx
+        .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(20))
+        .unwrap();
+    let words = stream.flat_map(words);
+    // Per batch: the input words, and the transform's output (sorted, de-duplicated).
+    let inputs: Arc<Mutex<HashMap<i64, Vec<String>>>> = Arc::default();
+    let outputs: Arc<Mutex<HashMap<i64, Vec<String>>>> = Arc::default();
+    let keep = inputs.clone();
+    words.foreach_batch(move |t, all| {
+        keep.lock().unwrap().insert(t, all);
+        Ok(())
+    });
+    let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = failed_once.clone();
+    let distinct_sorted = words.transform(move |_t, mut all: Vec<String>| {
+        assert!(
+            flag.swap(true, std::sync::atomic::Ordering::SeqCst),
+            "injected failure (first attempt only)"
+        );
+        all.sort_unstable();
+        all.dedup();
+        all
+    });
+    // A narrow operator after the barrier runs over its (several) output partitions.
+    let keep = outputs.clone();
+    distinct_sorted.map(|w| w.to_uppercase()).foreach_batch(move |t, all| {
+        keep.lock().unwrap().insert(t, all);
+        Ok(())
+    });
+    ctx.start().unwrap();
+    assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
+    ctx.stop(true).unwrap();
+    assert!(failed_once.load(std::sync::atomic::Ordering::SeqCst));
+    let inputs = inputs.lock().unwrap();
+    let outputs = outputs.lock().unwrap();
+    assert_eq!(inputs.len(), outputs.len(), "one output per batch");
+    for (t, input) in inputs.iter() {
+        let mut expected: Vec<String> = input.iter().map(|w| w.to_uppercase()).collect();
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(outputs[t], expected, "batch {t}");
+    }
+    let total: usize = inputs.values().map(Vec::len).sum();
+    let reference_total: u64 = bench_data::reference_word_count(&lines).values().sum();
+    assert_eq!(
+        total as u64, reference_total,
+        "every word went through exactly one batch"
+    );
 }

@@ -22,7 +22,7 @@ use arrow_array::{ArrayRef, BinaryArray, Int64Array, RecordBatch, StringArray, U
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use sluice_blockstore::Record;
 
-use crate::parquet_sink::BatchDirStore;
+use crate::batch_dir::BatchDirStore;
 use crate::{Error, Result};
 
 /// One record that could not be processed, with why and how often it was tried.

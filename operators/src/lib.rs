@@ -3,6 +3,9 @@
 //! The per-batch side of Sluice: what a batch's records turn into and where they end up.
 //!
 //! It owns:
+//! - [`shuffle`]: the keyed-shuffle kernels (map-side combining with a [`shuffle::Combiner`], hash
+//!   partitioning, the merge after the shuffle) that the engine's keyed operators run in their
+//!   tasks;
 //! - [`ParquetSink`]: idempotent, batch-partitioned Parquet output on a local directory,
 //!   `memory://` or S3 (`batch_time=<ms>/part-<i>.parquet` + `_SUCCESS` written last, re-runs
 //!   replace), which is what makes Parquet output exactly-once;
@@ -13,11 +16,12 @@
 //! It builds on `sluice-blockstore`'s data model only. It must never know about receivers,
 //! sources, the job scheduler or checkpoints: only `engine` wires those to operators.
 
+mod batch_dir;
 pub mod bench_data;
 mod dead_letter;
 mod error;
-mod location;
 mod parquet_sink;
+pub mod shuffle;
 mod to_record_batch;
 
 pub use dead_letter::{DeadLetterRow, DeadLetterSink, dead_letter_schema, dead_letters_to_record_batch};

@@ -1,0 +1,58 @@
+//! Helpers shared by the engine's integration tests: a filled local log, the word splitter and a
+//! context with short intervals.
+
+// Each test crate uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_engine::StreamingContext;
+use sluice_receiver::ReceiverConfig;
+use sluice_receiver::local_log::LocalLog;
+
+/// The local-log stream the tests read.
+pub const STREAM: &str = "lines";
+/// How long a test waits for a pipeline to drain.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Creates the local log under `dir` with `shards` shards and appends `lines`.
+pub fn fill_log(dir: &Path, lines: &[String], shards: u32) {
+    let log = LocalLog::open(dir).unwrap();
+    let stream = log.create_stream(STREAM, shards).unwrap();
+    let mut producer = stream.producer().unwrap();
+    for (i, line) in lines.iter().enumerate() {
+        producer
+            .put(&i.to_string(), Bytes::copy_from_slice(line.as_bytes()))
+            .unwrap();
+    }
+    producer.flush().unwrap();
+}
+
+/// The whitespace-separated words of a line.
+#[allow(clippy::needless_pass_by_value)] // `flat_map` hands each line over by value
+pub fn words(line: Bytes) -> Vec<String> {
+    String::from_utf8_lossy(&line)
+        .split_ascii_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A context with its data under `data`.
+pub fn context(data: &Path, batch_ms: u64, threads: usize) -> StreamingContext {
+    StreamingContext::builder()
+        .batch_interval(Duration::from_millis(batch_ms))
+        .data_dir(data)
+        .executor_threads(threads)
+        .build()
+        .unwrap()
+}
+
+/// A receiver config with the given block interval.
+pub fn receiver_config(block_ms: u64) -> ReceiverConfig {
+    ReceiverConfig {
+        block_interval_ms: block_ms,
+        ..ReceiverConfig::default()
+    }
+}

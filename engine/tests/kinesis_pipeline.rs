@@ -5,16 +5,18 @@
 //! start or end inside KPL aggregates.
 #![cfg(feature = "kinesis")]
 
+mod support;
+
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use sluice_engine::{DStream, KinesisInput, StreamingContext};
+use sluice_engine::{KinesisInput, StreamingContext};
 use sluice_operators::bench_data;
 use sluice_receiver::kinesis::{KinesisConfig, KinesisProducer, KinesisSource};
 use sluice_receiver::{AwsSettings, ReceiverConfig, Source};
+use support::word_count;
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -60,31 +62,6 @@ fn fill_stream(config: &KinesisConfig, lines: &[String]) -> KinesisProducer {
         .collect();
     producer.put(&plain).unwrap();
     producer
-}
-
-#[allow(clippy::needless_pass_by_value)] // `flat_map` hands each line over by value
-fn words(line: Bytes) -> Vec<String> {
-    String::from_utf8_lossy(&line)
-        .split_ascii_whitespace()
-        .map(str::to_owned)
-        .collect()
-}
-
-fn word_count(lines: &DStream<Bytes>) -> Arc<Mutex<HashMap<String, u64>>> {
-    let totals =
-        lines
-            .flat_map(words)
-            .count_by_value()
-            .update_state_by_key(|_w: &String, new: Vec<u64>, old: Option<u64>| {
-                Some(old.unwrap_or(0) + new.iter().sum::<u64>())
-            });
-    let latest: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
-    let keep = latest.clone();
-    totals.foreach_batch(move |_t, all| {
-        *keep.lock().unwrap() = all.into_iter().collect();
-        Ok(())
-    });
-    latest
 }
 
 /// Runs word count over a fresh stream; with `delete_blocks`, a thread deletes every stored

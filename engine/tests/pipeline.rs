@@ -7,31 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_engine::{DStream, Error, FailurePolicy, StreamingContext};
+use sluice_engine::{Error, FailurePolicy, StreamingContext};
 use sluice_operators::bench_data;
 
 mod support;
 
-use support::{DRAIN_TIMEOUT, STREAM, context, fill_log, receiver_config, words};
+use support::{DRAIN_TIMEOUT, STREAM, context, fill_log, receiver_config, word_count, words};
 
 /// Word count whose totals (state) are captured after every batch.
-fn word_count(lines: &DStream<Bytes>) -> Arc<Mutex<HashMap<String, u64>>> {
-    let totals =
-        lines
-            .flat_map(words)
-            .count_by_value()
-            .update_state_by_key(|_w: &String, new: Vec<u64>, old: Option<u64>| {
-                Some(old.unwrap_or(0) + new.iter().sum::<u64>())
-            });
-    let latest: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
-    let keep = latest.clone();
-    totals.foreach_batch(move |_t, all| {
-        *keep.lock().unwrap() = all.into_iter().collect();
-        Ok(())
-    });
-    latest
-}
-
 #[test]
 fn word_count_equals_the_reference_for_several_intervals_and_thread_counts() {
     let lines = bench_data::zipf_lines(6_000, 500, 7);

@@ -4,11 +4,13 @@
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_engine::StreamingContext;
+use sluice_engine::{DStream, StreamingContext};
 use sluice_receiver::ReceiverConfig;
 use sluice_receiver::local_log::LocalLog;
 
@@ -55,4 +57,22 @@ pub fn receiver_config(block_ms: u64) -> ReceiverConfig {
         block_interval_ms: block_ms,
         ..ReceiverConfig::default()
     }
+}
+
+/// Word count whose totals (state) are captured after every batch.
+pub fn word_count(lines: &DStream<Bytes>) -> Arc<Mutex<HashMap<String, u64>>> {
+    let totals =
+        lines
+            .flat_map(words)
+            .count_by_value()
+            .update_state_by_key(|_w: &String, new: Vec<u64>, old: Option<u64>| {
+                Some(old.unwrap_or(0) + new.iter().sum::<u64>())
+            });
+    let latest: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let keep = latest.clone();
+    totals.foreach_batch(move |_t, all| {
+        *keep.lock().unwrap() = all.into_iter().collect();
+        Ok(())
+    });
+    latest
 }

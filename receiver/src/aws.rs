@@ -113,22 +113,42 @@ impl AwsSettings {
         }
     }
 
-    /// A Kinesis client for `config`, with this settings' endpoint override.
-    pub fn kinesis_client(&self, config: &SdkConfig) -> aws_sdk_kinesis::Client {
-        let mut builder = aws_sdk_kinesis::config::Builder::from(config);
+    /// A Kinesis client for `config` with this settings' endpoint override and the SDK's own
+    /// retries off: throttles and transient failures are retried (and counted) by the callers.
+    pub(crate) fn kinesis_client(&self, config: &SdkConfig) -> aws_sdk_kinesis::Client {
+        let mut builder = aws_sdk_kinesis::config::Builder::from(config)
+            .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled());
         if let Some(url) = &self.kinesis_endpoint {
             builder = builder.endpoint_url(url);
         }
         aws_sdk_kinesis::Client::from_conf(builder.build())
     }
 
-    /// A `DynamoDB` client for `config`, with this settings' endpoint override.
-    pub fn dynamodb_client(&self, config: &SdkConfig) -> aws_sdk_dynamodb::Client {
-        let mut builder = aws_sdk_dynamodb::config::Builder::from(config);
+    /// A `DynamoDB` client for `config`, like [`AwsSettings::kinesis_client`].
+    pub(crate) fn dynamodb_client(&self, config: &SdkConfig) -> aws_sdk_dynamodb::Client {
+        let mut builder = aws_sdk_dynamodb::config::Builder::from(config)
+            .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled());
         if let Some(url) = &self.dynamodb_endpoint {
             builder = builder.endpoint_url(url);
         }
         aws_sdk_dynamodb::Client::from_conf(builder.build())
+    }
+
+    /// The endpoint a client of `service` (`kinesis`, `dynamodb`) talks to, for error messages:
+    /// the override, else `AWS_ENDPOINT_URL_<SERVICE>`, else `AWS_ENDPOINT_URL`, else AWS's.
+    pub(crate) fn endpoint_of(&self, service: &str, config: &SdkConfig) -> String {
+        let configured = match service {
+            "kinesis" => &self.kinesis_endpoint,
+            _ => &self.dynamodb_endpoint,
+        };
+        configured
+            .clone()
+            .or_else(|| std::env::var(format!("AWS_ENDPOINT_URL_{}", service.to_ascii_uppercase())).ok())
+            .or_else(|| config.endpoint_url().map(str::to_owned))
+            .unwrap_or_else(|| {
+                let region = config.region().map_or("(none)", |r| r.as_ref());
+                format!("https://{service}.{region}.amazonaws.com")
+            })
     }
 }
 

@@ -262,15 +262,9 @@ impl KinesisSource {
     pub fn connect(config: KinesisConfig) -> Result<Self, KinesisError> {
         config.validate()?;
         let sdk = config.aws.load()?;
-        let client = kinesis_client(&config.aws, &sdk);
+        let client = config.aws.kinesis_client(&sdk);
         let region = sdk.region().map_or_else(|| "(none)".to_owned(), ToString::to_string);
-        let endpoint = config
-            .aws
-            .kinesis_endpoint
-            .clone()
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL_KINESIS").ok())
-            .or_else(|| sdk.endpoint_url().map(str::to_owned))
-            .unwrap_or_else(|| format!("https://kinesis.{region}.amazonaws.com"));
+        let endpoint = config.aws.endpoint_of("kinesis", &sdk);
         let request = client.describe_stream_summary().stream_name(&config.stream_name);
         match block_on(request.send()) {
             Ok(_) => {}
@@ -328,17 +322,6 @@ impl KinesisSource {
     pub fn config(&self) -> &KinesisConfig {
         &self.inner.config
     }
-}
-
-/// A Kinesis client with the settings' endpoint and the SDK's retries off: throttles and
-/// transient failures are retried (and counted) by the shard loop and the replay.
-pub(crate) fn kinesis_client(settings: &AwsSettings, sdk: &aws_config::SdkConfig) -> Client {
-    let mut builder = aws_sdk_kinesis::config::Builder::from(sdk)
-        .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled());
-    if let Some(url) = &settings.kinesis_endpoint {
-        builder = builder.endpoint_url(url);
-    }
-    Client::from_conf(builder.build())
 }
 
 /// Maps a failed call to a [`SourceError`] by the service's error code.

@@ -10,7 +10,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
 use sluice_blockstore::{Position, SequenceNumber};
 
-use super::{KinesisConfig, KinesisError, classify, kinesis_client, kpl};
+use super::{KinesisConfig, KinesisError, classify, kpl};
 use crate::aws::block_on;
 use crate::source::SourceError;
 
@@ -38,7 +38,7 @@ impl KinesisProducer {
         config.validate()?;
         let sdk = config.aws.load()?;
         Ok(Self {
-            client: kinesis_client(&config.aws, &sdk),
+            client: config.aws.kinesis_client(&sdk),
             stream: config.stream_name.clone(),
         })
     }

@@ -139,26 +139,13 @@ impl DynamoLeaseStore {
     ) -> Result<Self, DynamoConnectError> {
         validate_table_name(table_name)?;
         let sdk = settings.load()?;
-        let mut builder = aws_sdk_dynamodb::config::Builder::from(&sdk)
-            .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled());
-        if let Some(url) = &settings.dynamodb_endpoint {
-            builder = builder.endpoint_url(url);
-        }
         let store = Self {
-            client: Client::from_conf(builder.build()),
+            client: settings.dynamodb_client(&sdk),
             table: table_name.to_owned(),
             options,
             metrics: MetricsCells::default(),
         };
-        let endpoint = settings
-            .dynamodb_endpoint
-            .clone()
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL_DYNAMODB").ok())
-            .or_else(|| sdk.endpoint_url().map(str::to_owned))
-            .unwrap_or_else(|| {
-                let region = sdk.region().map_or("(none)", |r| r.as_ref());
-                format!("https://dynamodb.{region}.amazonaws.com")
-            });
+        let endpoint = settings.endpoint_of("dynamodb", &sdk);
         store.ensure_table(&endpoint)?;
         Ok(store)
     }

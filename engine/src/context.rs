@@ -729,17 +729,8 @@ impl Shared {
             let graph = self.graph.lock().expect("graph");
             crate::state::snapshot_all(&self.checkpoint, time_ms, &graph.stateful)?;
         }
-        self.tracker.batch_completed(time_ms)?;
-        let ended = self.clock.now_ms();
-        {
-            let mut status = self.status.lock().expect("status");
-            status.last_processed_ms = Some(time_ms);
-        }
-        self.last_processed
-            .store(u64::try_from(time_ms).unwrap_or(0), Ordering::SeqCst);
-        self.status_changed.notify_all();
-
-        // Cleanup behind completed batches, keeping what windows need.
+        // Cleanup behind completed batches, keeping what windows need; logged together with
+        // the completion (one durable append).
         let remember = {
             let graph = self.graph.lock().expect("graph");
             let keep = i64::try_from(graph.remember_batches.max(1)).unwrap_or(i64::MAX);
@@ -750,7 +741,17 @@ impl Shared {
             keep
         };
         let before = time_ms - (remember - 1) * self.interval_ms;
-        for id in self.tracker.cleanup(before)? {
+        let removed = self.tracker.complete_batch(time_ms, before)?;
+        let ended = self.clock.now_ms();
+        {
+            let mut status = self.status.lock().expect("status");
+            status.last_processed_ms = Some(time_ms);
+        }
+        self.last_processed
+            .store(u64::try_from(time_ms).unwrap_or(0), Ordering::SeqCst);
+        self.status_changed.notify_all();
+
+        for id in removed {
             self.blocks.remove(id);
         }
         crate::state::cleanup_snapshots(&self.checkpoint, time_ms)?;

@@ -9,10 +9,22 @@ use sluice_engine::{CheckpointStore, MetadataLog, ReceivedBlockTracker};
 
 #[derive(Debug, Clone)]
 enum Op {
-    AddBlock { shard: u8, records: u8 },
+    AddBlock {
+        shard: u8,
+        records: u8,
+    },
     Allocate,
-    Complete { nth_pending: u8 },
-    Cleanup { keep_last: u8 },
+    Complete {
+        nth_pending: u8,
+    },
+    Cleanup {
+        keep_last: u8,
+    },
+    /// `complete_batch`: completion and cleanup in one append.
+    CompleteAndCleanup {
+        nth_pending: u8,
+        keep_last: u8,
+    },
     Crash,
 }
 
@@ -20,6 +32,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u8..3, 1u8..20).prop_map(|(shard, records)| Op::AddBlock { shard, records }),
         2 => Just(Op::Allocate),
+        1 => (0u8..4, 0u8..3).prop_map(|(nth_pending, keep_last)| Op::CompleteAndCleanup { nth_pending, keep_last }),
         2 => (0u8..4).prop_map(|nth_pending| Op::Complete { nth_pending }),
         1 => (0u8..4).prop_map(|keep_last| Op::Cleanup { keep_last }),
         1 => Just(Op::Crash),
@@ -35,6 +48,24 @@ struct Model {
     completed: BTreeSet<i64>,
     last_pos: BTreeMap<String, String>,
     now: i64,
+}
+
+impl Model {
+    /// Forgets completed batches before `before`; returns their blocks in batch order.
+    fn cleanup(&mut self, before: i64) -> Vec<BlockId> {
+        let done: Vec<i64> = self
+            .batches
+            .range(..before)
+            .map(|(t, _)| *t)
+            .filter(|t| self.completed.contains(t))
+            .collect();
+        let mut ids = Vec::new();
+        for t in done {
+            ids.extend(self.batches.remove(&t).unwrap());
+            self.completed.remove(&t);
+        }
+        ids
+    }
 }
 
 fn open(store: &CheckpointStore, compact_every: usize) -> (ReceivedBlockTracker, sluice_engine::RecoveredState) {
@@ -87,13 +118,16 @@ proptest! {
                 Op::Cleanup { keep_last } => {
                     let before = m.now - i64::from(keep_last) * 1000;
                     let removed = tracker.cleanup(before).unwrap();
-                    let expected: Vec<i64> = m.batches.range(..before).map(|(t, _)| *t).filter(|t| m.completed.contains(t)).collect();
-                    let mut expected_ids = Vec::new();
-                    for t in expected {
-                        expected_ids.extend(m.batches.remove(&t).unwrap());
-                        m.completed.remove(&t);
+                    prop_assert_eq!(removed, m.cleanup(before));
+                }
+                Op::CompleteAndCleanup { nth_pending, keep_last } => {
+                    let pending: Vec<i64> = m.batches.keys().copied().filter(|t| !m.completed.contains(t)).collect();
+                    if let Some(t) = pending.get(nth_pending as usize) {
+                        let before = m.now - i64::from(keep_last) * 1000;
+                        let removed = tracker.complete_batch(*t, before).unwrap();
+                        m.completed.insert(*t);
+                        prop_assert_eq!(removed, m.cleanup(before));
                     }
-                    prop_assert_eq!(removed, expected_ids);
                 }
                 Op::Crash => {
                     drop(tracker);

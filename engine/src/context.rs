@@ -394,7 +394,9 @@ impl StreamingContext {
             None => CheckpointStore::local(config.data_dir.join("checkpoint"))?,
         };
         let (tracker, recovered) = ReceivedBlockTracker::recover(MetadataLog::open(&checkpoint)?)?;
-        let tracker = Arc::new(tracker);
+        // An empty batch is logged only when operator state moves with it (see the tracker).
+        let stateful = !self.graph.inner.lock().expect("graph").stateful.is_empty();
+        let tracker = Arc::new(tracker.with_empty_batches_logged(stateful));
         if !recovered.pending_batches.is_empty() || recovered.unallocated_blocks > 0 {
             tracing::info!(
                 pending = ?recovered.pending_batches,
@@ -725,10 +727,11 @@ impl Shared {
         outputs_result.map_err(|e| Error::Stopped { reason: e.to_string() })?;
         let dead: Vec<_> = std::mem::take(&mut *self.runner.dead_letters.lock().expect("dead letters"));
         self.blocks.write_dead_letters(time_ms, &dead)?;
-        {
+        let stateful = {
             let graph = self.graph.lock().expect("graph");
             crate::state::snapshot_all(&self.checkpoint, time_ms, &graph.stateful)?;
-        }
+            !graph.stateful.is_empty()
+        };
         // Cleanup behind completed batches, keeping what windows need; logged together with
         // the completion (one durable append).
         let remember = {
@@ -754,7 +757,9 @@ impl Shared {
         for id in removed {
             self.blocks.remove(id);
         }
-        crate::state::cleanup_snapshots(&self.checkpoint, time_ms)?;
+        if stateful {
+            crate::state::cleanup_snapshots(&self.checkpoint, time_ms)?;
+        }
 
         let info = BatchInfo {
             batch_time_ms: time_ms,

@@ -35,6 +35,9 @@ struct State {
     last_completed: Option<i64>,
     last_logged: HashMap<ShardKey, Position>,
     appends_since_compaction: usize,
+    /// Empty batches allocated without a log entry (see `log_empty_batches`): never written,
+    /// forgotten by a crash, which is harmless because re-running them would read nothing.
+    unlogged: BTreeSet<i64>,
 }
 
 impl State {
@@ -97,8 +100,16 @@ impl State {
                 }
             }
             self.completed.remove(&t);
+            self.unlogged.remove(&t);
         }
         removed
+    }
+
+    /// Whether a `Cleanup { before_ms }` would forget anything a log replay would rebuild.
+    fn cleanup_needs_logging(&self, before_ms: i64) -> bool {
+        self.batches
+            .range(..before_ms)
+            .any(|(t, _)| self.completed.contains(t) && !self.unlogged.contains(t))
     }
 
     /// The events that rebuild this state (for compaction).
@@ -114,7 +125,8 @@ impl State {
         ids.sort();
         // Allocated blocks first in batch order, then the unallocated queue in order, so that
         // replaying BlockAdded re-creates the same queue order.
-        for ids in self.batches.values() {
+        let logged = |t: &i64| !self.unlogged.contains(t);
+        for ids in self.batches.iter().filter(|(t, _)| logged(t)).map(|(_, ids)| ids) {
             events.extend(ids.iter().map(|id| LogEvent::BlockAdded {
                 meta: self.blocks[id].meta.clone(),
             }));
@@ -122,7 +134,7 @@ impl State {
         events.extend(self.unallocated.iter().map(|id| LogEvent::BlockAdded {
             meta: self.blocks[id].meta.clone(),
         }));
-        for (t, ids) in &self.batches {
+        for (t, ids) in self.batches.iter().filter(|(t, _)| logged(t)) {
             events.push(LogEvent::BatchAllocated {
                 time_ms: *t,
                 blocks: ids.clone(),
@@ -130,7 +142,12 @@ impl State {
         }
         // No `Cleanup` event: this state already reflects every cleanup, and replaying one would
         // also drop batches completed after it.
-        events.extend(self.completed.iter().map(|t| LogEvent::BatchCompleted { time_ms: *t }));
+        events.extend(
+            self.completed
+                .iter()
+                .filter(|t| logged(t))
+                .map(|t| LogEvent::BatchCompleted { time_ms: *t }),
+        );
         if let Some(t) = self.last_completed.filter(|t| !self.completed.contains(t)) {
             events.push(LogEvent::BatchCompleted { time_ms: t });
         }
@@ -159,6 +176,7 @@ pub struct ReceivedBlockTracker {
     log: MetadataLog,
     state: Mutex<State>,
     compact_every: usize,
+    log_empty_batches: bool,
 }
 
 /// Default number of log appends between compactions.
@@ -196,6 +214,7 @@ impl ReceivedBlockTracker {
                 log,
                 state: Mutex::new(state),
                 compact_every: DEFAULT_COMPACT_EVERY,
+                log_empty_batches: true,
             },
             recovered,
         ))
@@ -205,6 +224,19 @@ impl ReceivedBlockTracker {
     #[must_use]
     pub fn with_compact_every(mut self, appends: usize) -> Self {
         self.compact_every = appends.max(1);
+        self
+    }
+
+    /// Whether a batch with no blocks is written to the log (default `true`).
+    ///
+    /// With `false`, an empty batch is allocated and completed in memory only: two durable
+    /// appends fewer per idle batch. A crash forgets it, and nothing is lost by that — re-running
+    /// it would read no records. Only correct when the batch has no other durable effect to
+    /// re-run: the engine keeps logging empty batches when an operator keeps state, because
+    /// an empty batch still moves that state (and restore points at the last completed batch).
+    #[must_use]
+    pub fn with_empty_batches_logged(mut self, log: bool) -> Self {
+        self.log_empty_batches = log;
         self
     }
 
@@ -239,10 +271,15 @@ impl ReceivedBlockTracker {
                 return Ok(Vec::new());
             }
             let blocks: Vec<BlockId> = state.unallocated.iter().copied().collect();
+            let unlogged = blocks.is_empty() && !self.log_empty_batches;
             let event = LogEvent::BatchAllocated { time_ms, blocks };
-            self.log.append(std::slice::from_ref(&event))?;
+            if unlogged {
+                state.unlogged.insert(time_ms);
+            } else {
+                self.log.append(std::slice::from_ref(&event))?;
+                state.appends_since_compaction += 1;
+            }
             state.apply(&event, false);
-            state.appends_since_compaction += 1;
         }
         Ok(state.batches[&time_ms]
             .iter()
@@ -266,6 +303,12 @@ impl ReceivedBlockTracker {
     /// Metadata log errors: the batch then re-runs after a restart, which the idempotent sinks
     /// absorb.
     pub fn batch_completed(&self, time_ms: i64) -> Result<()> {
+        let mut state = self.state.lock().expect("tracker lock");
+        if state.unlogged.contains(&time_ms) {
+            state.completed.insert(time_ms);
+            return Ok(());
+        }
+        drop(state);
         self.log_and_apply(&LogEvent::BatchCompleted { time_ms })
     }
 
@@ -290,13 +333,21 @@ impl ReceivedBlockTracker {
     pub fn complete_batch(&self, time_ms: i64, cleanup_before_ms: i64) -> Result<Vec<BlockId>> {
         let mut state = self.state.lock().expect("tracker lock");
         let completed = LogEvent::BatchCompleted { time_ms };
-        self.log.append(&[
-            completed.clone(),
-            LogEvent::Cleanup {
-                before_ms: cleanup_before_ms,
-            },
-        ])?;
-        state.apply(&completed, false);
+        let cleanup = LogEvent::Cleanup {
+            before_ms: cleanup_before_ms,
+        };
+        if state.unlogged.contains(&time_ms) {
+            // An unlogged empty batch: its completion stays in memory; the cleanup is written
+            // only if it forgets something a replay of the log would bring back.
+            state.completed.insert(time_ms);
+            if !state.cleanup_needs_logging(cleanup_before_ms) {
+                return Ok(state.cleanup(cleanup_before_ms));
+            }
+            self.log.append(std::slice::from_ref(&cleanup))?;
+        } else {
+            self.log.append(&[completed.clone(), cleanup])?;
+            state.apply(&completed, false);
+        }
         let removed = state.cleanup(cleanup_before_ms);
         self.count_append(&mut state)?;
         Ok(removed)

@@ -48,6 +48,8 @@ struct Model {
     completed: BTreeSet<i64>,
     last_pos: BTreeMap<String, String>,
     now: i64,
+    /// Empty batches the tracker keeps in memory only (`with_empty_batches_logged(false)`).
+    unlogged: BTreeSet<i64>,
 }
 
 impl Model {
@@ -63,24 +65,32 @@ impl Model {
         for t in done {
             ids.extend(self.batches.remove(&t).unwrap());
             self.completed.remove(&t);
+            self.unlogged.remove(&t);
         }
         ids
     }
 }
 
-fn open(store: &CheckpointStore, compact_every: usize) -> (ReceivedBlockTracker, sluice_engine::RecoveredState) {
+fn open(
+    store: &CheckpointStore,
+    compact_every: usize,
+    log_empty: bool,
+) -> (ReceivedBlockTracker, sluice_engine::RecoveredState) {
     let log = MetadataLog::open(store).unwrap();
     let (t, r) = ReceivedBlockTracker::recover(log).unwrap();
-    (t.with_compact_every(compact_every), r)
+    (
+        t.with_compact_every(compact_every).with_empty_batches_logged(log_empty),
+        r,
+    )
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     #[test]
-    fn tracker_survives_crashes(ops in proptest::collection::vec(op(), 1..60), compact_every in 1usize..5) {
+    fn tracker_survives_crashes(ops in proptest::collection::vec(op(), 1..60), compact_every in 1usize..5, log_empty in any::<bool>()) {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::local(dir.path()).unwrap();
-        let (mut tracker, _) = open(&store, compact_every);
+        let (mut tracker, _) = open(&store, compact_every, log_empty);
         let mut m = Model::default();
         for op in ops {
             match op {
@@ -106,6 +116,9 @@ proptest! {
                     m.now += 1000;
                     let got: Vec<BlockId> = tracker.allocate_blocks_to_batch(m.now).unwrap().iter().map(|b| b.meta.id).collect();
                     prop_assert_eq!(&got, &m.unallocated);
+                    if !log_empty && m.unallocated.is_empty() {
+                        m.unlogged.insert(m.now);
+                    }
                     m.batches.insert(m.now, std::mem::take(&mut m.unallocated));
                 }
                 Op::Complete { nth_pending } => {
@@ -131,8 +144,13 @@ proptest! {
                 }
                 Op::Crash => {
                     drop(tracker);
-                    let (t, recovered) = open(&store, compact_every);
+                    let (t, recovered) = open(&store, compact_every, log_empty);
                     tracker = t;
+                    // A crash forgets unlogged empty batches, done or not: nothing to re-run.
+                    for t in std::mem::take(&mut m.unlogged) {
+                        m.batches.remove(&t);
+                        m.completed.remove(&t);
+                    }
                     let pending: Vec<i64> = m.batches.keys().copied().filter(|t| !m.completed.contains(t)).collect();
                     prop_assert_eq!(&recovered.pending_batches, &pending);
                     prop_assert_eq!(recovered.unallocated_blocks, m.unallocated.len());
@@ -155,7 +173,7 @@ proptest! {
 fn a_corrupt_entry_is_an_error_not_a_silent_truncation() {
     let dir = tempfile::tempdir().unwrap();
     let store = CheckpointStore::local(dir.path()).unwrap();
-    let (tracker, _) = open(&store, 1000);
+    let (tracker, _) = open(&store, 1000, true);
     tracker.allocate_blocks_to_batch(1000).unwrap();
     tracker.batch_completed(1000).unwrap();
     drop(tracker);
@@ -176,7 +194,7 @@ fn a_corrupt_entry_is_an_error_not_a_silent_truncation() {
 fn allocation_of_a_known_batch_returns_the_same_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let store = CheckpointStore::local(dir.path()).unwrap();
-    let (tracker, _) = open(&store, 1000);
+    let (tracker, _) = open(&store, 1000, true);
     let meta = BlockMeta {
         id: BlockId {
             input_id: 0,
@@ -192,4 +210,62 @@ fn allocation_of_a_known_batch_returns_the_same_blocks() {
     assert_eq!(first.len(), 1);
     assert_eq!(tracker.allocate_blocks_to_batch(1000).unwrap(), first);
     assert!(tracker.allocate_blocks_to_batch(500).unwrap().is_empty());
+}
+
+#[test]
+fn empty_batches_cost_no_log_writes_unless_they_clean_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CheckpointStore::local(dir.path()).unwrap();
+    let (tracker, _) = open(&store, 1000, false);
+    let id = BlockId {
+        input_id: 0,
+        run_id: 1,
+        seq: 0,
+    };
+    let range = SequenceNumberRange {
+        stream: "s".into(),
+        shard_id: "shard-0".into(),
+        from: Position::plain(SequenceNumber::from_u128(10)),
+        to: Position::plain(SequenceNumber::from_u128(19)),
+        record_count: 10,
+    };
+    tracker
+        .add_block(BlockMeta {
+            id,
+            ranges: SequenceNumberRanges::from(range),
+            num_records: 10,
+            num_bytes: 100,
+        })
+        .unwrap();
+    assert_eq!(tracker.allocate_blocks_to_batch(1000).unwrap().len(), 1);
+    assert!(tracker.complete_batch(1000, 1000).unwrap().is_empty());
+    let files = tracker.log_file_count().unwrap();
+
+    // The next batch is empty and its cleanup forgets the block of batch 1000: one append.
+    assert!(tracker.allocate_blocks_to_batch(2000).unwrap().is_empty());
+    assert_eq!(
+        tracker.log_file_count().unwrap(),
+        files,
+        "an empty allocation is not logged"
+    );
+    assert_eq!(tracker.complete_batch(2000, 2000).unwrap(), vec![id]);
+    assert_eq!(tracker.log_file_count().unwrap(), files + 1, "the cleanup is logged");
+
+    // Idle from here on: nothing more is written.
+    for t in [3000, 4000, 5000] {
+        assert!(tracker.allocate_blocks_to_batch(t).unwrap().is_empty());
+        assert!(tracker.complete_batch(t, t).unwrap().is_empty());
+    }
+    assert_eq!(tracker.log_file_count().unwrap(), files + 1);
+    assert_eq!(tracker.last_allocated(), Some(5000));
+
+    // A crash forgets the empty batches; the block is gone, the shard's position is not.
+    drop(tracker);
+    let (tracker, recovered) = open(&store, 1000, false);
+    assert!(recovered.pending_batches.is_empty());
+    assert_eq!(recovered.unallocated_blocks, 0);
+    assert_eq!(recovered.last_allocated, Some(1000));
+    assert_eq!(recovered.resume_after.len(), 1);
+    assert_eq!(recovered.resume_after[0].2.sequence, SequenceNumber::from_u128(19));
+    assert!(tracker.blocks_of_batch(1000).is_empty());
 }

@@ -17,8 +17,10 @@
 //! **Backpressure**: when the queue is full, a full buffer cannot be sealed, and the producer that
 //! needs room blocks until the pusher takes a block (the [`WhenFull::Block`] policy; nothing is
 //! ever dropped). Spark's generator blocks only its timer and lets the current buffer grow without
-//! limit; here the buffered payload is bounded by [`BlockGenerator::memory_bound_bytes`]:
-//! `(queue_capacity + 2) × max_block_bytes` (queue, the block being stored, the current buffer).
+//! limit; here the memory of buffered records ([`Record::memory_bytes`]: payload, key, sequence
+//! number and per-record overhead — about 2.5× the payload of a 100-byte record) is bounded by
+//! [`BlockGenerator::memory_bound_bytes`]: `(queue_capacity + 2) × max_block_bytes` (queue, the
+//! block being stored, the current buffer).
 //! A single record larger than `max_block_bytes` is sealed alone, so the bound grows to that
 //! record's size in that case.
 //!
@@ -200,7 +202,8 @@ pub struct BlockGeneratorConfig {
     pub block_interval_ms: u64,
     /// Seal as soon as the buffer holds this many records.
     pub max_block_records: usize,
-    /// Seal as soon as the buffer holds this many payload bytes (data + partition keys).
+    /// Seal as soon as the buffered records hold this many bytes of memory
+    /// ([`Record::memory_bytes`]: payload, partition key, sequence number, per-record overhead).
     pub max_block_bytes: usize,
     /// Sealed blocks waiting for the pusher, at most.
     pub queue_capacity: usize,
@@ -217,8 +220,9 @@ impl BlockGeneratorConfig {
     pub const DEFAULT_BLOCK_INTERVAL_MS: u64 = 200;
     /// Default records per block.
     pub const DEFAULT_MAX_BLOCK_RECORDS: usize = 500_000;
-    /// Default payload bytes per block.
-    pub const DEFAULT_MAX_BLOCK_BYTES: usize = 16 << 20;
+    /// Default memory per buffered block: with the default queue the generator holds at most
+    /// 12 × 8 MiB = 96 MiB (about 3.2 MiB of payload per block for 100-byte records).
+    pub const DEFAULT_MAX_BLOCK_BYTES: usize = 8 << 20;
     /// Default queue capacity (Spark's `spark.streaming.blockQueueSize`).
     pub const DEFAULT_QUEUE_CAPACITY: usize = 10;
     /// Default store attempts per block (Spark's Kinesis receiver).
@@ -302,7 +306,8 @@ pub struct GeneratorStats {
     pub phase: GeneratorPhase,
     /// Records buffered (current buffer + queue + the block being stored).
     pub buffered_records: usize,
-    /// Payload bytes buffered (current buffer + queue + the block being stored).
+    /// Memory held by buffered records, as [`Record::memory_bytes`] counts it (current buffer +
+    /// queue + the block being stored).
     pub buffered_bytes: usize,
     /// Sealed blocks waiting for the pusher.
     pub queued_blocks: usize,
@@ -619,8 +624,8 @@ impl BlockGenerator {
         }
     }
 
-    /// The most payload bytes the generator buffers while records are at most `max_block_bytes`
-    /// each: `(queue_capacity + 2) × max_block_bytes`.
+    /// The most memory ([`Record::memory_bytes`]) the generator's buffered records hold while
+    /// each record is at most `max_block_bytes`: `(queue_capacity + 2) × max_block_bytes`.
     pub fn memory_bound_bytes(&self) -> usize {
         (self.shared.config.queue_capacity + 2) * self.shared.config.max_block_bytes
     }
@@ -750,7 +755,7 @@ impl Shared {
             let mut take = 0;
             let mut bytes = 0;
             for r in records.iter().take(room_records) {
-                let size = r.size_bytes();
+                let size = r.memory_bytes();
                 // An empty buffer always takes one record, however large, so progress is made.
                 if bytes + size > room_bytes && !(take == 0 && state.records.is_empty()) {
                     break;
@@ -878,10 +883,7 @@ impl Shared {
     /// Builds and stores one block; `false` when the pusher must exit (failure or abort).
     fn push(&self, sealed: Sealed) -> bool {
         let Sealed {
-            id,
-            records,
-            ranges,
-            bytes,
+            id, records, ranges, ..
         } = sealed;
         let block = match Block::from_records(id, SequenceNumberRanges::from(ranges), &records) {
             Ok(block) => block,
@@ -927,7 +929,9 @@ impl Shared {
         }
         self.metrics.blocks_stored.fetch_add(1, Ordering::Relaxed);
         self.metrics.records_stored.fetch_add(count as u64, Ordering::Relaxed);
-        self.metrics.bytes_stored.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.metrics
+            .bytes_stored
+            .fetch_add(block.meta().num_bytes, Ordering::Relaxed);
         self.finish_in_flight(Some(count))
     }
 
@@ -1114,14 +1118,16 @@ mod tests {
     fn byte_limit_and_oversized_records() {
         let clock = Arc::new(ManualClock::new(0));
         let handler = Arc::new(Collect::default());
+        // Room for two and a half 48-byte records: two per block; a 500-byte record is sealed
+        // alone.
+        let one = records("a", 1, 1, 48)[0].memory_bytes();
         let cfg = BlockGeneratorConfig {
-            max_block_bytes: 100,
+            max_block_bytes: 2 * one + one / 2,
             ..config()
         };
         let generator = BlockGenerator::builder(cfg, "s", handler.clone(), clock)
             .start()
             .unwrap();
-        // 49 bytes each (48 + key): two per block; a 500-byte record is sealed alone.
         generator.add_batch(records("a", 1, 3, 48)).unwrap();
         generator.add_batch(records("a", 4, 1, 500)).unwrap();
         generator.stop(StopMode::Drain).unwrap();

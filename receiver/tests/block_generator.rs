@@ -168,7 +168,7 @@ fn a_stalled_store_blocks_producers_with_bounded_memory() {
     handler.stall();
     let config = BlockGeneratorConfig {
         max_block_records: 10,
-        max_block_bytes: 1_000,
+        max_block_bytes: 4_000,
         queue_capacity: 2,
         ..BlockGeneratorConfig::default()
     };
@@ -177,7 +177,7 @@ fn a_stalled_store_blocks_producers_with_bounded_memory() {
         .unwrap();
     let producers = 3;
     let per_producer = 500;
-    let record_bytes = 20 + 2; // data + partition key "k0".."k4"
+    let record_bytes = shard_records("shard-0", 1, |_| 20)[0].memory_bytes();
     let (blocked, stats) = std::thread::scope(|scope| {
         for p in 0..producers {
             let generator = &generator;
@@ -206,7 +206,7 @@ fn a_stalled_store_blocks_producers_with_bounded_memory() {
     });
     assert!(blocked, "every producer blocks: {stats:?}");
     let bound = generator.memory_bound_bytes();
-    assert_eq!(bound, (2 + 2) * 1_000);
+    assert_eq!(bound, (2 + 2) * 4_000);
     assert!(stats.buffered_bytes <= bound, "{} > {bound}", stats.buffered_bytes);
     assert!(stats.buffered_records <= (2 + 2) * 10, "{stats:?}");
     assert_eq!(stats.queued_blocks, 2, "{stats:?}");

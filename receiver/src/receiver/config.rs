@@ -64,7 +64,8 @@ pub struct ReceiverConfig {
     pub block_interval_ms: u64,
     /// Seal as soon as a block holds this many records.
     pub max_block_records: usize,
-    /// Seal as soon as a block holds this many payload bytes.
+    /// Seal as soon as a block's buffered records hold this many bytes of memory
+    /// (`Record::memory_bytes`; about 2.5× the payload for 100-byte records).
     pub max_block_bytes: usize,
     /// Sealed blocks waiting to be stored, at most; beyond it readers block (backpressure).
     pub queue_capacity: usize,

@@ -9,7 +9,10 @@
 //! 4. Peak RSS of an end-to-end run with a 64 MiB block-store memory budget, in a child process
 //!    that never holds the corpus (aim: at most the budget + 128 MiB).
 //!
-//! `cargo bench --bench word_count` (set `SLUICE_BENCH_LINES` for a smaller run).
+//! `cargo bench --bench word_count`. Settings: `SLUICE_BENCH_LINES` (a smaller run),
+//! `SLUICE_BENCH_MAX_BLOCK_BYTES` (block size of section 1), `SLUICE_BENCH_ONLY=batch` (section 1
+//! only); the RSS child also reads `SLUICE_BENCH_RSS_RATE` (a `max_rate`) and
+//! `SLUICE_BENCH_RSS_BACKPRESSURE` (PID backpressure with this initial rate).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
-use sluice::engine::{BatchInfo, StreamingContext};
+use sluice::engine::{BackpressureConfig, BatchInfo, StreamingContext};
 use sluice::operators::bench_data;
 use sluice::receiver::ReceiverConfig;
 use sluice::receiver::local_log::LocalLog;
@@ -90,6 +93,7 @@ fn engine(dir: &std::path::Path, lines: usize, threads: usize, batch: Duration) 
         .unwrap();
     let config = ReceiverConfig {
         block_interval_ms: 100,
+        max_block_bytes: env_or("SLUICE_BENCH_MAX_BLOCK_BYTES", ReceiverConfig::DEFAULT_MAX_BLOCK_BYTES),
         ..ReceiverConfig::default()
     };
     let stream = ctx.local_log_stream(&dir.join("log"), "lines", config).unwrap();
@@ -127,6 +131,11 @@ fn engine(dir: &std::path::Path, lines: usize, threads: usize, batch: Duration) 
     (Duration::from_millis(ms as u64), wall, distinct)
 }
 
+/// A numeric setting from the environment, or `default`.
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// The block-store memory budget of the peak-RSS run.
 const RSS_BUDGET: u64 = 64 << 20;
 
@@ -162,13 +171,19 @@ fn rss_child(n: usize) {
     producer.flush().unwrap();
     drop(producer);
     let before = peak_rss();
-    let ctx = StreamingContext::builder()
+    let mut builder = StreamingContext::builder()
         .batch_interval(Duration::from_secs(1))
         .data_dir(dir.path().join("data"))
         .memory_budget_bytes(RSS_BUDGET)
-        .storage_level(sluice::prelude::StorageLevel::MEMORY_AND_DISK)
-        .build()
-        .unwrap();
+        .storage_level(sluice::prelude::StorageLevel::MEMORY_AND_DISK);
+    if let Ok(initial) = std::env::var("SLUICE_BENCH_RSS_BACKPRESSURE") {
+        builder = builder.backpressure(BackpressureConfig {
+            enabled: true,
+            initial_rate: initial.parse().ok(),
+            ..BackpressureConfig::default()
+        });
+    }
+    let ctx = builder.build().unwrap();
     let config = ReceiverConfig {
         max_rate: std::env::var("SLUICE_BENCH_RSS_RATE").ok().and_then(|r| r.parse().ok()),
         ..ReceiverConfig::default()
@@ -189,10 +204,7 @@ fn main() {
     }
     // `cargo test` builds benches with the test profile (debug assertions on): a smoke-sized run.
     let default_lines = if cfg!(debug_assertions) { 5_000 } else { 2_000_000 };
-    let n: usize = std::env::var("SLUICE_BENCH_LINES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default_lines);
+    let n = env_or("SLUICE_BENCH_LINES", default_lines);
     let threads = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     eprintln!("generating {n} lines (Zipf over 50k words, seed 42)...");
     let lines = bench_data::zipf_lines(n, 50_000, 42);
@@ -228,6 +240,10 @@ fn main() {
         "ratio engine / hand-written",
         hand.as_secs_f64() / engine_batch.as_secs_f64()
     );
+
+    if std::env::var("SLUICE_BENCH_ONLY").is_ok_and(|v| v == "batch") {
+        return;
+    }
 
     // 2. End to end through the local log, 1 s batches.
     let dir = tempfile::tempdir().unwrap();
@@ -295,14 +311,18 @@ fn peak_rss_section(n: usize) {
         mib(RSS_BUDGET),
         mib(RSS_BUDGET) + 128.0
     );
-    for (label, rate) in [
+    for (label, setting) in [
         ("  unlimited ingest (one batch holds ~1 s of reads)", None),
-        ("  max_rate 200k records/s", Some(200_000)),
+        ("  max_rate 200k records/s", Some(("SLUICE_BENCH_RSS_RATE", "200000"))),
+        (
+            "  PID backpressure (initial rate 200k/s)",
+            Some(("SLUICE_BENCH_RSS_BACKPRESSURE", "200000")),
+        ),
     ] {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap());
         child.env("SLUICE_BENCH_RSS_CHILD", n.to_string());
-        if let Some(rate) = rate {
-            child.env("SLUICE_BENCH_RSS_RATE", rate.to_string());
+        if let Some((name, value)) = setting {
+            child.env(name, value);
         }
         let out = child.output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

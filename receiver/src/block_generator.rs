@@ -221,8 +221,10 @@ impl BlockGeneratorConfig {
     /// Default records per block.
     pub const DEFAULT_MAX_BLOCK_RECORDS: usize = 500_000;
     /// Default memory per buffered block: with the default queue the generator holds at most
-    /// 12 × 8 MiB = 96 MiB (about 3.2 MiB of payload per block for 100-byte records).
-    pub const DEFAULT_MAX_BLOCK_BYTES: usize = 8 << 20;
+    /// 12 × 16 MiB = 192 MiB (about 6.5 MiB of payload per block for 100-byte records). Smaller
+    /// blocks cost batch throughput: each block is a task with its own map-side combine
+    /// (`docs/benchmarks.md` has the figures for 8, 16 and 40 MiB).
+    pub const DEFAULT_MAX_BLOCK_BYTES: usize = 16 << 20;
     /// Default queue capacity (Spark's `spark.streaming.blockQueueSize`).
     pub const DEFAULT_QUEUE_CAPACITY: usize = 10;
     /// Default store attempts per block (Spark's Kinesis receiver).

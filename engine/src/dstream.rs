@@ -250,7 +250,8 @@ pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
     partitions: usize,
 ) -> Result<Vec<CombineMap<K, C::Acc>>, JobError> {
     parent.prepare(env)?;
-    let maps = env.runner.run(
+    // Folded per worker: a batch of many blocks holds a few maps, not one per block.
+    let maps = env.runner.run_folded(
         env,
         parent.num_partitions(env),
         &CombineMap::new,

@@ -250,8 +250,7 @@ pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
     partitions: usize,
 ) -> Result<Vec<CombineMap<K, C::Acc>>, JobError> {
     parent.prepare(env)?;
-    // Folded per worker: a batch of many blocks holds a few maps, not one per block.
-    let maps = env.runner.run_folded(
+    let maps = env.runner.run(
         env,
         parent.num_partitions(env),
         &CombineMap::new,

@@ -203,81 +203,37 @@ impl StageRunner {
         source: &(dyn Fn(usize) -> Option<TrackedBlock> + Sync),
         task: &(dyn Fn(usize, Scope, &mut A) -> Result<(), TaskError> + Sync),
     ) -> Result<Vec<A>, JobError> {
+        use std::sync::atomic::Ordering::Relaxed;
         self.pool.install(|| {
             (0..partitions)
                 .into_par_iter()
-                .map(|p| self.run_partition(env, p, new_acc, merge, source, task))
-                .collect()
-        })
-    }
-
-    /// Like [`run`](Self::run), but each worker folds the results of the contiguous partitions
-    /// it ran into one accumulator with `merge` as soon as each succeeds: a stage over many
-    /// blocks then holds a few accumulators, not one per block. Every task still starts from a
-    /// fresh accumulator, so a retry never sees a failed attempt's partial result. The returned
-    /// accumulators cover contiguous partition ranges in partition order, so merging them in
-    /// order gives the same result as merging every partition's in order.
-    pub(crate) fn run_folded<A: Send>(
-        &self,
-        env: &BatchEnv,
-        partitions: usize,
-        new_acc: &(dyn Fn() -> A + Sync),
-        merge: &(dyn Fn(&mut A, A) + Sync),
-        source: &(dyn Fn(usize) -> Option<TrackedBlock> + Sync),
-        task: &(dyn Fn(usize, Scope, &mut A) -> Result<(), TaskError> + Sync),
-    ) -> Result<Vec<A>, JobError> {
-        self.pool.install(|| {
-            (0..partitions)
-                .into_par_iter()
-                .map(|p| self.run_partition(env, p, new_acc, merge, source, task))
-                .try_fold(new_acc, |mut folded, result| {
-                    merge(&mut folded, result?);
-                    Ok(folded)
+                .map(|p| {
+                    let mut attempts = 0;
+                    let error = loop {
+                        attempts += 1;
+                        self.tasks.fetch_add(1, Relaxed);
+                        let mut acc = new_acc();
+                        match run_guarded(task, p, Scope::default(), &mut acc) {
+                            Ok(()) => return Ok(acc),
+                            Err(e) => {
+                                self.task_failures.fetch_add(1, Relaxed);
+                                tracing::warn!(batch = env.time_ms, partition = p, attempt = attempts, error = %e, "task failed");
+                                if attempts >= self.max_attempts || !e.is_retryable() {
+                                    break e;
+                                }
+                                self.task_retries.fetch_add(1, Relaxed);
+                            }
+                        }
+                    };
+                    let job_error = JobError { time_ms: env.time_ms, partition: p, attempts, error };
+                    if self.policy != FailurePolicy::DeadLetter || !job_error.error.is_retryable() {
+                        return Err(job_error);
+                    }
+                    let Some(block) = source(p) else { return Err(job_error) };
+                    self.isolate_records(env, p, attempts, &block, new_acc, merge, task).map_err(|_| job_error)
                 })
                 .collect()
         })
-    }
-
-    /// One partition: attempts with retries, then the failure policy.
-    fn run_partition<A>(
-        &self,
-        env: &BatchEnv,
-        p: usize,
-        new_acc: &(dyn Fn() -> A + Sync),
-        merge: &(dyn Fn(&mut A, A) + Sync),
-        source: &(dyn Fn(usize) -> Option<TrackedBlock> + Sync),
-        task: &(dyn Fn(usize, Scope, &mut A) -> Result<(), TaskError> + Sync),
-    ) -> Result<A, JobError> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut attempts = 0;
-        let error = loop {
-            attempts += 1;
-            self.tasks.fetch_add(1, Relaxed);
-            let mut acc = new_acc();
-            match run_guarded(task, p, Scope::default(), &mut acc) {
-                Ok(()) => return Ok(acc),
-                Err(e) => {
-                    self.task_failures.fetch_add(1, Relaxed);
-                    tracing::warn!(batch = env.time_ms, partition = p, attempt = attempts, error = %e, "task failed");
-                    if attempts >= self.max_attempts || !e.is_retryable() {
-                        break e;
-                    }
-                    self.task_retries.fetch_add(1, Relaxed);
-                }
-            }
-        };
-        let job_error = JobError {
-            time_ms: env.time_ms,
-            partition: p,
-            attempts,
-            error,
-        };
-        if self.policy != FailurePolicy::DeadLetter || !job_error.error.is_retryable() {
-            return Err(job_error);
-        }
-        let Some(block) = source(p) else { return Err(job_error) };
-        self.isolate_records(env, p, attempts, &block, new_acc, merge, task)
-            .map_err(|_| job_error)
     }
 
     /// The per-record fallback: each record of the partition's block runs alone; failures go to

@@ -2,8 +2,10 @@
 //!
 //! The checkpoint location is a local directory or an object-store URL. Local writes are atomic
 //! and durable (temp file, fsync, rename, fsync of the directory), so a `kill -9` or a power cut
-//! leaves either the old or the new file. Object-store writes are single PUTs, atomic by nature;
-//! create-only writes use a conditional put.
+//! leaves either the old or the new file. Object-store writes are single PUTs, atomic by nature.
+//! Create-only writes are atomic too — a hard link locally, a conditional put (`If-None-Match`)
+//! on object stores — so two processes racing for one name get exactly one winner: the metadata
+//! log's claims and fencing rest on this.
 
 use std::fmt;
 use std::fs;
@@ -38,6 +40,9 @@ impl fmt::Debug for CheckpointStore {
         f.write_str(&self.location())
     }
 }
+
+/// Distinguishes the temp files of concurrent writers in one process.
+static NEXT_TEMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
@@ -102,17 +107,37 @@ impl CheckpointStore {
             Backend::Local(dir) => {
                 fs::create_dir_all(dir).map_err(io(dir))?;
                 let path = dir.join(name);
-                if create_only && path.exists() {
-                    return Err(Error::AlreadyExists {
-                        location: path.display().to_string(),
-                    });
+                // A temp name no other writer uses: several processes may share the directory.
+                let tmp = dir.join(format!(
+                    ".{name}.{}-{}.tmp",
+                    std::process::id(),
+                    NEXT_TEMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ));
+                let written = (|| {
+                    let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
+                    file.write_all(bytes).map_err(io(&tmp))?;
+                    file.sync_all().map_err(io(&tmp))?;
+                    drop(file);
+                    if create_only {
+                        // `link` fails if the name exists: an atomic create-only, unlike a check
+                        // followed by a rename.
+                        fs::hard_link(&tmp, &path).map_err(|e| {
+                            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                                Error::AlreadyExists {
+                                    location: path.display().to_string(),
+                                }
+                            } else {
+                                io(&path)(e)
+                            }
+                        })
+                    } else {
+                        fs::rename(&tmp, &path).map_err(io(&path))
+                    }
+                })();
+                if create_only || written.is_err() {
+                    let _ignored = fs::remove_file(&tmp);
                 }
-                let tmp = dir.join(format!(".{name}.tmp"));
-                let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
-                file.write_all(bytes).map_err(io(&tmp))?;
-                file.sync_all().map_err(io(&tmp))?;
-                drop(file);
-                fs::rename(&tmp, &path).map_err(io(&path))?;
+                written?;
                 fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
                 Ok(())
             }
@@ -180,6 +205,22 @@ impl CheckpointStore {
                         source,
                     })
             }
+        }
+    }
+
+    /// Reads a file, or `None` if it does not exist.
+    ///
+    /// # Errors
+    /// Storage errors other than not found.
+    pub fn get_if_exists(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        match self.get(name) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(Error::ObjectStore {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -272,5 +313,41 @@ impl CheckpointStore {
                     source,
                 }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn racing_create_only_writes_have_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::local(dir.path()).unwrap();
+        for round in 0..20 {
+            let name = format!("entry-{round}");
+            let wins = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|i| {
+                        let (store, name) = (&store, &name);
+                        s.spawn(move || store.put_new(name, format!("writer {i}").as_bytes()).is_ok())
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("writer thread"))
+                    .filter(|won| *won)
+                    .count()
+            });
+            assert_eq!(wins, 1, "round {round}");
+            assert!(store.get(&name).unwrap().starts_with(b"writer "));
+        }
+        assert!(matches!(
+            store.put_new("entry-0", b"again"),
+            Err(Error::AlreadyExists { .. })
+        ));
+        assert_eq!(store.get_if_exists("missing").unwrap(), None);
+        // No temp files are left behind.
+        assert_eq!(store.list().unwrap().len(), 20);
     }
 }

@@ -393,7 +393,9 @@ impl StreamingContext {
             Some(location) => crate::input::checkpoint_store_for(location)?,
             None => CheckpointStore::local(config.data_dir.join("checkpoint"))?,
         };
-        let (tracker, recovered) = ReceivedBlockTracker::recover(MetadataLog::open(&checkpoint)?)?;
+        let run_id = u64::try_from(clock.now_ms()).unwrap_or(0) ^ u64::from(std::process::id()).rotate_left(40);
+        let holder = format!("pid {} run {run_id:x}", std::process::id());
+        let (tracker, recovered) = ReceivedBlockTracker::recover(MetadataLog::claim(&checkpoint, &holder)?)?;
         // An empty batch is logged only when operator state moves with it (see the tracker).
         let stateful = !self.graph.inner.lock().expect("graph").stateful.is_empty();
         let tracker = Arc::new(tracker.with_empty_batches_logged(stateful));
@@ -411,7 +413,6 @@ impl StreamingContext {
             &self.graph.inner.lock().expect("graph").stateful,
         )?;
 
-        let run_id = u64::try_from(clock.now_ms()).unwrap_or(0) ^ u64::from(std::process::id()).rotate_left(40);
         let blocks = Arc::new(EngineBlocks::open(
             &config,
             clock.clone(),

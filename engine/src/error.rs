@@ -38,6 +38,20 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+    /// Another process claimed this worker's metadata log: a process of the same worker id
+    /// started, or another worker adopted this worker's log after its leases expired. This
+    /// process must stop; it can no longer log blocks or batches (what it already logged is
+    /// processed by the new holder). Not retryable.
+    #[error(
+        "the metadata log {location} was claimed by {by}; this process is fenced off and stops (if it should \
+         run, start it again: it claims the log back and recovers from it)"
+    )]
+    Fenced {
+        /// The entry that took this holder's place.
+        location: String,
+        /// The new holder.
+        by: String,
+    },
     /// Invalid configuration; the message names the field and the fix.
     #[error("invalid configuration: {field}: {reason}")]
     Config {

@@ -66,6 +66,9 @@ impl State {
             LogEvent::BatchCompleted { time_ms } => {
                 self.completed.insert(*time_ms);
                 self.last_completed = Some(self.last_completed.map_or(*time_ms, |t| t.max(*time_ms)));
+                // A completed batch was allocated: after its cleanup, this keeps later batches of
+                // this log from reusing its time (and so its output names).
+                self.last_allocated = Some(self.last_allocated.map_or(*time_ms, |t| t.max(*time_ms)));
             }
             LogEvent::Cleanup { before_ms } => {
                 self.cleanup(*before_ms);
@@ -81,6 +84,8 @@ impl State {
                     }
                 }
             }
+            // Claims fence earlier holders; compaction markers are consumed by the log itself.
+            LogEvent::Claimed { .. } | LogEvent::Compacted => {}
         }
     }
 

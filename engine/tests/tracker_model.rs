@@ -76,7 +76,8 @@ fn open(
     compact_every: usize,
     log_empty: bool,
 ) -> (ReceivedBlockTracker, sluice_engine::RecoveredState) {
-    let log = MetadataLog::open(store).unwrap();
+    // Every open is a new process: it claims the log (fencing the previous one).
+    let log = MetadataLog::claim(store, "test-process").unwrap();
     let (t, r) = ReceivedBlockTracker::recover(log).unwrap();
     (
         t.with_compact_every(compact_every).with_empty_batches_logged(log_empty),
@@ -186,7 +187,7 @@ fn a_corrupt_entry_is_an_error_not_a_silent_truncation() {
     let mut bytes = std::fs::read(&file).unwrap();
     bytes[2] ^= 1;
     std::fs::write(&file, bytes).unwrap();
-    let err = ReceivedBlockTracker::recover(MetadataLog::open(&store).unwrap()).unwrap_err();
+    let err = ReceivedBlockTracker::recover(MetadataLog::claim(&store, "after-corruption").unwrap()).unwrap_err();
     assert!(matches!(err, sluice_engine::Error::CorruptMetadata { .. }), "{err}");
 }
 

@@ -46,7 +46,10 @@ pub use block_generator::{
     GeneratorError, GeneratorMetrics, GeneratorPhase, GeneratorStats, HandlerError, StopMode, WhenFull,
 };
 pub use config_error::ConfigError;
-pub use lease::{Checkpoint, Lease, LeaseError, LeaseFence, LeaseStore, LocalLeaseStore};
+pub use lease::{
+    Checkpoint, Lease, LeaseError, LeaseFence, LeaseKind, LeaseStore, LocalLeaseStore, WORKER_LEASE_PREFIX,
+    WorkerDirectory, WorkerRegistry, WorkerScan, worker_lease_key,
+};
 #[cfg(feature = "kinesis")]
 pub use lease::{DynamoConnectError, DynamoLeaseMetrics, DynamoLeaseOptions, DynamoLeaseStore};
 pub use local_log::{LocalLog, LocalLogError, LocalStream, Producer};

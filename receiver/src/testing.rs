@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use sluice_blockstore::{Block, Position, SequenceNumber};
 
-use crate::{BlockHandler, Checkpoint, HandlerError, Lease, LeaseError, LeaseFence, LeaseStore};
+use crate::{BlockHandler, Checkpoint, HandlerError, Lease, LeaseError, LeaseFence, LeaseKind, LeaseStore};
 
 mod fault_proxy;
 mod memory_source;
@@ -32,7 +32,7 @@ type Case = fn(&dyn LeaseStore);
 /// # Panics
 /// On the first contract violation, naming the case.
 pub fn lease_store_conformance(make_store: &dyn Fn() -> Arc<dyn LeaseStore>) {
-    let cases: [(&str, Case); 10] = [
+    let cases: [(&str, Case); 12] = [
         ("create_is_conditional", create_is_conditional),
         ("take_unowned_lease", take_unowned_lease),
         ("take_with_a_stale_counter_fails", take_with_a_stale_counter_fails),
@@ -43,6 +43,11 @@ pub fn lease_store_conformance(make_store: &dyn Fn() -> Arc<dyn LeaseStore>) {
         ("release_lets_anyone_take", release_lets_anyone_take),
         ("unknown_leases_are_not_found", unknown_leases_are_not_found),
         ("concurrent_takes_have_one_winner", concurrent_takes_have_one_winner),
+        (
+            "adopt_takes_and_raises_the_checkpoint",
+            adopt_takes_and_raises_the_checkpoint,
+        ),
+        ("worker_leases_keep_their_kind", worker_leases_keep_their_kind),
     ];
     for (name, case) in cases {
         let store = make_store();
@@ -275,6 +280,72 @@ fn release_lets_anyone_take(store: &dyn LeaseStore) {
     assert_eq!(taken.lease_owner.as_deref(), Some("worker-2"));
 }
 
+fn adopt_takes_and_raises_the_checkpoint(store: &dyn LeaseStore) {
+    new_lease(store, "shard-a");
+    let held = store.take_lease("shard-a", 0, "dead").expect("take");
+    store
+        .checkpoint("shard-a", &fence(&held), &position("10", 0))
+        .expect("checkpoint");
+    let current = store.get_lease("shard-a").expect("get").expect("exists");
+    // With a stale counter nothing changes.
+    let err = store
+        .adopt_lease("shard-a", current.lease_counter - 1, "adopter", &position("20", 0))
+        .expect_err("stale counter");
+    assert!(err.is_lease_lost(), "{err}");
+    assert_eq!(store.get_lease("shard-a").expect("get").as_ref(), Some(&current));
+    let adopted = store
+        .adopt_lease("shard-a", current.lease_counter, "adopter", &position("20", 0))
+        .expect("adopt");
+    assert_eq!(adopted.lease_owner.as_deref(), Some("adopter"));
+    assert_eq!(adopted.lease_counter, current.lease_counter + 1);
+    assert_eq!(adopted.checkpoint, position("20", 0), "the floor is above: raised");
+    assert_eq!(store.get_lease("shard-a").expect("get").as_ref(), Some(&adopted));
+    // A floor below the checkpoint, or an initial sentinel, leaves it.
+    let again = store
+        .adopt_lease("shard-a", adopted.lease_counter, "other", &position("15", 0))
+        .expect("adopt below");
+    assert_eq!(again.checkpoint, position("20", 0));
+    let sentinel = store
+        .adopt_lease("shard-a", again.lease_counter, "other", &Checkpoint::TrimHorizon)
+        .expect("adopt with a sentinel");
+    assert_eq!(sentinel.checkpoint, position("20", 0));
+    // The old owner is fenced.
+    assert!(
+        store
+            .checkpoint("shard-a", &fence(&held), &position("30", 0))
+            .expect_err("fenced")
+            .is_lease_lost()
+    );
+}
+
+fn worker_leases_keep_their_kind(store: &dyn LeaseStore) {
+    new_lease(store, "shard-a");
+    let worker = Lease::worker("host-1");
+    assert_eq!(worker.kind, LeaseKind::Worker);
+    assert!(store.create_lease_if_absent(&worker).expect("create worker lease"));
+    let taken = store
+        .take_lease(&worker.lease_key, 0, "host-1")
+        .expect("take worker lease");
+    assert_eq!(taken.kind, LeaseKind::Worker);
+    let renewed = store
+        .renew_lease(&worker.lease_key, &fence(&taken))
+        .expect("renew worker lease");
+    assert_eq!(renewed.kind, LeaseKind::Worker);
+    let kinds: Vec<(String, LeaseKind)> = store
+        .list_leases()
+        .expect("list")
+        .into_iter()
+        .map(|l| (l.lease_key, l.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("shard-a".to_owned(), LeaseKind::Shard),
+            ("sluice-worker:host-1".to_owned(), LeaseKind::Worker)
+        ]
+    );
+}
+
 fn unknown_leases_are_not_found(store: &dyn LeaseStore) {
     let f = LeaseFence {
         owner: "w".into(),
@@ -283,6 +354,7 @@ fn unknown_leases_are_not_found(store: &dyn LeaseStore) {
     let cp = position("1", 0);
     for err in [
         store.take_lease("nope", 0, "w").expect_err("take"),
+        store.adopt_lease("nope", 0, "w", &cp).expect_err("adopt"),
         store.renew_lease("nope", &f).expect_err("renew"),
         store.checkpoint("nope", &f, &cp).expect_err("checkpoint"),
         store.mark_shard_end("nope", &f, &[]).expect_err("shard end"),

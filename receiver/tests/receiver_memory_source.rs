@@ -57,6 +57,15 @@ impl LeaseStore for CheckingLeases {
     fn take_lease(&self, lease_key: &str, expected_counter: u64, new_owner: &str) -> Result<Lease, LeaseError> {
         self.inner.take_lease(lease_key, expected_counter, new_owner)
     }
+    fn adopt_lease(
+        &self,
+        lease_key: &str,
+        expected_counter: u64,
+        new_owner: &str,
+        floor: &Checkpoint,
+    ) -> Result<Lease, LeaseError> {
+        self.inner.adopt_lease(lease_key, expected_counter, new_owner, floor)
+    }
     fn renew_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<Lease, LeaseError> {
         self.inner.renew_lease(lease_key, fence)
     }

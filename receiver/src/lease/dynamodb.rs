@@ -25,11 +25,16 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
 };
 
-use super::{Checkpoint, Lease, LeaseError, LeaseFence, LeaseStore, rules};
+use super::{Checkpoint, Lease, LeaseError, LeaseFence, LeaseKind, LeaseStore, rules};
 use crate::ConfigError;
 use crate::aws::{AwsSettings, block_on};
 
 type Item = HashMap<String, AttributeValue>;
+
+/// `entityType` of shard leases (KCL 3.5's value).
+const SHARD_ENTITY: &str = "LEASE";
+/// `entityType` of Sluice worker leases; KCL workers skip items of other entity types.
+const WORKER_ENTITY: &str = "SLUICE_WORKER";
 
 /// Retry and table options of a [`DynamoLeaseStore`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -392,11 +397,11 @@ impl LeaseStore for DynamoLeaseStore {
                 )?
                 .expect("a scan has no condition");
             for item in page.items() {
-                // KCL 3.x tables may hold other entities; only leases are ours.
+                // KCL 3.x tables may hold other entities; only shard and worker leases are ours.
                 if item
                     .get("entityType")
                     .and_then(|v| v.as_s().ok())
-                    .is_none_or(|t| t == "LEASE")
+                    .is_none_or(|t| t == SHARD_ENTITY || t == WORKER_ENTITY)
                 {
                     leases.push(from_item(item)?);
                 }
@@ -412,6 +417,18 @@ impl LeaseStore for DynamoLeaseStore {
 
     fn take_lease(&self, lease_key: &str, expected_counter: u64, new_owner: &str) -> Result<Lease, LeaseError> {
         self.update(lease_key, |lease| rules::take(lease, expected_counter, new_owner))
+    }
+
+    fn adopt_lease(
+        &self,
+        lease_key: &str,
+        expected_counter: u64,
+        new_owner: &str,
+        floor: &Checkpoint,
+    ) -> Result<Lease, LeaseError> {
+        self.update(lease_key, |lease| {
+            rules::adopt(lease, expected_counter, new_owner, floor)
+        })
     }
 
     fn renew_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<Lease, LeaseError> {
@@ -549,7 +566,11 @@ fn write_lease(item: &mut Item, lease: &Lease) {
         item.remove("startingHashKey");
         item.remove("endingHashKey");
     }
-    item.insert("entityType".into(), AttributeValue::S("LEASE".into()));
+    let entity = match lease.kind {
+        LeaseKind::Shard => SHARD_ENTITY,
+        LeaseKind::Worker => WORKER_ENTITY,
+    };
+    item.insert("entityType".into(), AttributeValue::S(entity.into()));
 }
 
 fn from_item(item: &Item) -> Result<Lease, LeaseError> {
@@ -590,7 +611,12 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
         )),
         _ => None,
     };
+    let kind = match s("entityType").map(String::as_str) {
+        Some(WORKER_ENTITY) => LeaseKind::Worker,
+        _ => LeaseKind::Shard,
+    };
     Ok(Lease {
+        kind,
         lease_owner: s("leaseOwner").cloned(),
         lease_counter: n("leaseCounter")?,
         checkpoint,

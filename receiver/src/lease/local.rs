@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Checkpoint, Lease, LeaseError, LeaseFence, LeaseStore, rules};
+use super::{Checkpoint, Lease, LeaseError, LeaseFence, LeaseKind, LeaseStore, rules};
 use crate::file_lock::{FileLock, replace_file};
 
 /// A [`LeaseStore`] in a local JSON file; see the [module docs](self).
@@ -51,11 +51,16 @@ struct Table {
 }
 
 const FORMAT: u32 = 1;
+/// `entityType` of worker leases (the `DynamoDB` store writes the same).
+const WORKER_ENTITY: &str = "SLUICE_WORKER";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Item {
     lease_key: String,
+    /// Absent for shard leases (as in a KCL 2.x table); `SLUICE_WORKER` for worker leases.
+    #[serde(rename = "entityType", default, skip_serializing_if = "Option::is_none")]
+    entity_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lease_owner: Option<String>,
     lease_counter: u64,
@@ -77,6 +82,10 @@ impl Item {
         let (checkpoint, sub) = lease.checkpoint.to_kcl();
         Self {
             lease_key: lease.lease_key.clone(),
+            entity_type: match lease.kind {
+                LeaseKind::Shard => None,
+                LeaseKind::Worker => Some(WORKER_ENTITY.to_owned()),
+            },
             lease_owner: lease.lease_owner.clone(),
             lease_counter: lease.lease_counter,
             checkpoint,
@@ -104,8 +113,14 @@ impl Item {
             (None, None) => None,
             _ => return Err(corrupt("only one end of the hash key range is set".into())),
         };
+        let kind = match self.entity_type.as_deref() {
+            None | Some("LEASE") => LeaseKind::Shard,
+            Some(WORKER_ENTITY) => LeaseKind::Worker,
+            Some(other) => return Err(corrupt(format!("unknown entityType {other:?}"))),
+        };
         Ok(Lease {
             lease_key: self.lease_key.clone(),
+            kind,
             lease_owner: self.lease_owner.clone(),
             lease_counter: self.lease_counter,
             checkpoint: Checkpoint::from_kcl(&self.checkpoint, self.checkpoint_sub_sequence_number)
@@ -235,6 +250,16 @@ impl LeaseStore for LocalLeaseStore {
 
     fn take_lease(&self, lease_key: &str, expected_counter: u64, new_owner: &str) -> Result<Lease, LeaseError> {
         self.update_one(lease_key, |l| rules::take(l, expected_counter, new_owner))
+    }
+
+    fn adopt_lease(
+        &self,
+        lease_key: &str,
+        expected_counter: u64,
+        new_owner: &str,
+        floor: &Checkpoint,
+    ) -> Result<Lease, LeaseError> {
+        self.update_one(lease_key, |l| rules::adopt(l, expected_counter, new_owner, floor))
     }
 
     fn renew_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<Lease, LeaseError> {

@@ -24,6 +24,7 @@
 #[cfg(feature = "kinesis")]
 mod dynamodb;
 mod local;
+mod workers;
 
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
@@ -35,6 +36,7 @@ use sluice_blockstore::{Position, SequenceNumber};
 #[cfg(feature = "kinesis")]
 pub use dynamodb::{DynamoConnectError, DynamoLeaseMetrics, DynamoLeaseOptions, DynamoLeaseStore};
 pub use local::LocalLeaseStore;
+pub use workers::{WORKER_LEASE_PREFIX, WorkerDirectory, WorkerRegistry, WorkerScan, worker_lease_key};
 
 /// How far a shard has been processed: a position, or one of the KCL sentinels.
 ///
@@ -130,11 +132,25 @@ impl fmt::Display for Checkpoint {
     }
 }
 
-/// One shard's lease, as stored.
+/// What a lease stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LeaseKind {
+    /// A shard of the stream (KCL `entityType` `LEASE`).
+    #[default]
+    Shard,
+    /// A worker and its metadata log (`entityType` `SLUICE_WORKER`, key
+    /// [`worker_lease_key`]): held by the worker while it runs, by an adopter after the worker
+    /// died, and unowned once the worker's log has no work left. See [`WorkerRegistry`].
+    Worker,
+}
+
+/// One lease, as stored: a shard's (the KCL lease) or a worker's ([`LeaseKind::Worker`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    /// The shard id (`leaseKey`).
+    /// The shard id (`leaseKey`), or [`worker_lease_key`] of a worker.
     pub lease_key: String,
+    /// Shard or worker.
+    pub kind: LeaseKind,
     /// The worker holding the lease (`leaseOwner`); `None` when unassigned.
     pub lease_owner: Option<String>,
     /// Bumped by every successful write (`leaseCounter`); the fencing token.
@@ -156,6 +172,7 @@ impl Lease {
     pub fn new(shard_id: impl Into<String>, checkpoint: Checkpoint) -> Self {
         Self {
             lease_key: shard_id.into(),
+            kind: LeaseKind::Shard,
             lease_owner: None,
             lease_counter: 0,
             checkpoint,
@@ -163,6 +180,14 @@ impl Lease {
             parent_shard_ids: BTreeSet::new(),
             child_shard_ids: BTreeSet::new(),
             hash_key_range: None,
+        }
+    }
+
+    /// A new, unassigned worker lease for `worker_id`.
+    pub fn worker(worker_id: &str) -> Self {
+        Self {
+            kind: LeaseKind::Worker,
+            ..Self::new(worker_lease_key(worker_id), Checkpoint::TrimHorizon)
         }
     }
 
@@ -272,7 +297,9 @@ impl LeaseError {
 ///   stored after the write; a failed write changes nothing.
 /// - `take_lease` succeeds only if the stored counter equals `expected_counter` (a steal is a take
 ///   of a lease someone else owns). It sets the owner and adds one to
-///   `owner_switches_since_checkpoint` when the owner changes.
+///   `owner_switches_since_checkpoint` when the owner changes. `adopt_lease` is a take that also
+///   raises the checkpoint to a floor, atomically.
+/// - `list_leases` returns leases of every [`LeaseKind`]; shard logic must filter.
 /// - `renew_lease`, `checkpoint`, `mark_shard_end` and `release_lease` succeed only if the stored
 ///   owner **and** counter equal the fence; otherwise [`LeaseError::ConditionFailed`] (the lease
 ///   was lost: the caller must stop writing for it).
@@ -307,6 +334,23 @@ pub trait LeaseStore: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`LeaseError::ConditionFailed`] if the counter moved; [`LeaseError::NotFound`].
     fn take_lease(&self, lease_key: &str, expected_counter: u64, new_owner: &str) -> Result<Lease, LeaseError>;
+
+    /// Takes a lease for `new_owner` if its counter is still `expected_counter` **and** raises
+    /// its checkpoint to at least `floor`, in one write. An adopter uses it to take a dead
+    /// worker's shard at the position that worker's log ends: a crash between a take and a
+    /// separate checkpoint would hand the shard on at a position some records past which are
+    /// already logged (and so processed) elsewhere. A `SHARD_END` lease keeps `SHARD_END`; an
+    /// initial-sentinel floor changes nothing.
+    ///
+    /// # Errors
+    /// [`LeaseError::ConditionFailed`] if the counter moved; [`LeaseError::NotFound`].
+    fn adopt_lease(
+        &self,
+        lease_key: &str,
+        expected_counter: u64,
+        new_owner: &str,
+        floor: &Checkpoint,
+    ) -> Result<Lease, LeaseError>;
 
     /// Renews a held lease (a heartbeat: bumps the counter).
     ///
@@ -376,6 +420,20 @@ pub(crate) mod rules {
         }
         lease.lease_owner = Some(new_owner.to_owned());
         lease.lease_counter += 1;
+        Ok(())
+    }
+
+    pub(crate) fn adopt(
+        lease: &mut Lease,
+        expected_counter: u64,
+        new_owner: &str,
+        floor: &Checkpoint,
+    ) -> Result<(), LeaseError> {
+        take(lease, expected_counter, new_owner)?;
+        if !floor.is_initial() && *floor > lease.checkpoint {
+            lease.checkpoint = floor.clone();
+            lease.owner_switches_since_checkpoint = 0;
+        }
         Ok(())
     }
 

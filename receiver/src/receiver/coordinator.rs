@@ -19,7 +19,7 @@ use super::metrics::MetricsCells;
 use super::shard_loop::{self, LoopOutcome};
 use super::{Core, ReceiverError, ShardProgress};
 use crate::block_generator::{BlockGenerator, StopMode};
-use crate::lease::{Checkpoint, Lease, LeaseError};
+use crate::lease::{Checkpoint, Lease, LeaseError, LeaseKind};
 use crate::signal::StopSignal;
 use crate::source::{ShardInfo, StartingPosition};
 
@@ -38,6 +38,9 @@ struct Held {
     running: Option<LoopHandle>,
     /// The loop reached the end of the shard; its children.
     ended: Option<Vec<Arc<str>>>,
+    /// Being handed back (engine mode, above this worker's share): the loop is stopped; once
+    /// every record read is stored, the shard is checkpointed there and released.
+    releasing: bool,
 }
 
 struct Observed {
@@ -140,16 +143,21 @@ impl Coordinator<'_> {
 
     fn tick(&mut self) -> Result<(), ReceiverError> {
         let now = self.core.clock.now_ms();
-        if self.need_scan || now >= self.next_scan_ms {
+        let adopting = !self.core.adoptions.lock().expect("adoptions").is_empty();
+        if self.need_scan || adopting || now >= self.next_scan_ms {
             self.scan(now)?;
         }
         self.renew(now)?;
         self.start_loops()?;
         self.checkpoint(now, false)?;
         self.finish_ended_shards()?;
+        self.finish_releases(now)?;
         let settled = !self.need_scan
             && self.unclaimed == 0
-            && self.held.values().all(|h| h.running.is_some() && h.ended.is_none());
+            && self
+                .held
+                .values()
+                .all(|h| h.running.is_some() && h.ended.is_none() && !h.releasing);
         self.core.set_settled(settled);
         Ok(())
     }
@@ -157,7 +165,13 @@ impl Coordinator<'_> {
     /// Syncs shards into leases, reads the table, drops leases lost to others, takes new ones.
     fn scan(&mut self, now: i64) -> Result<(), ReceiverError> {
         self.sync_shards()?;
-        let table = self.core.leases.list_leases()?;
+        let table: Vec<Lease> = self
+            .core
+            .leases
+            .list_leases()?
+            .into_iter()
+            .filter(|l| l.kind == LeaseKind::Shard)
+            .collect();
         for lease in &table {
             let seen = self.observed.entry(lease.lease_key.clone()).or_insert(Observed {
                 counter: lease.lease_counter,
@@ -183,6 +197,7 @@ impl Coordinator<'_> {
         for key in lost {
             self.lose(&key);
         }
+        self.adopt_requested(now)?;
         self.take(&table, now)?;
         self.first_pass = false;
         self.need_scan = false;
@@ -228,6 +243,7 @@ impl Coordinator<'_> {
     fn take(&mut self, table: &[Lease], now: i64) -> Result<(), ReceiverError> {
         let me = self.core.worker_id.as_str();
         let failover = self.core.config.lease_failover_ms as i64;
+        let workers = self.core.workers.clone();
         let expired = |l: &Lease| {
             self.observed
                 .get(&l.lease_key)
@@ -238,10 +254,16 @@ impl Coordinator<'_> {
             if self.held.contains_key(l.lease_key.as_str()) {
                 return false;
             }
-            match l.lease_owner.as_deref() {
-                None => true,
-                Some(owner) if owner == me => self.first_pass || expired(l),
-                Some(_) => expired(l),
+            match (l.lease_owner.as_deref(), &workers) {
+                (None, _) => true,
+                // Engine mode: this process holds this worker's lease and log, so leases in its
+                // name are its own (a previous process's, or ones it stopped reading).
+                (Some(owner), Some(_)) if owner == me => true,
+                (Some(owner), None) if owner == me => self.first_pass || expired(l),
+                // A registered worker's shard moves only when it releases it or through its
+                // adopter — never by expiry, which would lose the position its log reached.
+                (Some(owner), Some(directory)) if directory.is_registered(owner) => false,
+                (Some(_), _) => expired(l),
             }
         };
         let mut load: BTreeMap<&str, usize> = BTreeMap::new();
@@ -253,9 +275,10 @@ impl Coordinator<'_> {
                 *load.entry(owner).or_default() += 1;
             }
         }
-        let workers = load.len() + 1;
-        let target = active.len().div_ceil(workers).max(1);
-        let mut need = target.saturating_sub(self.held.len());
+        let workers_count = workers.as_ref().map_or(load.len() + 1, |d| d.live_workers().max(1));
+        let target = active.len().div_ceil(workers_count).max(1);
+        let held_active = self.held.values().filter(|h| !h.releasing).count();
+        let mut need = target.saturating_sub(held_active);
         let mut candidates: Vec<&Lease> = active.iter().copied().filter(|l| available(l)).collect();
         // Our own leases from a previous process first, then unowned, then expired ones.
         candidates.sort_by_key(|l| {
@@ -268,16 +291,20 @@ impl Coordinator<'_> {
         });
         let mut taken = 0;
         for lease in &candidates {
-            if need == 0 {
+            // Our own leases are taken whatever the share: nobody else may read them.
+            let own = lease.lease_owner.as_deref() == Some(me) && workers.is_some();
+            if need == 0 && !own {
                 break;
             }
             if self.try_take(lease, now)? {
-                need -= 1;
+                need = need.saturating_sub(1);
                 taken += 1;
             }
         }
         self.unclaimed = if need > 0 { candidates.len() - taken } else { 0 };
-        if need > 0 && candidates.is_empty() {
+        if workers.is_some() {
+            self.release_above_share(target);
+        } else if need > 0 && candidates.is_empty() {
             // Steal one lease from the most loaded worker if it holds more than its share.
             if let Some((victim, count)) = load.iter().max_by_key(|(_, c)| **c)
                 && *count > target
@@ -290,6 +317,114 @@ impl Coordinator<'_> {
         Ok(())
     }
 
+    /// Engine mode: hands back the leases held above `target` (the share of the live workers),
+    /// so that workers below it can take them — the cooperative counterpart of stealing. A
+    /// released shard is first read to a stop and checkpointed at exactly its last stored
+    /// position ([`finish_releases`](Self::finish_releases)).
+    fn release_above_share(&mut self, target: usize) {
+        let held_active = self.held.values().filter(|h| !h.releasing && h.ended.is_none()).count();
+        let excess = held_active.saturating_sub(target);
+        let give_back: Vec<Arc<str>> = self
+            .held
+            .iter()
+            .rev()
+            .filter(|(_, h)| !h.releasing && h.ended.is_none())
+            .take(excess)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in give_back {
+            tracing::info!(shard = %key, target, "releasing a lease above this worker's share");
+            let held = self.held.get_mut(&key).expect("held");
+            held.releasing = true;
+            if let Some(running) = &held.running {
+                running.signal.stop();
+            }
+        }
+    }
+
+    /// Releases the shards marked `releasing` whose loop has stopped and whose every record read
+    /// is stored: checkpoint at exactly the last stored position, then release — so whoever
+    /// takes it next starts right after what this worker logged.
+    fn finish_releases(&mut self, now: i64) -> Result<(), ReceiverError> {
+        let ready: Vec<Arc<str>> = {
+            let progress = self.core.progress.lock().expect("progress lock");
+            self.held
+                .iter()
+                .filter(|(k, h)| {
+                    h.releasing
+                        && h.running.is_none()
+                        && h.ended.is_none()
+                        && progress.get(*k).is_none_or(|p| p.records_stored >= p.records_read)
+                })
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for key in ready {
+            if !self.checkpoint_one(&key, now, true)? {
+                continue; // lost meanwhile
+            }
+            if !self.checkpoint_covers_stored(&key) {
+                continue; // not written yet (a regression refused); try again next tick
+            }
+            let held = self.held.remove(&key).expect("held");
+            let fence = held.lease.fence().expect("held leases have an owner");
+            self.progress(&key, |p| p.owned = false);
+            match self.core.leases.release_lease(&key, &fence) {
+                Ok(_) => MetricsCells::bump(&self.core.metrics.leases_released),
+                Err(e) if e.is_lease_lost() => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.need_scan = true;
+        }
+        Ok(())
+    }
+
+    /// Takes the shard leases of dead workers this process adopted (see `Receiver::adopt`), each
+    /// at the position the dead worker's log ends, in one write.
+    fn adopt_requested(&mut self, now: i64) -> Result<(), ReceiverError> {
+        let requests = self.core.adoptions.lock().expect("adoptions").clone();
+        for request in requests {
+            let owned: Vec<Lease> = self
+                .table
+                .values()
+                .filter(|l| l.lease_owner.as_deref() == Some(request.worker.as_str()))
+                .filter(|l| l.checkpoint != Checkpoint::ShardEnd)
+                .cloned()
+                .collect();
+            let mut remaining = false;
+            for lease in owned {
+                let floor = request
+                    .floors
+                    .get(lease.lease_key.as_str())
+                    .map_or(Checkpoint::TrimHorizon, |p| Checkpoint::Position(p.clone()));
+                match self
+                    .core
+                    .leases
+                    .adopt_lease(&lease.lease_key, lease.lease_counter, &self.core.worker_id, &floor)
+                {
+                    Ok(taken) => {
+                        tracing::info!(shard = %taken.lease_key, from = %request.worker, checkpoint = %taken.checkpoint,
+                            "took over the shard of a dead worker");
+                        self.hold(taken, now);
+                    }
+                    // Its counter moved (the dead worker's last renewal, or a release): next scan.
+                    Err(e) if e.is_lease_lost() => remaining = true,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if remaining {
+                self.need_scan = true;
+            } else {
+                self.core
+                    .adoptions
+                    .lock()
+                    .expect("adoptions")
+                    .retain(|r| r.worker != request.worker);
+            }
+        }
+        Ok(())
+    }
+
     fn try_take(&mut self, lease: &Lease, now: i64) -> Result<bool, ReceiverError> {
         match self
             .core
@@ -297,25 +432,31 @@ impl Coordinator<'_> {
             .take_lease(&lease.lease_key, lease.lease_counter, &self.core.worker_id)
         {
             Ok(taken) => {
-                MetricsCells::bump(&self.core.metrics.leases_taken);
-                let key: Arc<str> = Arc::from(taken.lease_key.as_str());
-                self.table.insert(taken.lease_key.clone(), taken.clone());
-                self.progress(&key, |p| p.owned = true);
-                self.held.insert(
-                    key,
-                    Held {
-                        lease: taken,
-                        last_renew_ms: now,
-                        last_checkpoint_ms: i64::MIN,
-                        running: None,
-                        ended: None,
-                    },
-                );
+                self.hold(taken, now);
                 Ok(true)
             }
             Err(e) if e.is_lease_lost() => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Starts holding a lease just taken.
+    fn hold(&mut self, taken: Lease, now: i64) {
+        MetricsCells::bump(&self.core.metrics.leases_taken);
+        let key: Arc<str> = Arc::from(taken.lease_key.as_str());
+        self.table.insert(taken.lease_key.clone(), taken.clone());
+        self.progress(&key, |p| p.owned = true);
+        self.held.insert(
+            key,
+            Held {
+                lease: taken,
+                last_renew_ms: now,
+                last_checkpoint_ms: i64::MIN,
+                running: None,
+                ended: None,
+                releasing: false,
+            },
+        );
     }
 
     fn renew(&mut self, now: i64) -> Result<(), ReceiverError> {
@@ -379,7 +520,7 @@ impl Coordinator<'_> {
         let ready: Vec<Arc<str>> = self
             .held
             .iter()
-            .filter(|(_, h)| h.running.is_none() && h.ended.is_none() && self.parents_done(&h.lease))
+            .filter(|(_, h)| h.running.is_none() && h.ended.is_none() && !h.releasing && self.parents_done(&h.lease))
             .map(|(k, _)| k.clone())
             .collect();
         for key in ready {
@@ -446,46 +587,66 @@ impl Coordinator<'_> {
     /// Checkpoints every held shard whose stored position moved (respecting the interval unless
     /// `force`).
     fn checkpoint(&mut self, now: i64, force: bool) -> Result<(), ReceiverError> {
-        let interval = self.core.config.checkpoint_interval_ms as i64;
-        let stored: HashMap<Arc<str>, Position> = {
-            let progress = self.core.progress.lock().expect("progress lock");
-            self.held
-                .keys()
-                .filter_map(|k| {
-                    progress
-                        .get(k)
-                        .and_then(|p| p.latest_stored.clone())
-                        .map(|s| (k.clone(), s))
-                })
-                .collect()
-        };
         let keys: Vec<Arc<str>> = self.held.keys().cloned().collect();
         for key in keys {
-            let Some(position) = stored.get(&key) else { continue };
-            let held = &self.held[&key];
-            let proposed = Checkpoint::Position(position.clone());
-            if proposed <= held.lease.checkpoint || (!force && now.saturating_sub(held.last_checkpoint_ms) < interval) {
-                continue;
-            }
-            let fence = held.lease.fence().expect("held leases have an owner");
-            MetricsCells::bump(&self.core.metrics.checkpoint_attempts);
-            match self.core.leases.checkpoint(&key, &fence, &proposed) {
-                Ok(lease) => {
-                    MetricsCells::bump(&self.core.metrics.checkpoint_successes);
-                    let held = self.held.get_mut(&key).expect("held");
-                    held.lease = lease;
-                    held.last_checkpoint_ms = now;
-                }
-                Err(e) if e.is_lease_lost() => self.lose(&key),
-                Err(LeaseError::CheckpointRegression { current, .. }) => {
-                    // Someone (a previous owner) checkpointed further; never move it back.
-                    tracing::warn!(shard = %key, %current, %proposed, "stored checkpoint is ahead of this receiver");
-                    self.held.get_mut(&key).expect("held").last_checkpoint_ms = now;
-                }
-                Err(e) => return Err(e.into()),
-            }
+            self.checkpoint_one(&key, now, force)?;
         }
         Ok(())
+    }
+
+    /// The last stored position of a shard.
+    fn stored_position(&self, key: &Arc<str>) -> Option<Position> {
+        self.core
+            .progress
+            .lock()
+            .expect("progress lock")
+            .get(key)
+            .and_then(|p| p.latest_stored.clone())
+    }
+
+    /// Whether the held lease's checkpoint covers everything stored of its shard.
+    fn checkpoint_covers_stored(&self, key: &Arc<str>) -> bool {
+        let Some(held) = self.held.get(key) else { return false };
+        self.stored_position(key)
+            .is_none_or(|p| Checkpoint::Position(p) <= held.lease.checkpoint)
+    }
+
+    /// Checkpoints one held shard at its stored position if that moved (and the interval passed,
+    /// unless `force`). Returns whether the lease is still held.
+    fn checkpoint_one(&mut self, key: &Arc<str>, now: i64, force: bool) -> Result<bool, ReceiverError> {
+        let interval = self.core.config.checkpoint_interval_ms as i64;
+        let Some(position) = self.stored_position(key) else {
+            return Ok(self.held.contains_key(key));
+        };
+        let Some(held) = self.held.get(key) else {
+            return Ok(false);
+        };
+        let proposed = Checkpoint::Position(position);
+        if proposed <= held.lease.checkpoint || (!force && now.saturating_sub(held.last_checkpoint_ms) < interval) {
+            return Ok(true);
+        }
+        let fence = held.lease.fence().expect("held leases have an owner");
+        MetricsCells::bump(&self.core.metrics.checkpoint_attempts);
+        match self.core.leases.checkpoint(key, &fence, &proposed) {
+            Ok(lease) => {
+                MetricsCells::bump(&self.core.metrics.checkpoint_successes);
+                let held = self.held.get_mut(key).expect("held");
+                held.lease = lease;
+                held.last_checkpoint_ms = now;
+                Ok(true)
+            }
+            Err(e) if e.is_lease_lost() => {
+                self.lose(key);
+                Ok(false)
+            }
+            Err(LeaseError::CheckpointRegression { current, .. }) => {
+                // Someone (a previous owner) checkpointed further; never move it back.
+                tracing::warn!(shard = %key, %current, %proposed, "stored checkpoint is ahead of this receiver");
+                self.held.get_mut(key).expect("held").last_checkpoint_ms = now;
+                Ok(true)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Records `SHARD_END` for shards read to their end whose every record is stored, then
@@ -600,11 +761,20 @@ impl Coordinator<'_> {
             tracing::warn!(stream = %self.core.stream, error = %e, "final checkpoint failed");
             result = result.and(Err(e));
         }
-        for (key, held) in std::mem::take(&mut self.held) {
-            if let Some(fence) = held.lease.fence()
+        let keys: Vec<Arc<str>> = self.held.keys().cloned().collect();
+        for key in keys {
+            // A lease is handed on only at exactly its last stored position: released with an
+            // older checkpoint, its next owner would read again what this worker logged. Such a
+            // lease is left to expire (and, in engine mode, to this worker's adopter).
+            let exact = self.checkpoint_covers_stored(&key);
+            let held = self.held.remove(&key).expect("held");
+            if exact
+                && let Some(fence) = held.lease.fence()
                 && let Err(e) = self.core.leases.release_lease(&key, &fence)
             {
                 tracing::warn!(shard = %key, error = %e, "could not release a lease");
+            } else if !exact {
+                tracing::warn!(shard = %key, "not releasing a lease whose final checkpoint did not land");
             }
             self.progress(&key, |p| p.owned = false);
         }

@@ -57,6 +57,8 @@ pub struct ReceiverMetrics {
     pub leases_taken: u64,
     /// Leases lost to another worker.
     pub leases_lost: u64,
+    /// Leases handed back above this worker's share (engine mode's balancing).
+    pub leases_released: u64,
     /// Restarts after a failure.
     pub restarts: u64,
     /// Per shard, by shard id.
@@ -73,6 +75,7 @@ pub(crate) struct MetricsCells {
     pub(crate) lease_store_errors: AtomicU64,
     pub(crate) leases_taken: AtomicU64,
     pub(crate) leases_lost: AtomicU64,
+    pub(crate) leases_released: AtomicU64,
     pub(crate) restarts: AtomicU64,
     pub(crate) shards: Mutex<HashMap<Arc<str>, ShardCells>>,
 }
@@ -116,6 +119,7 @@ impl MetricsCells {
             lease_store_errors: self.lease_store_errors.load(Relaxed),
             leases_taken: self.leases_taken.load(Relaxed),
             leases_lost: self.leases_lost.load(Relaxed),
+            leases_released: self.leases_released.load(Relaxed),
             restarts: self.restarts.load(Relaxed),
             ..ReceiverMetrics::default()
         };

@@ -40,7 +40,7 @@ pub use metrics::{ReceiverMetrics, ShardMetrics};
 use self::metrics::MetricsCells;
 use crate::block_generator::{BlockGenerator, BlockHandler, GeneratorError};
 use crate::config_error::ConfigError;
-use crate::lease::{LeaseError, LeaseStore};
+use crate::lease::{LeaseError, LeaseStore, WorkerDirectory};
 use crate::rate_limiter::RateLimiter;
 use crate::signal::{MAX_REAL_WAIT, StopSignal, Wake};
 use crate::source::{Source, SourceError};
@@ -133,6 +133,13 @@ pub struct ReceiverStatus {
     pub restarts: u64,
 }
 
+/// A dead worker whose shard leases to take, with the position its log ends per shard.
+#[derive(Debug, Clone)]
+pub(crate) struct AdoptRequest {
+    pub(crate) worker: String,
+    pub(crate) floors: HashMap<Arc<str>, Position>,
+}
+
 /// Read and stored progress of one shard.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct ShardProgress {
@@ -166,6 +173,10 @@ pub(crate) struct Core {
     pub(crate) source: Arc<dyn Source>,
     pub(crate) stream: Arc<str>,
     pub(crate) leases: Arc<dyn LeaseStore>,
+    /// The application's workers (engine mode), or `None` (KCL mode: expiry and stealing).
+    pub(crate) workers: Option<Arc<dyn WorkerDirectory>>,
+    /// Dead workers whose shard leases this receiver is to take (see [`Receiver::adopt`]).
+    pub(crate) adoptions: Mutex<Vec<AdoptRequest>>,
     pub(crate) handler: Arc<dyn BlockHandler>,
     pub(crate) clock: SharedClock,
     pub(crate) run_id: u64,
@@ -325,6 +336,8 @@ impl Receiver {
             config,
             source,
             leases,
+            workers: None,
+            adoptions: Mutex::new(Vec::new()),
             handler,
             clock,
             run_id,
@@ -349,6 +362,48 @@ impl Receiver {
             supervisor: Mutex::new(None),
             started: AtomicBool::new(false),
         })
+    }
+
+    /// Makes this receiver one worker of an application whose workers hold worker leases (the
+    /// engine's mode; see [`WorkerDirectory`]): it never takes a shard lease of a registered
+    /// worker by expiry (a dead worker's shards move through [`adopt`](Self::adopt)), and it
+    /// balances by releasing what it holds above its share — after a checkpoint at exactly its
+    /// last stored position — instead of stealing. Call before [`start`](Self::start).
+    ///
+    /// # Panics
+    /// If the receiver was already started.
+    #[must_use]
+    pub fn with_workers(mut self, workers: Arc<dyn WorkerDirectory>) -> Self {
+        Arc::get_mut(&mut self.core)
+            .expect("with_workers is called before start")
+            .workers = Some(workers);
+        self
+    }
+
+    /// Takes every shard lease `worker` (a dead worker whose log this process adopted) still
+    /// owns, each with its checkpoint raised to at least the position `floors` gives for its
+    /// shard — where that worker's log ends — in one write ([`LeaseStore::adopt_lease`]). The
+    /// shards then start after it. Runs on the receiver's thread; see
+    /// [`is_adopting`](Self::is_adopting).
+    pub fn adopt(&self, worker: &str, floors: HashMap<Arc<str>, Position>) {
+        let mut adoptions = self.core.adoptions.lock().expect("adoptions");
+        adoptions.retain(|r| r.worker != worker);
+        adoptions.push(AdoptRequest {
+            worker: worker.to_owned(),
+            floors,
+        });
+        drop(adoptions);
+        self.core.stop.nudge();
+    }
+
+    /// Whether some shard lease of `worker` is still to be taken after [`adopt`](Self::adopt).
+    pub fn is_adopting(&self, worker: &str) -> bool {
+        self.core
+            .adoptions
+            .lock()
+            .expect("adoptions")
+            .iter()
+            .any(|r| r.worker == worker)
     }
 
     /// Starts reading in the background and returns at once (it never blocks on the source, the

@@ -2,16 +2,18 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use sluice_blockstore::{SharedClock, StorageLevel, SystemClock};
+use sluice_receiver::{WorkerDirectory, WorkerRegistry};
 
 use crate::checkpoint_store::CheckpointStore;
-use crate::graph::{BatchEnv, BatchHistory, FailurePolicy, StageRunner};
+use crate::graph::{BatchEnv, BatchHistory, FailurePolicy, InstanceId, OWN_INSTANCE, StageRunner};
 use crate::input::{EngineBlocks, InputSpec, InputWiring, RunningInput};
+use crate::membership::{Adoption, Membership, Phase, Timing, owns_shard_leases, worker_dir};
 use crate::metadata_log::MetadataLog;
 use crate::metrics::{BatchInfo, DEFAULT_ERROR_RATE_BOUND, HealthEvent, Metrics, MetricsSnapshot};
 use crate::outputs::OutputOp;
@@ -57,6 +59,7 @@ pub struct StreamingContextBuilder {
     pub(crate) replica_url: Option<String>,
     stuck_bound: Option<Duration>,
     error_rate_bound: f64,
+    worker_id: Option<String>,
 }
 
 impl Default for StreamingContextBuilder {
@@ -78,6 +81,7 @@ impl Default for StreamingContextBuilder {
             replica_url: None,
             stuck_bound: None,
             error_rate_bound: DEFAULT_ERROR_RATE_BOUND,
+            worker_id: None,
         }
     }
 }
@@ -185,6 +189,21 @@ impl StreamingContextBuilder {
         self
     }
 
+    /// This worker's id among the workers of its application (default: the host name). It owns
+    /// the worker's shard leases, names its metadata log (`<checkpoint>/workers/<id>/`) and its
+    /// output files (`part-<id>-<i>.parquet`).
+    ///
+    /// Give every worker that shares a lease table and a checkpoint location its own id. A
+    /// process started with the id of a previous one (the same machine after a restart, or a
+    /// replacement configured with the same id) recovers that worker's log itself; a process
+    /// with a new id leaves the old worker's log to be adopted by a live worker once its lease
+    /// expires. Letters, digits, `.`, `_` and `-`, at most 128.
+    #[must_use]
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker_id = Some(id.into());
+        self
+    }
+
     /// Validates the settings and builds the context. Nothing runs until
     /// [`StreamingContext::start`].
     ///
@@ -223,6 +242,9 @@ impl StreamingContextBuilder {
                 reason: format!("{} is not a fraction in 0..=1", self.error_rate_bound),
             });
         }
+        if let Some(id) = &self.worker_id {
+            validate_worker_id(id)?;
+        }
         let shuffle_partitions = self.shuffle_partitions.unwrap_or(self.executor_threads * 2);
         let graph = GraphBuilder {
             inner: Arc::new(Mutex::new(GraphParts::default())),
@@ -233,6 +255,26 @@ impl StreamingContextBuilder {
             graph,
             running: Mutex::new(None),
             metrics: Arc::new(Metrics::default()),
+        })
+    }
+}
+
+/// Worker ids name directories and files: letters, digits, `.`, `_` and `-`, at most 128.
+fn validate_worker_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config {
+            field: "worker_id",
+            reason: format!(
+                "{id:?} is not a valid worker id: use 1 to 128 letters, digits, '.', '_' or '-' (it names the \
+                 worker's log directory and output files)"
+            ),
         })
     }
 }
@@ -293,20 +335,38 @@ pub struct StreamingContext {
 struct Running {
     shared: Arc<Shared>,
     generator: Option<JoinHandle<()>>,
+    membership: Option<Membership>,
 }
 
-/// State shared by the job generator thread and the context.
+/// One metadata log and what its batches need: this worker's own log, or the log of a dead
+/// worker this worker adopted (see [`crate::membership`]).
+pub(crate) struct LogRuntime {
+    /// Keys the log's stage caches and operator state.
+    pub instance: InstanceId,
+    /// The worker the log belongs to: its output carries this name.
+    pub writer: Arc<str>,
+    pub tracker: Arc<ReceivedBlockTracker>,
+    /// The worker's directory on the checkpoint location (its log and state snapshots).
+    pub checkpoint: CheckpointStore,
+}
+
+/// State shared by the job generator thread, the membership thread and the context.
 pub(crate) struct Shared {
     config: Arc<StreamingContextBuilder>,
-    clock: SharedClock,
+    pub(crate) clock: SharedClock,
     interval_ms: i64,
-    tracker: Arc<ReceivedBlockTracker>,
-    checkpoint: CheckpointStore,
+    /// This worker's own log.
+    own: Arc<LogRuntime>,
+    /// The root of the checkpoint location (every worker's directory is under it).
+    pub(crate) root: CheckpointStore,
+    registry: Option<Arc<WorkerRegistry>>,
     blocks: Arc<EngineBlocks>,
     runner: Arc<StageRunner>,
     graph: Arc<Mutex<GraphParts>>,
-    inputs: Vec<Box<dyn RunningInput>>,
+    pub(crate) inputs: Vec<Box<dyn RunningInput>>,
     metrics: Arc<Metrics>,
+    adoptions: Mutex<Vec<Arc<Adoption>>>,
+    next_instance: AtomicU32,
     stop_requested: AtomicBool,
     drain_requested: AtomicBool,
     status: Mutex<Status>,
@@ -389,49 +449,32 @@ impl StreamingContext {
         let config = self.config.clone();
         let clock: SharedClock = config.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
         let interval_ms = i64::try_from(config.batch_interval.as_millis()).unwrap_or(i64::MAX);
-        let checkpoint = match &config.checkpoint {
+        let root = match &config.checkpoint {
             Some(location) => crate::input::checkpoint_store_for(location)?,
             None => CheckpointStore::local(config.data_dir.join("checkpoint"))?,
         };
-        let run_id = u64::try_from(clock.now_ms()).unwrap_or(0) ^ u64::from(std::process::id()).rotate_left(40);
-        let holder = format!("pid {} run {run_id:x}", std::process::id());
-        let (tracker, recovered) = ReceivedBlockTracker::recover(MetadataLog::claim(&checkpoint, &holder)?)?;
-        // An empty batch is logged only when operator state moves with it (see the tracker).
-        let stateful = !self.graph.inner.lock().expect("graph").stateful.is_empty();
-        let tracker = Arc::new(tracker.with_empty_batches_logged(stateful));
-        if !recovered.pending_batches.is_empty() || recovered.unallocated_blocks > 0 {
-            tracing::info!(
-                pending = ?recovered.pending_batches,
-                unallocated = recovered.unallocated_blocks,
-                "recovering from the metadata log"
-            );
-        }
-        // Operator state as of the last completed batch.
-        crate::state::restore_all(
-            &checkpoint,
-            recovered.last_completed,
-            &self.graph.inner.lock().expect("graph").stateful,
-        )?;
-
+        let graph = self.graph.inner.lock().expect("graph");
+        let worker_id = resolve_worker_id(&config, &graph.inputs)?;
+        let run_id = new_run_id(&worker_id, clock.now_ms());
+        // Join the application's workers before claiming the log: a worker takes its own worker
+        // lease back from whoever holds it (an adopter stops when its renewal fails).
+        let registry = match graph.inputs.first() {
+            Some(first) => Some(Arc::new(WorkerRegistry::join(
+                first.leases.clone(),
+                &worker_id,
+                first.config.lease_failover_ms,
+                clock.clone(),
+            )?)),
+            None => None,
+        };
+        let (own, recovered) = recover_own_log(&root, &worker_id, run_id, &graph)?;
         let blocks = Arc::new(EngineBlocks::open(
             &config,
             clock.clone(),
-            tracker.clone(),
+            own.tracker.clone(),
             self.metrics.clone(),
         )?);
-        let runner = Arc::new(StageRunner {
-            pool: rayon::ThreadPoolBuilder::new()
-                .num_threads(config.executor_threads)
-                .thread_name(|i| format!("sluice-executor-{i}"))
-                .build()
-                .map_err(|e| Error::Internal(format!("cannot start the executor pool: {e}")))?,
-            max_attempts: config.max_task_attempts,
-            policy: config.failure_policy,
-            dead_letters: Mutex::new(Vec::new()),
-            task_failures: AtomicU64::new(0),
-            task_retries: AtomicU64::new(0),
-            tasks: AtomicU64::new(0),
-        });
+        let runner = Arc::new(new_runner(&config)?);
         let resume_after: HashMap<(Arc<str>, Arc<str>), sluice_blockstore::Position> = recovered
             .resume_after
             .iter()
@@ -440,28 +483,34 @@ impl StreamingContext {
         let wiring = InputWiring {
             run_id,
             clock: clock.clone(),
-            data_dir: config.data_dir.clone(),
             blocks: blocks.clone(),
             resume_after,
+            worker_id: worker_id.clone(),
+            workers: registry.clone().map(|r| r as Arc<dyn WorkerDirectory>),
         };
         let mut inputs = Vec::new();
-        {
-            let graph = self.graph.inner.lock().expect("graph");
-            for spec in &graph.inputs {
-                inputs.push((spec.start)(&wiring)?);
-            }
+        for spec in &graph.inputs {
+            inputs.push((spec.start)(&wiring)?);
         }
+        let timing = graph.inputs.first().map(|first| Timing {
+            failover_ms: first.config.lease_failover_ms,
+            scan_interval_ms: first.config.lease_taker_interval_ms,
+        });
+        drop(graph);
         let shared = Arc::new(Shared {
             config: config.clone(),
             clock: clock.clone(),
             interval_ms,
-            tracker,
-            checkpoint,
+            own,
+            root,
+            registry: registry.clone(),
             blocks,
             runner,
             graph: self.graph.inner.clone(),
             inputs,
             metrics: self.metrics.clone(),
+            adoptions: Mutex::new(Vec::new()),
+            next_instance: AtomicU32::new(OWN_INSTANCE + 1),
             stop_requested: AtomicBool::new(false),
             drain_requested: AtomicBool::new(false),
             status: Mutex::new(Status::default()),
@@ -474,9 +523,14 @@ impl StreamingContext {
             .name("sluice-job-generator".into())
             .spawn(move || thread_shared.run_generator(&pending))
             .map_err(|e| Error::Internal(format!("cannot start the job generator: {e}")))?;
+        let membership = match (registry, timing) {
+            (Some(registry), Some(timing)) => Some(Membership::start(shared.clone(), registry, timing)?),
+            _ => None,
+        };
         *running = Some(Running {
             shared,
             generator: Some(generator),
+            membership,
         });
         Ok(())
     }
@@ -522,8 +576,9 @@ impl StreamingContext {
             let processed_one = shared.status.lock().expect("status").last_processed_ms.is_some();
             if caught_up
                 && processed_one
-                && !shared.tracker.has_unallocated_blocks()
+                && !shared.own.tracker.has_unallocated_blocks()
                 && shared.all_allocated_processed()
+                && shared.adoptions().is_empty()
             {
                 return Ok(true);
             }
@@ -586,6 +641,12 @@ impl StreamingContext {
         if let Some(handle) = run.generator.take() {
             let _joined = handle.join();
         }
+        if let Some(mut membership) = run.membership.take() {
+            membership.stop();
+        }
+        if graceful && !timed_out && first_error.is_none() {
+            shared.release_worker_lease_if_done();
+        }
         if timed_out {
             return Err(Error::StopTimeout { timeout });
         }
@@ -621,32 +682,114 @@ impl Drop for StreamingContext {
     }
 }
 
-/// Makes batch environments for any batch the tracker still knows.
+/// Claims this worker's log (fencing any earlier process of it), recovers it and restores the
+/// operator state of its last completed batch.
+fn recover_own_log(
+    root: &CheckpointStore,
+    worker_id: &str,
+    run_id: u64,
+    graph: &GraphParts,
+) -> Result<(Arc<LogRuntime>, crate::tracker::RecoveredState)> {
+    let own_dir = worker_dir(root, worker_id);
+    let holder = format!("{worker_id} (pid {}, run {run_id:x})", std::process::id());
+    let (tracker, recovered) = ReceivedBlockTracker::recover(MetadataLog::claim(&own_dir, &holder)?)?;
+    // An empty batch is logged only when operator state moves with it (see the tracker).
+    let tracker = Arc::new(tracker.with_empty_batches_logged(!graph.stateful.is_empty()));
+    if !recovered.pending_batches.is_empty() || recovered.unallocated_blocks > 0 {
+        tracing::info!(
+            pending = ?recovered.pending_batches,
+            unallocated = recovered.unallocated_blocks,
+            "recovering from the metadata log"
+        );
+    }
+    let own = Arc::new(LogRuntime {
+        instance: OWN_INSTANCE,
+        writer: Arc::from(worker_id),
+        tracker,
+        checkpoint: own_dir,
+    });
+    crate::state::restore_all(&own.checkpoint, OWN_INSTANCE, recovered.last_completed, &graph.stateful)?;
+    Ok((own, recovered))
+}
+
+fn new_runner(config: &StreamingContextBuilder) -> Result<StageRunner> {
+    Ok(StageRunner {
+        pool: rayon::ThreadPoolBuilder::new()
+            .num_threads(config.executor_threads)
+            .thread_name(|i| format!("sluice-executor-{i}"))
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start the executor pool: {e}")))?,
+        max_attempts: config.max_task_attempts,
+        policy: config.failure_policy,
+        dead_letters: Mutex::new(Vec::new()),
+        task_failures: AtomicU64::new(0),
+        task_retries: AtomicU64::new(0),
+        tasks: AtomicU64::new(0),
+    })
+}
+
+/// Builds the worker id of a starting context: the builder's, else the inputs' (they must agree),
+/// else the host name.
+fn resolve_worker_id(config: &StreamingContextBuilder, inputs: &[InputSpec]) -> Result<String> {
+    let mut id = config.worker_id.clone();
+    for input in inputs {
+        match (&id, &input.config.worker_id) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::Config {
+                    field: "worker_id",
+                    reason: format!(
+                        "the input {} sets worker_id {b:?} but this worker is {a:?}: a worker has one id; set it \
+                         once, with StreamingContext::builder().worker_id(..)",
+                        input.stream
+                    ),
+                });
+            }
+            (None, Some(b)) => id = Some(b.clone()),
+            _ => {}
+        }
+    }
+    let id = id.unwrap_or_else(sluice_receiver::default_worker_id);
+    validate_worker_id(&id)?;
+    Ok(id)
+}
+
+/// A block-id run id unique across the workers sharing a replica location: the time, the
+/// process, the worker id and per-process randomness hashed together.
+fn new_run_id(worker_id: &str, now_ms: i64) -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one((worker_id, now_ms, std::process::id()))
+}
+
+/// Makes batch environments for any batch a log's tracker still knows.
 struct History {
     shared: std::sync::Weak<Shared>,
+    log: Arc<LogRuntime>,
 }
 
 impl BatchHistory for History {
     fn env_for(&self, time_ms: i64) -> Option<BatchEnv> {
         let shared = self.shared.upgrade()?;
-        let blocks = shared.tracker.blocks_of_batch(time_ms);
-        Some(shared.env(time_ms, blocks))
+        let blocks = self.log.tracker.blocks_of_batch(time_ms);
+        Some(shared.env(&self.log, time_ms, blocks))
     }
 }
 
 impl Shared {
-    fn env(self: &Arc<Self>, time_ms: i64, blocks: Vec<TrackedBlock>) -> BatchEnv {
+    fn env(self: &Arc<Self>, log: &Arc<LogRuntime>, time_ms: i64, blocks: Vec<TrackedBlock>) -> BatchEnv {
         let mut inputs: HashMap<u32, Vec<TrackedBlock>> = HashMap::new();
         for b in blocks {
             inputs.entry(b.meta.id.input_id).or_default().push(b);
         }
         BatchEnv {
+            instance: log.instance,
+            writer: log.writer.clone(),
             time_ms,
             interval_ms: self.interval_ms,
             inputs: Arc::new(inputs),
             blocks: self.blocks.clone(),
             history: Arc::new(History {
                 shared: Arc::downgrade(self),
+                log: log.clone(),
             }),
             runner: self.runner.clone(),
         }
@@ -654,7 +797,8 @@ impl Shared {
 
     fn all_allocated_processed(&self) -> bool {
         let last = self.status.lock().expect("status").last_processed_ms;
-        self.tracker
+        self.own
+            .tracker
             .last_allocated()
             .is_none_or(|t| last.is_some_and(|l| l >= t))
     }
@@ -669,15 +813,16 @@ impl Shared {
         self.status_changed.notify_all();
     }
 
-    /// The job generator: re-runs recovered batches, then one batch per interval until stopped.
+    /// The job generator: re-runs recovered batches, then one batch per interval until stopped;
+    /// between batches, the batches of adopted logs.
     fn run_generator(self: Arc<Self>, pending: &[i64]) {
         for &time_ms in pending {
-            if let Err(e) = self.run_batch(time_ms) {
+            if let Err(e) = self.run_batch(&self.own, time_ms) {
                 return self.fail(&e);
             }
         }
         let mut next = (self.clock.now_ms() / self.interval_ms + 1) * self.interval_ms;
-        if let Some(last) = self.tracker.last_allocated() {
+        if let Some(last) = self.own.tracker.last_allocated() {
             next = next.max(last + self.interval_ms);
         }
         loop {
@@ -687,7 +832,10 @@ impl Shared {
             if let Some(reason) = self.inputs.iter().find_map(|i| i.failure()) {
                 return self.fail(&Error::Receiver(reason));
             }
-            if self.drain_requested.load(Ordering::SeqCst) && !self.tracker.has_unallocated_blocks() {
+            if let Err(e) = self.run_adoptions() {
+                return self.fail(&e);
+            }
+            if self.drain_requested.load(Ordering::SeqCst) && !self.own.tracker.has_unallocated_blocks() {
                 // Receivers are stopped (stop() stops them first), so nothing new can arrive.
                 return self.finish(None);
             }
@@ -695,7 +843,7 @@ impl Shared {
             if self.stop_requested.load(Ordering::SeqCst) {
                 return self.finish(None);
             }
-            if let Err(e) = self.run_batch(next) {
+            if let Err(e) = self.run_batch(&self.own, next) {
                 return self.fail(&e);
             }
             next += self.interval_ms;
@@ -707,19 +855,138 @@ impl Shared {
         }
     }
 
+    /// Runs the batches of every queued adoption: the pending batches of the adopted log, then
+    /// one batch with its unallocated blocks. A claim of the log by someone else (the worker
+    /// came back, or another adopter) abandons it; any other failure fails this worker, as the
+    /// failure policy says for its own batches.
+    fn run_adoptions(self: &Arc<Self>) -> Result<()> {
+        for adoption in self.adoptions() {
+            if adoption.phase() != Phase::Queued {
+                continue;
+            }
+            adoption.set_phase(Phase::Running);
+            let outcome = self.run_adopted_log(&adoption);
+            match outcome {
+                Ok(()) if !adoption.abandon.load(Ordering::SeqCst) => adoption.set_phase(Phase::Done),
+                Ok(()) => adoption.set_phase(Phase::Abandoned),
+                Err(Error::Fenced { by, .. }) => {
+                    tracing::warn!(worker = %adoption.worker, %by, "the adopted log was claimed by another process");
+                    adoption.set_phase(Phase::Abandoned);
+                }
+                Err(e) => {
+                    adoption.set_phase(Phase::Abandoned);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run_adopted_log(self: &Arc<Self>, adoption: &Adoption) -> Result<()> {
+        let log = &adoption.log;
+        for &time_ms in &adoption.pending {
+            if adoption.abandon.load(Ordering::SeqCst) || self.stop_requested.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            self.run_batch(log, time_ms)?;
+        }
+        if log.tracker.has_unallocated_blocks() && !adoption.abandon.load(Ordering::SeqCst) {
+            // A time the dead worker never allocated (it cannot allocate any more).
+            let now = self.clock.now_ms() / self.interval_ms * self.interval_ms;
+            let time_ms = log.tracker.last_allocated().map_or(now, |l| l + self.interval_ms);
+            self.run_batch(log, time_ms)?;
+        }
+        Ok(())
+    }
+
     fn fail(&self, e: &Error) {
         tracing::error!(error = %e, "stopping the stream");
         self.finish(Some(e.to_string()));
     }
 
-    fn run_batch(self: &Arc<Self>, time_ms: i64) -> Result<()> {
+    /// This worker was presumed dead and adopted: it must stop (its log is claimed).
+    pub(crate) fn fenced_off(&self, why: &str) {
+        self.fail(&Error::Fenced {
+            location: format!("{}/metadata", self.own.checkpoint.location()),
+            by: format!("another worker: {why}"),
+        });
+    }
+
+    /// Whether the graph keeps operator state (empty batches are then logged).
+    pub(crate) fn stateful(&self) -> bool {
+        !self.graph.lock().expect("graph").stateful.is_empty()
+    }
+
+    pub(crate) fn new_instance(&self) -> InstanceId {
+        self.next_instance.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Restores the operator state of an adopted log as of its last completed batch.
+    pub(crate) fn restore_state(&self, log: &LogRuntime, last_completed: Option<i64>) -> Result<()> {
+        let graph = self.graph.lock().expect("graph");
+        crate::state::restore_all(&log.checkpoint, log.instance, last_completed, &graph.stateful)
+    }
+
+    pub(crate) fn queue_adoption(&self, adoption: Adoption) {
+        self.adoptions.lock().expect("adoptions").push(Arc::new(adoption));
+    }
+
+    /// The adoptions in progress.
+    pub(crate) fn adoptions(&self) -> Vec<Arc<Adoption>> {
+        self.adoptions.lock().expect("adoptions").clone()
+    }
+
+    /// Stops an adoption between batches (its worker lease was lost).
+    pub(crate) fn abandon_adoption(&self, worker: &str) {
+        for adoption in self.adoptions() {
+            if adoption.worker == worker {
+                adoption.abandon.store(true, Ordering::SeqCst);
+                if adoption.phase() == Phase::Queued {
+                    adoption.set_phase(Phase::Abandoned);
+                }
+            }
+        }
+    }
+
+    /// Forgets a finished or abandoned adoption and its caches and state.
+    pub(crate) fn drop_adoption(&self, adoption: &Arc<Adoption>) {
+        self.adoptions
+            .lock()
+            .expect("adoptions")
+            .retain(|a| !Arc::ptr_eq(a, adoption));
+        let graph = self.graph.lock().expect("graph");
+        for op in &graph.outputs {
+            op.forget(adoption.log.instance, i64::MAX);
+        }
+        for op in &graph.stateful {
+            op.drop_instance(adoption.log.instance);
+        }
+    }
+
+    /// After a clean graceful stop: releases this worker's lease when its log holds no work and
+    /// no shard lease is left in its name, so nobody adopts it (a later start takes it again).
+    fn release_worker_lease_if_done(&self) {
+        let Some(registry) = &self.registry else { return };
+        let idle = !self.own.tracker.has_unallocated_blocks() && self.all_allocated_processed();
+        let clean = self.status.lock().expect("status").error.is_none();
+        if idle
+            && clean
+            && !owns_shard_leases(self, registry.worker_id())
+            && let Err(e) = registry.release(registry.worker_id())
+        {
+            tracing::warn!(error = %e, "could not release the worker lease; it will expire");
+        }
+    }
+
+    fn run_batch(self: &Arc<Self>, log: &Arc<LogRuntime>, time_ms: i64) -> Result<()> {
+        let own = log.instance == OWN_INSTANCE;
         let submitted = self.clock.now_ms();
         let monotonic = std::time::Instant::now();
         let tasks_before = self.runner.tasks.load(Ordering::Relaxed);
         let failures_before = self.runner.task_failures.load(Ordering::Relaxed);
-        let blocks = self.tracker.allocate_blocks_to_batch(time_ms)?;
+        let blocks = log.tracker.allocate_blocks_to_batch(time_ms)?;
         let num_records: u64 = blocks.iter().map(|b| b.meta.num_records).sum();
-        let env = self.env(time_ms, blocks);
+        let env = self.env(log, time_ms, blocks);
         let started = self.clock.now_ms();
         let outputs_result = {
             let graph = self.graph.lock().expect("graph");
@@ -727,10 +994,10 @@ impl Shared {
         };
         outputs_result.map_err(|e| Error::Stopped { reason: e.to_string() })?;
         let dead: Vec<_> = std::mem::take(&mut *self.runner.dead_letters.lock().expect("dead letters"));
-        self.blocks.write_dead_letters(time_ms, &dead)?;
+        self.blocks.write_dead_letters(time_ms, &log.writer, &dead)?;
         let stateful = {
             let graph = self.graph.lock().expect("graph");
-            crate::state::snapshot_all(&self.checkpoint, time_ms, &graph.stateful)?;
+            crate::state::snapshot_all(&log.checkpoint, log.instance, time_ms, &graph.stateful)?;
             !graph.stateful.is_empty()
         };
         // Cleanup behind completed batches, keeping what windows need; logged together with
@@ -741,29 +1008,32 @@ impl Shared {
             graph
                 .outputs
                 .iter()
-                .for_each(|op| op.forget(time_ms - keep * self.interval_ms));
+                .for_each(|op| op.forget(log.instance, time_ms - keep * self.interval_ms));
             keep
         };
         let before = time_ms - (remember - 1) * self.interval_ms;
-        let removed = self.tracker.complete_batch(time_ms, before)?;
+        let removed = log.tracker.complete_batch(time_ms, before)?;
         let ended = self.clock.now_ms();
-        {
-            let mut status = self.status.lock().expect("status");
-            status.last_processed_ms = Some(time_ms);
+        if own {
+            {
+                let mut status = self.status.lock().expect("status");
+                status.last_processed_ms = Some(time_ms);
+            }
+            self.last_processed
+                .store(u64::try_from(time_ms).unwrap_or(0), Ordering::SeqCst);
         }
-        self.last_processed
-            .store(u64::try_from(time_ms).unwrap_or(0), Ordering::SeqCst);
         self.status_changed.notify_all();
 
         for id in removed {
             self.blocks.remove(id);
         }
         if stateful {
-            crate::state::cleanup_snapshots(&self.checkpoint, time_ms)?;
+            crate::state::cleanup_snapshots(&log.checkpoint, time_ms)?;
         }
 
         let info = BatchInfo {
             batch_time_ms: time_ms,
+            adopted: !own,
             num_records,
             // Spark: processing start minus submission; a batch is due at its batch time.
             scheduling_delay_ms: (started - time_ms.max(submitted.min(time_ms))).max(0),
@@ -790,7 +1060,9 @@ impl Shared {
             }
         }
         drop(graph);
-        self.update_rate(&info);
+        if own {
+            self.update_rate(&info);
+        }
         Ok(())
     }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use sluice_operators::shuffle::{CombineMap, Combiner, Reduce, shuffle};
 
 use crate::context::GraphBuilder;
-use crate::graph::{BatchEnv, JobError, Node, Scope, TaskError};
+use crate::graph::{BatchEnv, InstanceId, JobError, Node, Scope, TaskError};
 use crate::tracker::TrackedBlock;
 
 /// Element types a stream can carry.
@@ -66,8 +66,8 @@ impl<I: Data, O: Data> Node<O> for FlatMapNode<I, O> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.parent.source_block(env, p)
     }
-    fn forget(&self, time_ms: i64) {
-        self.parent.forget(time_ms);
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.parent.forget(instance, time_ms);
     }
 }
 
@@ -96,8 +96,8 @@ impl<I: Data, O: Data> Node<O> for MapPartitionsNode<I, O> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.parent.source_block(env, p)
     }
-    fn forget(&self, time_ms: i64) {
-        self.parent.forget(time_ms);
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.parent.forget(instance, time_ms);
     }
 }
 
@@ -121,17 +121,17 @@ impl<I: Data, O: Data + Clone> Node<O> for TransformNode<I, O> {
         self.parent.active(env)
     }
     fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
-        if self.cache.get(env.time_ms).is_some() {
+        if self.cache.get(env).is_some() {
             return Ok(());
         }
         self.parent.prepare(env)?;
         if !self.parent.active(env) {
             // No batch to transform (a window that does not slide now): no output.
-            self.cache.put(env.time_ms, Vec::new());
+            self.cache.put(env, Vec::new());
             return Ok(());
         }
         let out = env.runner.run_barrier(env, &*self.parent, &*self.f)?;
-        self.cache.put(env.time_ms, split_contiguous(out, self.partitions));
+        self.cache.put(env, split_contiguous(out, self.partitions));
         Ok(())
     }
     fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
@@ -140,9 +140,9 @@ impl<I: Data, O: Data + Clone> Node<O> for TransformNode<I, O> {
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
-    fn forget(&self, time_ms: i64) {
-        self.cache.forget_up_to(time_ms);
-        self.parent.forget(time_ms);
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.cache.forget_up_to(instance, time_ms);
+        self.parent.forget(instance, time_ms);
     }
 }
 
@@ -197,45 +197,58 @@ impl<T: Data> Node<T> for UnionNode<T> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.locate(env, p).and_then(|(parent, q)| parent.source_block(env, q))
     }
-    fn forget(&self, time_ms: i64) {
-        self.parents.iter().for_each(|p| p.forget(time_ms));
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.parents.iter().for_each(|p| p.forget(instance, time_ms));
     }
 }
 
-/// Output of a stage, cached per batch time.
+/// The partitions of one stage output.
+type Parts<T> = Arc<Vec<Vec<T>>>;
+
+/// Output of a stage, cached per instance and batch time.
 pub(crate) struct StageCache<T> {
-    by_time: Mutex<BTreeMap<i64, Arc<Vec<Vec<T>>>>>,
+    by_batch: Mutex<BTreeMap<(InstanceId, i64), Parts<T>>>,
 }
 
 impl<T> Default for StageCache<T> {
     fn default() -> Self {
         Self {
-            by_time: Mutex::new(BTreeMap::new()),
+            by_batch: Mutex::new(BTreeMap::new()),
         }
     }
 }
 
 impl<T: Clone> StageCache<T> {
-    pub(crate) fn get(&self, time_ms: i64) -> Option<Arc<Vec<Vec<T>>>> {
-        self.by_time.lock().expect("stage cache").get(&time_ms).cloned()
+    pub(crate) fn get(&self, env: &BatchEnv) -> Option<Parts<T>> {
+        self.by_batch
+            .lock()
+            .expect("stage cache")
+            .get(&(env.instance, env.time_ms))
+            .cloned()
     }
-    pub(crate) fn put(&self, time_ms: i64, parts: Vec<Vec<T>>) -> Arc<Vec<Vec<T>>> {
+    pub(crate) fn put(&self, env: &BatchEnv, parts: Vec<Vec<T>>) -> Parts<T> {
         let parts = Arc::new(parts);
-        self.by_time.lock().expect("stage cache").insert(time_ms, parts.clone());
+        self.by_batch
+            .lock()
+            .expect("stage cache")
+            .insert((env.instance, env.time_ms), parts.clone());
         parts
     }
-    pub(crate) fn forget_up_to(&self, time_ms: i64) {
-        self.by_time.lock().expect("stage cache").retain(|t, _| *t > time_ms);
+    pub(crate) fn forget_up_to(&self, instance: InstanceId, time_ms: i64) {
+        self.by_batch
+            .lock()
+            .expect("stage cache")
+            .retain(|(i, t), _| *i != instance || *t > time_ms);
     }
     pub(crate) fn emit(&self, env: &BatchEnv, p: usize, emit: Emit<'_, T>) -> Result<(), TaskError> {
-        let parts = self.get(env.time_ms).ok_or_else(|| TaskError::Panicked {
+        let parts = self.get(env).ok_or_else(|| TaskError::Panicked {
             message: format!("internal: stage output for batch {} not prepared", env.time_ms),
         })?;
         parts.get(p).into_iter().flatten().cloned().for_each(emit);
         Ok(())
     }
     pub(crate) fn num_partitions(&self, env: &BatchEnv) -> usize {
-        self.get(env.time_ms).map_or(0, |p| p.len())
+        self.get(env).map_or(0, |p| p.len())
     }
 }
 
@@ -282,14 +295,12 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
         self.parent.active(env)
     }
     fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
-        if self.cache.get(env.time_ms).is_some() {
+        if self.cache.get(env).is_some() {
             return Ok(());
         }
         let merged = combine_by_key(env, &*self.parent, &Reduce(&*self.reduce), self.partitions)?;
-        self.cache.put(
-            env.time_ms,
-            merged.into_iter().map(|m| m.into_iter().collect()).collect(),
-        );
+        self.cache
+            .put(env, merged.into_iter().map(|m| m.into_iter().collect()).collect());
         Ok(())
     }
     fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: Emit<'_, (K, V)>) -> Result<(), TaskError> {
@@ -298,9 +309,9 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
-    fn forget(&self, time_ms: i64) {
-        self.cache.forget_up_to(time_ms);
-        self.parent.forget(time_ms);
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.cache.forget_up_to(instance, time_ms);
+        self.parent.forget(instance, time_ms);
     }
 }
 

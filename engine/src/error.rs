@@ -79,6 +79,9 @@ pub enum Error {
         /// The timeout.
         timeout: std::time::Duration,
     },
+    /// The lease table failed (joining the application's workers, renewing a worker lease).
+    #[error(transparent)]
+    Lease(#[from] sluice_receiver::LeaseError),
     /// A receiver could not be created, started or stopped.
     #[error("receiver error: {0}")]
     Receiver(String),
@@ -109,6 +112,7 @@ impl Error {
         match self {
             Error::Io { .. } | Error::ObjectStore { .. } => true,
             Error::BlockStore(e) => e.is_retryable(),
+            Error::Lease(e) => e.is_retryable(),
             _ => false,
         }
     }

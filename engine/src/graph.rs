@@ -75,9 +75,21 @@ pub(crate) trait BatchHistory: Send + Sync {
     fn env_for(&self, time_ms: i64) -> Option<BatchEnv>;
 }
 
+/// Which metadata log a batch belongs to: this worker's own ([`OWN_INSTANCE`]) or that of a
+/// worker whose log this process adopted. Stage caches and operator state are kept per instance,
+/// so an adopted worker's batches run with that worker's state, beside this worker's own.
+pub(crate) type InstanceId = u32;
+
+/// The instance of this worker's own log.
+pub(crate) const OWN_INSTANCE: InstanceId = 0;
+
 /// Everything a node needs to compute one batch.
 #[derive(Clone)]
 pub(crate) struct BatchEnv {
+    /// The metadata log the batch belongs to.
+    pub instance: InstanceId,
+    /// The worker whose identity the batch's output carries (the owner of that log).
+    pub writer: Arc<str>,
     /// The batch time.
     pub time_ms: i64,
     /// The batch interval.
@@ -121,8 +133,9 @@ pub(crate) trait Node<T>: Send + Sync {
     -> Result<(), TaskError>;
     /// The input block a partition reads, when the partition is a fused chain over one block.
     fn source_block(&self, env: &BatchEnv, partition: usize) -> Option<TrackedBlock>;
-    /// Drops per-batch caches of batches up to `time_ms` that will not be needed again.
-    fn forget(&self, time_ms: i64);
+    /// Drops the per-batch caches of `instance` for batches up to `time_ms` (all of them with
+    /// `i64::MAX`).
+    fn forget(&self, instance: InstanceId, time_ms: i64);
 }
 
 /// A failed batch: the policy said stop.

@@ -9,7 +9,7 @@
 //! source.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -19,18 +19,27 @@ use sluice_blockstore::{
 };
 use sluice_operators::{DeadLetterRow, DeadLetterSink};
 use sluice_receiver::local_log::LocalLog;
-use sluice_receiver::{BlockHandler, HandlerError, LeaseStore, LocalLeaseStore, Receiver, ReceiverConfig, Source};
+use sluice_receiver::{
+    BlockHandler, HandlerError, LeaseStore, LocalLeaseStore, Receiver, ReceiverConfig, Source, WorkerDirectory,
+};
 
 use crate::checkpoint_store::CheckpointStore;
 use crate::context::StreamingContextBuilder;
 use crate::dstream::DStream;
-use crate::graph::{BatchEnv, DeadLetter, JobError, Node, ReadBlock, Scope, TaskError};
+use crate::graph::{BatchEnv, DeadLetter, InstanceId, JobError, Node, ReadBlock, Scope, TaskError};
 use crate::metrics::Metrics;
 use crate::tracker::{ReceivedBlockTracker, TrackedBlock};
 use crate::{Error, Result, StreamingContext};
 
-/// How the engine starts one input when the context starts.
+/// An input of the graph: its stream, the lease table its shards are shared through, and how
+/// the engine starts it when the context starts.
 pub(crate) struct InputSpec {
+    /// The stream name (floors of an adopted worker's log are matched by it).
+    pub stream: Arc<str>,
+    /// The lease table of the stream's shards (the first input's also holds the worker leases).
+    pub leases: Arc<dyn LeaseStore>,
+    /// The receiver's configuration (worker id, lease timings).
+    pub config: ReceiverConfig,
     pub start: StartInput,
 }
 
@@ -40,9 +49,12 @@ type StartInput = Box<dyn Fn(&InputWiring) -> Result<Box<dyn RunningInput>> + Se
 pub(crate) struct InputWiring {
     pub run_id: u64,
     pub clock: SharedClock,
-    pub data_dir: PathBuf,
     pub blocks: Arc<EngineBlocks>,
     pub resume_after: HashMap<(Arc<str>, Arc<str>), Position>,
+    /// This worker's id: the receivers' lease owner.
+    pub worker_id: String,
+    /// The application's workers, when the engine keeps worker leases.
+    pub workers: Option<Arc<dyn WorkerDirectory>>,
 }
 
 /// A started input as the engine sees it.
@@ -53,6 +65,16 @@ pub(crate) trait RunningInput: Send + Sync {
     fn failure(&self) -> Option<String>;
     fn set_max_rate(&self, rate: Option<f64>);
     fn stop(&self, graceful: bool) -> Result<()>;
+    /// The stream it reads.
+    fn stream(&self) -> &Arc<str>;
+    /// The lease table of its shards.
+    fn leases(&self) -> &Arc<dyn LeaseStore>;
+    /// Takes the shard leases of dead worker `worker` at the positions its log ends.
+    fn adopt(&self, worker: &str, floors: HashMap<Arc<str>, Position>);
+    /// Whether shard leases of `worker` are still to be taken.
+    fn is_adopting(&self, worker: &str) -> bool;
+    /// Stops taking the shard leases of `worker` (the adoption passed to another worker).
+    fn cancel_adoption(&self, worker: &str);
 }
 
 /// The engine's side of the block store: stores and logs blocks, reads them back.
@@ -126,7 +148,7 @@ impl EngineBlocks {
         &self.store
     }
 
-    pub(crate) fn write_dead_letters(&self, time_ms: i64, dead: &[DeadLetter]) -> Result<()> {
+    pub(crate) fn write_dead_letters(&self, time_ms: i64, writer: &str, dead: &[DeadLetter]) -> Result<()> {
         if dead.is_empty() {
             return Ok(());
         }
@@ -149,7 +171,7 @@ impl EngineBlocks {
             .collect();
         sink.as_ref()
             .expect("opened above")
-            .write_batch(time_ms, &rows)
+            .write_batch(time_ms, writer, &rows)
             .map_err(|e| Error::Sink {
                 location: self.dead_letter_location.clone(),
                 message: e.to_string(),
@@ -199,6 +221,8 @@ impl BlockHandler for Handler {
 
 struct ReceiverInput {
     receiver: Receiver,
+    stream: Arc<str>,
+    leases: Arc<dyn LeaseStore>,
 }
 
 impl RunningInput for ReceiverInput {
@@ -213,6 +237,21 @@ impl RunningInput for ReceiverInput {
     }
     fn stop(&self, graceful: bool) -> Result<()> {
         self.receiver.stop(graceful).map_err(|e| Error::Receiver(e.to_string()))
+    }
+    fn stream(&self) -> &Arc<str> {
+        &self.stream
+    }
+    fn leases(&self) -> &Arc<dyn LeaseStore> {
+        &self.leases
+    }
+    fn adopt(&self, worker: &str, floors: HashMap<Arc<str>, Position>) {
+        self.receiver.adopt(worker, floors);
+    }
+    fn is_adopting(&self, worker: &str) -> bool {
+        self.receiver.is_adopting(worker)
+    }
+    fn cancel_adoption(&self, worker: &str) {
+        self.receiver.cancel_adoption(worker);
     }
 }
 
@@ -271,7 +310,7 @@ impl Node<Bytes> for PayloadInputNode {
         env.inputs.get(&self.input_id).and_then(|b| b.get(p)).cloned()
     }
 
-    fn forget(&self, _time_ms: i64) {}
+    fn forget(&self, _instance: InstanceId, _time_ms: i64) {}
 }
 
 impl StreamingContext {
@@ -312,16 +351,19 @@ impl StreamingContext {
             field: "receiver",
             reason: e.to_string(),
         })?;
+        let stream: Arc<str> = Arc::from(source.stream_name());
+        let leases: Arc<dyn LeaseStore> = if let Some(leases) = leases {
+            leases
+        } else {
+            let lease_file = self.config.data_dir.join("leases").join(format!("{stream}.json"));
+            Arc::new(LocalLeaseStore::open(&lease_file)?)
+        };
         let input_id = self.graph.add_input(|input_id| InputSpec {
+            stream: stream.clone(),
+            leases: leases.clone(),
+            config: config.clone(),
             start: Box::new(move |wiring: &InputWiring| {
-                let stream: Arc<str> = Arc::from(source.stream_name());
                 wiring.blocks.register_input(input_id, source.clone());
-                let leases: Arc<dyn LeaseStore> = if let Some(leases) = &leases {
-                    leases.clone()
-                } else {
-                    let lease_file = wiring.data_dir.join("leases").join(format!("{stream}.json"));
-                    Arc::new(LocalLeaseStore::open(&lease_file).map_err(|e| Error::Receiver(e.to_string()))?)
-                };
                 let resume_after = wiring
                     .resume_after
                     .iter()
@@ -333,20 +375,28 @@ impl StreamingContext {
                 });
                 let config = ReceiverConfig {
                     input_id,
+                    worker_id: Some(wiring.worker_id.clone()),
                     ..config.clone()
                 };
-                let receiver = Receiver::new(
+                let mut receiver = Receiver::new(
                     config,
                     source.clone(),
-                    leases,
+                    leases.clone(),
                     handler,
                     wiring.clock.clone(),
                     wiring.run_id,
                     resume_after,
                 )
                 .map_err(|e| Error::Receiver(e.to_string()))?;
+                if let Some(workers) = &wiring.workers {
+                    receiver = receiver.with_workers(workers.clone());
+                }
                 receiver.start().map_err(|e| Error::Receiver(e.to_string()))?;
-                Ok(Box::new(ReceiverInput { receiver }) as Box<dyn RunningInput>)
+                Ok(Box::new(ReceiverInput {
+                    receiver,
+                    stream: stream.clone(),
+                    leases: leases.clone(),
+                }) as Box<dyn RunningInput>)
             }),
         });
         Ok(DStream {

@@ -25,6 +25,7 @@ mod dstream;
 mod error;
 pub mod graph;
 mod input;
+mod membership;
 mod metadata_log;
 mod metrics;
 mod outputs;

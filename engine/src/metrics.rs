@@ -14,6 +14,9 @@ use crate::rate_estimator::PidRateEstimator;
 pub struct BatchInfo {
     /// Batch time.
     pub batch_time_ms: i64,
+    /// The batch belongs to the metadata log of a dead worker that this worker adopted (its
+    /// output carries that worker's name), not to this worker's own log.
+    pub adopted: bool,
     /// Records in the batch.
     pub num_records: u64,
     /// Processing start minus batch time.

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use crate::dstream::{DStream, Data};
-use crate::graph::{BatchEnv, JobError, Node};
+use crate::graph::{BatchEnv, InstanceId, JobError, Node};
 
 /// A registered output operation.
 pub(crate) trait OutputOp: Send + Sync {
@@ -18,8 +18,8 @@ pub(crate) trait OutputOp: Send + Sync {
     /// # Errors
     /// A stage failure (policy: stop) or a sink error.
     fn run(&self, env: &BatchEnv) -> Result<(), OutputError>;
-    /// Drops caches of batches up to `time_ms`.
-    fn forget(&self, time_ms: i64);
+    /// Drops the caches of `instance` for batches up to `time_ms`.
+    fn forget(&self, instance: InstanceId, time_ms: i64);
 }
 
 /// Why an output operation failed.
@@ -61,8 +61,8 @@ impl<T: Data> OutputOp for ForeachBatch<T> {
             message: e.to_string(),
         })
     }
-    fn forget(&self, time_ms: i64) {
-        self.node.forget(time_ms);
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.node.forget(instance, time_ms);
     }
 }
 
@@ -119,11 +119,11 @@ impl<T: Data + sluice_operators::ToRecordBatch> OutputOp for SaveParquet<T> {
             .map(|p| T::to_record_batch(p).map_err(|e| sink_error(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         self.sink
-            .write_batch(env.time_ms, batches)
+            .write_batch(env.time_ms, &env.writer, batches)
             .map_err(|e| sink_error(e.to_string()))
     }
-    fn forget(&self, time_ms: i64) {
-        self.node.forget(time_ms);
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.node.forget(instance, time_ms);
     }
 }
 

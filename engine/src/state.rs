@@ -11,6 +11,7 @@
 //! stateful operator starts it empty (with a warning), and one that removes operators ignores
 //! their snapshots. Snapshots older than the previous completed batch are deleted.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
@@ -22,16 +23,20 @@ use crate::checkpoint_store::CheckpointStore;
 use sluice_operators::shuffle::{Group, partition_of};
 
 use crate::dstream::{DStream, Data, Key, StageCache, combine_by_key};
-use crate::graph::{BatchEnv, JobError, Node, Scope, TaskError};
+use crate::graph::{BatchEnv, InstanceId, JobError, Node, Scope, TaskError};
 use crate::tracker::TrackedBlock;
 use crate::{Error, Result};
 
-/// An operator whose state must survive restarts.
+/// An operator whose state must survive restarts. State is kept per instance: this worker's
+/// own, and one per worker whose log it adopts.
 pub(crate) trait StatefulOp: Send + Sync {
-    /// The state as of batch `time_ms` (`None` if the operator has not run that batch).
-    fn snapshot(&self, time_ms: i64) -> Result<Option<Vec<u8>>>;
-    /// Replaces the state with a snapshot taken at `time_ms`.
-    fn restore(&self, time_ms: i64, bytes: &[u8]) -> Result<()>;
+    /// The state of `instance` as of batch `time_ms` (`None` if the operator has not run that
+    /// batch).
+    fn snapshot(&self, instance: InstanceId, time_ms: i64) -> Result<Option<Vec<u8>>>;
+    /// Replaces the state of `instance` with a snapshot taken at `time_ms`.
+    fn restore(&self, instance: InstanceId, time_ms: i64, bytes: &[u8]) -> Result<()>;
+    /// Drops the state of `instance` (an adoption finished).
+    fn drop_instance(&self, instance: InstanceId);
 }
 
 fn state_dir(checkpoint: &CheckpointStore) -> CheckpointStore {
@@ -46,11 +51,16 @@ fn parse_time(name: &str) -> Option<i64> {
     name.strip_suffix(".state")?.split('-').next()?.parse().ok()
 }
 
-/// Writes every operator's state for `time_ms`.
-pub(crate) fn snapshot_all(checkpoint: &CheckpointStore, time_ms: i64, ops: &[Arc<dyn StatefulOp>]) -> Result<()> {
+/// Writes every operator's state of `instance` for `time_ms`.
+pub(crate) fn snapshot_all(
+    checkpoint: &CheckpointStore,
+    instance: InstanceId,
+    time_ms: i64,
+    ops: &[Arc<dyn StatefulOp>],
+) -> Result<()> {
     let dir = state_dir(checkpoint);
     for (index, op) in ops.iter().enumerate() {
-        if let Some(mut bytes) = op.snapshot(time_ms)? {
+        if let Some(mut bytes) = op.snapshot(instance, time_ms)? {
             let crc = crc32c::crc32c(&bytes);
             bytes.extend_from_slice(&crc.to_le_bytes());
             dir.put_replace(&file_name(time_ms, index), &bytes)?;
@@ -63,6 +73,7 @@ pub(crate) fn snapshot_all(checkpoint: &CheckpointStore, time_ms: i64, ops: &[Ar
 /// belongs to a batch that did not complete and will re-run).
 pub(crate) fn restore_all(
     checkpoint: &CheckpointStore,
+    instance: InstanceId,
     last_completed: Option<i64>,
     ops: &[Arc<dyn StatefulOp>],
 ) -> Result<()> {
@@ -96,7 +107,7 @@ pub(crate) fn restore_all(
                 detail: "CRC-32C mismatch".into(),
             });
         }
-        op.restore(time_ms, body)?;
+        op.restore(instance, time_ms, body)?;
     }
     Ok(())
 }
@@ -133,7 +144,7 @@ struct UpdateStateNode<K, V, S> {
     parent: Arc<dyn Node<(K, V)>>,
     update: Arc<UpdateFn<K, V, S>>,
     partitions: usize,
-    state: Mutex<StateTable<K, S>>,
+    state: Mutex<HashMap<InstanceId, StateTable<K, S>>>,
     cache: StageCache<(K, S)>,
 }
 
@@ -143,13 +154,16 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
     }
 
     fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
-        if self.cache.get(env.time_ms).is_some() {
+        if self.cache.get(env).is_some() {
             return Ok(());
         }
         let grouped = combine_by_key(env, &*self.parent, &Group::new(), self.partitions)?;
         let previous = {
-            let table = self.state.lock().expect("state");
-            if table.time_ms.is_some_and(|t| t >= env.time_ms) {
+            let tables = self.state.lock().expect("state");
+            let table = tables.get(&env.instance);
+            if let Some(table) = table
+                && table.time_ms.is_some_and(|t| t >= env.time_ms)
+            {
                 return Err(JobError {
                     time_ms: env.time_ms,
                     partition: 0,
@@ -162,7 +176,7 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
                     },
                 });
             }
-            table.parts.clone()
+            table.map(|t| t.parts.clone()).unwrap_or_default()
         };
         let update = &*self.update;
         let new_parts: Vec<Result<FxHashMap<K, S>, (usize, TaskError)>> = env.runner.pool.install(|| {
@@ -206,16 +220,19 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
             }
         }
         self.cache.put(
-            env.time_ms,
+            env,
             parts
                 .iter()
                 .map(|m| m.iter().map(|(k, s)| (k.clone(), s.clone())).collect())
                 .collect(),
         );
-        *self.state.lock().expect("state") = StateTable {
-            time_ms: Some(env.time_ms),
-            parts: Arc::new(parts),
-        };
+        self.state.lock().expect("state").insert(
+            env.instance,
+            StateTable {
+                time_ms: Some(env.time_ms),
+                parts: Arc::new(parts),
+            },
+        );
         Ok(())
     }
 
@@ -227,9 +244,9 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
         None
     }
 
-    fn forget(&self, time_ms: i64) {
-        self.cache.forget_up_to(time_ms);
-        self.parent.forget(time_ms);
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.cache.forget_up_to(instance, time_ms);
+        self.parent.forget(instance, time_ms);
     }
 }
 
@@ -248,11 +265,11 @@ where
     V: Data,
     S: Data + Clone + Serialize + DeserializeOwned,
 {
-    fn snapshot(&self, time_ms: i64) -> Result<Option<Vec<u8>>> {
-        let table = self.state.lock().expect("state");
-        if table.time_ms != Some(time_ms) {
+    fn snapshot(&self, instance: InstanceId, time_ms: i64) -> Result<Option<Vec<u8>>> {
+        let tables = self.state.lock().expect("state");
+        let Some(table) = tables.get(&instance).filter(|t| t.time_ms == Some(time_ms)) else {
             return Ok(None);
-        }
+        };
         let entries: Vec<(&K, &S)> = table.parts.iter().flat_map(|m| m.iter()).collect();
         let snapshot = Snapshot {
             version: SNAPSHOT_VERSION,
@@ -264,7 +281,7 @@ where
             .map_err(|e| Error::Internal(format!("cannot encode state: {e}")))
     }
 
-    fn restore(&self, time_ms: i64, bytes: &[u8]) -> Result<()> {
+    fn restore(&self, instance: InstanceId, time_ms: i64, bytes: &[u8]) -> Result<()> {
         let snapshot: Snapshot<K, S> = serde_json::from_slice(bytes).map_err(|e| Error::CorruptMetadata {
             file: format!("state snapshot of batch {time_ms}"),
             detail: format!("cannot decode (did the key or state type change?): {e}"),
@@ -279,11 +296,18 @@ where
         for (k, s) in snapshot.entries {
             parts[partition_of(&k, self.partitions)].insert(k, s);
         }
-        *self.state.lock().expect("state") = StateTable {
-            time_ms: Some(time_ms),
-            parts: Arc::new(parts),
-        };
+        self.state.lock().expect("state").insert(
+            instance,
+            StateTable {
+                time_ms: Some(time_ms),
+                parts: Arc::new(parts),
+            },
+        );
         Ok(())
+    }
+
+    fn drop_instance(&self, instance: InstanceId) {
+        self.state.lock().expect("state").remove(&instance);
     }
 }
 
@@ -309,10 +333,7 @@ where
             parent: self.node.clone(),
             update: Arc::new(update),
             partitions,
-            state: Mutex::new(StateTable {
-                time_ms: None,
-                parts: Arc::new(Vec::new()),
-            }),
+            state: Mutex::new(HashMap::new()),
             cache: StageCache::default(),
         });
         self.graph.add_stateful(node.clone());

@@ -10,32 +10,37 @@
 //! previous run are read from the store or replayed from the source). Windows over stateful
 //! streams are not recomputed this way: put the window below the state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use rustc_hash::FxHashMap;
 
 use crate::dstream::{DStream, Data, Key, StageCache};
-use crate::graph::{BatchEnv, JobError, Node, Scope, TaskError};
+use crate::graph::{BatchEnv, InstanceId, JobError, Node, Scope, TaskError};
 use crate::tracker::TrackedBlock;
 
 type Parts<T> = Arc<Vec<Vec<T>>>;
 
-/// Parent outputs per batch time, computed on demand for earlier batches.
+/// Parent outputs per instance and batch time, computed on demand for earlier batches.
 struct History<T> {
-    by_time: Mutex<BTreeMap<i64, Parts<T>>>,
+    by_batch: Mutex<BTreeMap<(InstanceId, i64), Parts<T>>>,
 }
 
 impl<T: Data> History<T> {
     fn new() -> Self {
         Self {
-            by_time: Mutex::new(BTreeMap::new()),
+            by_batch: Mutex::new(BTreeMap::new()),
         }
     }
 
     fn get(&self, env: &BatchEnv, parent: &dyn Node<T>, time_ms: i64) -> Result<Parts<T>, JobError> {
-        if let Some(parts) = self.by_time.lock().expect("window history").get(&time_ms) {
+        if let Some(parts) = self
+            .by_batch
+            .lock()
+            .expect("window history")
+            .get(&(env.instance, time_ms))
+        {
             return Ok(parts.clone());
         }
         let parts = if time_ms == env.time_ms {
@@ -47,18 +52,18 @@ impl<T: Data> History<T> {
             }
         };
         let parts = Arc::new(parts);
-        self.by_time
+        self.by_batch
             .lock()
             .expect("window history")
-            .insert(time_ms, parts.clone());
+            .insert((env.instance, time_ms), parts.clone());
         Ok(parts)
     }
 
-    fn forget_before(&self, time_ms: i64) {
-        self.by_time
+    fn forget_before(&self, instance: InstanceId, time_ms: i64) {
+        self.by_batch
             .lock()
             .expect("window history")
-            .retain(|t, _| *t >= time_ms);
+            .retain(|(i, t), _| *i != instance || *t >= time_ms);
     }
 }
 
@@ -89,7 +94,7 @@ impl<T: Data + Clone> Node<T> for WindowNode<T> {
     fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
         // The parent runs every batch so that its outputs are at hand when the window slides.
         let current = self.history.get(env, &*self.parent, env.time_ms)?;
-        if !self.active(env) || self.cache.get(env.time_ms).is_some() {
+        if !self.active(env) || self.cache.get(env).is_some() {
             return Ok(());
         }
         let mut parts = Vec::new();
@@ -101,11 +106,11 @@ impl<T: Data + Clone> Node<T> for WindowNode<T> {
             };
             parts.extend(p.iter().cloned());
         }
-        self.cache.put(env.time_ms, parts);
+        self.cache.put(env, parts);
         Ok(())
     }
     fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut(T)) -> Result<(), TaskError> {
-        if self.cache.get(env.time_ms).is_none() {
+        if self.cache.get(env).is_none() {
             return Ok(());
         }
         self.cache.emit(env, p, emit)
@@ -113,15 +118,16 @@ impl<T: Data + Clone> Node<T> for WindowNode<T> {
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
-    fn forget(&self, time_ms: i64) {
-        self.cache.forget_up_to(time_ms);
-        self.history.forget_before(time_ms);
-        self.parent.forget(time_ms);
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.cache.forget_up_to(instance, time_ms);
+        self.history.forget_before(instance, time_ms);
+        self.parent.forget(instance, time_ms);
     }
 }
 
 type ReduceFn<V> = dyn Fn(V, V) -> V + Send + Sync;
-type WindowResult<K, V> = Option<(i64, Arc<FxHashMap<K, V>>)>;
+/// The last window computed, per instance: its time and result.
+type WindowResults<K, V> = HashMap<InstanceId, (i64, Arc<FxHashMap<K, V>>)>;
 type FilterFn<K, V> = dyn Fn(&K, &V) -> bool + Send + Sync;
 
 /// `reduce_by_key_and_window` with an inverse function: the previous window's result plus the
@@ -134,7 +140,7 @@ struct InvertibleWindowNode<K, V> {
     length: usize,
     slide: usize,
     history: History<(K, V)>,
-    previous: Mutex<WindowResult<K, V>>,
+    previous: Mutex<WindowResults<K, V>>,
     cache: StageCache<(K, V)>,
 }
 
@@ -158,11 +164,11 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
     }
     fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
         self.history.get(env, &*self.reduced, env.time_ms)?;
-        if !self.active(env) || self.cache.get(env.time_ms).is_some() {
+        if !self.active(env) || self.cache.get(env).is_some() {
             return Ok(());
         }
         let step = self.slide as i64 * env.interval_ms;
-        let previous = self.previous.lock().expect("window state").clone();
+        let previous = self.previous.lock().expect("window state").get(&env.instance).cloned();
         // The incremental form needs overlapping windows (`slide < length`): with `slide >=
         // length` the batches "entering" would include some outside the window and the ones
         // "leaving" some the previous window never held, and nothing is saved anyway.
@@ -230,15 +236,16 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
             })?;
         }
         let result = Arc::new(result);
-        *self.previous.lock().expect("window state") = Some((env.time_ms, result.clone()));
-        self.cache.put(
-            env.time_ms,
-            vec![result.iter().map(|(k, v)| (k.clone(), v.clone())).collect()],
-        );
+        self.previous
+            .lock()
+            .expect("window state")
+            .insert(env.instance, (env.time_ms, result.clone()));
+        self.cache
+            .put(env, vec![result.iter().map(|(k, v)| (k.clone(), v.clone())).collect()]);
         Ok(())
     }
     fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut((K, V))) -> Result<(), TaskError> {
-        if self.cache.get(env.time_ms).is_none() {
+        if self.cache.get(env).is_none() {
             return Ok(());
         }
         self.cache.emit(env, p, emit)
@@ -246,10 +253,14 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
-    fn forget(&self, time_ms: i64) {
-        self.cache.forget_up_to(time_ms);
-        self.history.forget_before(time_ms);
-        self.reduced.forget(time_ms);
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.cache.forget_up_to(instance, time_ms);
+        self.history.forget_before(instance, time_ms);
+        self.previous
+            .lock()
+            .expect("window state")
+            .retain(|i, (t, _)| *i != instance || *t > time_ms);
+        self.reduced.forget(instance, time_ms);
     }
 }
 
@@ -325,7 +336,7 @@ impl<K: Key, V: Data + Clone> DStream<(K, V)> {
                         length,
                         slide,
                         history: History::new(),
-                        previous: Mutex::new(None),
+                        previous: Mutex::new(HashMap::new()),
                         cache: StageCache::default(),
                     }),
                     graph: self.graph.clone(),

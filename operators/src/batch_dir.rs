@@ -2,14 +2,19 @@
 //! [`DeadLetterSink`](crate::DeadLetterSink): one implementation of the layout and the commit
 //! protocol (also described in `docs/operators.md`).
 //!
-//! Writing batch `t`:
-//! 1. delete `t`'s `_SUCCESS` if present (a half-rewritten directory is never seen as committed);
-//! 2. put every non-empty part as `part-<i>.parquet`;
-//! 3. delete every other `part-*` object in the directory (an earlier attempt with more parts);
-//! 4. put `_SUCCESS` **last**.
+//! Several writers — the workers of one application, each under its worker id — share one
+//! location, and every batch directory holds the parts of each writer that ran that batch time.
+//! Writing batch `t` as writer `w` touches only `w`'s files:
+//! 1. delete `w`'s parts in `t` that this attempt will not write (an earlier attempt that had
+//!    more parts), so no row is ever in two visible files;
+//! 2. put every non-empty part as `part-<w>-<i>.parquet` (each put is atomic);
+//! 3. put the marker `_SUCCESS-<w>` **last**; it is never deleted.
 //!
-//! Every step is safe to repeat, so a failed write is retried by running it whole again. The
-//! sinks differ only in what they turn into parts.
+//! A re-run of the batch — the same writer after a restart, or the worker that adopted its log —
+//! computes the same rows from the same blocks and writes them under the same names, so it
+//! replaces the earlier attempt and nothing else. Readers count a writer's parts in a
+//! directory once its marker is there. Every step is safe to repeat, so a failed write is
+//! retried by running it whole again. The sinks differ only in what they turn into parts.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +29,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use sluice_blockstore::object_store_from_url;
 
-use crate::parquet_sink::{PART_PREFIX, SUCCESS_MARKER, batch_dir_name, part_file_name};
+use crate::parquet_sink::{PART_PREFIX, SUCCESS_MARKER, batch_dir_name, part_file_name, success_marker_name};
 use crate::{BATCH_DIR_PREFIX, Error, Result};
 
 /// A store, a root inside it and a private runtime to drive it from plain threads.
@@ -77,26 +82,34 @@ impl BatchDirStore {
         self.root.child(batch_dir_name(batch_time_ms))
     }
 
-    /// Runs the commit protocol of the module doc for one batch.
+    /// Runs the commit protocol of the module doc for batch `batch_time_ms` of `writer`.
     ///
     /// Takes the parts by value so each batch is freed as soon as it is encoded.
-    pub(crate) fn write_batch(&self, batch_time_ms: i64, parts: Vec<RecordBatch>) -> Result<()> {
+    pub(crate) fn write_batch(&self, batch_time_ms: i64, writer: &str, parts: Vec<RecordBatch>) -> Result<()> {
+        validate_writer(writer)?;
         let dir = self.batch_dir(batch_time_ms);
-        let success = dir.child(SUCCESS_MARKER);
+        let marker = dir.child(success_marker_name(writer));
         let mut encoded = Vec::with_capacity(parts.len());
         for (index, part) in parts.into_iter().enumerate() {
             if part.num_rows() == 0 {
                 continue;
             }
-            let path = dir.child(part_file_name(index));
+            let path = dir.child(part_file_name(writer, index));
             let bytes = encode_parquet(&part, &path)?;
             encoded.push((path, bytes));
         }
         let store = &self.store;
         self.runtime.block_on(async {
-            match store.delete(&success).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(store_error(&success)(e)),
+            let listing = store.list_with_delimiter(Some(&dir)).await.map_err(store_error(&dir))?;
+            for object in listing.objects {
+                let ours = object.location.filename().and_then(|n| part_index(n, writer)).is_some();
+                if ours && !encoded.iter().any(|(path, _)| *path == object.location) {
+                    tracing::debug!(path = %object.location, "deleting a stale part from an earlier attempt");
+                    match store.delete(&object.location).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(store_error(&object.location)(e)),
+                    }
+                }
             }
             for (path, bytes) in &encoded {
                 store
@@ -104,26 +117,16 @@ impl BatchDirStore {
                     .await
                     .map_err(store_error(path))?;
             }
-            let listing = store.list_with_delimiter(Some(&dir)).await.map_err(store_error(&dir))?;
-            for object in listing.objects {
-                let is_part = object.location.filename().is_some_and(|n| n.starts_with(PART_PREFIX));
-                if is_part && !encoded.iter().any(|(path, _)| *path == object.location) {
-                    tracing::debug!(path = %object.location, "deleting stale part from an earlier attempt");
-                    match store.delete(&object.location).await {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                        Err(e) => return Err(store_error(&object.location)(e)),
-                    }
-                }
-            }
             store
-                .put(&success, PutPayload::from_static(b""))
+                .put(&marker, PutPayload::from_static(b""))
                 .await
-                .map_err(store_error(&success))?;
+                .map_err(store_error(&marker))?;
             Ok(())
         })
     }
 
-    /// Every committed batch, in batch-time order, each part's batches in part order.
+    /// Every committed part (its writer's marker is in its directory), in batch-time order, then
+    /// writer, then part order.
     pub(crate) fn read_committed(&self) -> Result<Vec<(i64, RecordBatch)>> {
         let store = &self.store;
         let root = &self.root;
@@ -142,34 +145,66 @@ impl BatchDirStore {
             let mut out = Vec::new();
             for (time, dir) in dirs {
                 let files = store.list_with_delimiter(Some(&dir)).await.map_err(store_error(&dir))?;
-                let committed = files
+                let names: Vec<String> = files
                     .objects
                     .iter()
-                    .any(|o| o.location.filename() == Some(SUCCESS_MARKER));
-                if !committed {
-                    continue;
-                }
-                let mut parts: Vec<Path> = files
-                    .objects
-                    .into_iter()
-                    .map(|o| o.location)
-                    .filter(|p| p.filename().is_some_and(|n| n.starts_with(PART_PREFIX)))
+                    .filter_map(|o| o.location.filename().map(str::to_owned))
                     .collect();
-                parts.sort();
-                for path in parts {
-                    let bytes = store
-                        .get(&path)
-                        .await
-                        .map_err(store_error(&path))?
-                        .bytes()
-                        .await
-                        .map_err(store_error(&path))?;
-                    for batch in decode_parquet(bytes, &path)? {
-                        out.push((time, batch));
+                let mut writers: Vec<&str> = names
+                    .iter()
+                    .filter_map(|n| n.strip_prefix(SUCCESS_MARKER)?.strip_prefix('-'))
+                    .collect();
+                writers.sort_unstable();
+                for writer in writers {
+                    let mut parts: Vec<(usize, &String)> = names
+                        .iter()
+                        .filter_map(|n| part_index(n, writer).map(|i| (i, n)))
+                        .collect();
+                    parts.sort();
+                    for (_, name) in parts {
+                        let path = dir.child(name.as_str());
+                        let bytes = store
+                            .get(&path)
+                            .await
+                            .map_err(store_error(&path))?
+                            .bytes()
+                            .await
+                            .map_err(store_error(&path))?;
+                        for batch in decode_parquet(bytes, &path)? {
+                            out.push((time, batch));
+                        }
                     }
                 }
             }
             Ok(out)
+        })
+    }
+}
+
+/// The index of part file `name` if it is a part of `writer` (`part-<writer>-<i:05>.parquet`).
+fn part_index(name: &str, writer: &str) -> Option<usize> {
+    let index = name
+        .strip_prefix(PART_PREFIX)?
+        .strip_prefix(writer)?
+        .strip_prefix('-')?
+        .strip_suffix(".parquet")?;
+    (index.len() >= 5 && index.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| index.parse().ok())
+        .flatten()
+}
+
+/// Writer names go into file names: letters, digits, `.`, `_` and `-`.
+pub(crate) fn validate_writer(writer: &str) -> Result<()> {
+    let ok = !writer.is_empty()
+        && writer.len() <= 128
+        && writer
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidWriter {
+            writer: writer.to_owned(),
         })
     }
 }

@@ -2,7 +2,8 @@
 //! replay.
 //!
 //! Same layout and commit protocol as [`crate::ParquetSink`] (one `batch_time=<ms>` directory per
-//! batch, `_SUCCESS` last, re-runs replace), with one part per batch and the schema
+//! batch, parts and a `_SUCCESS-<writer>` marker per writer, re-runs replace), with one part per
+//! batch and writer and the schema
 //! [`dead_letter_schema`]:
 //!
 //! | column | type | meaning |
@@ -99,7 +100,7 @@ pub fn dead_letters_to_record_batch(batch_time_ms: i64, rows: &[DeadLetterRow]) 
 ///     data: Bytes::from_static(b"not json"),
 /// };
 /// let row = DeadLetterRow { record, error: "expected value at line 1".into(), attempts: 3 };
-/// sink.write_batch(2_000, &[row])?;
+/// sink.write_batch(2_000, "worker-1", &[row])?;
 /// assert_eq!(DeadLetterSink::read_committed("memory://dead-letter-doc/dlq")?[0].1.num_rows(), 1);
 /// # Ok::<(), sluice_operators::Error>(())
 /// ```
@@ -133,14 +134,14 @@ impl DeadLetterSink {
         self.inner.url()
     }
 
-    /// Writes (or replaces) the dead letters of batch `batch_time_ms` as one part, then
-    /// `_SUCCESS`. With no rows, the batch is still committed, with no part.
+    /// Writes (or replaces) `writer`'s dead letters of batch `batch_time_ms` as one part, then
+    /// `_SUCCESS-<writer>`. With no rows, the batch is still committed, with no part.
     ///
     /// # Errors
     /// As [`crate::ParquetSink::write_batch`].
-    pub fn write_batch(&self, batch_time_ms: i64, rows: &[DeadLetterRow]) -> Result<()> {
+    pub fn write_batch(&self, batch_time_ms: i64, writer: &str, rows: &[DeadLetterRow]) -> Result<()> {
         let batch = dead_letters_to_record_batch(batch_time_ms, rows)?;
-        self.inner.write_batch(batch_time_ms, vec![batch])
+        self.inner.write_batch(batch_time_ms, writer, vec![batch])
     }
 
     /// Reads this sink's committed dead-letter batches, in batch-time order.

@@ -36,6 +36,14 @@ pub enum Error {
         /// The underlying error.
         source: arrow_schema::ArrowError,
     },
+    /// A writer name that cannot go into a file name.
+    #[error(
+        "invalid writer name {writer:?}: use 1 to 128 letters, digits, '.', '_' or '-' (it names the writer's files)"
+    )]
+    InvalidWriter {
+        /// The name.
+        writer: String,
+    },
     /// A stored file does not have the layout or schema this crate writes.
     #[error("unexpected data at {location}: {detail}")]
     Corrupt {

@@ -26,5 +26,7 @@ mod to_record_batch;
 
 pub use dead_letter::{DeadLetterRow, DeadLetterSink, dead_letter_schema, dead_letters_to_record_batch};
 pub use error::{Error, Result};
-pub use parquet_sink::{BATCH_DIR_PREFIX, PART_PREFIX, ParquetSink, SUCCESS_MARKER, batch_dir_name, part_file_name};
+pub use parquet_sink::{
+    BATCH_DIR_PREFIX, PART_PREFIX, ParquetSink, SUCCESS_MARKER, batch_dir_name, part_file_name, success_marker_name,
+};
 pub use to_record_batch::ToRecordBatch;

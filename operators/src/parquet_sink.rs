@@ -1,25 +1,32 @@
-//! [`ParquetSink`]: idempotent, batch-partitioned Parquet output on any object store.
+//! [`ParquetSink`]: idempotent, batch-partitioned Parquet output on any object store, shared by
+//! every worker of an application.
 //!
 //! # Layout
 //!
 //! ```text
-//! <root>/batch_time=<ms, 20 digits>/part-<i, 5 digits>.parquet
-//! <root>/batch_time=<ms, 20 digits>/_SUCCESS
+//! <root>/batch_time=<ms, 20 digits>/part-<writer>-<i, 5 digits>.parquet
+//! <root>/batch_time=<ms, 20 digits>/_SUCCESS-<writer>
 //! ```
+//!
+//! `<writer>` is the worker id of the worker whose batch it is. Workers with the same batch
+//! interval cut batches at the same times, so one batch directory holds the parts of every
+//! worker that ran that batch time: the per-batch results of each worker over the records it
+//! read. A downstream query sums or unions them (`docs/operators.md` has `DuckDB`, Spark and
+//! Athena examples).
 //!
 //! # Commit protocol
 //!
-//! Writing batch `t` (see [`ParquetSink::write_batch`]):
-//! 1. delete `_SUCCESS` of `t` if present, so a half-rewritten directory is never seen as
-//!    committed;
-//! 2. put every non-empty part as `part-<i>.parquet` (snappy), `i` its index in the input;
-//! 3. delete every other `part-*` object in the directory (left by an earlier attempt that had
-//!    more parts);
-//! 4. put `_SUCCESS` **last**.
+//! Writing batch `t` as writer `w` (see [`ParquetSink::write_batch`]) touches only `w`'s files:
+//! 1. delete `w`'s parts of `t` that this attempt will not write (an attempt with more parts);
+//! 2. put every non-empty part as `part-<w>-<i>.parquet` (snappy), `i` its index in the input;
+//! 3. put `_SUCCESS-<w>` **last**.
 //!
-//! Readers ([`ParquetSink::read_committed`]) only look at directories holding `_SUCCESS`. Because
-//! a batch's output depends only on its (replayable) input, re-running a batch after a crash
-//! *replaces* its output rather than adding to it: the sink is exactly-once per batch time.
+//! Because a batch's output depends only on its (replayable) input, re-running a batch after a
+//! crash — by the same worker, or by the worker that adopted its log — *replaces* its output
+//! rather than adding to it: the sink is exactly-once per batch and writer. Readers
+//! ([`ParquetSink::read_committed`]) count a writer's parts once its marker is there; a plain
+//! glob over `part-*.parquet` never sees a row twice either, but may see a batch that is still
+//! being written.
 
 use arrow_array::RecordBatch;
 
@@ -30,7 +37,7 @@ use crate::batch_dir::BatchDirStore;
 
 /// Prefix of a batch directory name; the batch time follows, zero-padded to 20 digits.
 pub const BATCH_DIR_PREFIX: &str = "batch_time=";
-/// Name of the marker written last into a committed batch directory.
+/// Prefix of the marker a writer puts last into a batch directory: `_SUCCESS-<writer>`.
 pub const SUCCESS_MARKER: &str = "_SUCCESS";
 /// Prefix of a part file name.
 pub const PART_PREFIX: &str = "part-";
@@ -40,9 +47,14 @@ pub fn batch_dir_name(batch_time_ms: i64) -> String {
     format!("{BATCH_DIR_PREFIX}{batch_time_ms:020}")
 }
 
-/// The name of part `index`: `part-<i:05>.parquet`.
-pub fn part_file_name(index: usize) -> String {
-    format!("{PART_PREFIX}{index:05}.parquet")
+/// The name of part `index` of `writer`: `part-<writer>-<i:05>.parquet`.
+pub fn part_file_name(writer: &str, index: usize) -> String {
+    format!("{PART_PREFIX}{writer}-{index:05}.parquet")
+}
+
+/// The name of `writer`'s commit marker: `_SUCCESS-<writer>`.
+pub fn success_marker_name(writer: &str) -> String {
+    format!("{SUCCESS_MARKER}-{writer}")
 }
 
 /// Idempotent Parquet output, one directory per batch time (layout and protocol in the module
@@ -58,7 +70,7 @@ pub fn part_file_name(index: usize) -> String {
 /// let url = dir.path().to_str().unwrap();
 /// let sink = ParquetSink::open(url)?;
 /// let rows = vec![("a".to_owned(), 2_u64), ("b".to_owned(), 1)];
-/// sink.write_batch(1_000, vec![<(String, u64)>::to_record_batch(&rows)?])?;
+/// sink.write_batch(1_000, "worker-1", vec![<(String, u64)>::to_record_batch(&rows)?])?;
 /// let committed = ParquetSink::read_committed(url)?;
 /// assert_eq!(committed.len(), 1);
 /// assert_eq!(committed[0].0, 1_000);
@@ -102,18 +114,20 @@ impl ParquetSink {
         self.inner.url()
     }
 
-    /// Writes (or re-writes) the output of batch `batch_time_ms`: one Parquet file per non-empty
-    /// part, stale parts of an earlier attempt removed, `_SUCCESS` written last.
+    /// Writes (or re-writes) `writer`'s output of batch `batch_time_ms`: one Parquet file per
+    /// non-empty part, stale parts of an earlier attempt of this writer removed,
+    /// `_SUCCESS-<writer>` written last. Other writers' files are never touched.
     ///
     /// # Errors
-    /// [`Error::Parquet`] if a part cannot be encoded, [`Error::ObjectStore`] if a put, list or
+    /// [`Error::InvalidWriter`] for a writer name that cannot go into a file name;
+    /// [`Error::Parquet`] if a part cannot be encoded; [`Error::ObjectStore`] if a put, list or
     /// delete fails (retryable: re-running the whole call is safe).
-    pub fn write_batch(&self, batch_time_ms: i64, parts: Vec<RecordBatch>) -> Result<()> {
-        self.inner.write_batch(batch_time_ms, parts)
+    pub fn write_batch(&self, batch_time_ms: i64, writer: &str, parts: Vec<RecordBatch>) -> Result<()> {
+        self.inner.write_batch(batch_time_ms, writer, parts)
     }
 
-    /// Reads every committed batch (directories with `_SUCCESS`) of this sink, in batch-time
-    /// order.
+    /// Reads every committed part of this sink (parts whose writer's `_SUCCESS-<writer>` marker
+    /// is in their directory), in batch-time order.
     ///
     /// # Errors
     /// As [`ParquetSink::read_committed`].
@@ -121,8 +135,9 @@ impl ParquetSink {
         self.inner.read_committed()
     }
 
-    /// Reads every committed batch under `url`, in batch-time order; uncommitted directories
-    /// (no `_SUCCESS`) are skipped. Meant for tests and tools that check a sink's output.
+    /// Reads every committed part under `url`, in batch-time order (then writer, then part);
+    /// parts whose writer has no marker in their directory are skipped. Meant for tests and tools
+    /// that check a sink's output.
     ///
     /// # Errors
     /// [`Error::InvalidLocation`] for a bad URL, [`Error::ObjectStore`] if listing or reading

@@ -12,6 +12,9 @@ use sluice_operators::{
     DeadLetterRow, DeadLetterSink, ParquetSink, ToRecordBatch, batch_dir_name, dead_letter_schema, part_file_name,
 };
 
+/// The writer of most tests.
+const W: &str = "worker-1";
+
 fn part(rows: &[(&str, u64)]) -> RecordBatch {
     let rows: Vec<(String, u64)> = rows.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
     <(String, u64)>::to_record_batch(&rows).unwrap()
@@ -32,9 +35,13 @@ fn rows_of(committed: &[(i64, RecordBatch)]) -> Vec<(i64, String, u64)> {
 /// Writes batch 1000 with 3 parts (one empty), batch 2000 with 1, then re-writes 1000 with 1
 /// part; checks what `read_committed` sees after each step. Returns the sink for further checks.
 fn replace_and_read_back(sink: &ParquetSink) {
-    sink.write_batch(1_000, vec![part(&[("a", 1), ("b", 2)]), part(&[]), part(&[("c", 3)])])
-        .unwrap();
-    sink.write_batch(2_000, vec![part(&[("z", 26)])]).unwrap();
+    sink.write_batch(
+        1_000,
+        W,
+        vec![part(&[("a", 1), ("b", 2)]), part(&[]), part(&[("c", 3)])],
+    )
+    .unwrap();
+    sink.write_batch(2_000, W, vec![part(&[("z", 26)])]).unwrap();
     let first = sink.read_all_committed().unwrap();
     assert_eq!(
         rows_of(&first),
@@ -48,12 +55,12 @@ fn replace_and_read_back(sink: &ParquetSink) {
     assert_eq!(first[0].1.schema(), <(String, u64)>::schema());
 
     // The re-run produces different (fewer) parts: the old part-00002 must disappear.
-    sink.write_batch(1_000, vec![part(&[("a", 10)])]).unwrap();
+    sink.write_batch(1_000, W, vec![part(&[("a", 10)])]).unwrap();
     let second = ParquetSink::read_committed(sink.url()).unwrap();
     assert_eq!(rows_of(&second), vec![(1_000, "a".into(), 10), (2_000, "z".into(), 26)]);
 
     // Re-running with identical input is a no-op as far as readers can tell.
-    sink.write_batch(1_000, vec![part(&[("a", 10)])]).unwrap();
+    sink.write_batch(1_000, W, vec![part(&[("a", 10)])]).unwrap();
     assert_eq!(rows_of(&sink.read_all_committed().unwrap()), rows_of(&second));
 }
 
@@ -74,18 +81,21 @@ fn local_dir_rewrite_replaces_parts_and_skips_uncommitted() {
     replace_and_read_back(&sink);
 
     let batch_dir = root.join(batch_dir_name(1_000));
-    assert_eq!(list_names(&batch_dir), vec!["_SUCCESS".to_owned(), part_file_name(0)]);
+    assert_eq!(
+        list_names(&batch_dir),
+        vec!["_SUCCESS-worker-1".to_owned(), part_file_name(W, 0)]
+    );
     assert_eq!(batch_dir.file_name().unwrap(), "batch_time=00000000000000001000");
 
-    // A directory with parts but no `_SUCCESS` (a crash mid-write) is invisible to readers.
-    sink.write_batch(3_000, vec![part(&[("ghost", 1)])]).unwrap();
-    std::fs::remove_file(root.join(batch_dir_name(3_000)).join("_SUCCESS")).unwrap();
+    // A writer's parts without its marker (a crash mid-write) are invisible to readers.
+    sink.write_batch(3_000, W, vec![part(&[("ghost", 1)])]).unwrap();
+    std::fs::remove_file(root.join(batch_dir_name(3_000)).join("_SUCCESS-worker-1")).unwrap();
     let committed = ParquetSink::read_committed(&format!("file://{}", root.display())).unwrap();
     assert!(committed.iter().all(|(time, _)| *time != 3_000));
     assert_eq!(committed.len(), 2);
 
     // Re-running the crashed batch commits it.
-    sink.write_batch(3_000, vec![part(&[("ghost", 1)])]).unwrap();
+    sink.write_batch(3_000, W, vec![part(&[("ghost", 1)])]).unwrap();
     assert_eq!(ParquetSink::read_committed(root.to_str().unwrap()).unwrap().len(), 3);
 }
 
@@ -100,6 +110,51 @@ fn memory_store_rewrite_replaces_parts() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[test]
+fn writers_share_a_batch_directory_and_replace_only_their_own_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("out");
+    let url = root.to_str().unwrap();
+    let sink = ParquetSink::open(url).unwrap();
+    // Two workers with the same batch interval write the same batch time.
+    sink.write_batch(1_000, "host-a", vec![part(&[("a", 1)]), part(&[("b", 2)])])
+        .unwrap();
+    sink.write_batch(1_000, "host-b", vec![part(&[("a", 5)])]).unwrap();
+    // A name that extends another writer's name is a different writer.
+    sink.write_batch(1_000, "host-a-2", vec![part(&[("x", 7)])]).unwrap();
+    let sum = |url: &str| -> u64 {
+        rows_of(&ParquetSink::read_committed(url).unwrap())
+            .iter()
+            .map(|(_, _, c)| c)
+            .sum()
+    };
+    assert_eq!(sum(url), 1 + 2 + 5 + 7);
+    // host-a re-runs the batch with fewer parts (a restart, or its adopter): only host-a's files
+    // change.
+    sink.write_batch(1_000, "host-a", vec![part(&[("a", 1), ("b", 2)])])
+        .unwrap();
+    assert_eq!(sum(url), 1 + 2 + 5 + 7);
+    assert_eq!(
+        list_names(&root.join(batch_dir_name(1_000))),
+        [
+            "_SUCCESS-host-a",
+            "_SUCCESS-host-a-2",
+            "_SUCCESS-host-b",
+            "part-host-a-00000.parquet",
+            "part-host-a-2-00000.parquet",
+            "part-host-b-00000.parquet"
+        ]
+    );
+    // Writer names become file names.
+    for bad in ["", "a/b", "a b", "ü"] {
+        let err = sink.write_batch(2_000, bad, vec![part(&[("a", 1)])]).unwrap_err();
+        assert!(
+            matches!(err, sluice_operators::Error::InvalidWriter { .. }),
+            "{bad:?}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -135,8 +190,8 @@ fn dead_letter_round_trip_and_replace() {
         dead_letter(8, 2, b"{}", "missing field `id`", 1),
     ];
     rows[1].record.position = Position::new(SequenceNumber::parse(big).unwrap(), 2);
-    sink.write_batch(5_000, &rows).unwrap();
-    sink.write_batch(5_000, &rows).unwrap();
+    sink.write_batch(5_000, W, &rows).unwrap();
+    sink.write_batch(5_000, W, &rows).unwrap();
 
     let committed = DeadLetterSink::read_committed(url).unwrap();
     assert_eq!(committed.len(), 1);
@@ -175,7 +230,7 @@ fn dead_letter_round_trip_and_replace() {
     assert!(data.null_count() == 0);
 
     // A re-run with fewer dead letters replaces the batch's output.
-    sink.write_batch(5_000, &rows[..1]).unwrap();
+    sink.write_batch(5_000, W, &rows[..1]).unwrap();
     let committed = sink.read_all_committed().unwrap();
     assert_eq!(committed.iter().map(|(_, b)| b.num_rows()).sum::<usize>(), 1);
 }
@@ -217,10 +272,10 @@ fn s3_moto_rewrite_replaces_parts_and_skips_uncommitted() {
     let options = moto_options(&endpoint);
     let sink = ParquetSink::open_with_options(&url, &options).unwrap();
 
-    sink.write_batch(1_000, vec![part(&[("a", 1)]), part(&[("b", 2)]), part(&[("c", 3)])])
+    sink.write_batch(1_000, W, vec![part(&[("a", 1)]), part(&[("b", 2)]), part(&[("c", 3)])])
         .unwrap();
-    sink.write_batch(1_000, vec![part(&[("a", 10)])]).unwrap();
-    sink.write_batch(2_000, vec![part(&[("z", 26)])]).unwrap();
+    sink.write_batch(1_000, W, vec![part(&[("a", 10)])]).unwrap();
+    sink.write_batch(2_000, W, vec![part(&[("z", 26)])]).unwrap();
 
     // Look at the raw objects: exactly one part and the marker in batch 1000.
     let store = AmazonS3Builder::from_env()
@@ -242,13 +297,13 @@ fn s3_moto_rewrite_replaces_parts_and_skips_uncommitted() {
         .map(|o| o.location.filename().unwrap().to_owned())
         .collect();
     names.sort();
-    assert_eq!(names, vec!["_SUCCESS".to_owned(), part_file_name(0)]);
+    assert_eq!(names, vec!["_SUCCESS-worker-1".to_owned(), part_file_name(W, 0)]);
 
     // An uncommitted directory (parts, no marker) is ignored.
     let ghost = Path::from(prefix.as_str())
         .child(batch_dir_name(3_000))
-        .child(part_file_name(0));
-    let bytes = runtime.block_on(store.get(&dir.child(part_file_name(0)))).unwrap();
+        .child(part_file_name(W, 0));
+    let bytes = runtime.block_on(store.get(&dir.child(part_file_name(W, 0)))).unwrap();
     let bytes = runtime.block_on(bytes.bytes()).unwrap();
     runtime.block_on(store.put(&ghost, bytes.into())).unwrap();
 
@@ -263,7 +318,8 @@ fn s3_moto_dead_letters() {
     let (endpoint, bucket) = moto();
     let url = format!("s3://{bucket}/{}", unique_prefix("dead-letter"));
     let sink = DeadLetterSink::open_with_options(&url, &moto_options(&endpoint)).unwrap();
-    sink.write_batch(9_000, &[dead_letter(1, 0, b"x", "boom", 2)]).unwrap();
+    sink.write_batch(9_000, W, &[dead_letter(1, 0, b"x", "boom", 2)])
+        .unwrap();
     let committed = sink.read_all_committed().unwrap();
     assert_eq!(committed.len(), 1);
     assert_eq!(committed[0].1.num_rows(), 1);

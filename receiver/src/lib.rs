@@ -56,6 +56,6 @@ pub use local_log::{LocalLog, LocalLogError, LocalStream, Producer};
 pub use rate_limiter::RateLimiter;
 pub use receiver::{
     InitialPosition, Receiver, ReceiverConfig, ReceiverError, ReceiverMetrics, ReceiverState, ReceiverStatus,
-    ShardMetrics,
+    ShardMetrics, default_worker_id,
 };
 pub use source::{ReadBatch, ReadPacing, ShardInfo, ShardReader, Source, SourceError, StartingPosition};

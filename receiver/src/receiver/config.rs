@@ -192,7 +192,7 @@ impl ReceiverConfig {
 
     /// The worker id: the configured one, or the host name.
     pub fn effective_worker_id(&self) -> String {
-        self.worker_id.clone().unwrap_or_else(host_name)
+        self.worker_id.clone().unwrap_or_else(default_worker_id)
     }
 
     /// How often held leases are renewed (a third of the failover time).
@@ -225,7 +225,8 @@ impl Default for ReceiverConfig {
 }
 
 /// The machine's host name, for default worker ids.
-fn host_name() -> String {
+/// The default worker id: this machine's host name (`localhost` if it has none).
+pub fn default_worker_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

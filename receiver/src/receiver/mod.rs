@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use sluice_blockstore::{BlockMeta, Position, SharedClock};
 
-pub use config::{InitialPosition, ReceiverConfig};
+pub use config::{InitialPosition, ReceiverConfig, default_worker_id};
 pub use metrics::{ReceiverMetrics, ShardMetrics};
 
 use self::metrics::MetricsCells;
@@ -394,6 +394,15 @@ impl Receiver {
         });
         drop(adoptions);
         self.core.stop.nudge();
+    }
+
+    /// Forgets an [`adopt`](Self::adopt) request (the adoption passed to another process).
+    pub fn cancel_adoption(&self, worker: &str) {
+        self.core
+            .adoptions
+            .lock()
+            .expect("adoptions")
+            .retain(|r| r.worker != worker);
     }
 
     /// Whether some shard lease of `worker` is still to be taken after [`adopt`](Self::adopt).

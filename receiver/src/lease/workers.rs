@@ -52,8 +52,8 @@ const JOIN_ATTEMPTS: usize = 16;
 /// it logged) or when the owner's adopter takes it — and balances by releasing what it holds
 /// above its share instead of stealing.
 pub trait WorkerDirectory: Send + Sync + fmt::Debug {
-    /// Workers whose worker lease is held and renewed, this one included (at least 1).
-    fn live_workers(&self) -> usize;
+    /// Workers whose worker lease is held and renewed, this one included, sorted.
+    fn live_workers(&self) -> Vec<String>;
     /// Whether `worker_id` has a worker lease (alive, dead or stopped).
     fn is_registered(&self, worker_id: &str) -> bool;
 }
@@ -80,7 +80,7 @@ struct RegistryState {
     held: BTreeMap<String, Lease>,
     observed: HashMap<String, Observed>,
     registered: HashSet<String>,
-    live: usize,
+    live: Vec<String>,
 }
 
 /// This worker's view of the worker leases of its application; see the [module docs](self).
@@ -140,7 +140,7 @@ impl WorkerRegistry {
                         let mut state = registry.state.lock().expect("registry");
                         state.held.insert(me.to_owned(), taken);
                         state.registered.insert(me.to_owned());
-                        state.live = 1;
+                        state.live = vec![me.to_owned()];
                     }
                     return Ok(registry);
                 }
@@ -248,7 +248,7 @@ impl WorkerRegistry {
         }
         live.sort();
         live.dedup();
-        state.live = live.len().max(1);
+        state.live.clone_from(&live);
         state.registered = registered;
         state.registered.insert(self.me.clone());
         Ok(WorkerScan { live, expired })
@@ -298,8 +298,9 @@ impl WorkerRegistry {
 }
 
 impl WorkerDirectory for WorkerRegistry {
-    fn live_workers(&self) -> usize {
-        self.state.lock().expect("registry").live.max(1)
+    fn live_workers(&self) -> Vec<String> {
+        let live = self.state.lock().expect("registry").live.clone();
+        if live.is_empty() { vec![self.me.clone()] } else { live }
     }
 
     fn is_registered(&self, worker_id: &str) -> bool {
@@ -341,7 +342,7 @@ mod tests {
         let scan_c = c.scan().unwrap();
         assert_eq!(scan_b.live, ["b", "c"]);
         assert_eq!(scan_b.expired.len(), 1);
-        assert_eq!(b.live_workers(), 2);
+        assert_eq!(b.live_workers(), ["b", "c"]);
         // Two takers: exactly one wins.
         let won_b = b.take(&scan_b.expired[0]).unwrap();
         let won_c = c.take(&scan_c.expired[0]).unwrap();

@@ -275,8 +275,10 @@ impl Coordinator<'_> {
                 *load.entry(owner).or_default() += 1;
             }
         }
-        let workers_count = workers.as_ref().map_or(load.len() + 1, |d| d.live_workers().max(1));
-        let target = active.len().div_ceil(workers_count).max(1);
+        let target = match &workers {
+            Some(directory) => fair_share(active.len(), &directory.live_workers(), me),
+            None => active.len().div_ceil(load.len() + 1).max(1),
+        };
         let held_active = self.held.values().filter(|h| !h.releasing).count();
         let mut need = target.saturating_sub(held_active);
         let mut candidates: Vec<&Lease> = active.iter().copied().filter(|l| available(l)).collect();
@@ -782,6 +784,17 @@ impl Coordinator<'_> {
     }
 }
 
+/// This worker's share of `shards` among the `live` workers (sorted ids): the first
+/// `shards % live` workers hold one more than the others, so that every worker holds as many as
+/// it can (a ceiling for all would let two workers take everything while a third holds none).
+/// Every worker computes the same split from the same view.
+fn fair_share(shards: usize, live: &[String], me: &str) -> usize {
+    let workers = live.len().max(1);
+    let (base, extra) = (shards / workers, shards % workers);
+    let rank = live.iter().position(|w| w == me).unwrap_or(workers);
+    base + usize::from(rank < extra)
+}
+
 /// Shards ordered so that every parent comes before its children.
 fn parents_first(shards: &[ShardInfo]) -> Vec<&ShardInfo> {
     let mut placed: HashSet<&str> = HashSet::new();
@@ -809,4 +822,23 @@ fn parents_first(shards: &[ShardInfo]) -> Vec<&ShardInfo> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fair_share;
+
+    #[test]
+    fn shares_differ_by_at_most_one_and_cover_every_shard() {
+        let live: Vec<String> = ["a", "b", "c"].iter().map(|s| (*s).to_owned()).collect();
+        for shards in 0..10 {
+            let shares: Vec<usize> = live.iter().map(|w| fair_share(shards, &live, w)).collect();
+            assert_eq!(shares.iter().sum::<usize>(), shards, "{shards}: {shares:?}");
+            assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1);
+        }
+        assert_eq!(fair_share(4, &live, "a"), 2);
+        assert_eq!(fair_share(4, &live, "c"), 1);
+        // A worker the view does not list yet gets the smaller share.
+        assert_eq!(fair_share(4, &live, "d"), 1);
+    }
 }

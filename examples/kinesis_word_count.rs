@@ -14,9 +14,19 @@
 //! ```
 //!
 //! Counts per batch are written as Parquet (one directory per batch, re-runs replace) under
-//! `<data-dir>/output`; totals are kept with `update_state_by_key`. Kill it at any moment and
-//! start it again: batches in flight are re-run with exactly their blocks (replayed from
-//! Kinesis by range when the block store lost them), and the summed output stays exact.
+//! `<data-dir>/output` or `--output`; totals are kept with `update_state_by_key`. Kill it at any
+//! moment and start it again: batches in flight are re-run with exactly their blocks (replayed
+//! from Kinesis by range when the block store lost them), and the summed output stays exact.
+//!
+//! Several workers (on several machines) share the stream's shards through the lease table and
+//! write one output: give each a `--worker-id` and point all of them at the same `--checkpoint`
+//! and `--output` (S3 URLs in production). A worker that dies for good is adopted by the others
+//! after `--failover-ms`: they process what it had logged and read on where it stopped.
+//!
+//! ```sh
+//! kinesis_word_count --follow --worker-id w1 --checkpoint s3://bucket/app/checkpoint --output s3://bucket/app/output
+//! kinesis_word_count --follow --worker-id w2 --checkpoint s3://bucket/app/checkpoint --output s3://bucket/app/output
+//! ```
 
 mod support;
 
@@ -70,9 +80,26 @@ struct Args {
     /// Shard checkpoint interval in milliseconds.
     #[arg(long, default_value_t = 1_000)]
     checkpoint_ms: u64,
-    /// Worker id in the lease table (default: the host name).
+    /// This worker's id among the application's workers (default: the host name). Names its
+    /// leases, its log under the checkpoint location and its output files.
     #[arg(long)]
     worker_id: Option<String>,
+    /// Checkpoint location shared by the application's workers (a path or `s3://bucket/prefix`;
+    /// default `<data-dir>/checkpoint`).
+    #[arg(long)]
+    checkpoint: Option<String>,
+    /// Parquet output location (a path or `s3://bucket/prefix`; default `<data-dir>/output`).
+    #[arg(long)]
+    output: Option<String>,
+    /// Object-store location of the block replicas (default `<data-dir>/replica`).
+    #[arg(long)]
+    replica: Option<String>,
+    /// A worker whose lease is not renewed for this long is presumed dead and adopted (ms).
+    #[arg(long, default_value_t = ReceiverConfig::DEFAULT_LEASE_FAILOVER_MS)]
+    failover_ms: u64,
+    /// How often the lease table is scanned for leases to take (ms).
+    #[arg(long, default_value_t = ReceiverConfig::DEFAULT_LEASE_TAKER_INTERVAL_MS)]
+    taker_ms: u64,
     /// Minimum time between `GetRecords` calls per shard (ms; the service allows 5/s).
     #[arg(long, default_value_t = 200)]
     read_interval_ms: u64,
@@ -132,10 +159,19 @@ fn main() -> anyhow::Result<()> {
         load(&kinesis, lines, args.shards)?;
     }
 
-    let ctx = StreamingContext::builder()
+    let mut builder = StreamingContext::builder()
         .batch_interval(Duration::from_millis(args.batch_ms))
-        .data_dir(&args.data_dir)
-        .build()?;
+        .data_dir(&args.data_dir);
+    if let Some(id) = &args.worker_id {
+        builder = builder.worker_id(id);
+    }
+    if let Some(checkpoint) = &args.checkpoint {
+        builder = builder.checkpoint(checkpoint);
+    }
+    if let Some(replica) = &args.replica {
+        builder = builder.replica_url(replica);
+    }
+    let ctx = builder.build()?;
     let mut input = KinesisInput::new(&args.stream, &args.app);
     input.kinesis = kinesis;
     input.receiver = ReceiverConfig {
@@ -145,11 +181,16 @@ fn main() -> anyhow::Result<()> {
             Start::TrimHorizon => InitialPosition::TrimHorizon,
             Start::Latest => InitialPosition::Latest,
         },
-        worker_id: args.worker_id.clone(),
+        lease_failover_ms: args.failover_ms,
+        lease_taker_interval_ms: args.taker_ms,
         ..ReceiverConfig::default()
     };
     let lines = ctx.kinesis_stream(input)?;
 
-    let latest_top = support::count_words(&ctx, &lines, &args.data_dir, args.top)?;
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("output").display().to_string());
+    let latest_top = support::count_words(&ctx, &lines, &output, args.top)?;
     support::run(&ctx, args.follow, Duration::from_secs(args.timeout_s), &latest_top)
 }

@@ -138,6 +138,7 @@ fn main() -> anyhow::Result<()> {
     };
     let lines = ctx.local_log_stream(&log_dir, STREAM, config)?;
 
-    let latest_top = support::count_words(&ctx, &lines, &args.data_dir, args.top)?;
+    let output = args.data_dir.join("output").display().to_string();
+    let latest_top = support::count_words(&ctx, &lines, &output, args.top)?;
     support::run(&ctx, args.follow, Duration::from_secs(args.timeout_s), &latest_top)
 }

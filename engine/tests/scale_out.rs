@@ -139,7 +139,7 @@ impl App {
             .executor_threads(2)
             .build()
             .unwrap();
-        let log = LocalLog::open(&self.root.join("log")).unwrap();
+        let log = LocalLog::open(self.root.join("log")).unwrap();
         let stream = log.stream(STREAM).unwrap();
         let config = ReceiverConfig {
             block_interval_ms: 20,
@@ -150,9 +150,7 @@ impl App {
             read_max_records: Some(100),
             ..ReceiverConfig::default()
         };
-        let lines = ctx
-            .source_stream_with_leases(Arc::new(stream), leases, config)
-            .unwrap();
+        let lines = ctx.source_stream_with_leases(Arc::new(stream), leases, config).unwrap();
         let counts = lines
             .flat_map(words)
             .count_by_value()
@@ -191,7 +189,10 @@ impl App {
         loop {
             let got = self.summed_output();
             let total: u64 = got.values().sum();
-            assert!(total <= want, "more words in the output ({total}) than in the input ({want})");
+            assert!(
+                total <= want,
+                "more words in the output ({total}) than in the input ({want})"
+            );
             if total == want {
                 assert_eq!(got, self.reference, "per-word counts");
                 return;
@@ -220,12 +221,10 @@ impl App {
     /// The batch directories of `worker`'s committed parts.
     fn committed_batches_of(&self, worker: &str) -> usize {
         let marker = format!("_SUCCESS-{worker}");
-        std::fs::read_dir(self.root.join("output"))
-            .map(|dirs| {
-                dirs.filter(|d| d.as_ref().unwrap().path().join(&marker).exists())
-                    .count()
-            })
-            .unwrap_or(0)
+        std::fs::read_dir(self.root.join("output")).map_or(0, |dirs| {
+            dirs.filter(|d| d.as_ref().unwrap().path().join(&marker).exists())
+                .count()
+        })
     }
 }
 
@@ -275,10 +274,14 @@ fn a_worker_that_never_comes_back_is_adopted_and_nothing_is_lost() {
     // worker-a cuts long batches: when it goes, it has logged blocks it has not processed.
     let a = app.worker("worker-a", cut.clone(), 1_000.0, 1_000);
     let b = app.worker("worker-b", app.table.clone(), 1_000.0, 100);
-    wait("both workers to hold shards and worker-a to log blocks", Duration::from_secs(30), || {
-        let (shards, _) = app.leases();
-        a.metrics().blocks_stored > 5 && shards.values().any(|o| o.as_deref() == Some("worker-b"))
-    });
+    wait(
+        "both workers to hold shards and worker-a to log blocks",
+        Duration::from_secs(30),
+        || {
+            let (shards, _) = app.leases();
+            a.metrics().blocks_stored > 5 && shards.values().any(|o| o.as_deref() == Some("worker-b"))
+        },
+    );
     // worker-a's machine goes away: no lease write lands any more, the process stops without
     // processing what it logged, and its disk is gone.
     cut.cut_off.store(true, Ordering::SeqCst);
@@ -287,11 +290,15 @@ fn a_worker_that_never_comes_back_is_adopted_and_nothing_is_lost() {
     std::fs::remove_dir_all(app.root.join("worker-a")).unwrap();
     // After the failover time worker-b adopts worker-a's log and shards.
     app.wait_for_exact_output(Duration::from_secs(60));
-    wait("worker-b to own every shard and release worker-a's lease", Duration::from_secs(20), || {
-        let (shards, workers) = app.leases();
-        shards.values().all(|o| o.as_deref() == Some("worker-b"))
-            && workers.get("sluice-worker:worker-a") == Some(&None)
-    });
+    wait(
+        "worker-b to own every shard and release worker-a's lease",
+        Duration::from_secs(20),
+        || {
+            let (shards, workers) = app.leases();
+            shards.values().all(|o| o.as_deref() == Some("worker-b"))
+                && workers.get("sluice-worker:worker-a") == Some(&None)
+        },
+    );
     assert!(
         b.metrics().blocks_replayed > 0,
         "worker-a's blocks were lost with its disk: they must have been replayed by range"
@@ -307,10 +314,14 @@ fn a_zombie_worker_is_fenced_off_and_counts_nothing_twice() {
     // worker-a cuts long batches: when it goes, it has logged blocks it has not processed.
     let a = app.worker("worker-a", cut.clone(), 1_000.0, 1_000);
     let b = app.worker("worker-b", app.table.clone(), 1_000.0, 100);
-    wait("both workers to hold shards and worker-a to log blocks", Duration::from_secs(30), || {
-        let (shards, _) = app.leases();
-        a.metrics().blocks_stored > 5 && shards.values().any(|o| o.as_deref() == Some("worker-b"))
-    });
+    wait(
+        "both workers to hold shards and worker-a to log blocks",
+        Duration::from_secs(30),
+        || {
+            let (shards, _) = app.leases();
+            a.metrics().blocks_stored > 5 && shards.values().any(|o| o.as_deref() == Some("worker-b"))
+        },
+    );
     // worker-a loses the lease table but keeps running: it keeps reading what it was reading,
     // logging blocks and running batches, while the others presume it dead.
     cut.cut_off.store(true, Ordering::SeqCst);

@@ -1,6 +1,5 @@
 //! The word-count pipeline and run loop both word-count examples share.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,19 +29,19 @@ pub fn words(line: Bytes) -> impl Iterator<Item = Bytes> {
     out.into_iter()
 }
 
-/// Word count over `lines`: per-batch counts as Parquet under `<data_dir>/output`, totals with
-/// `update_state_by_key`, a progress line per batch. Returns the latest top `top` words.
+/// Word count over `lines`: per-batch counts as Parquet under `output` (a path or a URL), totals
+/// with `update_state_by_key`, a progress line per batch. Returns the latest top `top` words.
 pub fn count_words(
     ctx: &StreamingContext,
     lines: &DStream<Bytes>,
-    data_dir: &Path,
+    output: &str,
     top: usize,
 ) -> anyhow::Result<TopWords> {
     let counts = lines
         .flat_map(words)
         .count_by_value()
         .map(|(w, c)| (String::from_utf8_lossy(&w).into_owned(), c));
-    counts.save_parquet(&data_dir.join("output").display().to_string())?;
+    counts.save_parquet(output)?;
     let totals = counts.update_state_by_key(|_word: &String, new: Vec<u64>, old: Option<u64>| {
         Some(old.unwrap_or(0) + new.iter().sum::<u64>())
     });
@@ -56,8 +55,16 @@ pub fn count_words(
     });
     ctx.add_batch_listener(|info: &BatchInfo| {
         println!(
-            "batch {:>14} | {:>8} records | processing {:>5} ms | scheduling delay {:>5} ms",
-            info.batch_time_ms, info.num_records, info.processing_delay_ms, info.scheduling_delay_ms
+            "batch {:>14} | {:>8} records | processing {:>5} ms | scheduling delay {:>5} ms{}",
+            info.batch_time_ms,
+            info.num_records,
+            info.processing_delay_ms,
+            info.scheduling_delay_ms,
+            if info.adopted {
+                " | adopted from a dead worker"
+            } else {
+                ""
+            }
         );
     });
     Ok(latest_top)

@@ -129,9 +129,11 @@ impl<T: Data + sluice_operators::ToRecordBatch> OutputOp for SaveParquet<T> {
 
 impl<T: Data + sluice_operators::ToRecordBatch> DStream<T> {
     /// Writes every batch as Parquet under `location` (a local directory or an object-store URL
-    /// such as `s3://bucket/prefix`): one directory `batch_time=<ms>` per batch with one file per
-    /// partition and a `_SUCCESS` marker written last. Re-running a batch replaces its files, so
-    /// the output is exactly-once.
+    /// such as `s3://bucket/prefix`): one directory `batch_time=<ms>` per batch, in it one file
+    /// per partition named by this worker (`part-<worker id>-<i>.parquet`) and its
+    /// `_SUCCESS-<worker id>` marker written last. Re-running a batch replaces this worker's
+    /// files of it, so the output is exactly-once — also when several workers of the
+    /// application write to one location (`docs/operators.md` shows how to read it).
     ///
     /// # Errors
     /// [`crate::Error::Sink`] if the location cannot be opened.

@@ -7,8 +7,9 @@
 //!   partitioning, the merge after the shuffle) that the engine's keyed operators run in their
 //!   tasks;
 //! - [`ParquetSink`]: idempotent, batch-partitioned Parquet output on a local directory,
-//!   `memory://` or S3 (`batch_time=<ms>/part-<i>.parquet` + `_SUCCESS` written last, re-runs
-//!   replace), which is what makes Parquet output exactly-once;
+//!   `memory://` or S3 (`batch_time=<ms>/part-<writer>-<i>.parquet` + `_SUCCESS-<writer>` written
+//!   last, re-runs replace only their writer's files), which is what makes Parquet output
+//!   exactly-once, with several workers writing to one location;
 //! - [`ToRecordBatch`]: how row types become Arrow;
 //! - [`DeadLetterSink`] and [`DeadLetterRow`]: records that failed processing, with their error;
 //! - [`bench_data`]: the deterministic Zipf text generator shared by examples, tests and benches.

@@ -54,7 +54,7 @@ fn replace_and_read_back(sink: &ParquetSink) {
     );
     assert_eq!(first[0].1.schema(), <(String, u64)>::schema());
 
-    // The re-run produces different (fewer) parts: the old part-00002 must disappear.
+    // The re-run produces different (fewer) parts: the old part 2 must disappear.
     sink.write_batch(1_000, W, vec![part(&[("a", 10)])]).unwrap();
     let second = ParquetSink::read_committed(sink.url()).unwrap();
     assert_eq!(rows_of(&second), vec![(1_000, "a".into(), 10), (2_000, "z".into(), 26)]);

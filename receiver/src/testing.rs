@@ -7,6 +7,8 @@
 //!   (to exercise backpressure) and can fail on demand (to exercise retries and restarts).
 //! - [`FaultProxy`] is a loopback HTTP proxy that injects AWS errors (throttling, expired
 //!   iterators) in front of an emulator.
+//! - [`MemoryLeaseStore`] is a lease table in memory that passes the same conformance suite, for
+//!   model tests that need many cases.
 //! - [`MemorySource`] is an in-memory sharded log implementing [`Source`](crate::Source) and
 //!   [`Replay`](sluice_blockstore::Replay), with shard splits and injected source errors.
 
@@ -19,9 +21,11 @@ use sluice_blockstore::{Block, Position, SequenceNumber};
 use crate::{BlockHandler, Checkpoint, HandlerError, Lease, LeaseError, LeaseFence, LeaseKind, LeaseStore};
 
 mod fault_proxy;
+mod memory_leases;
 mod memory_source;
 
 pub use fault_proxy::{FaultProxy, FaultRequest, FaultResponse};
+pub use memory_leases::MemoryLeaseStore;
 pub use memory_source::{MemorySource, ReaderOpened, SourceFault};
 
 type Case = fn(&dyn LeaseStore);

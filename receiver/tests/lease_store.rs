@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use sluice_blockstore::{Position, SequenceNumber};
-use sluice_receiver::testing::lease_store_conformance;
+use sluice_receiver::testing::{MemoryLeaseStore, lease_store_conformance};
 use sluice_receiver::{Checkpoint, Lease, LeaseError, LeaseStore, LocalLeaseStore};
 
 #[test]
@@ -15,6 +15,11 @@ fn local_lease_store_passes_the_conformance_suite() {
         let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Arc::new(LocalLeaseStore::open(dir.path().join(format!("table-{n}/leases.json"))).unwrap())
     });
+}
+
+#[test]
+fn the_memory_test_double_passes_the_conformance_suite() {
+    lease_store_conformance(&|| Arc::new(MemoryLeaseStore::new()));
 }
 
 fn position(n: u128, sub: u64) -> Checkpoint {

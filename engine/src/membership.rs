@@ -42,7 +42,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use sluice_blockstore::Position;
-use sluice_receiver::{LeaseKind, WorkerRegistry};
+use sluice_receiver::{Checkpoint, LeaseKind, WorkerRegistry};
 
 use crate::checkpoint_store::CheckpointStore;
 use crate::context::{LogRuntime, Shared};
@@ -68,10 +68,15 @@ pub(crate) enum Phase {
     Abandoned,
 }
 
+/// Per stream, per shard: the last position the adopted log holds.
+pub(crate) type Floors = HashMap<Arc<str>, HashMap<Arc<str>, Position>>;
+
 /// The log of a dead worker, being processed by this worker.
 pub(crate) struct Adoption {
     pub worker: String,
     pub log: Arc<LogRuntime>,
+    /// Where the log ends, per shard: the dead worker's shards are taken at these positions.
+    pub floors: Floors,
     /// Batches allocated but not completed when the log was claimed, oldest first.
     pub pending: Vec<i64>,
     pub phase: Mutex<Phase>,
@@ -244,13 +249,11 @@ fn adopt(shared: &Arc<Shared>, registry: &WorkerRegistry, worker: &str) -> Resul
     let log = MetadataLog::claim(&dir, &holder)?;
     let (tracker, recovered) = ReceivedBlockTracker::recover(log)?;
     let tracker = Arc::new(tracker.with_empty_batches_logged(shared.stateful()));
-    let mut floors: HashMap<Arc<str>, HashMap<Arc<str>, Position>> = HashMap::new();
+    let mut floors: Floors = HashMap::new();
     for (stream, shard, position) in recovered.resume_after {
         floors.entry(stream).or_default().insert(shard, position);
     }
-    for input in &shared.inputs {
-        input.adopt(worker, floors.remove(input.stream()).unwrap_or_default());
-    }
+    take_shards_of(shared, worker, &floors);
     let log = Arc::new(LogRuntime {
         instance: shared.new_instance(),
         writer: Arc::from(worker),
@@ -267,6 +270,7 @@ fn adopt(shared: &Arc<Shared>, registry: &WorkerRegistry, worker: &str) -> Resul
     shared.queue_adoption(Adoption {
         worker: worker.to_owned(),
         log,
+        floors,
         pending: recovered.pending_batches,
         phase: Mutex::new(Phase::Queued),
         abandon: AtomicBool::new(false),
@@ -283,6 +287,13 @@ fn settle(shared: &Arc<Shared>, registry: &WorkerRegistry) -> Vec<String> {
         match adoption.phase() {
             Phase::Done => {
                 if shared.inputs.iter().any(|i| i.is_adopting(&adoption.worker)) {
+                    continue;
+                }
+                // A zombie of the dead worker may have taken more shards after the claim (it
+                // logged nothing for them): take those too before letting the worker lease go,
+                // or nobody would ever take them.
+                if owns_shard_leases(shared, &adoption.worker) {
+                    take_shards_of(shared, &adoption.worker, &adoption.floors);
                     continue;
                 }
                 match registry.release(&adoption.worker) {
@@ -308,13 +319,23 @@ fn settle(shared: &Arc<Shared>, registry: &WorkerRegistry) -> Vec<String> {
     again
 }
 
-/// Whether any input's lease table still has a shard lease owned by `worker`.
+/// Asks every input to take the shard leases `worker` owns, at the positions its log ends.
+fn take_shards_of(shared: &Shared, worker: &str, floors: &Floors) {
+    for input in &shared.inputs {
+        input.adopt(worker, floors.get(input.stream()).cloned().unwrap_or_default());
+    }
+}
+
+/// Whether any input's lease table still has an unfinished shard lease owned by `worker` (or
+/// cannot be read).
 pub(crate) fn owns_shard_leases(shared: &Shared, worker: &str) -> bool {
     shared.inputs.iter().any(|input| {
         input.leases().list_leases().map_or(true, |leases| {
-            leases
-                .iter()
-                .any(|l| l.kind == LeaseKind::Shard && l.lease_owner.as_deref() == Some(worker))
+            leases.iter().any(|l| {
+                l.kind == LeaseKind::Shard
+                    && l.lease_owner.as_deref() == Some(worker)
+                    && l.checkpoint != Checkpoint::ShardEnd
+            })
         })
     })
 }

@@ -17,11 +17,13 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use sluice_blockstore::{
-    BlockId, BlockMeta, ManualClock, Position, SequenceNumber, SequenceNumberRange, SequenceNumberRanges,
+    BlockId, BlockMeta, Clock, ManualClock, Position, SequenceNumber, SequenceNumberRange, SequenceNumberRanges,
 };
 use sluice_engine::{CheckpointStore, Error, MetadataLog, ReceivedBlockTracker};
 use sluice_receiver::testing::MemoryLeaseStore;
-use sluice_receiver::{Checkpoint, Lease, LeaseKind, LeaseStore, WORKER_LEASE_PREFIX, WorkerDirectory, WorkerRegistry};
+use sluice_receiver::{
+    Checkpoint, Lease, LeaseKind, LeaseStore, WORKER_LEASE_PREFIX, WorkerDirectory, WorkerRegistry, WorkerStatus,
+};
 
 const SHARDS: usize = 3;
 const RECORDS: u64 = 18;
@@ -101,6 +103,8 @@ fn fair_share(live: &[String], me: &str) -> usize {
 /// One metadata log and its batches in flight, as the job generator runs them.
 struct LogRun {
     writer: String,
+    /// Where the log ends per shard (the floors an adopter takes the worker's shards at).
+    floors: HashMap<usize, u64>,
     tracker: ReceivedBlockTracker,
     /// Allocated, not completed, oldest first.
     pending: VecDeque<i64>,
@@ -118,6 +122,8 @@ struct Proc {
     buffer: Vec<Rec>,
     stored: BTreeMap<usize, u64>,
     resume_after: BTreeMap<usize, u64>,
+    /// Shard lease counters as last seen, and since when (expiry, on this process's clock).
+    observed: HashMap<usize, (u64, i64)>,
 }
 
 struct Slot {
@@ -187,6 +193,11 @@ impl World {
         let (tracker, recovered) = ReceivedBlockTracker::recover(log).unwrap();
         let run = LogRun {
             writer: worker.to_owned(),
+            floors: recovered
+                .resume_after
+                .iter()
+                .map(|(_, shard, p)| (shard_of(shard), seq_of(p)))
+                .collect(),
             tracker: tracker.with_compact_every(1),
             pending: recovered.pending_batches.iter().copied().collect(),
             written: BTreeSet::new(),
@@ -203,7 +214,7 @@ impl World {
         let registry = WorkerRegistry::join(self.leases.clone(), &id, FAILOVER_MS, self.clock.clone()).unwrap();
         let holder = format!("{id}#{}", self.slots[w].incarnation);
         let (own, recovered) = self.open_log(&id, &holder);
-        let resume_after = recovered
+        let resume_after: BTreeMap<usize, u64> = recovered
             .resume_after
             .iter()
             .map(|(_, shard, p)| (shard_of(shard), seq_of(p)))
@@ -214,8 +225,11 @@ impl World {
             held: BTreeMap::new(),
             next_read: BTreeMap::new(),
             buffer: Vec::new(),
-            stored: BTreeMap::new(),
+            // What the log holds counts as stored (as in `Receiver::new`): a release checkpoints
+            // up to it.
+            stored: resume_after.clone(),
             resume_after,
+            observed: HashMap::new(),
         });
         self.slots[w].paused = false;
     }
@@ -339,6 +353,7 @@ impl World {
     /// held above it — after an exact checkpoint, never with records still in the buffer.
     fn balance(&mut self, w: usize) {
         let leases = self.leases.clone();
+        let now = self.clock.now_ms();
         let id = self.slots[w].id.clone();
         let Some(proc) = self.active(w) else { return };
         let target = fair_share(&proc.registry.live_workers(), &id);
@@ -362,11 +377,27 @@ impl World {
             let _ = leases.release_lease(&shard_id(shard), &lease.fence().unwrap());
         }
         for lease in leases.list_leases().unwrap() {
-            if lease.kind != LeaseKind::Shard || proc.held.contains_key(&shard_of(&lease.lease_key)) {
+            if lease.kind != LeaseKind::Shard {
+                continue;
+            }
+            let seen = proc
+                .observed
+                .entry(shard_of(&lease.lease_key))
+                .or_insert((lease.lease_counter, now));
+            if seen.0 != lease.lease_counter {
+                *seen = (lease.lease_counter, now);
+            }
+            let expired = now - seen.1 > FAILOVER_MS as i64;
+            if proc.held.contains_key(&shard_of(&lease.lease_key)) {
                 continue;
             }
             let own = lease.lease_owner.as_deref() == Some(id.as_str());
-            if !(own || (lease.lease_owner.is_none() && proc.held.len() < target)) {
+            // Unowned, or left by a retired worker (its log holds nothing past the checkpoint).
+            let free = match lease.lease_owner.as_deref() {
+                None => true,
+                Some(owner) => expired && proc.registry.worker_status(owner) == WorkerStatus::Retired,
+            };
+            if !(own || (free && proc.held.len() < target)) {
                 continue;
             }
             let Ok(taken) = leases.take_lease(&lease.lease_key, lease.lease_counter, &id) else {
@@ -439,12 +470,6 @@ impl World {
             Ok(_) => {
                 run.pending.pop_front();
                 run.written.remove(&t);
-                // An adopted log with nothing left is finished: its worker lease is released.
-                if i > 0 && run.pending.is_empty() && !run.tracker.has_unallocated_blocks() {
-                    let writer = run.writer.clone();
-                    proc.logs.remove(i);
-                    let _ = proc.registry.release(&writer);
-                }
             }
             Err(Error::Fenced { .. }) => self.fenced(w, i),
             Err(e) => panic!("{e}"),
@@ -455,22 +480,25 @@ impl World {
     /// the log's batches.
     fn adopt(&mut self, w: usize, worker: &str) {
         let holder = format!("{} adopting {worker} #{}", self.slots[w].id, self.next_block);
-        let (run, recovered) = self.open_log(worker, &holder);
-        let floors: HashMap<usize, u64> = recovered
-            .resume_after
-            .iter()
-            .map(|(_, shard, p)| (shard_of(shard), seq_of(p)))
-            .collect();
+        let (run, _) = self.open_log(worker, &holder);
+        self.take_shards_of(w, &run);
+        self.slots[w].proc.as_mut().unwrap().logs.push(run);
+    }
+
+    /// Takes every unfinished shard lease the adopted log's worker owns, raised to the log's end.
+    fn take_shards_of(&mut self, w: usize, run: &LogRun) {
         let leases = self.leases.clone();
         let id = self.slots[w].id.clone();
         let proc = self.slots[w].proc.as_mut().unwrap();
         for shard in 0..SHARDS {
             loop {
                 let lease = leases.get_lease(&shard_id(shard)).unwrap().unwrap();
-                if lease.lease_owner.as_deref() != Some(worker) || lease.checkpoint == Checkpoint::ShardEnd {
+                if lease.lease_owner.as_deref() != Some(run.writer.as_str()) || lease.checkpoint == Checkpoint::ShardEnd
+                {
                     break;
                 }
-                let floor = floors
+                let floor = run
+                    .floors
                     .get(&shard)
                     .map_or(Checkpoint::TrimHorizon, |s| Checkpoint::Position(position(*s)));
                 if let Ok(taken) = leases.adopt_lease(&lease.lease_key, lease.lease_counter, &id, &floor) {
@@ -480,7 +508,38 @@ impl World {
                 }
             }
         }
-        proc.logs.push(run);
+    }
+
+    /// Adopted logs with nothing left: their worker lease is released once no shard lease is in
+    /// their worker's name any more (a zombie may have taken some after the claim).
+    fn settle(&mut self, w: usize) {
+        let leases = self.leases.clone();
+        let Some(proc) = self.slots[w].proc.as_mut() else {
+            return;
+        };
+        let finished: Vec<usize> = (1..proc.logs.len())
+            .filter(|i| {
+                let run = &proc.logs[*i];
+                run.pending.is_empty() && !run.tracker.has_unallocated_blocks()
+            })
+            .collect();
+        for i in finished.into_iter().rev() {
+            let writer = self.slots[w].proc.as_ref().unwrap().logs[i].writer.clone();
+            let owns = leases.list_leases().unwrap().iter().any(|l| {
+                l.kind == LeaseKind::Shard
+                    && l.lease_owner.as_deref() == Some(writer.as_str())
+                    && l.checkpoint != Checkpoint::ShardEnd
+            });
+            if owns {
+                let run = self.slots[w].proc.as_mut().unwrap().logs.remove(i);
+                self.take_shards_of(w, &run);
+                self.slots[w].proc.as_mut().unwrap().logs.insert(i, run);
+            } else {
+                let proc = self.slots[w].proc.as_mut().unwrap();
+                proc.logs.remove(i);
+                let _ = proc.registry.release(&writer);
+            }
+        }
     }
 
     fn membership(&mut self, w: usize) {
@@ -515,6 +574,7 @@ impl World {
                 self.adopt(w, &worker);
             }
         }
+        self.settle(w);
     }
 
     fn apply(&mut self, op: &Op) {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sluice_blockstore::{Block, SystemClock};
 use sluice_receiver::testing::{MemoryLeaseStore, MemorySource, RecordingHandler};
-use sluice_receiver::{Checkpoint, Lease, LeaseStore, Receiver, ReceiverConfig, WorkerDirectory};
+use sluice_receiver::{Checkpoint, Lease, LeaseStore, Receiver, ReceiverConfig, WorkerDirectory, WorkerStatus};
 
 const SHARDS: u32 = 4;
 
@@ -34,8 +34,12 @@ impl WorkerDirectory for Directory {
     fn live_workers(&self) -> Vec<String> {
         self.live.lock().unwrap().clone()
     }
-    fn is_registered(&self, worker_id: &str) -> bool {
-        self.registered.lock().unwrap().contains(worker_id)
+    fn worker_status(&self, worker_id: &str) -> WorkerStatus {
+        if self.registered.lock().unwrap().contains(worker_id) {
+            WorkerStatus::Active
+        } else {
+            WorkerStatus::Unregistered
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use sluice_blockstore::{Position, SequenceNumber};
 #[cfg(feature = "kinesis")]
 pub use dynamodb::{DynamoConnectError, DynamoLeaseMetrics, DynamoLeaseOptions, DynamoLeaseStore};
 pub use local::LocalLeaseStore;
-pub use workers::{WORKER_LEASE_PREFIX, WorkerDirectory, WorkerRegistry, WorkerScan, worker_lease_key};
+pub use workers::{WORKER_LEASE_PREFIX, WorkerDirectory, WorkerRegistry, WorkerScan, WorkerStatus, worker_lease_key};
 
 /// How far a shard has been processed: a position, or one of the KCL sentinels.
 ///

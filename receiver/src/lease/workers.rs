@@ -23,7 +23,7 @@
 //! for the failover time, on this worker's clock — so clocks of different machines need not
 //! agree.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -42,20 +42,37 @@ pub fn worker_lease_key(worker_id: &str) -> String {
 /// Attempts to take one's own worker lease while its holder keeps renewing it.
 const JOIN_ATTEMPTS: usize = 16;
 
+/// What the worker lease of a shard lease's owner says about that owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerStatus {
+    /// No worker lease: not an engine worker (a KCL worker, a bare receiver).
+    Unregistered,
+    /// Its worker lease is held — by the worker, or by the worker adopting its log.
+    Active,
+    /// Its worker lease is unowned: its log holds nothing unprocessed (it stopped gracefully, or
+    /// its adoption finished), so a shard lease still in its name was taken by it after that
+    /// and carries nothing beyond its checkpoint.
+    Retired,
+}
+
 /// What a receiver needs to know about the other workers of its application. The engine
 /// implements it with a [`WorkerRegistry`]; a receiver without one behaves like a KCL worker
 /// (expired leases are taken, busy workers are stolen from).
 ///
 /// # Contract
-/// A receiver given a directory never takes a shard lease owned by a registered worker — such a
+/// A receiver given a directory never takes a shard lease owned by an [`Active`] worker — such a
 /// lease moves only when its owner releases it (after a checkpoint at exactly the last position
 /// it logged) or when the owner's adopter takes it — and balances by releasing what it holds
-/// above its share instead of stealing.
+/// above its share instead of stealing. A shard lease of a [`Retired`] worker is taken once
+/// expired, like an unregistered owner's.
+///
+/// [`Active`]: WorkerStatus::Active
+/// [`Retired`]: WorkerStatus::Retired
 pub trait WorkerDirectory: Send + Sync + fmt::Debug {
     /// Workers whose worker lease is held and renewed, this one included, sorted.
     fn live_workers(&self) -> Vec<String>;
-    /// Whether `worker_id` has a worker lease (alive, dead or stopped).
-    fn is_registered(&self, worker_id: &str) -> bool;
+    /// What `worker_id`'s worker lease says about it.
+    fn worker_status(&self, worker_id: &str) -> WorkerStatus;
 }
 
 /// What a [`WorkerRegistry::scan`] found.
@@ -79,7 +96,8 @@ struct RegistryState {
     /// Worker leases this worker holds: its own, and those of workers it adopts.
     held: BTreeMap<String, Lease>,
     observed: HashMap<String, Observed>,
-    registered: HashSet<String>,
+    /// Every worker with a worker lease, and whether that lease is owned.
+    registered: HashMap<String, bool>,
     live: Vec<String>,
 }
 
@@ -139,7 +157,7 @@ impl WorkerRegistry {
                     {
                         let mut state = registry.state.lock().expect("registry");
                         state.held.insert(me.to_owned(), taken);
-                        state.registered.insert(me.to_owned());
+                        state.registered.insert(me.to_owned(), true);
                         state.live = vec![me.to_owned()];
                     }
                     return Ok(registry);
@@ -215,12 +233,12 @@ impl WorkerRegistry {
         let mut state = self.state.lock().expect("registry");
         let mut live = Vec::new();
         let mut expired = Vec::new();
-        let mut registered = HashSet::new();
+        let mut registered = HashMap::new();
         for lease in table.into_iter().filter(|l| l.kind == LeaseKind::Worker) {
             let Some(worker) = worker_id_of(&lease).map(str::to_owned) else {
                 continue;
             };
-            registered.insert(worker.clone());
+            registered.insert(worker.clone(), lease.lease_owner.is_some());
             let seen = state.observed.entry(lease.lease_key.clone()).or_insert(Observed {
                 counter: lease.lease_counter,
                 since_ms: now,
@@ -250,7 +268,7 @@ impl WorkerRegistry {
         live.dedup();
         state.live.clone_from(&live);
         state.registered = registered;
-        state.registered.insert(self.me.clone());
+        state.registered.insert(self.me.clone(), true);
         Ok(WorkerScan { live, expired })
     }
 
@@ -303,8 +321,15 @@ impl WorkerDirectory for WorkerRegistry {
         if live.is_empty() { vec![self.me.clone()] } else { live }
     }
 
-    fn is_registered(&self, worker_id: &str) -> bool {
-        worker_id == self.me || self.state.lock().expect("registry").registered.contains(worker_id)
+    fn worker_status(&self, worker_id: &str) -> WorkerStatus {
+        if worker_id == self.me {
+            return WorkerStatus::Active;
+        }
+        match self.state.lock().expect("registry").registered.get(worker_id) {
+            None => WorkerStatus::Unregistered,
+            Some(true) => WorkerStatus::Active,
+            Some(false) => WorkerStatus::Retired,
+        }
     }
 }
 
@@ -332,7 +357,8 @@ mod tests {
         let c = WorkerRegistry::join(store.clone(), "c", 1_000, clock.clone()).unwrap();
         assert_eq!(b.scan().unwrap().live, ["a", "b", "c"]);
         assert_eq!(c.scan().unwrap().live, ["a", "b", "c"]);
-        assert!(b.is_registered("a") && !b.is_registered("zz"));
+        assert_eq!(b.worker_status("a"), WorkerStatus::Active);
+        assert_eq!(b.worker_status("zz"), WorkerStatus::Unregistered);
         // a stops renewing; b and c keep renewing.
         clock.advance_ms(600);
         b.renew().unwrap();

@@ -19,7 +19,7 @@ use super::metrics::MetricsCells;
 use super::shard_loop::{self, LoopOutcome};
 use super::{Core, ReceiverError, ShardProgress};
 use crate::block_generator::{BlockGenerator, StopMode};
-use crate::lease::{Checkpoint, Lease, LeaseError, LeaseKind};
+use crate::lease::{Checkpoint, Lease, LeaseError, LeaseKind, WorkerStatus};
 use crate::signal::StopSignal;
 use crate::source::{ShardInfo, StartingPosition};
 
@@ -260,9 +260,11 @@ impl Coordinator<'_> {
                 // name are its own (a previous process's, or ones it stopped reading).
                 (Some(owner), Some(_)) if owner == me => true,
                 (Some(owner), None) if owner == me => self.first_pass || expired(l),
-                // A registered worker's shard moves only when it releases it or through its
+                // An active worker's shard moves only when it releases it or through its
                 // adopter — never by expiry, which would lose the position its log reached.
-                (Some(owner), Some(directory)) if directory.is_registered(owner) => false,
+                (Some(owner), Some(directory)) if directory.worker_status(owner) == WorkerStatus::Active => false,
+                // Unregistered owners (KCL semantics), and retired workers, whose logs hold
+                // nothing unprocessed: the checkpoint is where the shard's unread records start.
                 (Some(_), _) => expired(l),
             }
         };

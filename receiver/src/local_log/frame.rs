@@ -74,48 +74,38 @@ pub(crate) fn sequence_of_body(body: u128) -> SequenceNumber {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SequenceText {
     /// The last body formatted and its 56 digits.
-    last: Option<(u128, String)>,
+    last: Option<(u128, [u8; 56])>,
 }
 
 /// Index of the units digit of the counter in the 56 digits (the six after it are the shard index).
 const COUNTER_UNITS_DIGIT: usize = 56 - 7;
 
-/// The decimal digits as one-character strings, for in-place edits of a `String`.
-const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
-
 impl SequenceText {
     /// The sequence number with this sequence body.
     pub(crate) fn sequence(&mut self, body: u128) -> SequenceNumber {
-        match &mut self.last {
-            Some((last, text)) if last.checked_add(SHARD_INDEX_SPACE) == Some(body) => {
-                let bytes = text.as_bytes();
+        let digits = match &mut self.last {
+            Some((last, digits)) if last.checked_add(SHARD_INDEX_SPACE) == Some(body) => {
                 let mut i = COUNTER_UNITS_DIGIT;
-                while bytes[i] == b'9' {
+                while digits[i] == b'9' {
                     if i == SEQUENCE_PREFIX.len() {
                         // The body ran out of its 38 digits (a counter past 10^32): never in
                         // practice; the formatter handles it.
                         self.last = None;
                         return sequence_of_body(body);
                     }
+                    digits[i] = b'0';
                     i -= 1;
                 }
-                let digit = usize::from(bytes[i] - b'0');
-                text.replace_range(i..=i, DIGITS[digit + 1]);
-                for j in i + 1..=COUNTER_UNITS_DIGIT {
-                    text.replace_range(j..=j, DIGITS[0]);
-                }
+                digits[i] += 1;
                 *last = body;
+                &*digits
             }
-            _ => {
-                let Some(digits) = sequence_digits(body) else {
-                    return sequence_of_body(body);
-                };
-                let text = std::str::from_utf8(&digits).expect("ascii digits").to_owned();
-                self.last = Some((body, text));
-            }
-        }
-        let (_, text) = self.last.as_ref().expect("just set");
-        SequenceNumber::parse(text).expect("canonical local-log sequence")
+            _ => match sequence_digits(body) {
+                Some(digits) => &self.last.insert((body, digits)).1,
+                None => return sequence_of_body(body),
+            },
+        };
+        SequenceNumber::parse(std::str::from_utf8(digits).expect("ascii digits")).expect("canonical local-log sequence")
     }
 }
 
@@ -218,14 +208,14 @@ impl Frame {
         })
     }
 
-    /// Appends to `out` the user records of this frame whose `(sequence body, index)` passes
-    /// `keep`, de-aggregated, with their positions. Payloads are slices of the frame's buffer.
+    /// Hands `push` the user records of this frame whose `(sequence body, index)` passes `keep`,
+    /// de-aggregated, with their positions. Payloads are slices of the frame's buffer.
     pub fn push_records(
         &self,
         shard_id: &Arc<str>,
         decoder: &mut RecordDecoder,
         mut keep: impl FnMut(u128, u64) -> bool,
-        out: &mut impl Extend<Record>,
+        mut push: impl FnMut(Record),
     ) {
         let mut sequence: Option<SequenceNumber> = None;
         for (i, (key, offset, len)) in self.sub_record_spans().enumerate() {
@@ -235,13 +225,13 @@ impl Frame {
             let sequence = sequence
                 .get_or_insert_with(|| decoder.sequences.sequence(self.sequence_body))
                 .clone();
-            out.extend(std::iter::once(Record {
+            push(Record {
                 shard_id: Arc::clone(shard_id),
                 position: Position::new(sequence, i as u64),
                 partition_key: decoder.keys.get(key),
                 approximate_arrival_ms: self.arrival_ms,
                 data: self.sub_records.slice(offset..offset + len),
-            }));
+            });
         }
     }
 }
@@ -467,7 +457,12 @@ mod tests {
 
     fn records_of(frame: &Frame) -> Vec<Record> {
         let mut out = Vec::new();
-        frame.push_records(&Arc::from("s"), &mut RecordDecoder::default(), |_, _| true, &mut out);
+        frame.push_records(
+            &Arc::from("s"),
+            &mut RecordDecoder::default(),
+            |_, _| true,
+            |r| out.push(r),
+        );
         out
     }
 

@@ -424,7 +424,7 @@ impl LocalStream {
                 break;
             }
             let in_range = |body: u128, sub: u64| from <= (body, sub) && (body, sub) <= to;
-            frame.push_records(&shard.shard_id, &mut decoder, in_range, &mut records);
+            frame.push_records(&shard.shard_id, &mut decoder, in_range, |r| records.push(r));
         }
         if records.len() as u64 != range.record_count {
             return Err(ReplayError::CountMismatch {

@@ -121,7 +121,9 @@ impl LocalShardReader {
                     false
                 }
             };
-            frame.push_records(&self.shard_id, &mut self.decoder, keep, &mut self.pending);
+            frame.push_records(&self.shard_id, &mut self.decoder, keep, |r| {
+                self.pending.push_back(r);
+            });
         }
         Ok(())
     }

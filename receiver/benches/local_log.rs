@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use sluice_blockstore::{Position, Record, Replay, SequenceNumberRange};
+use sluice_blockstore::{Position, Record, Replay, SequenceNumberRange, SequenceNumberRanges};
 use sluice_receiver::local_log::{LocalLog, LocalStream, cli};
 use sluice_receiver::{Source, StartingPosition};
 
@@ -137,17 +137,17 @@ const SHAPES: [Shape; 2] = [
     },
 ];
 
-/// Puts every record and flushes; returns the elapsed time and each shard's (first, last, count).
+/// Puts every record and flushes; returns the elapsed time and the range each shard received.
 #[inline(never)] // a frame of its own in profiles
 fn log_append(
     stream: &LocalStream,
     corpus: &[u8],
     records: usize,
     shape: Shape,
-) -> BenchResult<(Duration, Vec<(Arc<str>, Position, Position, u64)>)> {
+) -> BenchResult<(Duration, Vec<SequenceNumberRange>)> {
     let mut producer = stream.producer()?;
     let mut key = String::new();
-    let mut last_positions: Vec<Option<Position>> = vec![None; shape.shards as usize];
+    let mut lasts: Vec<Option<Position>> = vec![None; shape.shards as usize];
     let mut firsts: Vec<Option<Position>> = vec![None; shape.shards as usize];
     let mut counts = vec![0u64; shape.shards as usize];
     let shard_of = |p: &Position| -> usize {
@@ -167,16 +167,21 @@ fn log_append(
         let position = producer.put(k, record_payload(corpus, i))?;
         let s = shard_of(&position);
         firsts[s].get_or_insert_with(|| position.clone());
-        last_positions[s] = Some(position);
+        lasts[s] = Some(position);
         counts[s] += 1;
     }
     producer.flush()?;
     let elapsed = start.elapsed();
-    let shards = stream.list_shards()?;
     let mut ranges = Vec::new();
-    for (s, shard) in shards.iter().enumerate() {
-        if let (Some(first), Some(last)) = (firsts[s].take(), last_positions[s].take()) {
-            ranges.push((shard.shard_id.clone(), first, last, counts[s]));
+    for (s, shard) in stream.list_shards()?.into_iter().enumerate() {
+        if let (Some(from), Some(to)) = (firsts[s].take(), lasts[s].take()) {
+            ranges.push(SequenceNumberRange {
+                stream: Arc::from(stream.name()),
+                shard_id: shard.shard_id,
+                from,
+                to,
+                record_count: counts[s],
+            });
         }
     }
     Ok((elapsed, ranges))
@@ -229,22 +234,13 @@ fn log_read_shards(stream: &LocalStream, corpus: &[u8], total: usize) -> BenchRe
 #[inline(never)] // a frame of its own in profiles
 fn log_replay(
     stream: &LocalStream,
-    ranges: &[(Arc<str>, Position, Position, u64)],
+    ranges: &[SequenceNumberRange],
     corpus: &[u8],
     total: usize,
 ) -> BenchResult<Duration> {
-    let ranges: Vec<SequenceNumberRange> = ranges
-        .iter()
-        .map(|(shard_id, from, to, count)| SequenceNumberRange {
-            stream: Arc::from(stream.name()),
-            shard_id: shard_id.clone(),
-            from: from.clone(),
-            to: to.clone(),
-            record_count: *count,
-        })
-        .collect();
+    let ranges = SequenceNumberRanges::from(ranges.to_vec());
     let start = Instant::now();
-    let records = stream.replay(&ranges.into())?;
+    let records = stream.replay(&ranges)?;
     let elapsed = start.elapsed();
     check_records(records.iter(), corpus, total, "replay");
     Ok(elapsed)

@@ -5,7 +5,8 @@
 //! and prints the median of each case next to its raw baseline; without `--bench` (as `cargo test
 //! --all-targets` runs it) it does one smoke pass on 2,000 records. Knobs (environment):
 //! `SLUICE_BENCH_RECORDS` (records per run), `SLUICE_BENCH_REPEATS` (runs, median taken),
-//! `SLUICE_BENCH_ONLY=log|load` (one section).
+//! `SLUICE_BENCH_ONLY=log|load` (one section), `SLUICE_BENCH_SHARDS=1|2` (one shape of the log
+//! section).
 //!
 //! **log** (target 4), for two shapes — one shard and one partition key; two shards and a distinct
 //! key per record (what the word-count example writes):
@@ -292,7 +293,10 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
     let corpus = corpus(records);
     let raw_path = dir.join("raw.bin");
     let mut rows = Vec::new();
-    for shape in SHAPES {
+    let shards_only = std::env::var("SLUICE_BENCH_SHARDS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok());
+    for shape in SHAPES.into_iter().filter(|s| shards_only.is_none_or(|n| n == s.shards)) {
         let mut raw_w = Vec::new();
         let mut raw_r = Vec::new();
         let mut append = Vec::new();

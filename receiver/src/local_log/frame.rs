@@ -371,6 +371,9 @@ pub(crate) struct SegmentReader<F> {
     buf: Bytes,
     /// File offset of the first byte of `buf`: just past the last frame returned.
     offset: u64,
+    /// The buffer of a read that found nothing, kept for the next one (a reader polling the tail
+    /// of an idle segment does not allocate a chunk per poll).
+    spare: Vec<u8>,
 }
 
 impl<F: Read + io::Seek> SegmentReader<F> {
@@ -381,6 +384,7 @@ impl<F: Read + io::Seek> SegmentReader<F> {
             file,
             buf: Bytes::new(),
             offset,
+            spare: Vec::new(),
         })
     }
 
@@ -431,7 +435,9 @@ impl<F: Read + io::Seek> SegmentReader<F> {
             }
             _ => READ_CHUNK_BYTES,
         };
-        let mut chunk = Vec::with_capacity(wanted);
+        let mut chunk = std::mem::take(&mut self.spare);
+        chunk.clear();
+        chunk.reserve_exact(wanted);
         chunk.extend_from_slice(&self.buf);
         // `read_to_end` reads into the spare capacity without zeroing it first.
         let read = self
@@ -440,6 +446,7 @@ impl<F: Read + io::Seek> SegmentReader<F> {
             .take((wanted - pending) as u64)
             .read_to_end(&mut chunk)?;
         if read == 0 {
+            self.spare = chunk;
             return Ok(false);
         }
         if chunk.len() < wanted / 4 {

@@ -37,6 +37,15 @@
 //! ```
 //! Sub-record `i` of a frame has position `(sequence, i)`.
 //!
+//! # Reading
+//! Segments are read in chunks of 1 MiB (a larger frame gets a buffer of its own size) and a
+//! record's `data` is a slice of its chunk, so reading copies nothing per record; a record keeps
+//! its chunk alive until it is dropped (the receiver builds records into blocks and drops them
+//! within a block interval). A read at the tail of a live segment that found little keeps only
+//! what it found. Sequence numbers of consecutive frames are formatted by carrying the previous
+//! one's digits, and positions are compared as `(sequence body, sub-sequence)` integers, never as
+//! 56-digit text.
+//!
 //! # Crash safety and concurrency
 //! One producer per stream (an exclusive `flock` on `.writer.lock`). It buffers frames in memory
 //! and writes them on [`Producer::flush`] (which also fsyncs) or when the buffer fills; readers see

@@ -141,7 +141,8 @@ fn all_ascii_digits(bytes: &[u8]) -> bool {
 }
 
 fn validate(input: &str) -> Result<(), ParseSequenceNumberError> {
-    // The common case, checked byte by byte (sources parse one number per record): canonical.
+    // The common case first (sources parse one number per record): canonical digits, checked
+    // eight bytes at a time. Anything else goes the slow way, which names what is wrong.
     let bytes = input.as_bytes();
     if (1..=MAX_SEQUENCE_DIGITS).contains(&bytes.len())
         && (bytes[0] != b'0' || bytes.len() == 1)

@@ -287,8 +287,8 @@ pub(crate) enum FrameRead {
     Corrupt,
 }
 
-/// Checks a frame body and returns its fixed fields and where its sub-records start; `None`
-/// when it is malformed.
+/// Checks a frame body (lengths, sub-record count, UTF-8 keys) and returns its sequence body and
+/// arrival time; `None` when it is malformed.
 fn check_body(body: &[u8]) -> Option<(u128, i64)> {
     let mut cursor = body;
     let sequence_body = u128::from_le_bytes(take(&mut cursor, 16)?.try_into().ok()?);
@@ -361,9 +361,10 @@ pub(crate) const READ_CHUNK_BYTES: usize = 1024 * 1024;
 /// Reads the frames of one segment file forward, in chunks of [`READ_CHUNK_BYTES`]: each frame is
 /// decoded as slices of the chunk it lies in.
 ///
-/// Every chunk is a fresh buffer sized to the bytes that were there to read (a reader at the tail
-/// of a live segment does not pin a mostly empty megabyte per record it returns); a frame cut by
-/// the end of a chunk is copied to the start of the next one.
+/// Every chunk is a fresh buffer (records keep slices of the old ones); one that found less than a
+/// quarter of its size is shrunk to what it holds, so a reader at the tail of a live segment does
+/// not pin a mostly empty megabyte per record it returns. A frame cut by the end of a chunk is
+/// copied to the start of the next one.
 #[derive(Debug)]
 pub(crate) struct SegmentReader<F> {
     file: F,
@@ -449,7 +450,7 @@ impl<F: Read + io::Seek> SegmentReader<F> {
             self.spare = chunk;
             return Ok(false);
         }
-        if chunk.len() < wanted / 4 {
+        if chunk.len() < chunk.capacity() / 4 {
             // Little was there (the tail of a live segment): do not pin a mostly empty buffer.
             chunk.shrink_to_fit();
         }

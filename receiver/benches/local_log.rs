@@ -1,92 +1,444 @@
-//! Local log append and replay throughput against raw sequential file write/read of the same
-//! bytes. Prints both side by side with ratios (`cargo bench -p sluice-receiver --bench local_log`).
+//! Local-log throughput against raw file I/O of the same bytes, measured side by side in one run
+//! (issue 14, targets 4 and 5).
+//!
+//! `cargo bench -p sluice-receiver --bench local_log` runs 1M records of 100 bytes, five times,
+//! and prints the median of each case next to its raw baseline; without `--bench` (as `cargo test
+//! --all-targets` runs it) it does one smoke pass on 2,000 records. Knobs (environment):
+//! `SLUICE_BENCH_RECORDS` (records per run), `SLUICE_BENCH_REPEATS` (runs, median taken),
+//! `SLUICE_BENCH_ONLY=log|load` (one section), `SLUICE_BENCH_SHARDS=1|2` (one shape of the log
+//! section).
+//!
+//! **log** (target 4), for two shapes — one shard and one partition key; two shards and a distinct
+//! key per record (what the word-count example writes):
+//! - *append*: `Producer::put` of every record, then `flush` (write + fsync), against a raw
+//!   sequential `write_all` of the same payload bytes in 1 MiB slices + `fsync` to a new file;
+//! - *read shard*: every shard read from `TrimHorizon` to its tail with `LocalShardReader::read`,
+//!   and *replay*: `Replay::replay` of each shard's whole range, against a raw sequential read of
+//!   the raw file into memory (1 MiB buffers, all kept, as the log's records keep theirs); all from
+//!   the page cache, since the files were just written.
+//!
+//! **load** (target 5): a text file of the same records, one per line, loaded into a two-shard
+//! stream by `local_log::cli::put` (what `sluice log put FILE` runs) and by the loop of the
+//! word-count example's `load` (copied here, since examples cannot be benched), against a raw
+//! `write_all` + `fsync` of the file's bytes.
+//!
+//! Ratios are payload rates (user bytes; the log also writes a 44-byte frame header and the key per
+//! record). Every read is checked against what was written: each record's payload must be exactly
+//! the one put, and every record must come back exactly once.
 
+use std::fmt::Write as _;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_blockstore::{Replay, SequenceNumberRange};
-use sluice_receiver::local_log::LocalLog;
+use bytes::Bytes;
+use sluice_blockstore::{Position, Record, Replay, SequenceNumberRange, SequenceNumberRanges};
+use sluice_receiver::local_log::{LocalLog, LocalStream, cli};
+use sluice_receiver::{Source, StartingPosition};
 
-/// Records per run under `cargo bench`; `cargo test` runs the same code on a smoke-sized input.
-const BENCH_RECORDS: usize = 200_000;
+const BENCH_RECORDS: usize = 1_000_000;
 const SMOKE_RECORDS: usize = 2_000;
+const BENCH_REPEATS: usize = 5;
 const RECORD_BYTES: usize = 100;
+/// Records asked for per `read` call (the receiver's default page is of this order).
+const READ_PAGE: usize = 10_000;
 
-fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64()
+type BenchResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let records = if cfg!(debug_assertions) {
-        SMOKE_RECORDS
-    } else {
-        BENCH_RECORDS
-    };
-    let dir = tempfile::tempdir()?;
-    let payload = vec![b'x'; RECORD_BYTES];
-    let total = records * RECORD_BYTES;
-
-    // Raw: buffered sequential write of the same payload bytes, then fsync.
-    let raw_path = dir.path().join("raw.bin");
-    let start = Instant::now();
-    {
-        let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&raw_path)?);
-        for _ in 0..records {
-            file.write_all(&payload)?;
-        }
-        file.into_inner()?.sync_all()?;
+/// Record `i`'s payload: its index in ten digits, then lowercase words, `RECORD_BYTES` in all.
+fn payload(i: usize, out: &mut Vec<u8>) {
+    const WORDS: [&str; 8] = ["stream", "sluice", "block", "shard", "replay", "log", "batch", "key"];
+    let start = out.len();
+    write!(out, "{i:010}").expect("write to a Vec");
+    let mut state = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() - start < RECORD_BYTES {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.push(b' ');
+        out.extend_from_slice(WORDS[(state % 8) as usize].as_bytes());
     }
-    let raw_write = start.elapsed();
-    let start = Instant::now();
-    let mut raw_bytes = Vec::new();
-    File::open(&raw_path)?.read_to_end(&mut raw_bytes)?;
-    let raw_read = start.elapsed();
-    assert_eq!(raw_bytes.len(), total);
+    out.truncate(start + RECORD_BYTES);
+}
 
-    // Local log: put (one shard, fixed key) then flush (fsync).
-    let log = LocalLog::open(dir.path().join("log"))?;
-    let stream = log.create_stream("bench", 1)?;
-    let mut producer = stream.producer()?;
+/// Every payload, concatenated (record `i` at `i * RECORD_BYTES`).
+fn corpus(records: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(records * RECORD_BYTES);
+    for i in 0..records {
+        payload(i, &mut out);
+    }
+    out
+}
+
+fn record_payload(corpus: &[u8], i: usize) -> &[u8] {
+    &corpus[i * RECORD_BYTES..(i + 1) * RECORD_BYTES]
+}
+
+/// Raw baseline: sequential `write_all` of `bytes` in 1 MiB slices to a new file, then fsync.
+#[inline(never)] // a frame of its own in profiles
+fn raw_write(path: &Path, bytes: &[u8]) -> BenchResult<Duration> {
+    let _ = std::fs::remove_file(path);
     let start = Instant::now();
-    let mut first = None;
-    let mut last = None;
-    for _ in 0..records {
-        let p = producer.put("k", &payload)?;
-        first.get_or_insert_with(|| p.clone());
-        last = Some(p);
+    let mut file = File::create(path)?;
+    for chunk in bytes.chunks(1 << 20) {
+        file.write_all(chunk)?;
+    }
+    file.sync_data()?;
+    Ok(start.elapsed())
+}
+
+/// Raw baseline: the whole file read into memory, in fresh 1 MiB buffers that are all kept — the
+/// memory pattern of the log's reader, whose records keep the 1 MiB chunks they were read into.
+/// (`std::fs::read` into one buffer runs at about the same speed, but swings 4× between runs with
+/// how the allocator happens to get its 95 MiB.)
+#[inline(never)] // a frame of its own in profiles
+fn raw_read(path: &Path, expected: &[u8]) -> BenchResult<Duration> {
+    let start = Instant::now();
+    let mut file = File::open(path)?;
+    let mut chunks = Vec::new();
+    loop {
+        let mut chunk = Vec::with_capacity(1 << 20);
+        if (&mut file).take(1 << 20).read_to_end(&mut chunk)? == 0 {
+            break;
+        }
+        chunks.push(chunk);
+    }
+    let elapsed = start.elapsed();
+    assert!(
+        chunks.concat() == expected,
+        "raw read-back differs from what was written"
+    );
+    Ok(elapsed)
+}
+
+/// How records are keyed and sharded.
+#[derive(Clone, Copy)]
+struct Shape {
+    name: &'static str,
+    shards: u32,
+    distinct_keys: bool,
+}
+
+const SHAPES: [Shape; 2] = [
+    Shape {
+        name: "1 shard, 1 key",
+        shards: 1,
+        distinct_keys: false,
+    },
+    Shape {
+        name: "2 shards, key per record",
+        shards: 2,
+        distinct_keys: true,
+    },
+];
+
+/// Puts every record and flushes; returns the elapsed time and the range each shard received.
+#[inline(never)] // a frame of its own in profiles
+fn log_append(
+    stream: &LocalStream,
+    corpus: &[u8],
+    records: usize,
+    shape: Shape,
+) -> BenchResult<(Duration, Vec<SequenceNumberRange>)> {
+    let mut producer = stream.producer()?;
+    let mut key = String::new();
+    let mut lasts: Vec<Option<Position>> = vec![None; shape.shards as usize];
+    let mut firsts: Vec<Option<Position>> = vec![None; shape.shards as usize];
+    let mut counts = vec![0u64; shape.shards as usize];
+    let shard_of = |p: &Position| -> usize {
+        // The low six digits of a local-log sequence number are the shard index.
+        let s = p.sequence.as_str();
+        s[s.len() - 6..].parse().expect("shard index digits")
+    };
+    let start = Instant::now();
+    for i in 0..records {
+        let k = if shape.distinct_keys {
+            key.clear();
+            write!(key, "{i}").expect("format a key");
+            key.as_str()
+        } else {
+            "k"
+        };
+        let position = producer.put(k, record_payload(corpus, i))?;
+        let s = shard_of(&position);
+        firsts[s].get_or_insert_with(|| position.clone());
+        lasts[s] = Some(position);
+        counts[s] += 1;
     }
     producer.flush()?;
-    let log_write = start.elapsed();
-    let range = SequenceNumberRange {
-        stream: Arc::from("bench"),
-        shard_id: Arc::from("shardId-000000000000"),
-        from: first.expect("records written"),
-        to: last.expect("records written"),
-        record_count: records as u64,
-    };
-    let start = Instant::now();
-    let replayed = stream.replay(&range.into())?;
-    let log_read = start.elapsed();
-    assert_eq!(replayed.len(), records);
-
-    println!(
-        "{records} records of {RECORD_BYTES} bytes ({:.1} MiB payload)",
-        total as f64 / 1_048_576.0
-    );
-    println!("{:<22}{:>14}{:>14}{:>10}", "", "raw MiB/s", "log MiB/s", "ratio");
-    for (name, raw, log) in [
-        ("append + fsync", raw_write, log_write),
-        ("read / replay", raw_read, log_read),
-    ] {
-        let (r, l) = (mib_per_s(total, raw), mib_per_s(total, log));
-        println!("{name:<22}{r:>14.1}{l:>14.1}{:>10.2}", l / r);
+    let elapsed = start.elapsed();
+    let mut ranges = Vec::new();
+    for (s, shard) in stream.list_shards()?.into_iter().enumerate() {
+        if let (Some(from), Some(to)) = (firsts[s].take(), lasts[s].take()) {
+            ranges.push(SequenceNumberRange {
+                stream: Arc::from(stream.name()),
+                shard_id: shard.shard_id,
+                from,
+                to,
+                record_count: counts[s],
+            });
+        }
     }
+    Ok((elapsed, ranges))
+}
+
+/// Checks that `records` hold every payload exactly once and nothing else.
+fn check_records<'a>(records: impl Iterator<Item = &'a Record>, corpus: &[u8], total: usize, what: &str) {
+    let mut seen = vec![false; total];
+    let mut n = 0;
+    for record in records {
+        let index: usize = std::str::from_utf8(&record.data[..10])
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: a record that was never written"));
+        assert!(
+            index < total && !seen[index],
+            "{what}: record {index} twice or out of range"
+        );
+        assert!(
+            record.data == record_payload(corpus, index),
+            "{what}: record {index} differs from what was written"
+        );
+        seen[index] = true;
+        n += 1;
+    }
+    assert_eq!(n, total, "{what}: records missing");
+}
+
+/// Reads every shard from `TrimHorizon` to its tail.
+#[inline(never)] // a frame of its own in profiles
+fn log_read_shards(stream: &LocalStream, corpus: &[u8], total: usize) -> BenchResult<Duration> {
+    let start = Instant::now();
+    let mut all: Vec<Vec<Record>> = Vec::new();
+    for shard in stream.list_shards()? {
+        let mut reader = stream.open_reader(&shard.shard_id, &StartingPosition::TrimHorizon)?;
+        loop {
+            let batch = reader.read(READ_PAGE)?;
+            if batch.records.is_empty() {
+                break;
+            }
+            all.push(batch.records);
+        }
+    }
+    let elapsed = start.elapsed();
+    check_records(all.iter().flatten(), corpus, total, "read shard");
+    Ok(elapsed)
+}
+
+/// Replays each shard's whole range.
+#[inline(never)] // a frame of its own in profiles
+fn log_replay(
+    stream: &LocalStream,
+    ranges: &[SequenceNumberRange],
+    corpus: &[u8],
+    total: usize,
+) -> BenchResult<Duration> {
+    let ranges = SequenceNumberRanges::from(ranges.to_vec());
+    let start = Instant::now();
+    let records = stream.replay(&ranges)?;
+    let elapsed = start.elapsed();
+    check_records(records.iter(), corpus, total, "replay");
+    Ok(elapsed)
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+struct Row {
+    name: String,
+    baseline: &'static str,
+    base: Vec<Duration>,
+    log: Vec<Duration>,
+    bytes: usize,
+    aim: f64,
+}
+
+fn print_rows(title: &str, rows: &[Row]) {
+    let mib_s = |bytes: usize, d: Duration| bytes as f64 / 1_048_576.0 / d.as_secs_f64();
+    println!("\n{title}");
     println!(
-        "log records/s: append {:.0}, replay {:.0}",
-        records as f64 / log_write.as_secs_f64(),
-        records as f64 / log_read.as_secs_f64()
+        "{:<42} {:<16} {:>10} {:>10} {:>7} {:>5}  ratios of each run",
+        "case", "baseline", "base MiB/s", "log MiB/s", "ratio", "aim"
     );
+    for row in rows {
+        let (base, log) = (median(row.base.clone()), median(row.log.clone()));
+        let runs: Vec<String> = row
+            .base
+            .iter()
+            .zip(&row.log)
+            .map(|(b, l)| format!("{:.2}", b.as_secs_f64() / l.as_secs_f64()))
+            .collect();
+        println!(
+            "{:<42} {:<16} {:>10.0} {:>10.0} {:>6.2}x {:>4.2}x  {}",
+            row.name,
+            row.baseline,
+            mib_s(row.bytes, base),
+            mib_s(row.bytes, log),
+            base.as_secs_f64() / log.as_secs_f64(),
+            row.aim,
+            runs.join(" ")
+        );
+    }
+}
+
+fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
+    let corpus = corpus(records);
+    let raw_path = dir.join("raw.bin");
+    let mut rows = Vec::new();
+    let shards_only = std::env::var("SLUICE_BENCH_SHARDS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok());
+    for shape in SHAPES.into_iter().filter(|s| shards_only.is_none_or(|n| n == s.shards)) {
+        let mut raw_w = Vec::new();
+        let mut raw_r = Vec::new();
+        let mut append = Vec::new();
+        let mut read = Vec::new();
+        let mut replay = Vec::new();
+        for run in 0..repeats {
+            let log_dir = dir.join(format!("log-{run}"));
+            raw_w.push(raw_write(&raw_path, &corpus)?);
+            let stream = LocalLog::open(&log_dir)?.create_stream("bench", shape.shards)?;
+            let (elapsed, ranges) = log_append(&stream, &corpus, records, shape)?;
+            append.push(elapsed);
+            raw_r.push(raw_read(&raw_path, &corpus)?);
+            read.push(log_read_shards(&stream, &corpus, records)?);
+            replay.push(log_replay(&stream, &ranges, &corpus, records)?);
+            std::fs::remove_dir_all(&log_dir)?;
+        }
+        let bytes = records * RECORD_BYTES;
+        rows.push(Row {
+            name: format!("append + flush ({})", shape.name),
+            baseline: "write + fsync",
+            base: raw_w.clone(),
+            log: append,
+            bytes,
+            aim: 0.5,
+        });
+        rows.push(Row {
+            name: format!("read shards ({})", shape.name),
+            baseline: "read 1 MiB bufs",
+            base: raw_r.clone(),
+            log: read,
+            bytes,
+            aim: 0.5,
+        });
+        rows.push(Row {
+            name: format!("replay ranges ({})", shape.name),
+            baseline: "read 1 MiB bufs",
+            base: raw_r,
+            log: replay,
+            bytes,
+            aim: 0.5,
+        });
+    }
+    print_rows(
+        &format!(
+            "local log vs raw file I/O: {records} records of {RECORD_BYTES} B ({:.1} MiB payload), median of {repeats}",
+            (records * RECORD_BYTES) as f64 / 1_048_576.0
+        ),
+        &rows,
+    );
+    Ok(())
+}
+
+/// The loop of `examples/word_count.rs`'s `load`, over one file.
+#[inline(never)] // a frame of its own in profiles
+fn example_load(stream: &LocalStream, file: &Path) -> BenchResult {
+    let mut producer = stream.producer()?;
+    let mut n: u64 = 0;
+    for line in std::io::BufReader::new(File::open(file)?).lines() {
+        n += 1;
+        producer.put(&n.to_string(), Bytes::copy_from_slice(line?.as_bytes()))?;
+    }
+    producer.flush()?;
+    Ok(())
+}
+
+fn load_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
+    let corpus = corpus(records);
+    let mut text = Vec::with_capacity(records * (RECORD_BYTES + 1));
+    for i in 0..records {
+        text.extend_from_slice(record_payload(&corpus, i));
+        text.push(b'\n');
+    }
+    let input = dir.join("input.txt");
+    std::fs::write(&input, &text)?;
+    let raw_path = dir.join("raw.txt");
+    let mut raw = Vec::new();
+    let mut cli_put = Vec::new();
+    let mut example = Vec::new();
+    for run in 0..repeats {
+        raw.push(raw_write(&raw_path, &text)?);
+
+        let log_dir = dir.join(format!("cli-{run}"));
+        let stream = LocalLog::open(&log_dir)?.create_stream("lines", 2)?;
+        let start = Instant::now();
+        // As `sluice log put --dir D --stream lines FILE` calls it.
+        let reader = std::io::BufReader::new(File::open(&input)?);
+        cli::put(&log_dir, "lines", reader, cli::KeyMode::Counter)?;
+        cli_put.push(start.elapsed());
+        log_read_shards(&stream, &corpus, records)?;
+        std::fs::remove_dir_all(&log_dir)?;
+
+        let log_dir = dir.join(format!("example-{run}"));
+        let stream = LocalLog::open(&log_dir)?.create_stream("lines", 2)?;
+        let start = Instant::now();
+        example_load(&stream, &input)?;
+        example.push(start.elapsed());
+        log_read_shards(&stream, &corpus, records)?;
+        std::fs::remove_dir_all(&log_dir)?;
+    }
+    let rows = [
+        Row {
+            name: "sluice log put FILE (2 shards)".into(),
+            baseline: "write + fsync",
+            base: raw.clone(),
+            log: cli_put,
+            bytes: text.len(),
+            aim: 0.5,
+        },
+        Row {
+            name: "word_count example load (2 shards)".into(),
+            baseline: "write + fsync",
+            base: raw,
+            log: example,
+            bytes: text.len(),
+            aim: 0.5,
+        },
+    ];
+    print_rows(
+        &format!(
+            "loading a text file vs raw write of its bytes: {records} lines, {:.1} MiB, median of {repeats}",
+            text.len() as f64 / 1_048_576.0
+        ),
+        &rows,
+    );
+    Ok(())
+}
+
+fn main() -> BenchResult {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let records = env_usize(
+        "SLUICE_BENCH_RECORDS",
+        if bench { BENCH_RECORDS } else { SMOKE_RECORDS },
+    );
+    let repeats = env_usize("SLUICE_BENCH_REPEATS", if bench { BENCH_REPEATS } else { 1 }).max(1);
+    let only = std::env::var("SLUICE_BENCH_ONLY").unwrap_or_default();
+    // In the target directory, not in /tmp (often a RAM disk, which would flatter fsync).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
+    if only.is_empty() || only == "log" {
+        log_section(dir.path(), records, repeats)?;
+    }
+    if only.is_empty() || only == "load" {
+        load_section(dir.path(), records, repeats)?;
+    }
     Ok(())
 }

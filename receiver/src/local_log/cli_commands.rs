@@ -1,5 +1,6 @@
 //! The local-log CLI commands as functions returning printable text.
 
+use std::fmt::Write as _;
 use std::io::BufRead;
 use std::path::Path;
 
@@ -30,18 +31,41 @@ pub fn create(dir: &Path, stream: &str, shards: u32) -> Result<String> {
 
 /// `put`: appends each line of `lines` as one record, then flushes.
 ///
+/// Lines end at `\n` (a `\r` before it is dropped too, as [`BufRead::lines`] does) and must be
+/// UTF-8. One line buffer and one key buffer serve every line.
+///
 /// # Errors
-/// Producer errors; [`LocalLogError::Io`] when reading `lines` fails.
-pub fn put(dir: &Path, stream: &str, lines: impl BufRead, key_mode: KeyMode) -> Result<String> {
+/// Producer errors; [`LocalLogError::Io`] when reading `lines` fails or a line is not UTF-8.
+pub fn put(dir: &Path, stream: &str, mut lines: impl BufRead, key_mode: KeyMode) -> Result<String> {
+    let input_error = |e: std::io::Error| LocalLogError::io("<input>", e);
     let mut producer = LocalLog::open(dir)?.stream(stream)?.producer()?;
     let mut count = 0u64;
-    for line in lines.lines() {
-        let line = line.map_err(|e| LocalLogError::io("<input>", e))?;
-        let key = match key_mode {
-            KeyMode::LineHash => format!("{:08x}", crc32c::crc32c(line.as_bytes())),
-            KeyMode::Counter => count.to_string(),
-        };
-        producer.put(&key, line.as_bytes())?;
+    let mut line = Vec::new();
+    let mut key = String::new();
+    loop {
+        line.clear();
+        if lines.read_until(b'\n', &mut line).map_err(input_error)? == 0 {
+            break;
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+        }
+        if std::str::from_utf8(&line).is_err() {
+            return Err(input_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("line {} is not valid UTF-8", count + 1),
+            )));
+        }
+        key.clear();
+        match key_mode {
+            KeyMode::LineHash => write!(key, "{:08x}", crc32c::crc32c(&line)),
+            KeyMode::Counter => write!(key, "{count}"),
+        }
+        .expect("formatting into a String cannot fail");
+        producer.put(&key, &line)?;
         count += 1;
     }
     producer.flush()?;

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use sluice_blockstore::{Position, Record, SequenceNumber};
 
 /// The fixed 18-digit prefix of every local-log sequence number (makes them 56 digits, like
@@ -29,12 +29,90 @@ pub(crate) const FLAG_AGGREGATED: u8 = 1;
 /// Fixed part of the body: sequence body (16) + arrival ms (8) + flags (1) + sub-record count (4).
 const BODY_FIXED_LEN: usize = 16 + 8 + 1 + 4;
 
+/// `10^19`: the sequence body's 38 digits are formatted as two 19-digit halves.
+const TEN_POW_19: u128 = 10_000_000_000_000_000_000;
+
+/// Writes `value` as exactly `out.len()` (at most 19) decimal digits, zero-padded.
+fn write_padded_digits(out: &mut [u8], mut value: u64) {
+    for digit in out.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+}
+
+/// The 56 ASCII digits of the sequence number with this sequence body.
+///
+/// Formatted by hand into a stack buffer: `format!("{body:038}")` pads one `char` at a time
+/// through `fmt::Write` and was, with the re-validation, most of the cost of appending and
+/// reading a record.
+fn sequence_digits(body: u128) -> Option<[u8; 56]> {
+    let high = u64::try_from(body / TEN_POW_19)
+        .ok()
+        .filter(|h| u128::from(*h) < TEN_POW_19)?;
+    let low = (body % TEN_POW_19) as u64;
+    let mut digits = [0u8; 56];
+    digits[..18].copy_from_slice(SEQUENCE_PREFIX.as_bytes());
+    write_padded_digits(&mut digits[18..37], high);
+    write_padded_digits(&mut digits[37..], low);
+    Some(digits)
+}
+
+/// The sequence number with this sequence body (`counter * 10^6 + shard_index`): the prefix and
+/// the body zero-padded to 38 digits.
+pub(crate) fn sequence_of_body(body: u128) -> SequenceNumber {
+    let parsed = match sequence_digits(body) {
+        Some(digits) => SequenceNumber::parse(std::str::from_utf8(&digits).expect("ascii digits")),
+        // A body of 39 digits (a counter above 10^32, never reached) keeps the old formatting.
+        None => SequenceNumber::parse(&format!("{SEQUENCE_PREFIX}{body:038}")),
+    };
+    // The prefix has no leading zero and only digits are appended, so this is always canonical.
+    parsed.expect("canonical local-log sequence")
+}
+
+/// Formats the sequence numbers of one shard's frames, which mostly follow each other: the
+/// digits of the next counter are the previous digits plus one, carried in place.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SequenceText {
+    /// The last body formatted and its 56 digits.
+    last: Option<(u128, [u8; 56])>,
+}
+
+/// Index of the units digit of the counter in the 56 digits (the six after it are the shard index).
+const COUNTER_UNITS_DIGIT: usize = 56 - 7;
+
+impl SequenceText {
+    /// The sequence number with this sequence body.
+    pub(crate) fn sequence(&mut self, body: u128) -> SequenceNumber {
+        let digits = match &mut self.last {
+            Some((last, digits)) if last.checked_add(SHARD_INDEX_SPACE) == Some(body) => {
+                let mut i = COUNTER_UNITS_DIGIT;
+                while digits[i] == b'9' {
+                    if i == SEQUENCE_PREFIX.len() {
+                        // The body ran out of its 38 digits (a counter past 10^32): never in
+                        // practice; the formatter handles it.
+                        self.last = None;
+                        return sequence_of_body(body);
+                    }
+                    digits[i] = b'0';
+                    i -= 1;
+                }
+                digits[i] += 1;
+                *last = body;
+                &*digits
+            }
+            _ => match sequence_digits(body) {
+                Some(digits) => &self.last.insert((body, digits)).1,
+                None => return sequence_of_body(body),
+            },
+        };
+        SequenceNumber::parse(std::str::from_utf8(digits).expect("ascii digits")).expect("canonical local-log sequence")
+    }
+}
+
 /// The sequence number of (`counter`, `shard_index`): prefix + 38-digit zero-padded
 /// `counter * 10^6 + shard_index`.
 pub(crate) fn sequence_of(counter: u128, shard_index: u32) -> SequenceNumber {
-    let body = counter * SHARD_INDEX_SPACE + u128::from(shard_index);
-    // The prefix has no leading zero and only digits are appended, so this is always canonical.
-    SequenceNumber::parse(&format!("{SEQUENCE_PREFIX}{body:038}")).expect("canonical local-log sequence")
+    sequence_of_body(counter * SHARD_INDEX_SPACE + u128::from(shard_index))
 }
 
 /// The `u128` body of a local-log sequence number, or `None` when it is not one of ours.
@@ -46,40 +124,115 @@ pub(crate) fn sequence_body(sequence: &SequenceNumber) -> Option<u128> {
     digits.parse().ok()
 }
 
-/// One stored frame, decoded.
+/// A position as `(sequence body, sub-sequence)`, which orders exactly as the [`Position`]
+/// (every local-log sequence number has the same prefix and width); `None` when the position is
+/// not a local-log one.
+pub(crate) fn position_key(position: &Position) -> Option<(u128, u64)> {
+    Some((sequence_body(&position.sequence)?, position.sub_sequence))
+}
+
+/// One stored frame, decoded as slices of the buffer it was read from (no per-record copy).
 #[derive(Debug, Clone)]
 pub(crate) struct Frame {
     /// `counter * 10^6 + shard_index`.
     pub sequence_body: u128,
     /// Arrival time in ms since the epoch.
     pub arrival_ms: i64,
-    /// (partition key, data) of each user record; one for plain records.
-    pub sub_records: Vec<(Arc<str>, Bytes)>,
+    /// The sub-record section of the body, `n × {u16 key_len, key, u32 data_len, data}`, already
+    /// checked: every length fits and every key is UTF-8.
+    sub_records: Bytes,
+}
+
+/// The partition key of the previous record, reused while keys repeat (one allocation per
+/// distinct run of keys instead of one per record).
+#[derive(Debug, Default)]
+pub(crate) struct KeyCache {
+    last: Option<Arc<str>>,
+}
+
+impl KeyCache {
+    /// The key with these bytes, which [`check_body`] found to be UTF-8.
+    fn get(&mut self, key: &[u8]) -> Arc<str> {
+        match &self.last {
+            Some(last) if last.as_bytes() == key => Arc::clone(last),
+            _ => {
+                let key: Arc<str> = Arc::from(std::str::from_utf8(key).expect("checked when decoded"));
+                self.last = Some(Arc::clone(&key));
+                key
+            }
+        }
+    }
+}
+
+/// What decoding frames of one shard into records reuses from record to record.
+#[derive(Debug, Default)]
+pub(crate) struct RecordDecoder {
+    keys: KeyCache,
+    sequences: SequenceText,
+}
+
+/// Splits `n` bytes off the front of `cursor`.
+fn take<'a>(cursor: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if cursor.len() < n {
+        return None;
+    }
+    let (head, tail) = cursor.split_at(n);
+    *cursor = tail;
+    Some(head)
+}
+
+fn take_u16(cursor: &mut &[u8]) -> Option<usize> {
+    Some(u16::from_le_bytes(take(cursor, 2)?.try_into().ok()?) as usize)
+}
+
+fn take_u32(cursor: &mut &[u8]) -> Option<usize> {
+    Some(u32::from_le_bytes(take(cursor, 4)?.try_into().ok()?) as usize)
 }
 
 impl Frame {
-    /// The stored sequence number.
-    pub fn sequence(&self) -> SequenceNumber {
-        let counter = self.sequence_body / SHARD_INDEX_SPACE;
-        let index = (self.sequence_body % SHARD_INDEX_SPACE) as u32;
-        sequence_of(counter, index)
+    /// `(key, data offset, data length)` of each sub-record, in order.
+    fn sub_record_spans(&self) -> impl Iterator<Item = (&[u8], usize, usize)> + '_ {
+        let all = &self.sub_records[..];
+        let mut cursor = all;
+        std::iter::from_fn(move || {
+            if cursor.is_empty() {
+                return None;
+            }
+            // Checked when the frame was decoded, so none of these fail.
+            let key_len = take_u16(&mut cursor)?;
+            let key = take(&mut cursor, key_len)?;
+            let data_len = take_u32(&mut cursor)?;
+            let offset = all.len() - cursor.len();
+            take(&mut cursor, data_len)?;
+            Some((key, offset, data_len))
+        })
     }
 
-    /// The user records of this frame, de-aggregated, with their positions.
-    pub fn into_records(self, shard_id: &Arc<str>) -> impl Iterator<Item = Record> {
-        let sequence = self.sequence();
-        let shard_id = Arc::clone(shard_id);
-        let arrival = self.arrival_ms;
-        self.sub_records
-            .into_iter()
-            .enumerate()
-            .map(move |(i, (partition_key, data))| Record {
-                shard_id: Arc::clone(&shard_id),
-                position: Position::new(sequence.clone(), i as u64),
-                partition_key,
-                approximate_arrival_ms: arrival,
-                data,
-            })
+    /// Hands `push` the user records of this frame whose `(sequence body, index)` passes `keep`,
+    /// de-aggregated, with their positions. Payloads are slices of the frame's buffer.
+    pub fn push_records(
+        &self,
+        shard_id: &Arc<str>,
+        decoder: &mut RecordDecoder,
+        mut keep: impl FnMut(u128, u64) -> bool,
+        mut push: impl FnMut(Record),
+    ) {
+        let mut sequence: Option<SequenceNumber> = None;
+        for (i, (key, offset, len)) in self.sub_record_spans().enumerate() {
+            if !keep(self.sequence_body, i as u64) {
+                continue;
+            }
+            let sequence = sequence
+                .get_or_insert_with(|| decoder.sequences.sequence(self.sequence_body))
+                .clone();
+            push(Record {
+                shard_id: Arc::clone(shard_id),
+                position: Position::new(sequence, i as u64),
+                partition_key: decoder.keys.get(key),
+                approximate_arrival_ms: self.arrival_ms,
+                data: self.sub_records.slice(offset..offset + len),
+            });
+        }
     }
 }
 
@@ -121,107 +274,188 @@ pub(crate) fn frame_len<K: AsRef<[u8]>, D: AsRef<[u8]>>(sub_records: &[(K, D)]) 
             .sum::<usize>()
 }
 
-/// What reading the next frame found.
+/// What decoding the frame at the start of a buffer found.
 #[derive(Debug)]
 pub(crate) enum FrameRead {
     /// A whole, valid frame of `len` bytes.
     Frame(Frame, usize),
-    /// Clean end of file: no byte after the last frame.
+    /// The buffer is empty.
     End,
-    /// Bytes follow that do not form a whole valid frame (torn, being written, or corrupt).
-    Torn,
+    /// The buffer ends inside a frame whose header is plausible: more bytes may complete it.
+    Incomplete,
+    /// Bytes that can never form a valid frame (bad length, CRC mismatch, malformed body).
+    Corrupt,
 }
 
-/// Decodes a frame body; `None` when it is malformed.
-fn decode_body(body: &[u8]) -> Option<Frame> {
+/// Checks a frame body (lengths, sub-record count, UTF-8 keys) and returns its sequence body and
+/// arrival time; `None` when it is malformed.
+fn check_body(body: &[u8]) -> Option<(u128, i64)> {
     let mut cursor = body;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        if cursor.len() < n {
-            return None;
-        }
-        let (head, tail) = cursor.split_at(n);
-        cursor = tail;
-        Some(head)
-    };
-    let sequence_body = u128::from_le_bytes(take(16)?.try_into().ok()?);
-    let arrival_ms = i64::from_le_bytes(take(8)?.try_into().ok()?);
-    let _flags = take(1)?[0];
-    let count = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+    let sequence_body = u128::from_le_bytes(take(&mut cursor, 16)?.try_into().ok()?);
+    let arrival_ms = i64::from_le_bytes(take(&mut cursor, 8)?.try_into().ok()?);
+    let _flags = take(&mut cursor, 1)?[0];
+    let count = take_u32(&mut cursor)?;
     if count == 0 {
         return None;
     }
-    let mut sub_records = Vec::with_capacity(count.min(1024));
     for _ in 0..count {
-        let key_len = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
-        let key = std::str::from_utf8(take(key_len)?).ok()?;
-        let data_len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-        let data = take(data_len)?;
-        sub_records.push((Arc::from(key), Bytes::copy_from_slice(data)));
+        let key_len = take_u16(&mut cursor)?;
+        std::str::from_utf8(take(&mut cursor, key_len)?).ok()?;
+        let data_len = take_u32(&mut cursor)?;
+        take(&mut cursor, data_len)?;
     }
-    if !cursor.is_empty() {
-        return None;
-    }
-    Some(Frame {
-        sequence_body,
-        arrival_ms,
-        sub_records,
-    })
+    cursor.is_empty().then_some((sequence_body, arrival_ms))
 }
 
-/// Reads as many bytes as are available into `buf`; returns how many were read.
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Decodes the frame at the start of `buf`; the frame's payloads share `buf`.
+pub(crate) fn decode_frame(buf: &Bytes) -> FrameRead {
+    if buf.is_empty() {
+        return FrameRead::End;
     }
-    Ok(filled)
-}
-
-/// Reads the next frame from `reader` (positioned at a frame boundary).
-pub(crate) fn read_frame(reader: &mut impl Read, scratch: &mut Vec<u8>) -> io::Result<FrameRead> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    let got = read_full(reader, &mut header)?;
-    if got == 0 {
-        return Ok(FrameRead::End);
+    if buf.len() < FRAME_HEADER_LEN {
+        return FrameRead::Incomplete;
     }
-    if got < FRAME_HEADER_LEN {
-        return Ok(FrameRead::Torn);
-    }
-    let body_len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    let body_len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
     if !(BODY_FIXED_LEN..=MAX_FRAME_BODY).contains(&body_len) {
-        return Ok(FrameRead::Torn);
+        return FrameRead::Corrupt;
     }
-    scratch.resize(body_len, 0);
-    if read_full(reader, scratch)? < body_len || crc32c::crc32c(scratch) != crc {
-        return Ok(FrameRead::Torn);
+    let len = FRAME_HEADER_LEN + body_len;
+    if buf.len() < len {
+        return FrameRead::Incomplete;
     }
-    Ok(match decode_body(scratch) {
-        Some(frame) => FrameRead::Frame(frame, FRAME_HEADER_LEN + body_len),
-        None => FrameRead::Torn,
-    })
+    let body = &buf[FRAME_HEADER_LEN..len];
+    if crc32c::crc32c(body) != crc {
+        return FrameRead::Corrupt;
+    }
+    match check_body(body) {
+        Some((sequence_body, arrival_ms)) => FrameRead::Frame(
+            Frame {
+                sequence_body,
+                arrival_ms,
+                sub_records: buf.slice(FRAME_HEADER_LEN + BODY_FIXED_LEN..len),
+            },
+            len,
+        ),
+        None => FrameRead::Corrupt,
+    }
 }
 
 /// Scans a whole segment file, calling `visit(frame)` for each valid frame; returns the offset
 /// just past the last valid frame and whether a torn tail follows it.
 pub(crate) fn scan_segment(file: &mut File, mut visit: impl FnMut(Frame)) -> io::Result<(u64, bool)> {
-    let mut reader = io::BufReader::with_capacity(1 << 20, file);
-    let mut scratch = Vec::new();
-    let mut offset = 0u64;
+    let mut reader = SegmentReader::new(file, 0)?;
     loop {
-        match read_frame(&mut reader, &mut scratch)? {
-            FrameRead::Frame(frame, len) => {
-                offset += len as u64;
-                visit(frame);
-            }
-            FrameRead::End => return Ok((offset, false)),
-            FrameRead::Torn => return Ok((offset, true)),
+        match reader.next()? {
+            FrameRead::Frame(frame, _) => visit(frame),
+            FrameRead::End => return Ok((reader.offset(), false)),
+            FrameRead::Incomplete | FrameRead::Corrupt => return Ok((reader.offset(), true)),
         }
+    }
+}
+
+/// Bytes read from a segment file per `read` call (and the largest buffer that payload slices of
+/// a read keep alive), unless a frame is larger.
+pub(crate) const READ_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Reads the frames of one segment file forward, in chunks of [`READ_CHUNK_BYTES`]: each frame is
+/// decoded as slices of the chunk it lies in.
+///
+/// Every chunk is a fresh buffer (records keep slices of the old ones); one that found less than a
+/// quarter of its size is shrunk to what it holds, so a reader at the tail of a live segment does
+/// not pin a mostly empty megabyte per record it returns. A frame cut by the end of a chunk is
+/// copied to the start of the next one.
+#[derive(Debug)]
+pub(crate) struct SegmentReader<F> {
+    file: F,
+    /// Bytes read but not yet decoded; they start at file offset `offset`.
+    buf: Bytes,
+    /// File offset of the first byte of `buf`: just past the last frame returned.
+    offset: u64,
+    /// The buffer of a read that found nothing, kept for the next one (a reader polling the tail
+    /// of an idle segment does not allocate a chunk per poll).
+    spare: Vec<u8>,
+}
+
+impl<F: Read + io::Seek> SegmentReader<F> {
+    /// A reader positioned at `offset`, which must be a frame boundary.
+    pub(crate) fn new(mut file: F, offset: u64) -> io::Result<Self> {
+        file.seek(io::SeekFrom::Start(offset))?;
+        Ok(Self {
+            file,
+            buf: Bytes::new(),
+            offset,
+            spare: Vec::new(),
+        })
+    }
+
+    /// The file offset just past the last frame returned.
+    pub(crate) fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The next frame; [`FrameRead::End`] at a clean end of the file and
+    /// [`FrameRead::Incomplete`] when it ends inside a frame (which a writer may be completing).
+    pub(crate) fn next(&mut self) -> io::Result<FrameRead> {
+        loop {
+            match decode_frame(&self.buf) {
+                FrameRead::Frame(frame, len) => {
+                    self.buf.advance(len);
+                    self.offset += len as u64;
+                    return Ok(FrameRead::Frame(frame, len));
+                }
+                FrameRead::Corrupt => return Ok(FrameRead::Corrupt),
+                FrameRead::End | FrameRead::Incomplete => {}
+            }
+            if !self.refill()? {
+                return Ok(if self.buf.is_empty() {
+                    FrameRead::End
+                } else {
+                    FrameRead::Incomplete
+                });
+            }
+        }
+    }
+
+    /// Forgets the bytes read past the last frame returned, so the next call reads them again
+    /// from the file (a writer may have completed or replaced them).
+    pub(crate) fn rewind_to_last_frame(&mut self) -> io::Result<()> {
+        self.file.seek(io::SeekFrom::Start(self.offset))?;
+        self.buf = Bytes::new();
+        Ok(())
+    }
+
+    /// Reads the next chunk after the undecoded bytes; `false` when the file has no more bytes.
+    fn refill(&mut self) -> io::Result<bool> {
+        let pending = self.buf.len();
+        // A whole frame must fit: a frame larger than a chunk gets a buffer of its own size.
+        let wanted = match self.buf.get(..4) {
+            Some(len) if pending >= FRAME_HEADER_LEN => {
+                let frame = FRAME_HEADER_LEN + u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+                frame.max(READ_CHUNK_BYTES)
+            }
+            _ => READ_CHUNK_BYTES,
+        };
+        let mut chunk = std::mem::take(&mut self.spare);
+        chunk.clear();
+        chunk.reserve_exact(wanted);
+        chunk.extend_from_slice(&self.buf);
+        // `read_to_end` reads into the spare capacity without zeroing it first.
+        let read = self
+            .file
+            .by_ref()
+            .take((wanted - pending) as u64)
+            .read_to_end(&mut chunk)?;
+        if read == 0 {
+            self.spare = chunk;
+            return Ok(false);
+        }
+        if chunk.len() < chunk.capacity() / 4 {
+            // Little was there (the tail of a live segment): do not pin a mostly empty buffer.
+            chunk.shrink_to_fit();
+        }
+        self.buf = Bytes::from(chunk);
+        Ok(true)
     }
 }
 
@@ -229,32 +463,84 @@ pub(crate) fn scan_segment(file: &mut File, mut visit: impl FnMut(Frame)) -> io:
 mod tests {
     use super::*;
 
+    fn records_of(frame: &Frame) -> Vec<Record> {
+        let mut out = Vec::new();
+        frame.push_records(
+            &Arc::from("s"),
+            &mut RecordDecoder::default(),
+            |_, _| true,
+            |r| out.push(r),
+        );
+        out
+    }
+
     #[test]
     fn frame_round_trip_and_torn_detection() {
         let subs = [("a", &b"xy"[..]), ("bb", &b""[..])];
         let mut buf = Vec::new();
         encode_frame(&mut buf, 42, 7, true, &subs);
         assert_eq!(buf.len(), frame_len(&subs));
-        let mut scratch = Vec::new();
-        let FrameRead::Frame(frame, len) = read_frame(&mut &buf[..], &mut scratch).unwrap() else {
+        let bytes = Bytes::from(buf.clone());
+        let FrameRead::Frame(frame, len) = decode_frame(&bytes) else {
             panic!("expected a frame");
         };
         assert_eq!(len, buf.len());
         assert_eq!(frame.sequence_body, 42);
         assert_eq!(frame.arrival_ms, 7);
-        assert_eq!(frame.sub_records.len(), 2);
+        let records = records_of(&frame);
+        assert_eq!(records.len(), 2);
+        assert_eq!((&*records[0].partition_key, &records[0].data[..]), ("a", &b"xy"[..]));
+        assert_eq!((&*records[1].partition_key, &records[1].data[..]), ("bb", &b""[..]));
+        assert_eq!(records[1].position.sub_sequence, 1);
+        assert!(matches!(decode_frame(&Bytes::new()), FrameRead::End));
         for cut in 1..buf.len() {
-            assert!(matches!(
-                read_frame(&mut &buf[..cut], &mut scratch).unwrap(),
-                FrameRead::Torn
-            ));
+            assert!(matches!(decode_frame(&bytes.slice(..cut)), FrameRead::Incomplete));
         }
-        let mut flipped = buf.clone();
-        flipped[20] ^= 1;
-        assert!(matches!(
-            read_frame(&mut &flipped[..], &mut scratch).unwrap(),
-            FrameRead::Torn
-        ));
+        for i in 0..buf.len() {
+            let mut flipped = buf.clone();
+            flipped[i] ^= 1;
+            assert!(
+                !matches!(decode_frame(&Bytes::from(flipped)), FrameRead::Frame(..)),
+                "flip at {i} not detected"
+            );
+        }
+    }
+
+    #[test]
+    fn segment_reader_decodes_frames_across_chunks_and_stops_at_torn_tails() {
+        // Frames of every size around the chunk size, so some straddle chunk boundaries and one
+        // is larger than a chunk.
+        let sizes = [10, READ_CHUNK_BYTES - 100, 300, READ_CHUNK_BYTES + 5, 0, 77];
+        let mut file = Vec::new();
+        for (i, size) in sizes.iter().enumerate() {
+            let data = vec![i as u8; *size];
+            encode_frame(&mut file, i as u128, 0, false, &[("k", &data[..])]);
+        }
+        let whole = file.len() as u64;
+        let mut reader = SegmentReader::new(io::Cursor::new(file.clone()), 0).unwrap();
+        for (i, size) in sizes.iter().enumerate() {
+            let FrameRead::Frame(frame, _) = reader.next().unwrap() else {
+                panic!("frame {i}");
+            };
+            assert_eq!(frame.sequence_body, i as u128);
+            assert_eq!(records_of(&frame)[0].data, vec![i as u8; *size]);
+        }
+        assert!(matches!(reader.next().unwrap(), FrameRead::End));
+        assert_eq!(reader.offset(), whole);
+
+        // A torn tail: whole frames first, then `Incomplete`, with the offset at the last frame.
+        file.truncate(file.len() - 3);
+        let mut reader = SegmentReader::new(io::Cursor::new(file), 0).unwrap();
+        let mut frames = 0;
+        let last = loop {
+            match reader.next().unwrap() {
+                FrameRead::Frame(..) => frames += 1,
+                other => break other,
+            }
+        };
+        assert_eq!(frames, sizes.len() - 1);
+        assert!(matches!(last, FrameRead::Incomplete));
+        assert_eq!(reader.offset(), whole - frame_len(&[("k", [0u8; 77])]) as u64);
     }
 
     #[test]
@@ -264,5 +550,44 @@ mod tests {
         assert_eq!(a.as_str().len(), 56);
         assert!(a < b);
         assert_eq!(sequence_body(&a), Some(1_000_003));
+    }
+
+    #[test]
+    fn sequence_text_carries_like_the_formatter() {
+        let mut text = SequenceText::default();
+        for body in (0..2_500u128)
+            .map(|c| c * SHARD_INDEX_SPACE + 7)
+            .chain([5, 999_999_000_007, 1_000_000_000_007, 1_000_001_000_007, 3])
+            .chain((0..30).map(|c| (TEN_POW_19 - 5 + c) * SHARD_INDEX_SPACE + 1))
+        {
+            assert_eq!(text.sequence(body), sequence_of_body(body), "body {body}");
+        }
+        let last = (TEN_POW_19 * TEN_POW_19 - 1) / SHARD_INDEX_SPACE * SHARD_INDEX_SPACE;
+        assert_eq!(
+            text.sequence(last - SHARD_INDEX_SPACE),
+            sequence_of_body(last - SHARD_INDEX_SPACE)
+        );
+        assert_eq!(text.sequence(last), sequence_of_body(last));
+        assert_eq!(text.sequence(last + SHARD_INDEX_SPACE).as_str().len(), 57);
+    }
+
+    #[test]
+    fn hand_formatted_sequences_equal_the_formatter() {
+        let mut body: u128 = 0;
+        for step in 0..400u32 {
+            let expected = format!("{SEQUENCE_PREFIX}{body:038}");
+            assert_eq!(sequence_of_body(body).as_str(), expected, "body {body}");
+            assert_eq!(sequence_body(&sequence_of_body(body)), Some(body));
+            body = body * 3 + u128::from(step) + 1;
+            if body >= TEN_POW_19 * TEN_POW_19 {
+                body %= 1_000_000_007;
+            }
+        }
+        for body in [TEN_POW_19 - 1, TEN_POW_19, TEN_POW_19 * TEN_POW_19 - 1] {
+            assert_eq!(sequence_of_body(body).as_str(), format!("{SEQUENCE_PREFIX}{body:038}"));
+        }
+        // Past 38 digits (never reached: a counter above 10^32) the old formatting is kept.
+        let huge = TEN_POW_19 * TEN_POW_19;
+        assert_eq!(sequence_of_body(huge).as_str().len(), 57);
     }
 }

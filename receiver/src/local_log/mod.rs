@@ -37,6 +37,15 @@
 //! ```
 //! Sub-record `i` of a frame has position `(sequence, i)`.
 //!
+//! # Reading
+//! Segments are read in chunks of 1 MiB (a larger frame gets a buffer of its own size) and a
+//! record's `data` is a slice of its chunk, so reading copies nothing per record; a record keeps
+//! its chunk alive until it is dropped (the receiver builds records into blocks and drops them
+//! within a block interval). A read at the tail of a live segment that found little keeps only
+//! what it found. Sequence numbers of consecutive frames are formatted by carrying the previous
+//! one's digits, and positions are compared as `(sequence body, sub-sequence)` integers, never as
+//! 56-digit text.
+//!
 //! # Crash safety and concurrency
 //! One producer per stream (an exclusive `flock` on `.writer.lock`). It buffers frames in memory
 //! and writes them on [`Producer::flush`] (which also fsyncs) or when the buffer fills; readers see
@@ -72,7 +81,7 @@ pub use meta::RetentionPolicy;
 pub use producer::{DEFAULT_WRITE_BUFFER_BYTES, Producer, RetentionReport, hash_key};
 pub use reader::LocalShardReader;
 
-use frame::sequence_body;
+use frame::{RecordDecoder, position_key};
 use meta::{ShardMeta, StreamMeta, shard_id_of};
 use segment::{SegmentCursor, list_segments};
 
@@ -398,12 +407,16 @@ impl LocalStream {
                 detail: format!("retention trimmed everything below {horizon}"),
             });
         }
-        let from_body = sequence_body(&range.from.sequence).ok_or_else(|| ReplayError::UnknownShard {
+        let not_ours = |p: &sluice_blockstore::Position| ReplayError::UnknownShard {
             stream: self.name().to_owned(),
-            shard_id: format!("{} (not a local-log sequence {})", range.shard_id, range.from.sequence),
-        })?;
-        let mut cursor = SegmentCursor::new(self.shard_dir(&range.shard_id), Some(from_body));
-        let mut records = Vec::new();
+            shard_id: format!("{} (not a local-log sequence {})", range.shard_id, p.sequence),
+        };
+        let from = position_key(&range.from).ok_or_else(|| not_ours(&range.from))?;
+        let to = position_key(&range.to).ok_or_else(|| not_ours(&range.to))?;
+        let mut cursor = SegmentCursor::new(self.shard_dir(&range.shard_id), Some(from.0));
+        let mut decoder = RecordDecoder::default();
+        // The range says how many records it holds; a wrong count is caught below.
+        let mut records = Vec::with_capacity(usize::try_from(range.record_count).unwrap_or(0).min(1 << 20));
         loop {
             let frame = match cursor.next_frame() {
                 Ok(Some(frame)) => frame,
@@ -416,14 +429,11 @@ impl LocalStream {
                 }
                 Err(e) => return Err(unavailable(e)),
             };
-            if frame.sequence() > range.to.sequence {
+            if frame.sequence_body > to.0 {
                 break;
             }
-            records.extend(
-                frame
-                    .into_records(&shard.shard_id)
-                    .filter(|r| range.from <= r.position && r.position <= range.to),
-            );
+            let in_range = |body: u128, sub: u64| from <= (body, sub) && (body, sub) <= to;
+            frame.push_records(&shard.shard_id, &mut decoder, in_range, |r| records.push(r));
         }
         if records.len() as u64 != range.record_count {
             return Err(ReplayError::CountMismatch {

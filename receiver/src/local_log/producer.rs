@@ -1,6 +1,5 @@
 //! [`Producer`]: the single writer of a local-log stream.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,7 +10,7 @@ use sluice_blockstore::{Position, SharedClock};
 
 use super::LocalStream;
 use super::error::{LocalLogError, Result};
-use super::frame::{self, SHARD_INDEX_SPACE, sequence_of};
+use super::frame::{self, SHARD_INDEX_SPACE, SequenceText, sequence_of};
 use super::meta::{RetentionPolicy, ShardMeta, StreamMeta, shard_id_of, sync_dir};
 use super::segment::{SegmentFile, list_segments, segment_name};
 use crate::file_lock::FileLock;
@@ -35,7 +34,11 @@ pub struct RetentionReport {
 /// The open segment of one open shard, plus its write buffer.
 #[derive(Debug)]
 struct ShardWriter {
+    shard_id: Arc<str>,
     index: u32,
+    /// The shard's hash-key range, inclusive.
+    hash_start: u128,
+    hash_end: u128,
     dir: PathBuf,
     next_counter: u128,
     /// The open segment file and its path; `None` until the first write after open or a roll.
@@ -44,6 +47,8 @@ struct ShardWriter {
     segment_len: u64,
     buffer: Vec<u8>,
     dirty: bool,
+    /// Formats the sequence numbers `put` returns (consecutive, so mostly one digit changes).
+    sequences: SequenceText,
 }
 
 impl ShardWriter {
@@ -97,7 +102,8 @@ pub struct Producer {
     stream: LocalStream,
     meta: StreamMeta,
     clock: SharedClock,
-    writers: HashMap<Arc<str>, ShardWriter>,
+    /// One per open shard.
+    writers: Vec<ShardWriter>,
     buffer_limit: usize,
     _lock: FileLock,
 }
@@ -123,10 +129,9 @@ impl Producer {
     pub(crate) fn open(stream: LocalStream, clock: SharedClock) -> Result<Self> {
         let lock = lock_writer(&stream)?;
         let meta = stream.load_meta()?;
-        let mut writers = HashMap::new();
+        let mut writers = Vec::new();
         for shard in meta.shards.iter().filter(|s| s.ending_sequence.is_none()) {
-            let writer = recover_shard(&stream, shard)?;
-            writers.insert(Arc::clone(&shard.shard_id), writer);
+            writers.push(recover_shard(&stream, shard)?);
         }
         Ok(Self {
             stream,
@@ -143,14 +148,19 @@ impl Producer {
         &self.stream
     }
 
-    /// The open shard whose hash range holds `partition_key`.
-    fn shard_for(&self, partition_key: &str) -> Result<Arc<str>> {
+    /// The writer of the open shard whose hash range holds `partition_key`.
+    fn writer_for(&self, partition_key: &str) -> Result<usize> {
+        if let [only] = &self.writers[..]
+            && only.hash_start == 0
+            && only.hash_end == u128::MAX
+        {
+            // Every hash key lands in the one open shard: skip the MD5.
+            return Ok(0);
+        }
         let key = hash_key(partition_key);
-        self.meta
-            .shards
+        self.writers
             .iter()
-            .find(|s| s.ending_sequence.is_none() && s.hash_start <= key && key <= s.hash_end)
-            .map(|s| Arc::clone(&s.shard_id))
+            .position(|w| w.hash_start <= key && key <= w.hash_end)
             .ok_or_else(|| LocalLogError::Invalid(format!("no open shard covers hash key {key}")))
     }
 
@@ -165,11 +175,11 @@ impl Producer {
                 return Err(LocalLogError::Invalid("partition key or data too large".into()));
             }
         }
-        let shard_id = self.shard_for(partition_key)?;
+        let writer = self.writer_for(partition_key)?;
         let arrival = self.clock.now_ms();
         let segment_bytes = self.meta.segment_bytes;
         let buffer_limit = self.buffer_limit;
-        let writer = self.writers.get_mut(&shard_id).expect("open shards have writers");
+        let writer = &mut self.writers[writer];
         let body = writer.next_counter * SHARD_INDEX_SPACE + u128::from(writer.index);
         let len = frame::frame_len(sub_records) as u64;
         if writer.file.is_none() || (writer.segment_len > 0 && writer.segment_len + len > segment_bytes) {
@@ -181,7 +191,7 @@ impl Producer {
         if writer.buffer.len() >= buffer_limit {
             writer.write_buffer()?;
         }
-        Ok(Position::plain(sequence_of(body / SHARD_INDEX_SPACE, writer.index)))
+        Ok(Position::plain(writer.sequences.sequence(body)))
     }
 
     /// Appends one record to the shard whose hash range holds MD5(`partition_key`).
@@ -220,7 +230,7 @@ impl Producer {
     /// # Errors
     /// I/O errors; the data may then be partly written (readers and reopen handle torn tails).
     pub fn flush(&mut self) -> Result<()> {
-        for writer in self.writers.values_mut() {
+        for writer in &mut self.writers {
             writer.sync()?;
         }
         Ok(())
@@ -245,7 +255,12 @@ impl Producer {
         self.flush()?;
         let mut starting_counter = 0;
         for parent in parents {
-            let writer = self.writers.remove(parent).expect("open shards have writers");
+            let at = self
+                .writers
+                .iter()
+                .position(|w| w.shard_id == *parent)
+                .expect("open shards have writers");
+            let writer = self.writers.remove(at);
             starting_counter = starting_counter.max(writer.next_counter);
             let meta = self
                 .meta
@@ -262,18 +277,19 @@ impl Producer {
             child.starting_counter = starting_counter;
             child.parents = parents.to_vec();
             ids.push(Arc::clone(&child.shard_id));
-            self.writers.insert(
-                Arc::clone(&child.shard_id),
-                ShardWriter {
-                    index: child.index,
-                    dir: self.stream.shard_dir(&child.shard_id),
-                    next_counter: starting_counter,
-                    file: None,
-                    segment_len: 0,
-                    buffer: Vec::new(),
-                    dirty: false,
-                },
-            );
+            self.writers.push(ShardWriter {
+                shard_id: Arc::clone(&child.shard_id),
+                index: child.index,
+                hash_start: child.hash_start,
+                hash_end: child.hash_end,
+                dir: self.stream.shard_dir(&child.shard_id),
+                next_counter: starting_counter,
+                file: None,
+                segment_len: 0,
+                buffer: Vec::new(),
+                dirty: false,
+                sequences: SequenceText::default(),
+            });
             self.meta.shards.push(child.clone());
         }
         self.meta.store(self.stream.dir())?;
@@ -418,7 +434,7 @@ impl Producer {
 
 impl Drop for Producer {
     fn drop(&mut self) {
-        for writer in self.writers.values_mut() {
+        for writer in &mut self.writers {
             if let Err(error) = writer.write_buffer() {
                 tracing::error!(%error, "local log producer dropped with unwritten records");
             }
@@ -442,13 +458,17 @@ fn recover_shard(stream: &LocalStream, shard: &ShardMeta) -> Result<ShardWriter>
     let dir = stream.shard_dir(&shard.shard_id);
     let mut segments = list_segments(&dir)?;
     let mut writer = ShardWriter {
+        shard_id: Arc::clone(&shard.shard_id),
         index: shard.index,
+        hash_start: shard.hash_start,
+        hash_end: shard.hash_end,
         dir,
         next_counter: shard.starting_counter,
         file: None,
         segment_len: 0,
         buffer: Vec::new(),
         dirty: false,
+        sequences: SequenceText::default(),
     };
     while let Some(last) = segments.pop() {
         let mut file = OpenOptions::new()

@@ -7,26 +7,27 @@ use sluice_blockstore::{Position, Record};
 
 use super::LocalStream;
 use super::error::LocalLogError;
-use super::frame::sequence_body;
+use super::frame::{RecordDecoder, position_key};
 use super::segment::SegmentCursor;
 use crate::{ReadBatch, ShardReader, SourceError, StartingPosition};
 
 /// Which records at the start of the read are skipped (until the first one that passes).
+/// Positions are `(sequence body, sub-sequence)` keys, which order as the positions do.
 #[derive(Debug, Clone)]
 enum Skip {
     Nothing,
-    Before(Position),
-    UpTo(Position),
+    Before((u128, u64)),
+    UpTo((u128, u64)),
     ArrivedBefore(i64),
 }
 
 impl Skip {
-    fn skips(&self, record: &Record) -> bool {
+    fn skips(&self, position: (u128, u64), arrival_ms: i64) -> bool {
         match self {
             Skip::Nothing => false,
-            Skip::Before(p) => &record.position < p,
-            Skip::UpTo(p) => &record.position <= p,
-            Skip::ArrivedBefore(t) => record.approximate_arrival_ms < *t,
+            Skip::Before(p) => position < *p,
+            Skip::UpTo(p) => position <= *p,
+            Skip::ArrivedBefore(t) => arrival_ms < *t,
         }
     }
 }
@@ -41,6 +42,7 @@ pub struct LocalShardReader {
     shard_id: Arc<str>,
     cursor: SegmentCursor,
     skip: Skip,
+    decoder: RecordDecoder,
     pending: VecDeque<Record>,
     ended: bool,
 }
@@ -75,8 +77,8 @@ impl LocalShardReader {
             }
             Ok(())
         };
-        let target_of = |p: &Position| {
-            sequence_body(&p.sequence)
+        let key_of = |p: &Position| {
+            position_key(p)
                 .ok_or_else(|| SourceError::Invalid(format!("{} is not a local-log sequence number", p.sequence)))
         };
         let (cursor, skip) = match start {
@@ -85,17 +87,13 @@ impl LocalShardReader {
             StartingPosition::AtTimestamp(t) => (SegmentCursor::new(shard_dir, None), Skip::ArrivedBefore(*t)),
             StartingPosition::AtPosition(p) => {
                 expired(p)?;
-                (
-                    SegmentCursor::new(shard_dir, Some(target_of(p)?)),
-                    Skip::Before(p.clone()),
-                )
+                let key = key_of(p)?;
+                (SegmentCursor::new(shard_dir, Some(key.0)), Skip::Before(key))
             }
             StartingPosition::AfterPosition(p) => {
                 expired(p)?;
-                (
-                    SegmentCursor::new(shard_dir, Some(target_of(p)?)),
-                    Skip::UpTo(p.clone()),
-                )
+                let key = key_of(p)?;
+                (SegmentCursor::new(shard_dir, Some(key.0)), Skip::UpTo(key))
             }
         };
         Ok(Self {
@@ -103,6 +101,7 @@ impl LocalShardReader {
             shard_id: Arc::clone(&shard.shard_id),
             cursor,
             skip,
+            decoder: RecordDecoder::default(),
             pending: VecDeque::new(),
             ended: false,
         })
@@ -112,19 +111,28 @@ impl LocalShardReader {
     fn fill(&mut self, max_records: usize) -> Result<(), LocalLogError> {
         while self.pending.len() < max_records {
             let Some(frame) = self.cursor.next_frame()? else { break };
-            for record in frame.into_records(&self.shard_id) {
-                if matches!(self.skip, Skip::Nothing) || !self.skip.skips(&record) {
-                    self.skip = Skip::Nothing;
-                    self.pending.push_back(record);
+            let skip = &mut self.skip;
+            let arrival_ms = frame.arrival_ms;
+            let keep = |body: u128, sub: u64| {
+                if matches!(skip, Skip::Nothing) || !skip.skips((body, sub), arrival_ms) {
+                    *skip = Skip::Nothing;
+                    true
+                } else {
+                    false
                 }
-            }
+            };
+            frame.push_records(&self.shard_id, &mut self.decoder, keep, |r| {
+                self.pending.push_back(r);
+            });
         }
         Ok(())
     }
 
     fn take(&mut self, max_records: usize) -> Vec<Record> {
-        let n = max_records.min(self.pending.len());
-        self.pending.drain(..n).collect()
+        if self.pending.len() <= max_records {
+            return Vec::from(std::mem::take(&mut self.pending));
+        }
+        self.pending.drain(..max_records).collect()
     }
 }
 

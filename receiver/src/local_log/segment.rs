@@ -1,11 +1,10 @@
 //! Segment files of one shard and a cursor that walks their frames in order.
 
 use std::fs::{self, File};
-use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::error::{LocalLogError, Result};
-use super::frame::{self, Frame, FrameRead, SEQUENCE_PREFIX};
+use super::frame::{self, Frame, FrameRead, SEQUENCE_PREFIX, SegmentReader};
 
 /// File extension of segment files.
 pub(crate) const SEGMENT_EXTENSION: &str = "seg";
@@ -67,8 +66,7 @@ pub(crate) fn start_segment(segments: &[SegmentFile], target: Option<u128>) -> O
 struct OpenSegment {
     first_body: u128,
     path: PathBuf,
-    reader: BufReader<File>,
-    offset: u64,
+    reader: SegmentReader<File>,
 }
 
 /// Walks the frames of a shard across its segments, stopping (without error) at the tail: a clean
@@ -78,7 +76,6 @@ pub(crate) struct SegmentCursor {
     /// Where to start when no segment is open yet.
     target: Option<u128>,
     current: Option<OpenSegment>,
-    scratch: Vec<u8>,
 }
 
 impl SegmentCursor {
@@ -88,7 +85,6 @@ impl SegmentCursor {
             shard_dir,
             target,
             current: None,
-            scratch: Vec::new(),
         }
     }
 
@@ -105,14 +101,12 @@ impl SegmentCursor {
     }
 
     fn open(&mut self, segment: &SegmentFile, offset: u64) -> Result<()> {
-        let mut file = File::open(&segment.path).map_err(|e| LocalLogError::io(&segment.path, e))?;
-        file.seek(SeekFrom::Start(offset))
-            .map_err(|e| LocalLogError::io(&segment.path, e))?;
+        let file = File::open(&segment.path).map_err(|e| LocalLogError::io(&segment.path, e))?;
+        let reader = SegmentReader::new(file, offset).map_err(|e| LocalLogError::io(&segment.path, e))?;
         self.current = Some(OpenSegment {
             first_body: segment.first_body,
             path: segment.path.clone(),
-            reader: BufReader::with_capacity(256 * 1024, file),
-            offset,
+            reader,
         });
         Ok(())
     }
@@ -128,21 +122,16 @@ impl SegmentCursor {
                 self.open(&first, 0)?;
                 continue;
             };
-            let read = frame::read_frame(&mut current.reader, &mut self.scratch)
-                .map_err(|e| LocalLogError::io(&current.path, e))?;
+            let read = current.reader.next().map_err(|e| LocalLogError::io(&current.path, e))?;
             let torn = match read {
-                FrameRead::Frame(frame, len) => {
-                    current.offset += len as u64;
-                    return Ok(Some(frame));
-                }
+                FrameRead::Frame(frame, _) => return Ok(Some(frame)),
                 FrameRead::End => false,
-                FrameRead::Torn => true,
+                FrameRead::Incomplete | FrameRead::Corrupt => true,
             };
             // Discard whatever was read past the last whole frame; it is re-read next time.
-            let offset = current.offset;
             current
                 .reader
-                .seek(SeekFrom::Start(offset))
+                .rewind_to_last_frame()
                 .map_err(|e| LocalLogError::io(&current.path, e))?;
             let first_body = current.first_body;
             let segments = list_segments(&self.shard_dir)?;
@@ -152,6 +141,7 @@ impl SegmentCursor {
             // The producer finishes a segment before it creates the next one, so bytes left
             // after the last whole frame of a non-newest segment are garbage from a crash.
             if torn {
+                let offset = current.reader.offset();
                 tracing::warn!(segment = %current.path.display(), offset, "skipping torn bytes at the end of a closed segment");
             }
             self.open(&next, 0)?;

@@ -1,20 +1,37 @@
-//! Word-count benchmarks, printed side by side in one run on the same data:
-//! 2M lines of ~100 bytes, Zipf words over a 50k vocabulary, fixed seed.
+//! Word-count benchmarks, printed side by side in one run on the same lines.
 //!
-//! 1. Engine word count over pre-stored blocks (the processing time of one batch whose blocks are
-//!    all stored before it starts) vs a hand-written rayon word count (per-thread `FxHashMap`,
-//!    merged) over the same lines on the same number of threads.
-//! 2. End to end through the local log (records/s from start to drained).
-//! 3. Scheduling overhead per empty batch.
-//! 4. Peak RSS of an end-to-end run with a 64 MiB block-store memory budget, in a child process
-//!    that never holds the corpus (aim: at most the budget + 128 MiB).
+//! ```sh
+//! cargo bench --bench word_count                                # 2M generated lines (~190 MiB)
+//! SLUICE_BENCH_FILE=big.txt cargo bench --bench word_count      # a text file instead
+//! ```
 //!
-//! `cargo bench --bench word_count`. Settings: `SLUICE_BENCH_LINES` (a smaller run),
-//! `SLUICE_BENCH_MAX_BLOCK_BYTES` (block size of section 1), `SLUICE_BENCH_ONLY=batch` (section 1
-//! only); the RSS child also reads `SLUICE_BENCH_RSS_RATE` (a `max_rate`) and
-//! `SLUICE_BENCH_RSS_BACKPRESSURE` (PID backpressure with this initial rate).
+//! 1. **Hand-written** rayon word count over the lines in memory (per-thread `FxHashMap`,
+//!    merged) — the 1.0× every ratio below is measured against.
+//! 2. **Engine batch** over pre-stored blocks: the processing time of one batch whose blocks are
+//!    all stored before it starts (aim ≥ 1.0×).
+//! 3. **Load**: the word-count example's loading of the lines into the local log, against a raw
+//!    sequential write (+ fsync) of the same bytes (aim ≥ 0.5×).
+//! 4. **End to end as the example does**, in a child process: the local log already loaded →
+//!    drained, the example's settings (500 ms batches, 100 ms blocks, the rest default) and its
+//!    pipeline (`examples/support`: word count per
+//!    batch to Parquet, totals with `update_state_by_key`); lines/s, ratio and peak RSS (aim ≥
+//!    0.5× and ≤ 256 MiB). The Parquet output summed over batches is checked against the
+//!    reference.
+//! 5. Scheduling overhead per empty batch.
+//! 6. Peak RSS bounded by configuration: the end-to-end run with a receiver rate limit and with
+//!    PID backpressure.
+//!
+//! Settings: `SLUICE_BENCH_FILE` (a text file), `SLUICE_BENCH_LINES` (size of the generated
+//! corpus), `SLUICE_BENCH_ONLY=batch|e2e` (only section 2, or only 3–4),
+//! `SLUICE_BENCH_MAX_BLOCK_BYTES` (block size of section 2).
+
+#[path = "../examples/support/mod.rs"]
+#[allow(dead_code)] // the bench uses the pipeline, not the run loop
+mod support;
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,23 +43,7 @@ use sluice::operators::bench_data;
 use sluice::receiver::ReceiverConfig;
 use sluice::receiver::local_log::LocalLog;
 
-#[allow(clippy::needless_pass_by_value)] // `flat_map` hands each line over by value
-fn words(line: Bytes) -> Vec<Bytes> {
-    let mut out = Vec::with_capacity(16);
-    let mut start = 0;
-    for (i, b) in line.iter().enumerate() {
-        if *b == b' ' {
-            if i > start {
-                out.push(line.slice(start..i));
-            }
-            start = i + 1;
-        }
-    }
-    if line.len() > start {
-        out.push(line.slice(start..));
-    }
-    out
-}
+const STREAM: &str = "lines";
 
 fn hand_written(lines: &[String], threads: usize) -> (Duration, usize) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -53,7 +54,7 @@ fn hand_written(lines: &[String], threads: usize) -> (Duration, usize) {
             .map(|chunk| {
                 let mut m: FxHashMap<&str, u64> = FxHashMap::default();
                 for line in chunk {
-                    for w in line.split(' ').filter(|w| !w.is_empty()) {
+                    for w in line.split_ascii_whitespace() {
                         *m.entry(w).or_default() += 1;
                     }
                 }
@@ -69,22 +70,41 @@ fn hand_written(lines: &[String], threads: usize) -> (Duration, usize) {
     (start.elapsed(), merged.len())
 }
 
-fn fill(dir: &std::path::Path, lines: &[String]) {
+/// Loads `lines` into a new local log under `dir` as the word-count example does: one record
+/// per line, keyed by its number, 2 shards. Returns the time it took.
+fn load(dir: &Path, lines: &[String]) -> Duration {
+    let start = Instant::now();
     let log = LocalLog::open(dir).unwrap();
-    let stream = log.create_stream("lines", 4).unwrap();
+    let stream = log.create_stream(STREAM, 2).unwrap();
     let mut producer = stream.producer().unwrap();
     for (i, line) in lines.iter().enumerate() {
         producer
-            .put(&i.to_string(), Bytes::copy_from_slice(line.as_bytes()))
+            .put(&(i + 1).to_string(), Bytes::copy_from_slice(line.as_bytes()))
             .unwrap();
     }
     producer.flush().unwrap();
+    start.elapsed()
 }
 
-/// Runs word count; returns (processing time of the largest batch, wall time to drain, distinct words).
-fn engine(dir: &std::path::Path, lines: usize, threads: usize, batch: Duration) -> (Duration, Duration, usize) {
+/// A raw sequential write of `bytes` bytes (in 1 MiB writes) and an fsync.
+fn raw_write(dir: &Path, bytes: usize) -> Duration {
+    let chunk = vec![b'x'; 1 << 20];
+    let start = Instant::now();
+    let mut file = std::fs::File::create(dir.join("raw")).unwrap();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        file.write_all(&chunk[..n]).unwrap();
+        left -= n;
+    }
+    file.sync_all().unwrap();
+    start.elapsed()
+}
+
+/// Section 2: the processing time of one batch holding every block.
+fn engine_batch(dir: &Path, lines: usize, threads: usize) -> (Duration, usize) {
     let ctx = StreamingContext::builder()
-        .batch_interval(batch)
+        .batch_interval(Duration::from_secs(30))
         .data_dir(dir.join("data"))
         .executor_threads(threads)
         .memory_budget_bytes(1 << 30)
@@ -96,11 +116,11 @@ fn engine(dir: &std::path::Path, lines: usize, threads: usize, batch: Duration) 
         max_block_bytes: env_or("SLUICE_BENCH_MAX_BLOCK_BYTES", ReceiverConfig::DEFAULT_MAX_BLOCK_BYTES),
         ..ReceiverConfig::default()
     };
-    let stream = ctx.local_log_stream(&dir.join("log"), "lines", config).unwrap();
+    let stream = ctx.local_log_stream(&dir.join("log"), STREAM, config).unwrap();
     let distinct = Arc::new(Mutex::new(HashMap::<Bytes, u64>::new()));
     let keep = distinct.clone();
     stream
-        .flat_map(words)
+        .flat_map(support::words)
         .count_by_value()
         .foreach_batch(move |_t, counts| {
             let mut d = keep.lock().unwrap();
@@ -117,10 +137,8 @@ fn engine(dir: &std::path::Path, lines: usize, threads: usize, batch: Duration) 
             *b = (info.num_records, info.processing_delay_ms);
         }
     });
-    let start = Instant::now();
     ctx.start().unwrap();
     assert!(ctx.await_drained(Duration::from_secs(900)).unwrap());
-    let wall = start.elapsed();
     ctx.stop(true).unwrap();
     let (records, ms) = *biggest.lock().unwrap();
     assert!(
@@ -128,16 +146,13 @@ fn engine(dir: &std::path::Path, lines: usize, threads: usize, batch: Duration) 
         "expected one batch with every record (got {records} of {lines}); raise the batch interval"
     );
     let distinct = distinct.lock().unwrap().len();
-    (Duration::from_millis(ms as u64), wall, distinct)
+    (Duration::from_millis(ms as u64), distinct)
 }
 
 /// A numeric setting from the environment, or `default`.
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
-
-/// The block-store memory budget of the peak-RSS run.
-const RSS_BUDGET: u64 = 64 << 20;
 
 /// Peak resident set size of this process (`VmHWM`), in bytes.
 fn peak_rss() -> u64 {
@@ -149,34 +164,18 @@ fn peak_rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// The child of section 4: fills a log with `n` lines in chunks (never the whole corpus in
-/// memory), runs word count end to end with a `RSS_BUDGET` block-store budget (and the receiver
-/// rate limit in `SLUICE_BENCH_RSS_RATE`, if set), prints
-/// `<rss before engine> <peak rss>` in bytes.
-fn rss_child(n: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let log = LocalLog::open(dir.path().join("log")).unwrap();
-    let mut producer = log.create_stream("lines", 4).unwrap().producer().unwrap();
-    let chunk = 100_000;
-    for (c, start) in (0..n).step_by(chunk).enumerate() {
-        for (i, line) in bench_data::zipf_lines(chunk.min(n - start), 50_000, 42 + c as u64)
-            .iter()
-            .enumerate()
-        {
-            producer
-                .put(&(start + i).to_string(), Bytes::copy_from_slice(line.as_bytes()))
-                .unwrap();
-        }
-    }
-    producer.flush().unwrap();
-    drop(producer);
-    let before = peak_rss();
+/// The child of sections 4 and 6: the word-count example's pipeline over the loaded log in
+/// `dir`, default settings (plus a rate limit or backpressure when asked), from start to
+/// drained. Prints `<milliseconds> <peak rss bytes>`.
+fn e2e_child(dir: &Path) {
+    // The word-count example's settings: 500 ms batches, 100 ms blocks; everything else default.
     let mut builder = StreamingContext::builder()
-        .batch_interval(Duration::from_secs(1))
-        .data_dir(dir.path().join("data"))
-        .memory_budget_bytes(RSS_BUDGET)
-        .storage_level(sluice::prelude::StorageLevel::MEMORY_AND_DISK);
-    if let Ok(initial) = std::env::var("SLUICE_BENCH_RSS_BACKPRESSURE") {
+        .batch_interval(Duration::from_millis(500))
+        .data_dir(dir.join("data"));
+    if let Ok(mib) = std::env::var("SLUICE_BENCH_MEMORY_MIB") {
+        builder = builder.memory_budget_bytes(mib.parse::<u64>().unwrap() << 20);
+    }
+    if let Ok(initial) = std::env::var("SLUICE_BENCH_BACKPRESSURE") {
         builder = builder.backpressure(BackpressureConfig {
             enabled: true,
             initial_rate: initial.parse().ok(),
@@ -185,101 +184,181 @@ fn rss_child(n: usize) {
     }
     let ctx = builder.build().unwrap();
     let config = ReceiverConfig {
-        max_rate: std::env::var("SLUICE_BENCH_RSS_RATE").ok().and_then(|r| r.parse().ok()),
+        block_interval_ms: 100,
+        queue_capacity: env_or("SLUICE_BENCH_QUEUE", ReceiverConfig::DEFAULT_QUEUE_CAPACITY),
+        max_block_bytes: env_or("SLUICE_BENCH_MAX_BLOCK_BYTES", ReceiverConfig::DEFAULT_MAX_BLOCK_BYTES),
+        max_rate: std::env::var("SLUICE_BENCH_RATE").ok().and_then(|r| r.parse().ok()),
         ..ReceiverConfig::default()
     };
-    let stream = ctx.local_log_stream(&dir.path().join("log"), "lines", config).unwrap();
-    stream.flat_map(words).count_by_value().foreach_batch(|_t, _c| Ok(()));
+    let lines = ctx.local_log_stream(&dir.join("log"), STREAM, config).unwrap();
+    let output = dir.join("data").join("output").display().to_string();
+    let _top = support::count_words(&ctx, &lines, &output, 10).unwrap();
+    // The example prints a line per batch; the child's stdout is only its figures.
+    let start = Instant::now();
     ctx.start().unwrap();
-    assert!(ctx.await_drained(Duration::from_secs(900)).unwrap());
+    assert!(ctx.await_drained(Duration::from_secs(1_800)).unwrap());
+    let elapsed = start.elapsed();
     ctx.stop(true).unwrap();
-    assert_eq!(ctx.metrics().records_processed, n as u64);
-    println!("{before} {}", peak_rss());
+    eprintln!("{:?}", ctx.metrics());
+    println!("{} {}", elapsed.as_millis(), peak_rss());
 }
 
+/// Runs `e2e_child` on a copy of the loaded log and returns (time, peak RSS, summed output).
+fn e2e(log_dir: &Path, env: &[(&str, &str)]) -> (Duration, u64, HashMap<String, u64>) {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(log_dir, &dir.path().join("log"));
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child.env("SLUICE_BENCH_E2E_CHILD", dir.path());
+    for (k, v) in env {
+        child.env(k, v);
+    }
+    let out = child.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let figures: Vec<u64> = text
+        .lines()
+        .last()
+        .unwrap_or("")
+        .split(' ')
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let output = summed_output(&dir.path().join("data").join("output"));
+    (Duration::from_millis(figures[0]), figures[1], output)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn summed_output(location: &Path) -> HashMap<String, u64> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::UInt64Type;
+    let mut sums = HashMap::new();
+    for (_time, batch) in sluice::operators::ParquetSink::read_committed(&location.display().to_string()).unwrap() {
+        let keys = batch.column(0).as_string::<i32>();
+        let values = batch.column(1).as_primitive::<UInt64Type>();
+        for i in 0..batch.num_rows() {
+            *sums.entry(keys.value(i).to_owned()).or_default() += values.value(i);
+        }
+    }
+    sums
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect()
+}
+
+#[allow(clippy::too_many_lines)] // the sections, in the order they print
 fn main() {
-    if let Ok(n) = std::env::var("SLUICE_BENCH_RSS_CHILD") {
-        rss_child(n.parse().unwrap());
+    if let Ok(dir) = std::env::var("SLUICE_BENCH_E2E_CHILD") {
+        e2e_child(&PathBuf::from(dir));
         return;
     }
+    let only = std::env::var("SLUICE_BENCH_ONLY").unwrap_or_default();
     // `cargo test` builds benches with the test profile (debug assertions on): a smoke-sized run.
     let default_lines = if cfg!(debug_assertions) { 5_000 } else { 2_000_000 };
-    let n = env_or("SLUICE_BENCH_LINES", default_lines);
+    let lines = if let Ok(path) = std::env::var("SLUICE_BENCH_FILE") {
+        read_lines(Path::new(&path))
+    } else {
+        let n = env_or("SLUICE_BENCH_LINES", default_lines);
+        eprintln!("generating {n} lines (Zipf over 50k words, seed 42)...");
+        bench_data::zipf_lines(n, 50_000, 42)
+    };
+    let n = lines.len();
+    let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
     let threads = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-    eprintln!("generating {n} lines (Zipf over 50k words, seed 42)...");
-    let lines = bench_data::zipf_lines(n, 50_000, 42);
-    let bytes: usize = lines.iter().map(String::len).sum();
-
-    // 1. Pre-stored blocks: the batch interval is long enough that every block is stored before
-    //    the first batch starts; the batch's processing time is the engine's figure.
-    let dir = tempfile::tempdir().unwrap();
-    fill(&dir.path().join("log"), &lines);
-    let (hand, hand_distinct) = hand_written(&lines, threads);
-    let (engine_batch, _wall, engine_distinct) = engine(dir.path(), n, threads, Duration::from_secs(30));
-    assert_eq!(hand_distinct, engine_distinct, "both must find the same words");
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    let mib = |b: u64| b as f64 / 1_048_576.0;
+
+    // 1. Hand-written.
+    let (hand, hand_distinct) = hand_written(&lines, threads);
     println!(
         "\nword count over {n} lines ({:.0} MiB), {threads} threads",
         bytes as f64 / 1_048_576.0
     );
-    println!("{:<44} {:>14} {:>12}", "", "lines/s", "time");
-    println!(
-        "{:<44} {:>14.0} {:>10.0}ms",
-        "hand-written rayon (FxHashMap per thread)",
-        rate(hand),
-        hand.as_secs_f64() * 1e3
-    );
-    println!(
-        "{:<44} {:>14.0} {:>10.0}ms",
-        "engine batch over pre-stored blocks",
-        rate(engine_batch),
-        engine_batch.as_secs_f64() * 1e3
-    );
-    println!(
-        "{:<44} {:>14.2}x   (aim >= 0.8x)",
-        "ratio engine / hand-written",
-        hand.as_secs_f64() / engine_batch.as_secs_f64()
-    );
+    println!("{:<48} {:>12} {:>10} {:>8}", "", "lines/s", "time", "ratio");
+    let row = |label: &str, d: Duration, aim: &str| {
+        println!(
+            "{label:<48} {:>12.0} {:>8.0}ms {:>7.2}x  {aim}",
+            rate(d),
+            d.as_secs_f64() * 1e3,
+            hand.as_secs_f64() / d.as_secs_f64()
+        );
+    };
+    row("hand-written rayon (FxHashMap per thread)", hand, "");
 
-    if std::env::var("SLUICE_BENCH_ONLY").is_ok_and(|v| v == "batch") {
+    // 2. Engine batch over pre-stored blocks.
+    if only.is_empty() || only == "batch" {
+        let dir = tempfile::tempdir().unwrap();
+        load(&dir.path().join("log"), &lines);
+        let (batch, distinct) = engine_batch(dir.path(), n, threads);
+        assert_eq!(hand_distinct, distinct, "both must find the same words");
+        row("engine batch over pre-stored blocks", batch, "(aim >= 1.0x)");
+    }
+    if only == "batch" {
         return;
     }
 
-    // 2. End to end through the local log, 1 s batches.
-    let dir = tempfile::tempdir().unwrap();
-    fill(&dir.path().join("log"), &lines);
-    let ctx_start = Instant::now();
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_secs(1))
-        .data_dir(dir.path().join("data"))
-        .executor_threads(threads)
-        .build()
-        .unwrap();
-    let stream = ctx
-        .local_log_stream(&dir.path().join("log"), "lines", ReceiverConfig::default())
-        .unwrap();
-    stream.flat_map(words).count_by_value().foreach_batch(|_t, _c| Ok(()));
-    ctx.start().unwrap();
-    assert!(ctx.await_drained(Duration::from_secs(900)).unwrap());
-    let e2e = ctx_start.elapsed();
-    ctx.stop(true).unwrap();
+    // 3. Load, against a raw write of the same bytes.
+    let loaded = tempfile::tempdir().unwrap();
+    let log_dir = loaded.path().join("log");
+    let load_time = load(&log_dir, &lines);
+    let raw = raw_write(loaded.path(), bytes);
     println!(
-        "{:<44} {:>14.0} {:>10.0}ms",
-        "end to end via local log (MEMORY_AND_DISK_2)",
-        rate(e2e),
-        e2e.as_secs_f64() * 1e3
+        "{:<48} {:>12.0} {:>8.0}ms {:>7.2}x  (of a raw write + fsync of the same {:.0} MiB: {:.0} ms; aim >= 0.5x)",
+        "load into the local log (the example's loader)",
+        rate(load_time),
+        load_time.as_secs_f64() * 1e3,
+        raw.as_secs_f64() / load_time.as_secs_f64(),
+        bytes as f64 / 1_048_576.0,
+        raw.as_secs_f64() * 1e3,
     );
 
-    // 3. Empty batches: scheduling overhead per batch.
+    // 4. End to end as the example does.
+    let reference = {
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        for line in &lines {
+            for w in line.split_ascii_whitespace() {
+                *counts.entry(w.to_owned()).or_default() += 1;
+            }
+        }
+        counts
+    };
+    let (e2e_time, e2e_rss, output) = e2e(&log_dir, &[]);
+    assert_eq!(output, reference, "the end-to-end output must equal the reference");
+    row(
+        "end to end as the example (default settings)",
+        e2e_time,
+        &format!("(aim >= 0.5x)  peak RSS {:.0} MiB (aim <= 256)", mib(e2e_rss)),
+    );
+    if only == "e2e" {
+        return;
+    }
+
+    // 5. Empty batches: scheduling overhead per batch.
     let dir = tempfile::tempdir().unwrap();
-    fill(&dir.path().join("log"), &[]);
+    load(&dir.path().join("log"), &[]);
     let ctx = StreamingContext::builder()
         .batch_interval(Duration::from_millis(5))
         .data_dir(dir.path().join("data"))
         .build()
         .unwrap();
     let stream = ctx
-        .local_log_stream(&dir.path().join("log"), "lines", ReceiverConfig::default())
+        .local_log_stream(&dir.path().join("log"), STREAM, ReceiverConfig::default())
         .unwrap();
     stream.count_by_value().foreach_batch(|_t, _c| Ok(()));
     // `processing_micros` spans the whole batch: allocation, jobs, completion, cleanup.
@@ -295,50 +374,22 @@ fn main() {
     ctx.stop(true).unwrap();
     let (batches, micros) = *total.lock().unwrap();
     println!(
-        "{:<44} {:>14} {:>10.3}ms   (aim < 1 ms)",
+        "{:<48} {:>12} {:>8.3}ms            (aim < 1 ms)",
         "empty batch processing time (mean)",
         format!("{batches} batches"),
         micros as f64 / 1e3 / batches.max(1) as f64
     );
-    peak_rss_section(n);
-}
 
-/// Section 4: runs `rss_child` in a fresh process and prints its peak RSS.
-fn peak_rss_section(n: usize) {
-    let mib = |b: u64| b as f64 / 1_048_576.0;
-    println!(
-        "peak RSS end to end, {:.0} MiB block-store budget (aim <= {:.0} MiB):",
-        mib(RSS_BUDGET),
-        mib(RSS_BUDGET) + 128.0
-    );
+    // 6. Peak RSS bounded by configuration.
     for (label, setting) in [
-        ("  unlimited ingest (one batch holds ~1 s of reads)", None),
-        ("  max_rate 200k records/s", Some(("SLUICE_BENCH_RSS_RATE", "200000"))),
+        ("end to end, max_rate 200k records/s", ("SLUICE_BENCH_RATE", "200000")),
         (
-            "  PID backpressure (initial rate 200k/s)",
-            Some(("SLUICE_BENCH_RSS_BACKPRESSURE", "200000")),
+            "end to end, PID backpressure (initial 200k/s)",
+            ("SLUICE_BENCH_BACKPRESSURE", "200000"),
         ),
     ] {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-        child.env("SLUICE_BENCH_RSS_CHILD", n.to_string());
-        if let Some((name, value)) = setting {
-            child.env(name, value);
-        }
-        let out = child.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8(out.stdout).unwrap();
-        let figures: Vec<u64> = text
-            .lines()
-            .last()
-            .unwrap_or("")
-            .split(' ')
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        println!(
-            "{label:<44} {:>11.0}MiB {:>10}   (before the engine started {:.0} MiB)",
-            mib(figures[1]),
-            "",
-            mib(figures[0])
-        );
+        let (time, rss, output) = e2e(&log_dir, &[setting]);
+        assert_eq!(output, reference, "{label}: the output must equal the reference");
+        row(label, time, &format!("peak RSS {:.0} MiB", mib(rss)));
     }
 }

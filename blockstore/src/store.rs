@@ -210,6 +210,14 @@ impl BlockStore {
         Ok(self.memory.contains_block(id) || self.disk.contains(id)? || self.replica.contains(id)?)
     }
 
+    /// Drops the memory copy of `id`, keeping its disk and replica copies; returns whether there
+    /// was one. For a block whose work is done for now: its memory goes to the blocks still to
+    /// be processed, and a later read finds a durable copy or, for a memory-only block, replays
+    /// it from the source.
+    pub fn uncache(&self, id: BlockId) -> bool {
+        self.memory.remove_block(id)
+    }
+
     /// Removes every copy of `id`. Removing an absent block is `Ok`.
     ///
     /// # Errors

@@ -10,8 +10,10 @@ use crate::{DiskSync, Error, Result};
 
 /// Default [`BlockStoreConfig::data_dir`] (the engine's default data directory).
 pub const DEFAULT_DATA_DIR: &str = ".sluice-data";
-/// Default [`BlockStoreConfig::memory_budget_bytes`]: 256 MiB.
-pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 256 * 1024 * 1024;
+/// Default [`BlockStoreConfig::memory_budget_bytes`]: 64 MiB. The engine also admits at most
+/// this many bytes of blocks that no batch has processed yet (its ingest gate), so it bounds a
+/// batch's blocks too; `docs/benchmarks.md` has the memory and throughput figures behind it.
+pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
 /// Default [`BlockStoreConfig::disk_sync`]: sync every block file.
 pub const DEFAULT_DISK_SYNC: DiskSync = DiskSync::Always;
 

@@ -46,7 +46,7 @@ pub struct StreamingContextBuilder {
     batch_interval: Duration,
     pub(crate) data_dir: PathBuf,
     checkpoint: Option<String>,
-    pub(crate) storage_level: StorageLevel,
+    pub(crate) storage_level: Option<StorageLevel>,
     executor_threads: usize,
     shuffle_partitions: Option<usize>,
     clock: Option<SharedClock>,
@@ -68,7 +68,7 @@ impl Default for StreamingContextBuilder {
             batch_interval: DEFAULT_BATCH_INTERVAL,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             checkpoint: None,
-            storage_level: StorageLevel::default(),
+            storage_level: None,
             executor_threads: std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             shuffle_partitions: None,
             clock: None,
@@ -106,10 +106,16 @@ impl StreamingContextBuilder {
         self.checkpoint = Some(location.into());
         self
     }
-    /// Storage level of received blocks (default `MEMORY_AND_DISK_2`).
+    /// Storage level of every input's blocks. Default: each source's own
+    /// ([`Source::default_storage_level`](sluice_receiver::Source::default_storage_level)):
+    /// `MEMORY_ONLY` for the local log, whose replay reads the same disk a stored copy would;
+    /// `MEMORY_AND_DISK` for Kinesis, where replay spends the shard's read quota. A lost block is
+    /// replayed from its source by range either way; choose a `_2` level with a shared
+    /// [`replica_url`](Self::replica_url) (S3) so that a restart on a new machine, or the worker
+    /// that adopts a dead one, reads blocks from the replica instead.
     #[must_use]
     pub fn storage_level(mut self, level: StorageLevel) -> Self {
-        self.storage_level = level;
+        self.storage_level = Some(level);
         self
     }
     /// Threads of the rayon pool that runs tasks (default: available cores).
@@ -609,6 +615,10 @@ impl StreamingContext {
             .graceful_stop_timeout
             .unwrap_or(self.config.batch_interval * 10);
         let mut first_error = None;
+        if !graceful {
+            // No more batches will run to free the ingest gate for them.
+            shared.blocks.close_gate();
+        }
         for input in &shared.inputs {
             if let Err(e) = input.stop(graceful) {
                 first_error.get_or_insert(e);
@@ -804,6 +814,8 @@ impl Shared {
     }
 
     fn finish(&self, error: Option<String>) {
+        // No batch will free the ingest gate any more: receivers waiting on it must not hang.
+        self.blocks.close_gate();
         let mut status = self.status.lock().expect("status");
         status.stopped = true;
         if status.error.is_none() {
@@ -986,6 +998,7 @@ impl Shared {
         let failures_before = self.runner.task_failures.load(Ordering::Relaxed);
         let blocks = log.tracker.allocate_blocks_to_batch(time_ms)?;
         let num_records: u64 = blocks.iter().map(|b| b.meta.num_records).sum();
+        let block_ids: Vec<sluice_blockstore::BlockId> = blocks.iter().map(|b| b.meta.id).collect();
         let env = self.env(log, time_ms, blocks);
         let started = self.clock.now_ms();
         let outputs_result = {
@@ -1013,6 +1026,7 @@ impl Shared {
         };
         let before = time_ms - (remember - 1) * self.interval_ms;
         let removed = log.tracker.complete_batch(time_ms, before)?;
+        self.blocks.processed(&block_ids);
         let ended = self.clock.now_ms();
         if own {
             {

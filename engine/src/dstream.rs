@@ -261,16 +261,19 @@ pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
     parent: &dyn Node<(K, V)>,
     combiner: &C,
     partitions: usize,
+    keys_hint: &MapSizeHint,
 ) -> Result<Vec<CombineMap<K, C::Acc>>, JobError> {
     parent.prepare(env)?;
     let maps = env.runner.run(
         env,
         parent.num_partitions(env),
-        &CombineMap::new,
+        &|| CombineMap::with_capacity(keys_hint.get()),
         &|acc: &mut CombineMap<K, C::Acc>, more| acc.merge_map(more, combiner),
         &|p| parent.source_block(env, p),
         &|p, scope, acc: &mut CombineMap<K, C::Acc>| {
-            parent.compute(env, scope, p, &mut |(k, v)| acc.add(k, v, combiner))
+            parent.compute(env, scope, p, &mut |(k, v)| acc.add(k, v, combiner))?;
+            keys_hint.observe(acc.len());
+            Ok(())
         },
     )?;
     Ok(env
@@ -279,11 +282,31 @@ pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
         .install(|| shuffle::<K, V, C>(maps, partitions, combiner)))
 }
 
+/// How many keys a keyed stage's map-side maps have been holding: a new task's map starts with
+/// that much room instead of growing from empty (rehashing its way up costs about as much as the
+/// lookups). A moving average over finished tasks, so one outsized block does not make every
+/// later map large.
+#[derive(Debug, Default)]
+pub(crate) struct MapSizeHint(std::sync::atomic::AtomicUsize);
+
+impl MapSizeHint {
+    fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn observe(&self, keys: usize) {
+        let old = self.get();
+        let new = if old == 0 { keys } else { (old * 3 + keys) / 4 };
+        self.0.store(new, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// `reduce_by_key`: map-side combine in the fused stage below, then a hash shuffle.
 struct ReduceByKeyNode<K, V> {
     parent: Arc<dyn Node<(K, V)>>,
     reduce: Arc<dyn Fn(V, V) -> V + Send + Sync>,
     partitions: usize,
+    keys_hint: MapSizeHint,
     cache: StageCache<(K, V)>,
 }
 
@@ -298,7 +321,13 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
         if self.cache.get(env).is_some() {
             return Ok(());
         }
-        let merged = combine_by_key(env, &*self.parent, &Reduce(&*self.reduce), self.partitions)?;
+        let merged = combine_by_key(
+            env,
+            &*self.parent,
+            &Reduce(&*self.reduce),
+            self.partitions,
+            &self.keys_hint,
+        )?;
         self.cache
             .put(env, merged.into_iter().map(|m| m.into_iter().collect()).collect());
         Ok(())
@@ -424,6 +453,7 @@ impl<K: Key, V: Data + Clone> DStream<(K, V)> {
                 parent: self.node.clone(),
                 reduce: Arc::new(reduce),
                 partitions: partitions.max(1),
+                keys_hint: MapSizeHint::default(),
                 cache: StageCache::default(),
             }),
             graph: self.graph.clone(),

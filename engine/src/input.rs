@@ -27,6 +27,7 @@ use crate::checkpoint_store::CheckpointStore;
 use crate::context::StreamingContextBuilder;
 use crate::dstream::DStream;
 use crate::graph::{BatchEnv, DeadLetter, InstanceId, JobError, Node, ReadBlock, Scope, TaskError};
+use crate::ingest_gate::IngestGate;
 use crate::metrics::Metrics;
 use crate::tracker::{ReceivedBlockTracker, TrackedBlock};
 use crate::{Error, Result, StreamingContext};
@@ -82,9 +83,14 @@ pub(crate) struct EngineBlocks {
     tracker: Arc<ReceivedBlockTracker>,
     metrics: Arc<Metrics>,
     store: Arc<BlockStore>,
-    level: StorageLevel,
+    /// The configured storage level; `None`: each input's source's default.
+    level: Option<StorageLevel>,
+    /// The level of each input's blocks.
+    levels: RwLock<HashMap<u32, StorageLevel>>,
     clock: SharedClock,
     readers: RwLock<HashMap<u32, BlockReader>>,
+    /// Bounds the bytes stored and not yet processed (the store's memory budget).
+    gate: IngestGate,
     dead_letter: Mutex<Option<DeadLetterSink>>,
     dead_letter_location: String,
 }
@@ -106,6 +112,7 @@ impl EngineBlocks {
         if let Some(url) = &config.replica_url {
             store_config.replica_url = Some(url.clone());
         }
+        let gate = IngestGate::new(store_config.memory_budget_bytes);
         let store = Arc::new(BlockStore::open(store_config)?);
         let dead_letter_location = config
             .dead_letter
@@ -116,25 +123,62 @@ impl EngineBlocks {
             metrics,
             store,
             level: config.storage_level,
+            levels: RwLock::new(HashMap::new()),
             clock,
             readers: RwLock::new(HashMap::new()),
+            gate,
             dead_letter: Mutex::new(None),
             dead_letter_location,
         })
     }
 
-    /// Registers the source an input's blocks are replayed from.
+    /// Registers the source an input's blocks are replayed from, and the level they are stored
+    /// at.
     pub(crate) fn register_input(&self, input_id: u32, source: Arc<dyn Source>) {
+        let level = self.level.unwrap_or_else(|| source.default_storage_level());
+        self.levels.write().expect("levels").insert(input_id, level);
         let reader = BlockReader::new(self.store.clone(), source, self.clock.clone());
         self.readers.write().expect("readers").insert(input_id, reader);
     }
 
-    /// Durability order steps 1 and 2: store the block at its level, then log it.
+    /// Durability order steps 1 and 2: store the block at its level, then log it — once the
+    /// ingest gate admits it (see [`IngestGate`]).
     fn store_and_log(&self, block: &Block) -> Result<()> {
-        self.store.put(block, self.level)?;
-        self.tracker.add_block(block.meta().clone())?;
+        let level = self
+            .levels
+            .read()
+            .expect("levels")
+            .get(&block.id().input_id)
+            .copied()
+            .unwrap_or_default();
+        self.gate
+            .admit(block.id(), block.memory_size() as u64)
+            .map_err(|e| Error::Receiver(e.to_string()))?;
+        let stored = self
+            .store
+            .put(block, level)
+            .map_err(Error::from)
+            .and_then(|()| self.tracker.add_block(block.meta().clone()));
+        if stored.is_err() {
+            self.gate.release([block.id()]);
+        }
+        stored?;
         self.metrics.blocks_stored.fetch_add(1, Relaxed);
         Ok(())
+    }
+
+    /// A batch completed: its blocks leave memory (a restart reads them from a durable copy or
+    /// replays them; windows keep their parent's outputs, not blocks) and the ingest gate.
+    pub(crate) fn processed(&self, ids: &[BlockId]) {
+        for id in ids {
+            self.store.uncache(*id);
+        }
+        self.gate.release(ids.iter().copied());
+    }
+
+    /// Stops admitting blocks and wakes receivers waiting to store one (the engine stops).
+    pub(crate) fn close_gate(&self) {
+        self.gate.close();
     }
 
     pub(crate) fn remove(&self, id: BlockId) {

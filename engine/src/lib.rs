@@ -24,7 +24,9 @@ mod context;
 mod dstream;
 mod error;
 pub mod graph;
+mod ingest_gate;
 mod input;
+pub mod map_with_state;
 mod membership;
 mod metadata_log;
 mod metrics;
@@ -43,6 +45,7 @@ pub use error::{Error, Result};
 pub use graph::{DeadLetter, FailurePolicy, JobError, TaskError};
 #[cfg(feature = "kinesis")]
 pub use input::KinesisInput;
+pub use map_with_state::{DEFAULT_FULL_SNAPSHOT_EVERY, MapWithStateStream, State, StateSpec};
 pub use metadata_log::{LogEvent, MetadataLog};
 pub use metrics::{BatchInfo, DEFAULT_ERROR_RATE_BOUND, HealthEvent, MetricsSnapshot};
 pub use outputs::{BoxError, OutputError};

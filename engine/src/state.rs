@@ -22,19 +22,39 @@ use serde::de::DeserializeOwned;
 use crate::checkpoint_store::CheckpointStore;
 use sluice_operators::shuffle::{Group, partition_of};
 
-use crate::dstream::{DStream, Data, Key, StageCache, combine_by_key};
+use crate::dstream::{DStream, Data, Key, MapSizeHint, StageCache, combine_by_key};
 use crate::graph::{BatchEnv, InstanceId, JobError, Node, Scope, TaskError};
 use crate::tracker::TrackedBlock;
 use crate::{Error, Result};
 
+/// What one state file holds: the whole state, or the changes one batch made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SnapshotKind {
+    /// The whole state as of the batch (`<time>-<operator>.state`).
+    Full,
+    /// The keys the batch changed or removed (`<time>-<operator>.delta`): applied in order on top
+    /// of the newest full snapshot before it.
+    Delta,
+}
+
+impl SnapshotKind {
+    fn suffix(self) -> &'static str {
+        match self {
+            SnapshotKind::Full => ".state",
+            SnapshotKind::Delta => ".delta",
+        }
+    }
+}
+
 /// An operator whose state must survive restarts. State is kept per instance: this worker's
 /// own, and one per worker whose log it adopts.
 pub(crate) trait StatefulOp: Send + Sync {
-    /// The state of `instance` as of batch `time_ms` (`None` if the operator has not run that
-    /// batch).
-    fn snapshot(&self, instance: InstanceId, time_ms: i64) -> Result<Option<Vec<u8>>>;
-    /// Replaces the state of `instance` with a snapshot taken at `time_ms`.
-    fn restore(&self, instance: InstanceId, time_ms: i64, bytes: &[u8]) -> Result<()>;
+    /// The state of `instance` as of batch `time_ms`, or the changes that batch made (`None` if
+    /// the operator has not run that batch, or a delta would be empty).
+    fn snapshot(&self, instance: InstanceId, time_ms: i64) -> Result<Option<(SnapshotKind, Vec<u8>)>>;
+    /// Replaces the state of `instance` with a full snapshot followed by the deltas after it, in
+    /// batch order: `(batch time, kind, bytes)`; the first is always full.
+    fn restore(&self, instance: InstanceId, chain: &[(i64, SnapshotKind, Vec<u8>)]) -> Result<()>;
     /// Drops the state of `instance` (an adoption finished).
     fn drop_instance(&self, instance: InstanceId);
 }
@@ -43,15 +63,22 @@ fn state_dir(checkpoint: &CheckpointStore) -> CheckpointStore {
     checkpoint.child("state")
 }
 
-fn file_name(time_ms: i64, index: usize) -> String {
-    format!("{time_ms:020}-{index}.state")
+fn file_name(time_ms: i64, index: usize, kind: SnapshotKind) -> String {
+    format!("{time_ms:020}-{index}{}", kind.suffix())
 }
 
-fn parse_time(name: &str) -> Option<i64> {
-    name.strip_suffix(".state")?.split('-').next()?.parse().ok()
+/// `(time, operator index, kind)` of a state file name.
+fn parse_name(name: &str) -> Option<(i64, usize, SnapshotKind)> {
+    let (stem, kind) = if let Some(stem) = name.strip_suffix(".state") {
+        (stem, SnapshotKind::Full)
+    } else {
+        (name.strip_suffix(".delta")?, SnapshotKind::Delta)
+    };
+    let (time, index) = stem.split_once('-')?;
+    Some((time.parse().ok()?, index.parse().ok()?, kind))
 }
 
-/// Writes every operator's state of `instance` for `time_ms`.
+/// Writes every operator's state (or delta) of `instance` for `time_ms`.
 pub(crate) fn snapshot_all(
     checkpoint: &CheckpointStore,
     instance: InstanceId,
@@ -60,72 +87,89 @@ pub(crate) fn snapshot_all(
 ) -> Result<()> {
     let dir = state_dir(checkpoint);
     for (index, op) in ops.iter().enumerate() {
-        if let Some(mut bytes) = op.snapshot(instance, time_ms)? {
+        if let Some((kind, mut bytes)) = op.snapshot(instance, time_ms)? {
             let crc = crc32c::crc32c(&bytes);
             bytes.extend_from_slice(&crc.to_le_bytes());
-            dir.put_replace(&file_name(time_ms, index), &bytes)?;
+            dir.put_replace(&file_name(time_ms, index, kind), &bytes)?;
         }
     }
     Ok(())
 }
 
-/// Restores every operator from the snapshots of the last completed batch (a newer snapshot
-/// belongs to a batch that did not complete and will re-run).
+fn read_checked(dir: &CheckpointStore, name: String) -> Result<Vec<u8>> {
+    let mut bytes = dir.get(&name)?;
+    if bytes.len() < 4 {
+        return Err(Error::CorruptMetadata {
+            file: name,
+            detail: "too short".into(),
+        });
+    }
+    let crc = bytes.split_off(bytes.len() - 4);
+    if crc32c::crc32c(&bytes) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+        return Err(Error::CorruptMetadata {
+            file: name,
+            detail: "CRC-32C mismatch".into(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Restores every operator to the last completed batch: its newest full snapshot at or before
+/// that batch, then its deltas up to the batch (newer files belong to a batch that did not
+/// complete and will re-run). A batch with no delta file changed nothing.
 pub(crate) fn restore_all(
     checkpoint: &CheckpointStore,
     instance: InstanceId,
     last_completed: Option<i64>,
     ops: &[Arc<dyn StatefulOp>],
 ) -> Result<()> {
-    let Some(time_ms) = last_completed else { return Ok(()) };
+    let Some(last) = last_completed else { return Ok(()) };
     if ops.is_empty() {
         return Ok(());
     }
     let dir = state_dir(checkpoint);
-    let names = dir.list()?;
+    let files: Vec<(i64, usize, SnapshotKind)> = dir.list()?.iter().filter_map(|n| parse_name(n)).collect();
     for (index, op) in ops.iter().enumerate() {
-        let name = file_name(time_ms, index);
-        if !names.contains(&name) {
+        let mut mine: Vec<(i64, SnapshotKind)> = files
+            .iter()
+            .filter(|(t, i, _)| *i == index && *t <= last)
+            .map(|(t, _, k)| (*t, *k))
+            .collect();
+        mine.sort_unstable_by_key(|(t, k)| (*t, *k == SnapshotKind::Delta));
+        let Some(base) = mine.iter().rposition(|(_, k)| *k == SnapshotKind::Full) else {
             tracing::warn!(
                 operator = index,
-                batch = time_ms,
+                batch = last,
                 "no state snapshot for this operator; it starts empty"
             );
             continue;
-        }
-        let bytes = dir.get(&name)?;
-        if bytes.len() < 4 {
-            return Err(Error::CorruptMetadata {
-                file: name,
-                detail: "too short".into(),
-            });
-        }
-        let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-            return Err(Error::CorruptMetadata {
-                file: name,
-                detail: "CRC-32C mismatch".into(),
-            });
-        }
-        op.restore(instance, time_ms, body)?;
+        };
+        let chain = mine[base..]
+            .iter()
+            .filter(|(t, k)| *k == SnapshotKind::Full || *t > mine[base].0)
+            .map(|(t, k)| Ok((*t, *k, read_checked(&dir, file_name(*t, index, *k))?)))
+            .collect::<Result<Vec<_>>>()?;
+        op.restore(instance, &chain)?;
     }
     Ok(())
 }
 
-/// Deletes snapshots older than the one before `latest_ms`.
+/// Deletes the state files no restore to `latest_ms` (the batch just completed) needs: per
+/// operator, everything before its newest full snapshot at or before that batch.
 pub(crate) fn cleanup_snapshots(checkpoint: &CheckpointStore, latest_ms: i64) -> Result<()> {
     let dir = state_dir(checkpoint);
     let names = dir.list()?;
-    let mut times: Vec<i64> = names
-        .iter()
-        .filter_map(|n| parse_time(n))
-        .filter(|t| *t < latest_ms)
-        .collect();
-    times.sort_unstable();
-    times.dedup();
-    let Some(&keep) = times.last() else { return Ok(()) };
+    let mut newest_full: HashMap<usize, i64> = HashMap::new();
+    for (t, i, k) in names.iter().filter_map(|n| parse_name(n)) {
+        if k == SnapshotKind::Full && t <= latest_ms {
+            let slot = newest_full.entry(i).or_insert(t);
+            *slot = (*slot).max(t);
+        }
+    }
     for name in names {
-        if parse_time(&name).is_some_and(|t| t < keep) {
+        if let Some((t, i, _)) = parse_name(&name)
+            && newest_full.get(&i).is_some_and(|keep| t < *keep)
+        {
             dir.delete(&name)?;
         }
     }
@@ -144,6 +188,7 @@ struct UpdateStateNode<K, V, S> {
     parent: Arc<dyn Node<(K, V)>>,
     update: Arc<UpdateFn<K, V, S>>,
     partitions: usize,
+    keys_hint: MapSizeHint,
     state: Mutex<HashMap<InstanceId, StateTable<K, S>>>,
     cache: StageCache<(K, S)>,
 }
@@ -157,7 +202,7 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
         if self.cache.get(env).is_some() {
             return Ok(());
         }
-        let grouped = combine_by_key(env, &*self.parent, &Group::new(), self.partitions)?;
+        let grouped = combine_by_key(env, &*self.parent, &Group::new(), self.partitions, &self.keys_hint)?;
         let previous = {
             let tables = self.state.lock().expect("state");
             let table = tables.get(&env.instance);
@@ -265,7 +310,7 @@ where
     V: Data,
     S: Data + Clone + Serialize + DeserializeOwned,
 {
-    fn snapshot(&self, instance: InstanceId, time_ms: i64) -> Result<Option<Vec<u8>>> {
+    fn snapshot(&self, instance: InstanceId, time_ms: i64) -> Result<Option<(SnapshotKind, Vec<u8>)>> {
         let tables = self.state.lock().expect("state");
         let Some(table) = tables.get(&instance).filter(|t| t.time_ms == Some(time_ms)) else {
             return Ok(None);
@@ -277,11 +322,16 @@ where
             entries,
         };
         serde_json::to_vec(&snapshot)
-            .map(Some)
+            .map(|bytes| Some((SnapshotKind::Full, bytes)))
             .map_err(|e| Error::Internal(format!("cannot encode state: {e}")))
     }
 
-    fn restore(&self, instance: InstanceId, time_ms: i64, bytes: &[u8]) -> Result<()> {
+    fn restore(&self, instance: InstanceId, chain: &[(i64, SnapshotKind, Vec<u8>)]) -> Result<()> {
+        // Every batch writes a full snapshot: the newest is the state.
+        let Some((time_ms, _, bytes)) = chain.iter().rev().find(|(_, k, _)| *k == SnapshotKind::Full) else {
+            return Ok(());
+        };
+        let time_ms = *time_ms;
         let snapshot: Snapshot<K, S> = serde_json::from_slice(bytes).map_err(|e| Error::CorruptMetadata {
             file: format!("state snapshot of batch {time_ms}"),
             detail: format!("cannot decode (did the key or state type change?): {e}"),
@@ -333,6 +383,7 @@ where
             parent: self.node.clone(),
             update: Arc::new(update),
             partitions,
+            keys_hint: MapSizeHint::default(),
             state: Mutex::new(HashMap::new()),
             cache: StageCache::default(),
         });

@@ -164,6 +164,15 @@ impl<K: Hash + Eq, A> CombineMap<K, A> {
         Self::default()
     }
 
+    /// An empty map with room for `keys` keys (a map that grows from empty rehashes its way
+    /// there, which costs a map-side combine about as much as the lookups themselves).
+    #[must_use]
+    pub fn with_capacity(keys: usize) -> Self {
+        Self {
+            slots: FxHashMap::with_capacity_and_hasher(keys, FxBuildHasher),
+        }
+    }
+
     /// Number of keys.
     #[must_use]
     pub fn len(&self) -> usize {
@@ -297,7 +306,8 @@ where
     columns
         .into_par_iter()
         .map(|column| {
-            let mut out = CombineMap::new();
+            let largest = column.iter().map(Vec::len).max().unwrap_or(0);
+            let mut out = CombineMap::with_capacity(largest);
             for (k, acc) in column.into_iter().flatten() {
                 out.merge_acc(k, acc, &merge);
             }

@@ -221,12 +221,15 @@ impl BlockGeneratorConfig {
     /// Default records per block.
     pub const DEFAULT_MAX_BLOCK_RECORDS: usize = 500_000;
     /// Default memory per buffered block: with the default queue the generator holds at most
-    /// 12 × 16 MiB = 192 MiB (about 6.5 MiB of payload per block for 100-byte records). Smaller
-    /// blocks cost batch throughput: each block is a task with its own map-side combine
-    /// (`docs/benchmarks.md` has the figures for 8, 16 and 40 MiB).
+    /// 3 × 16 MiB = 48 MiB (about 6.5 MiB of payload per block for 100-byte records). Each block
+    /// is a task with its own map-side combine, so smaller blocks cost batch throughput
+    /// (`docs/benchmarks.md` has the figures for 8 and 16 MiB).
     pub const DEFAULT_MAX_BLOCK_BYTES: usize = 16 << 20;
-    /// Default queue capacity (Spark's `spark.streaming.blockQueueSize`).
-    pub const DEFAULT_QUEUE_CAPACITY: usize = 10;
+    /// Default queue capacity. Spark's `spark.streaming.blockQueueSize` is 10; the engine's store
+    /// applies its own backpressure (the ingest gate), so the queue only has to keep the block
+    /// handler busy — one block waiting while another is stored — and every queued block is
+    /// memory.
+    pub const DEFAULT_QUEUE_CAPACITY: usize = 1;
     /// Default store attempts per block (Spark's Kinesis receiver).
     pub const DEFAULT_MAX_PUSH_ATTEMPTS: u32 = 4;
     /// Default backoff unit between store attempts.

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use sluice_blockstore::{Position, Record, Replay, SequenceNumber};
+use sluice_blockstore::{Position, Record, Replay, SequenceNumber, StorageLevel};
 
 /// Where a reader starts in a shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +169,17 @@ pub trait Source: Replay + fmt::Debug {
     /// How the shard-reading loop paces reads of one shard of this source.
     fn read_pacing(&self) -> ReadPacing {
         ReadPacing::default()
+    }
+    /// The storage level the engine stores this source's blocks at unless told otherwise.
+    ///
+    /// Every block can be rebuilt by replaying its ranges from the source, so copies beyond
+    /// memory only make a lost block cheaper to get back. A source whose replay costs about what
+    /// reading a stored copy costs (the local log: the same local disk) returns
+    /// [`StorageLevel::MEMORY_ONLY`]; a remote one whose reads are metered (Kinesis: 5 reads/s
+    /// and 2 MB/s per shard) keeps a local disk copy — the default,
+    /// [`StorageLevel::MEMORY_AND_DISK`].
+    fn default_storage_level(&self) -> StorageLevel {
+        StorageLevel::MEMORY_AND_DISK
     }
     /// The shards of the stream.
     ///

@@ -465,6 +465,11 @@ impl Source for LocalStream {
         self.name()
     }
 
+    /// Replaying a range reads the same local disk a stored copy would be read from.
+    fn default_storage_level(&self) -> sluice_blockstore::StorageLevel {
+        sluice_blockstore::StorageLevel::MEMORY_ONLY
+    }
+
     fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError> {
         Ok(self.load_meta()?.shards.iter().map(ShardMeta::info).collect())
     }

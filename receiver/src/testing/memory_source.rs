@@ -296,6 +296,10 @@ impl Source for MemorySource {
         &self.inner.stream
     }
 
+    fn default_storage_level(&self) -> sluice_blockstore::StorageLevel {
+        sluice_blockstore::StorageLevel::MEMORY_ONLY
+    }
+
     fn read_pacing(&self) -> ReadPacing {
         self.inner.pacing
     }

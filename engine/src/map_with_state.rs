@@ -1,0 +1,603 @@
+//! `map_with_state`: per-key state whose cost grows with the batch, not with the state.
+//!
+//! [`update_state_by_key`](crate::DStream::update_state_by_key) calls its function for every key
+//! that has a state, every batch, and snapshots the whole state every batch: a batch costs
+//! O(total state). `map_with_state` (Spark 1.6's answer) touches only the keys that have new
+//! values in the batch — and, with a timeout, the keys that have been idle for it — and writes
+//! only what the batch changed:
+//!
+//! - the state lives in per-partition hash maps updated in place;
+//! - idle keys are found through per-partition buckets of "last touched" times, so finding the
+//!   ones that time out costs what was touched, not what is held;
+//! - each batch writes a **delta** (the keys it changed or removed), and a full snapshot every
+//!   [`StateSpec::full_snapshot_every`] batches; a restart restores the newest full snapshot at
+//!   or before the last completed batch and applies the deltas after it.
+//!
+//! The function sees each key once per batch with all its new values in arrival order (within a
+//! task; tasks in order), and returns what the mapped stream emits for that key, if anything.
+
+use std::collections::{BTreeMap, HashMap};
+use std::marker::PhantomData;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sluice_operators::shuffle::{Group, partition_of};
+
+use crate::dstream::{DStream, Data, Key, MapSizeHint, StageCache, combine_by_key};
+use crate::graph::{BatchEnv, InstanceId, JobError, Node, Scope, TaskError};
+use crate::state::{SnapshotKind, StatefulOp};
+use crate::tracker::TrackedBlock;
+use crate::{Error, Result};
+
+/// Default [`StateSpec::full_snapshot_every`]: a full snapshot every 10 batches (Spark
+/// checkpoints `mapWithState` state every 10 batches by default).
+pub const DEFAULT_FULL_SNAPSHOT_EVERY: usize = 10;
+
+/// One key's state as the `map_with_state` function sees it.
+#[derive(Debug)]
+pub struct State<'a, S> {
+    slot: &'a mut Option<S>,
+    changed: bool,
+    timing_out: bool,
+}
+
+impl<S> State<'_, S> {
+    /// The current state, if the key has one.
+    pub fn get(&self) -> Option<&S> {
+        self.slot.as_ref()
+    }
+
+    /// Whether the key has a state.
+    pub fn exists(&self) -> bool {
+        self.slot.is_some()
+    }
+
+    /// Replaces the state.
+    ///
+    /// # Panics
+    /// When the key is timing out (its state is removed after this call, as in Spark).
+    pub fn update(&mut self, state: S) {
+        assert!(!self.timing_out, "a timing-out state cannot be updated");
+        *self.slot = Some(state);
+        self.changed = true;
+    }
+
+    /// Removes the state.
+    pub fn remove(&mut self) {
+        if self.slot.take().is_some() {
+            self.changed = true;
+        }
+    }
+
+    /// Whether this call is the key's timeout: no new values, and the state goes after it.
+    pub fn is_timing_out(&self) -> bool {
+        self.timing_out
+    }
+}
+
+type MapFn<K, V, S, O> = dyn Fn(&K, Vec<V>, &mut State<'_, S>) -> Option<O> + Send + Sync;
+
+/// What `map_with_state` does: the function, and optional settings.
+///
+/// ```no_run
+/// # fn demo(words: sluice_engine::DStream<(String, u64)>) {
+/// use sluice_engine::StateSpec;
+/// // Running totals; a word not seen for 100 batches is dropped (and its total emitted).
+/// let totals = words.map_with_state(
+///     StateSpec::new(|word: &String, counts: Vec<u64>, state| {
+///         if state.is_timing_out() {
+///             return state.get().map(|total| (word.clone(), *total));
+///         }
+///         let total = state.get().copied().unwrap_or(0) + counts.iter().sum::<u64>();
+///         state.update(total);
+///         Some((word.clone(), total))
+///     })
+///     .timeout(100),
+/// );
+/// totals.print(10);
+/// # }
+/// ```
+pub struct StateSpec<K, V, S, O> {
+    f: Arc<MapFn<K, V, S, O>>,
+    timeout_batches: Option<usize>,
+    full_snapshot_every: usize,
+    partitions: Option<usize>,
+}
+
+impl<K, V, S, O> StateSpec<K, V, S, O> {
+    /// A spec calling `f(key, new_values, state)` for every key with new values in a batch.
+    pub fn new(f: impl Fn(&K, Vec<V>, &mut State<'_, S>) -> Option<O> + Send + Sync + 'static) -> Self {
+        Self {
+            f: Arc::new(f),
+            timeout_batches: None,
+            full_snapshot_every: DEFAULT_FULL_SNAPSHOT_EVERY,
+            partitions: None,
+        }
+    }
+
+    /// Removes a key's state after it got no value for `batches` batches; `f` is called once
+    /// more for it, with no values and [`State::is_timing_out`] true.
+    ///
+    /// # Panics
+    /// If `batches` is 0.
+    #[must_use]
+    pub fn timeout(mut self, batches: usize) -> Self {
+        assert!(batches > 0, "a timeout is at least one batch");
+        self.timeout_batches = Some(batches);
+        self
+    }
+
+    /// Writes a full snapshot every `batches` batches, deltas in between (default 10). A restart
+    /// reads at most this many files per operator.
+    ///
+    /// # Panics
+    /// If `batches` is 0.
+    #[must_use]
+    pub fn full_snapshot_every(mut self, batches: usize) -> Self {
+        assert!(batches > 0, "at least every batch");
+        self.full_snapshot_every = batches;
+        self
+    }
+
+    /// Partitions of the state (default: the context's shuffle partitions).
+    #[must_use]
+    pub fn partitions(mut self, partitions: usize) -> Self {
+        self.partitions = Some(partitions.max(1));
+        self
+    }
+}
+
+/// One key's state and the batch that last touched it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct Entry<S> {
+    state: S,
+    touched_ms: i64,
+}
+
+/// One partition of the state.
+struct Part<K, S> {
+    entries: FxHashMap<K, Entry<S>>,
+    /// Keys by the batch that touched them (a key may also sit in older buckets; the entry's
+    /// `touched_ms` says which one counts).
+    touched: BTreeMap<i64, Vec<K>>,
+}
+
+impl<K, S> Default for Part<K, S> {
+    fn default() -> Self {
+        Self {
+            entries: FxHashMap::default(),
+            touched: BTreeMap::new(),
+        }
+    }
+}
+
+/// The state of one instance.
+struct Table<K, S> {
+    /// The batch the state is at.
+    time_ms: Option<i64>,
+    parts: Vec<Part<K, S>>,
+    /// What the last batch changed: key → new entry (`None`: removed). Written as its delta.
+    changes: DeltaData<K, S>,
+    /// Batches since the last full snapshot (`None`: none yet since start or restore).
+    since_full: Option<usize>,
+}
+
+impl<K, S> Table<K, S> {
+    fn new(partitions: usize) -> Self {
+        Self {
+            time_ms: None,
+            parts: (0..partitions).map(|_| Part::default()).collect(),
+            changes: Vec::new(),
+            since_full: None,
+        }
+    }
+}
+
+struct MapWithStateNode<K, V, S, O> {
+    parent: Arc<dyn Node<(K, V)>>,
+    f: Arc<MapFn<K, V, S, O>>,
+    timeout_batches: Option<usize>,
+    full_snapshot_every: usize,
+    partitions: usize,
+    keys_hint: MapSizeHint,
+    tables: Mutex<HashMap<InstanceId, Table<K, S>>>,
+    cache: StageCache<O>,
+}
+
+/// What one partition's update produced.
+struct PartOutput<K, S, O> {
+    out: Vec<O>,
+    changes: DeltaData<K, S>,
+}
+
+fn panicked(env: &BatchEnv, partition: usize, payload: &Box<dyn std::any::Any + Send>) -> JobError {
+    JobError {
+        time_ms: env.time_ms,
+        partition,
+        attempts: 1,
+        error: TaskError::from_panic(payload),
+    }
+}
+
+impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> MapWithStateNode<K, V, S, O> {
+    /// Updates one partition in place: keys with new values, then keys that time out.
+    fn update_part(
+        &self,
+        part: &mut Part<K, S>,
+        new_values: sluice_operators::shuffle::CombineMap<K, Vec<V>>,
+        env: &BatchEnv,
+    ) -> PartOutput<K, S, O> {
+        let f = &*self.f;
+        let now = env.time_ms;
+        let mut out = Vec::new();
+        let mut changes = Vec::new();
+        let mut touched = Vec::with_capacity(if self.timeout_batches.is_some() {
+            new_values.len()
+        } else {
+            0
+        });
+        for (key, values) in new_values {
+            let mut slot = part.entries.remove(&key).map(|e| e.state);
+            let had = slot.is_some();
+            let mut state = State {
+                slot: &mut slot,
+                changed: false,
+                timing_out: false,
+            };
+            if let Some(o) = f(&key, values, &mut state) {
+                out.push(o);
+            }
+            let updated = state.changed;
+            match slot {
+                Some(state) => {
+                    let entry = Entry { state, touched_ms: now };
+                    if updated || !had {
+                        changes.push((key.clone(), Some(entry.clone())));
+                    }
+                    if self.timeout_batches.is_some() {
+                        touched.push(key.clone());
+                    }
+                    part.entries.insert(key, entry);
+                }
+                None if had => changes.push((key, None)),
+                None => {}
+            }
+        }
+        // Idle keys are only looked for with a timeout: without one, nothing is kept per batch.
+        if self.timeout_batches.is_some() && !touched.is_empty() {
+            part.touched.insert(now, touched);
+        }
+        if let Some(timeout) = self.timeout_batches {
+            let cutoff = now - timeout as i64 * env.interval_ms;
+            let idle: Vec<i64> = part.touched.range(..=cutoff).map(|(t, _)| *t).collect();
+            for t in idle {
+                for key in part.touched.remove(&t).unwrap_or_default() {
+                    // Touched again later: it sits in a newer bucket too.
+                    if part.entries.get(&key).is_none_or(|e| e.touched_ms != t) {
+                        continue;
+                    }
+                    let entry = part.entries.remove(&key).expect("checked above");
+                    let mut slot = Some(entry.state);
+                    let mut state = State {
+                        slot: &mut slot,
+                        changed: false,
+                        timing_out: true,
+                    };
+                    if let Some(o) = f(&key, Vec::new(), &mut state) {
+                        out.push(o);
+                    }
+                    changes.push((key, None));
+                }
+            }
+        }
+        PartOutput { out, changes }
+    }
+}
+
+impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> Node<O> for MapWithStateNode<K, V, S, O> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.cache.num_partitions(env)
+    }
+
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        if self.cache.get(env).is_some() {
+            return Ok(());
+        }
+        let grouped = combine_by_key(env, &*self.parent, &Group::new(), self.partitions, &self.keys_hint)?;
+        // Take the table out: partitions are updated in parallel, in place.
+        let mut table = {
+            let mut tables = self.tables.lock().expect("state");
+            let table = tables
+                .remove(&env.instance)
+                .unwrap_or_else(|| Table::new(self.partitions));
+            if table.time_ms.is_some_and(|t| t >= env.time_ms) {
+                let at = table.time_ms;
+                tables.insert(env.instance, table);
+                return Err(JobError {
+                    time_ms: env.time_ms,
+                    partition: 0,
+                    attempts: 1,
+                    error: TaskError::Panicked {
+                        message: format!("state is already at batch {at:?}; batches must run in order"),
+                    },
+                });
+            }
+            table
+        };
+        let outputs: Vec<std::thread::Result<PartOutput<K, S, O>>> = env.runner.pool.install(|| {
+            table
+                .parts
+                .par_iter_mut()
+                .zip(grouped.into_par_iter())
+                .map(|(part, new_values)| {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.update_part(part, new_values, env)))
+                })
+                .collect()
+        });
+        let mut parts_out = Vec::with_capacity(outputs.len());
+        let mut changes = Vec::new();
+        for (q, output) in outputs.into_iter().enumerate() {
+            match output {
+                Ok(p) => {
+                    changes.extend(p.changes);
+                    parts_out.push(p.out);
+                }
+                Err(payload) => {
+                    // A panic may have left a partition half updated: the state is unusable until
+                    // it is restored (the batch fails; after a restart it re-runs from the snapshot).
+                    return Err(panicked(env, q, &payload));
+                }
+            }
+        }
+        table.time_ms = Some(env.time_ms);
+        table.changes = changes;
+        self.tables.lock().expect("state").insert(env.instance, table);
+        self.cache.put(env, parts_out);
+        Ok(())
+    }
+
+    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut(O)) -> Result<(), TaskError> {
+        self.cache.emit(env, p, emit)
+    }
+
+    fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
+        None
+    }
+
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.cache.forget_up_to(instance, time_ms);
+        self.parent.forget(instance, time_ms);
+    }
+}
+
+/// A state file: every `(key, entry)` (full), or every `(key, entry or None if removed)` a
+/// batch changed (delta).
+#[derive(Serialize, serde::Deserialize)]
+struct Snapshot<T> {
+    version: u32,
+    time_ms: i64,
+    data: T,
+}
+
+type FullData<K, S> = Vec<(K, Entry<S>)>;
+type DeltaData<K, S> = Vec<(K, Option<Entry<S>>)>;
+
+const SNAPSHOT_VERSION: u32 = 1;
+
+fn decode<T: DeserializeOwned>(time_ms: i64, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::CorruptMetadata {
+        file: format!("map_with_state snapshot of batch {time_ms}"),
+        detail: format!("cannot decode (did the key or state type change?): {e}"),
+    })
+}
+
+impl<K, V, S, O> StatefulOp for MapWithStateNode<K, V, S, O>
+where
+    K: Key + Serialize + DeserializeOwned,
+    V: Data,
+    S: Data + Clone + Serialize + DeserializeOwned,
+    O: Data + Clone,
+{
+    fn snapshot(&self, instance: InstanceId, time_ms: i64) -> Result<Option<(SnapshotKind, Vec<u8>)>> {
+        let mut tables = self.tables.lock().expect("state");
+        let Some(table) = tables.get_mut(&instance).filter(|t| t.time_ms == Some(time_ms)) else {
+            return Ok(None);
+        };
+        let encode = |e: serde_json::Error| Error::Internal(format!("cannot encode state: {e}"));
+        let full = table.since_full.is_none_or(|n| n + 1 >= self.full_snapshot_every);
+        if full {
+            table.since_full = Some(0);
+            let entries: Vec<(&K, &Entry<S>)> = table.parts.iter().flat_map(|p| p.entries.iter()).collect();
+            let snapshot = Snapshot {
+                version: SNAPSHOT_VERSION,
+                time_ms,
+                data: entries,
+            };
+            return serde_json::to_vec(&snapshot)
+                .map(|b| Some((SnapshotKind::Full, b)))
+                .map_err(encode);
+        }
+        table.since_full = table.since_full.map(|n| n + 1);
+        if table.changes.is_empty() {
+            return Ok(None);
+        }
+        let snapshot = Snapshot {
+            version: SNAPSHOT_VERSION,
+            time_ms,
+            data: &table.changes,
+        };
+        serde_json::to_vec(&snapshot)
+            .map(|b| Some((SnapshotKind::Delta, b)))
+            .map_err(encode)
+    }
+
+    fn restore(&self, instance: InstanceId, chain: &[(i64, SnapshotKind, Vec<u8>)]) -> Result<()> {
+        let mut table = Table::new(self.partitions);
+        for (time_ms, kind, bytes) in chain {
+            match kind {
+                SnapshotKind::Full => {
+                    let full: Snapshot<FullData<K, S>> = decode(*time_ms, bytes)?;
+                    check_version(full.version, *time_ms)?;
+                    table = Table::new(self.partitions);
+                    for (key, entry) in full.data {
+                        table.put(key, Some(entry), self.partitions, self.timeout_batches.is_some());
+                    }
+                }
+                SnapshotKind::Delta => {
+                    let delta: Snapshot<DeltaData<K, S>> = decode(*time_ms, bytes)?;
+                    check_version(delta.version, *time_ms)?;
+                    for (key, entry) in delta.data {
+                        table.put(key, entry, self.partitions, self.timeout_batches.is_some());
+                    }
+                }
+            }
+            table.time_ms = Some(*time_ms);
+        }
+        // The next snapshot is a full one: the chain restored from may be cleaned up after it.
+        table.since_full = None;
+        self.tables.lock().expect("state").insert(instance, table);
+        Ok(())
+    }
+
+    fn drop_instance(&self, instance: InstanceId) {
+        self.tables.lock().expect("state").remove(&instance);
+    }
+}
+
+fn check_version(version: u32, time_ms: i64) -> Result<()> {
+    if version == SNAPSHOT_VERSION {
+        Ok(())
+    } else {
+        Err(Error::CorruptMetadata {
+            file: format!("map_with_state snapshot of batch {time_ms}"),
+            detail: format!("snapshot version {version} is not {SNAPSHOT_VERSION}"),
+        })
+    }
+}
+
+impl<K: Key, S> Table<K, S> {
+    /// Sets (or with `None` removes) a key's entry while restoring; `timeouts`: keep the
+    /// "last touched" buckets.
+    fn put(&mut self, key: K, entry: Option<Entry<S>>, partitions: usize, timeouts: bool) {
+        let part = &mut self.parts[partition_of(&key, partitions)];
+        match entry {
+            Some(entry) => {
+                if timeouts {
+                    part.touched.entry(entry.touched_ms).or_default().push(key.clone());
+                }
+                part.entries.insert(key, entry);
+            }
+            None => {
+                part.entries.remove(&key);
+            }
+        }
+    }
+}
+
+/// The stream `map_with_state` returns: what the function emitted for each batch (it derefs to
+/// that [`DStream`]), and the state itself through
+/// [`state_snapshots`](Self::state_snapshots).
+pub struct MapWithStateStream<K, S, O> {
+    mapped: DStream<O>,
+    snapshots: DStream<(K, S)>,
+}
+
+impl<K, S, O> Deref for MapWithStateStream<K, S, O> {
+    type Target = DStream<O>;
+    fn deref(&self) -> &DStream<O> {
+        &self.mapped
+    }
+}
+
+impl<K, S, O> MapWithStateStream<K, S, O> {
+    /// The stream of mapped values.
+    pub fn mapped(&self) -> DStream<O> {
+        self.mapped.clone()
+    }
+
+    /// Every key's state after each batch (Spark's `stateSnapshots`). Reading it costs the
+    /// whole state per batch — use it where that is what you want.
+    pub fn state_snapshots(&self) -> DStream<(K, S)> {
+        self.snapshots.clone()
+    }
+}
+
+/// The whole state of a [`MapWithStateNode`] after each batch.
+struct StateSnapshotsNode<K, V, S, O> {
+    of: Arc<MapWithStateNode<K, V, S, O>>,
+    _types: PhantomData<fn() -> (K, S)>,
+}
+
+impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> Node<(K, S)> for StateSnapshotsNode<K, V, S, O> {
+    fn num_partitions(&self, _env: &BatchEnv) -> usize {
+        self.of.partitions
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        self.of.prepare(env)
+    }
+    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut((K, S))) -> Result<(), TaskError> {
+        let tables = self.of.tables.lock().expect("state");
+        if let Some(part) = tables.get(&env.instance).and_then(|t| t.parts.get(p)) {
+            for (k, e) in &part.entries {
+                emit((k.clone(), e.state.clone()));
+            }
+        }
+        Ok(())
+    }
+    fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
+        None
+    }
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.of.forget(instance, time_ms);
+    }
+}
+
+impl<K, V> DStream<(K, V)>
+where
+    K: Key + Serialize + DeserializeOwned,
+    V: Data,
+{
+    /// Keeps a state per key and maps each batch through it, touching only the keys that have
+    /// new values (or time out): a batch costs what it holds, not what the state holds, and each
+    /// batch writes only the keys it changed (see the [module docs](crate::map_with_state)).
+    /// Spark's `mapWithState`. The function must be deterministic: a re-run batch (after a
+    /// restart, or by the worker that adopts a dead one) must reproduce its state and output.
+    ///
+    /// A panic in the function fails the batch and stops the stream (the state may be half
+    /// updated; after a fix and a restart the batch re-runs from the last snapshot).
+    pub fn map_with_state<S, O>(&self, spec: StateSpec<K, V, S, O>) -> MapWithStateStream<K, S, O>
+    where
+        S: Data + Clone + Serialize + DeserializeOwned,
+        O: Data + Clone,
+    {
+        let partitions = spec.partitions.unwrap_or_else(|| self.graph.default_partitions());
+        let node = Arc::new(MapWithStateNode {
+            parent: self.node.clone(),
+            f: spec.f,
+            timeout_batches: spec.timeout_batches,
+            full_snapshot_every: spec.full_snapshot_every,
+            partitions,
+            keys_hint: MapSizeHint::default(),
+            tables: Mutex::new(HashMap::new()),
+            cache: StageCache::default(),
+        });
+        self.graph.add_stateful(node.clone());
+        MapWithStateStream {
+            mapped: DStream {
+                node: node.clone(),
+                graph: self.graph.clone(),
+            },
+            snapshots: DStream {
+                node: Arc::new(StateSnapshotsNode {
+                    of: node,
+                    _types: PhantomData,
+                }),
+                graph: self.graph.clone(),
+            },
+        }
+    }
+}

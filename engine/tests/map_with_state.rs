@@ -1,0 +1,150 @@
+//! `map_with_state`: running totals equal the reference, the function sees only keys with new
+//! values, idle keys time out, and state survives a crash through full snapshots plus deltas.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use sluice_engine::{DStream, StateSpec};
+use sluice_operators::bench_data;
+
+mod support;
+
+use support::{DRAIN_TIMEOUT, STREAM, context, fill_log, receiver_config, words};
+
+type Totals = Arc<Mutex<HashMap<String, u64>>>;
+type PerBatch = Arc<Mutex<Vec<usize>>>;
+type Keys = Arc<Mutex<HashSet<String>>>;
+
+/// Word totals through `map_with_state`; returns (totals after the last batch, how many keys the
+/// function emitted per batch, keys that timed out).
+fn totals(lines: &DStream<Bytes>, spec_timeout: Option<usize>, full_every: usize) -> (Totals, PerBatch, Keys) {
+    let timed_out: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let t = timed_out.clone();
+    let mut spec = StateSpec::new(move |word: &String, counts: Vec<u64>, state| {
+        if state.is_timing_out() {
+            t.lock().unwrap().insert(word.clone());
+            return None;
+        }
+        let total = state.get().copied().unwrap_or(0) + counts.iter().sum::<u64>();
+        state.update(total);
+        Some((word.clone(), total))
+    })
+    .full_snapshot_every(full_every);
+    if let Some(batches) = spec_timeout {
+        spec = spec.timeout(batches);
+    }
+    let mapped = lines.flat_map(words).count_by_value().map_with_state(spec);
+    let touched_per_batch: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let touched = touched_per_batch.clone();
+    mapped.foreach_batch(move |_t, out: Vec<(String, u64)>| {
+        touched.lock().unwrap().push(out.len());
+        Ok(())
+    });
+    let latest: Totals = Arc::default();
+    let keep = latest.clone();
+    mapped.state_snapshots().foreach_batch(move |_t, all| {
+        *keep.lock().unwrap() = all.into_iter().collect();
+        Ok(())
+    });
+    (latest, touched_per_batch, timed_out)
+}
+
+#[test]
+fn running_totals_equal_the_reference_and_only_new_keys_are_touched() {
+    let lines = bench_data::zipf_lines(5_000, 400, 3);
+    let reference = bench_data::reference_word_count(&lines);
+    let dir = tempfile::tempdir().unwrap();
+    fill_log(&dir.path().join("log"), &lines, 2);
+    let ctx = context(&dir.path().join("data"), 100, 2);
+    let stream = ctx
+        .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(20))
+        .unwrap();
+    let (latest, touched, _) = totals(&stream, None, 4);
+    ctx.start().unwrap();
+    assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
+    ctx.stop(true).unwrap();
+    assert_eq!(*latest.lock().unwrap(), reference);
+    // Batches after the data was read touch nothing: the function saw only keys with values.
+    let touched = touched.lock().unwrap();
+    assert!(touched.contains(&0), "idle batches must emit nothing: {touched:?}");
+    assert!(touched.iter().all(|n| *n <= reference.len()));
+}
+
+#[test]
+fn idle_keys_time_out_and_leave_the_state() {
+    let lines = bench_data::zipf_lines(2_000, 200, 5);
+    let reference = bench_data::reference_word_count(&lines);
+    let dir = tempfile::tempdir().unwrap();
+    fill_log(&dir.path().join("log"), &lines, 2);
+    let ctx = context(&dir.path().join("data"), 50, 2);
+    let stream = ctx
+        .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(20))
+        .unwrap();
+    let (latest, _, timed_out) = totals(&stream, Some(3), 2);
+    ctx.start().unwrap();
+    assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
+    // Every word goes idle once the log is read: after the timeout every one is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while timed_out.lock().unwrap().len() < reference.len() {
+        assert!(std::time::Instant::now() < deadline, "not every key timed out");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    ctx.stop(true).unwrap();
+    let timed_out = timed_out.lock().unwrap();
+    assert_eq!(
+        timed_out.iter().cloned().collect::<HashSet<_>>(),
+        reference.keys().cloned().collect()
+    );
+    assert!(latest.lock().unwrap().is_empty(), "timed-out keys leave the state");
+}
+
+#[test]
+fn state_survives_crashes_through_full_snapshots_and_deltas() {
+    let lines = bench_data::zipf_lines(6_000, 300, 9);
+    let reference = bench_data::reference_word_count(&lines);
+    let dir = tempfile::tempdir().unwrap();
+    fill_log(&dir.path().join("log"), &lines, 2);
+    let data = dir.path().join("data");
+    // Read slowly so several runs each see part of the log; each run but the last is stopped
+    // without draining (its unprocessed blocks are logged and re-run after the restart).
+    let mut kinds = HashSet::new();
+    for run in 0..4 {
+        let ctx = context(&data, 60, 2);
+        let mut config = receiver_config(20);
+        if run < 3 {
+            // Small pages at 4 000 records/s: every batch gets some.
+            config.max_rate = Some(4_000.0);
+            config.read_max_records = Some(50);
+        }
+        let stream = ctx.local_log_stream(&dir.path().join("log"), STREAM, config).unwrap();
+        let (latest, _, _) = totals(&stream, None, 3);
+        ctx.start().unwrap();
+        if run < 3 {
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            let _ = ctx.stop(false);
+            kinds.extend(state_file_kinds(&data));
+            continue;
+        }
+        assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
+        ctx.stop(true).unwrap();
+        assert_eq!(*latest.lock().unwrap(), reference, "totals after 3 crashes");
+    }
+    // The restores above read deltas on top of full snapshots.
+    assert!(kinds.contains("state") && kinds.contains("delta"), "{kinds:?}");
+}
+
+/// The kinds of state files (`state`, `delta`) under the data directory's checkpoint.
+fn state_file_kinds(data: &std::path::Path) -> HashSet<String> {
+    let mut kinds = HashSet::new();
+    for worker in std::fs::read_dir(data.join("checkpoint").join("workers")).unwrap() {
+        let Ok(files) = std::fs::read_dir(worker.unwrap().path().join("state")) else {
+            continue;
+        };
+        for file in files {
+            let name = file.unwrap().file_name().into_string().unwrap();
+            kinds.insert(name.rsplit('.').next().unwrap().to_owned());
+        }
+    }
+    kinds
+}

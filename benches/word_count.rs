@@ -26,7 +26,6 @@
 //! `SLUICE_BENCH_MAX_BLOCK_BYTES` (block size of section 2).
 
 #[path = "../examples/support/mod.rs"]
-#[allow(dead_code)] // the bench uses the pipeline, not the run loop
 mod support;
 
 use std::collections::HashMap;

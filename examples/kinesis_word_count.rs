@@ -137,10 +137,7 @@ fn load(config: &KinesisConfig, lines: usize, shards: u32) -> anyhow::Result<()>
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    support::init_tracing();
     let args = Args::parse();
     if args.batch_ms == 0 || args.block_ms == 0 {
         bail!("--batch-ms and --block-ms must be at least 1");

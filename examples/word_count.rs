@@ -17,17 +17,14 @@
 
 mod support;
 
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use bytes::Bytes;
+use anyhow::bail;
 use clap::Parser;
 use sluice::engine::StreamingContext;
 use sluice::operators::bench_data;
 use sluice::receiver::ReceiverConfig;
-use sluice::receiver::local_log::LocalLog;
 
 /// Count words in a stream of lines, exactly once, across crashes.
 #[derive(Debug, Parser)]
@@ -64,66 +61,16 @@ struct Args {
 }
 
 const STREAM: &str = "lines";
-const LOADED_MARKER: &str = "loaded";
-
-/// Fills the log once. The marker makes a killed load start over (nothing has been consumed yet:
-/// the stream starts only after loading).
-fn load(args: &Args, log_dir: &Path) -> anyhow::Result<()> {
-    if log_dir.join(LOADED_MARKER).exists() {
-        return Ok(());
-    }
-    for sub in ["log", "checkpoint", "blocks", "replica", "leases", "output"] {
-        let p = args.data_dir.join(sub);
-        if p.exists() {
-            std::fs::remove_dir_all(&p).with_context(|| format!("cannot reset {}", p.display()))?;
-        }
-    }
-    let log = LocalLog::open(log_dir).context("open local log")?;
-    let stream = log.create_stream(STREAM, args.shards).context("create stream")?;
-    let mut producer = stream.producer().context("open producer")?;
-    let mut n: u64 = 0;
-    {
-        let mut put = |line: &str| -> anyhow::Result<()> {
-            n += 1;
-            producer.put(&n.to_string(), Bytes::copy_from_slice(line.as_bytes()))?;
-            Ok(())
-        };
-        if args.files.is_empty() {
-            for line in bench_data::zipf_lines(args.corpus_lines, 50_000, 42) {
-                put(&line)?;
-            }
-        } else {
-            for file in &args.files {
-                let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
-                    Box::new(std::io::stdin().lock())
-                } else {
-                    Box::new(std::io::BufReader::new(
-                        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
-                    ))
-                };
-                for line in reader.lines() {
-                    put(&line?)?;
-                }
-            }
-        }
-    }
-    producer.flush()?;
-    std::fs::write(log_dir.join(LOADED_MARKER), b"")?;
-    eprintln!("loaded {n} lines into {}", log_dir.display());
-    Ok(())
-}
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    support::init_tracing();
     let args = Args::parse();
     if args.batch_ms == 0 || args.block_ms == 0 {
         bail!("--batch-ms and --block-ms must be at least 1");
     }
-    let log_dir = args.data_dir.join("log");
-    load(&args, &log_dir)?;
+    let log_dir = support::load_once(&args.data_dir, STREAM, args.shards, &args.files, || {
+        bench_data::zipf_lines(args.corpus_lines, 50_000, 42)
+    })?;
 
     let mut builder = StreamingContext::builder()
         .batch_interval(Duration::from_millis(args.batch_ms))

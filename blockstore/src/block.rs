@@ -301,6 +301,36 @@ impl Block {
             .collect()
     }
 
+    /// Record `index` alone, rebuilt as a [`Record`] (for one record's error report; use
+    /// [`records`](Self::records) for many).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] if `index` is out of range or the stored sequence number is not
+    /// canonical.
+    pub fn record(&self, index: usize) -> Result<Record> {
+        if index >= self.len() {
+            return Err(Error::Corrupt {
+                id: Some(self.meta.id),
+                detail: format!("record {index} of a block of {}", self.len()),
+            });
+        }
+        let shard = self.batch.column(0).as_string::<i32>();
+        let seq = self.batch.column(1).as_string::<i32>();
+        let sub = self.batch.column(2).as_primitive::<UInt64Type>();
+        let arrival = self.batch.column(4).as_primitive::<TimestampMillisecondType>();
+        let sequence = SequenceNumber::parse(seq.value(index)).map_err(|e| Error::Corrupt {
+            id: Some(self.meta.id),
+            detail: format!("record {index}: {e}"),
+        })?;
+        Ok(Record {
+            shard_id: Arc::from(shard.value(index)),
+            position: Position::new(sequence, sub.value(index)),
+            partition_key: Arc::from(self.partition_keys().value(index)),
+            approximate_arrival_ms: arrival.value(index),
+            data: Bytes::copy_from_slice(self.data().value(index)),
+        })
+    }
+
     /// Encodes the block in its checksummed on-disk form (see [`Block`]).
     ///
     /// # Errors

@@ -296,6 +296,8 @@ pub(crate) struct GraphParts {
     pub listeners: Vec<BatchListener>,
     pub health_listeners: Vec<HealthListener>,
     pub remember_batches: usize,
+    /// Fallible operators named so far, for their stage names (`try_map#<n>`).
+    pub named_stages: usize,
 }
 
 /// The graph under construction, shared by every [`DStream`](crate::DStream) of a context.
@@ -322,6 +324,13 @@ impl GraphBuilder {
         let id = u32::try_from(g.inputs.len()).expect("fewer than 2^32 inputs");
         g.inputs.push(make(id));
         id
+    }
+    /// A stage name for dead letters and metrics: `<operator>#<n>`, `n` counting the fallible
+    /// operators of this graph in the order the program defines them (stable across restarts).
+    pub(crate) fn stage_name(&self, operator: &str) -> Arc<str> {
+        let mut g = self.inner.lock().expect("graph");
+        g.named_stages += 1;
+        Arc::from(format!("{operator}#{}", g.named_stages))
     }
     /// Keeps the blocks of the last `batches` batches (windows read them again after a restart).
     pub(crate) fn remember(&self, batches: usize) {
@@ -639,6 +648,9 @@ impl StreamingContext {
                 if now >= deadline {
                     timed_out = true;
                     shared.stop_requested.store(true, Ordering::SeqCst);
+                    // Abandon the batch in progress between records (it is logged: it re-runs
+                    // after a restart) instead of joining it past the timeout.
+                    shared.runner.cancelled.store(true, Ordering::SeqCst);
                     break;
                 }
                 status = shared
@@ -731,7 +743,7 @@ fn new_runner(config: &StreamingContextBuilder) -> Result<StageRunner> {
             .map_err(|e| Error::Internal(format!("cannot start the executor pool: {e}")))?,
         max_attempts: config.max_task_attempts,
         policy: config.failure_policy,
-        dead_letters: Mutex::new(Vec::new()),
+        cancelled: std::sync::atomic::AtomicBool::new(false),
         task_failures: AtomicU64::new(0),
         task_retries: AtomicU64::new(0),
         tasks: AtomicU64::new(0),
@@ -802,6 +814,7 @@ impl Shared {
                 log: log.clone(),
             }),
             runner: self.runner.clone(),
+            dead_letters: Arc::default(),
         }
     }
 
@@ -1006,7 +1019,9 @@ impl Shared {
             graph.outputs.iter().try_for_each(|op| op.run(&env))
         };
         outputs_result.map_err(|e| Error::Stopped { reason: e.to_string() })?;
-        let dead: Vec<_> = std::mem::take(&mut *self.runner.dead_letters.lock().expect("dead letters"));
+        // This batch's letters only: earlier batches recomputed for a window or state collected
+        // into their own environments (their letters were written when they ran).
+        let dead = env.dead_letters.take();
         self.blocks.write_dead_letters(time_ms, &log.writer, &dead)?;
         let stateful = {
             let graph = self.graph.lock().expect("graph");
@@ -1058,6 +1073,7 @@ impl Shared {
             task_failures: self.runner.task_failures.load(Ordering::Relaxed) - failures_before,
         };
         self.metrics.record_batch(&info);
+        self.metrics.record_dead_letters(&dead);
         let stuck_bound = self.config.stuck_bound.map_or(self.interval_ms * 10, |d| {
             i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
         });

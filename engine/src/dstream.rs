@@ -11,8 +11,12 @@ use std::sync::{Arc, Mutex};
 
 use sluice_operators::shuffle::{CombineMap, Combiner, Reduce, shuffle};
 
+use sluice_blockstore::Block;
+
 use crate::context::GraphBuilder;
+use crate::dead_letters::{RecordCursor, reject};
 use crate::graph::{BatchEnv, InstanceId, JobError, Node, Scope, TaskError};
+use crate::outputs::BoxError;
 use crate::tracker::TrackedBlock;
 
 /// Element types a stream can carry.
@@ -59,7 +63,7 @@ impl<I: Data, O: Data> Node<O> for FlatMapNode<I, O> {
     fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
         self.parent.prepare(env)
     }
-    fn compute(&self, env: &BatchEnv, scope: Scope, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
+    fn compute(&self, env: &BatchEnv, scope: Scope<'_>, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
         let f = &*self.f;
         self.parent.compute(env, scope, p, &mut |x| f(x, emit))
     }
@@ -67,6 +71,179 @@ impl<I: Data, O: Data> Node<O> for FlatMapNode<I, O> {
         self.parent.source_block(env, p)
     }
     fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.parent.forget(instance, time_ms);
+    }
+}
+
+type TryEmitFn<I, O> = dyn Fn(I, Emit<'_, O>) -> Result<(), BoxError> + Send + Sync;
+
+/// Fallible element-wise narrow node (`try_map`, `try_flat_map`, `try_filter`): an `Err` goes to
+/// [`reject`] — the batch's dead letters or a stopping [`TaskError::Rejected`] — and the element
+/// emits nothing.
+struct TryFlatMapNode<I, O> {
+    parent: Arc<dyn Node<I>>,
+    f: Arc<TryEmitFn<I, O>>,
+    stage: Arc<str>,
+}
+
+impl<I: Data, O: Data> Node<O> for TryFlatMapNode<I, O> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.parent.num_partitions(env)
+    }
+    fn active(&self, env: &BatchEnv) -> bool {
+        self.parent.active(env)
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        self.parent.prepare(env)
+    }
+    fn compute(&self, env: &BatchEnv, scope: Scope<'_>, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
+        let f = &*self.f;
+        let mut stopped = None;
+        self.parent.compute(env, scope, p, &mut |x| {
+            if stopped.is_some() {
+                return;
+            }
+            if let Err(error) = f(x, emit) {
+                stopped = reject(env, &self.stage, scope.cursor, &error).err();
+            }
+        })?;
+        stopped.map_or(Ok(()), Err)
+    }
+    fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
+        self.parent.source_block(env, p)
+    }
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.parent.forget(instance, time_ms);
+    }
+}
+
+/// One partition of a cached stream: its elements and, when they came from one input block, the
+/// block and each element's record index (so fallible operators and the per-record fallback
+/// above the cache still know each element's input record).
+struct CachedPartition<T> {
+    block: Option<Arc<Block>>,
+    items: Vec<T>,
+    /// Record index of each item (ascending), when `block` is set.
+    records: Vec<usize>,
+}
+
+impl<T> CachedPartition<T> {
+    fn new() -> Self {
+        Self {
+            block: None,
+            items: Vec::new(),
+            records: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, cursor: Option<&RecordCursor>, item: T) {
+        if let Some(index) = cursor.and_then(RecordCursor::index) {
+            if self.block.is_none() {
+                self.block = cursor.and_then(RecordCursor::current).map(|(block, _)| block);
+            }
+            self.records.push(index);
+        }
+        self.items.push(item);
+    }
+
+    fn append(&mut self, mut other: Self) {
+        if self.block.is_none() {
+            self.block = other.block.take();
+        }
+        self.items.append(&mut other.items);
+        self.records.append(&mut other.records);
+    }
+}
+
+/// `cache()`: the parent's output for a batch, computed once (one task per partition, with the
+/// runner's retries and failure policy) and shared by every stage that reads it.
+struct CacheNode<T> {
+    parent: Arc<dyn Node<T>>,
+    by_batch: Mutex<BTreeMap<(InstanceId, i64), CachedParts<T>>>,
+}
+
+type CachedParts<T> = Arc<Vec<CachedPartition<T>>>;
+
+impl<T: Data + Clone> CacheNode<T> {
+    fn get(&self, env: &BatchEnv) -> Option<CachedParts<T>> {
+        self.by_batch
+            .lock()
+            .expect("cache")
+            .get(&(env.instance, env.time_ms))
+            .cloned()
+    }
+}
+
+impl<T: Data + Clone> Node<T> for CacheNode<T> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.get(env).map_or(0, |parts| parts.len())
+    }
+    fn active(&self, env: &BatchEnv) -> bool {
+        self.parent.active(env)
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        if self.get(env).is_some() {
+            return Ok(());
+        }
+        self.parent.prepare(env)?;
+        let parent = &*self.parent;
+        let parts = env.runner.run(
+            env,
+            parent.num_partitions(env),
+            &CachedPartition::new,
+            &CachedPartition::append,
+            &|p| parent.source_block(env, p),
+            &|p, scope, part: &mut CachedPartition<T>| {
+                parent.compute(env, scope, p, &mut |x| part.push(scope.cursor, x))
+            },
+        )?;
+        self.by_batch
+            .lock()
+            .expect("cache")
+            .insert((env.instance, env.time_ms), Arc::new(parts));
+        Ok(())
+    }
+    fn compute(&self, env: &BatchEnv, scope: Scope<'_>, p: usize, emit: Emit<'_, T>) -> Result<(), TaskError> {
+        let parts = self.get(env).ok_or_else(|| TaskError::Panicked {
+            message: format!("internal: cached stream for batch {} not prepared", env.time_ms),
+        })?;
+        let Some(part) = parts.get(p) else { return Ok(()) };
+        let block = part.block.as_ref().filter(|_| part.records.len() == part.items.len());
+        let Some(block) = block else {
+            if scope.only_record.is_some() {
+                // The per-record fallback, with no record index kept: evaluate that record again.
+                return self.parent.compute(env, scope, p, emit);
+            }
+            part.items.iter().cloned().for_each(emit);
+            return Ok(());
+        };
+        // All elements, or one record's (the per-record fallback); the cursor follows them.
+        let range = match scope.only_record {
+            Some(i) => part.records.partition_point(|&r| r < i)..part.records.partition_point(|&r| r <= i),
+            None => 0..part.items.len(),
+        };
+        if let Some(cursor) = scope.cursor {
+            cursor.enter(block);
+        }
+        for (item, &record) in part.items[range.clone()].iter().zip(&part.records[range]) {
+            if let Some(cursor) = scope.cursor {
+                cursor.set(record);
+            }
+            emit(item.clone());
+        }
+        if let Some(cursor) = scope.cursor {
+            cursor.leave();
+        }
+        Ok(())
+    }
+    fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
+        self.parent.source_block(env, p)
+    }
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.by_batch
+            .lock()
+            .expect("cache")
+            .retain(|(i, t), _| *i != instance || *t > time_ms);
         self.parent.forget(instance, time_ms);
     }
 }
@@ -87,7 +264,7 @@ impl<I: Data, O: Data> Node<O> for MapPartitionsNode<I, O> {
     fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
         self.parent.prepare(env)
     }
-    fn compute(&self, env: &BatchEnv, scope: Scope, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
+    fn compute(&self, env: &BatchEnv, scope: Scope<'_>, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
         let mut items = Vec::new();
         self.parent.compute(env, scope, p, &mut |x| items.push(x))?;
         (self.f)(p, items).into_iter().for_each(emit);
@@ -134,7 +311,7 @@ impl<I: Data, O: Data + Clone> Node<O> for TransformNode<I, O> {
         self.cache.put(env, split_contiguous(out, self.partitions));
         Ok(())
     }
-    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
+    fn compute(&self, env: &BatchEnv, _scope: Scope<'_>, p: usize, emit: Emit<'_, O>) -> Result<(), TaskError> {
         self.cache.emit(env, p, emit)
     }
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
@@ -188,7 +365,7 @@ impl<T: Data> Node<T> for UnionNode<T> {
     fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
         self.parents.iter().try_for_each(|p| p.prepare(env))
     }
-    fn compute(&self, env: &BatchEnv, scope: Scope, p: usize, emit: Emit<'_, T>) -> Result<(), TaskError> {
+    fn compute(&self, env: &BatchEnv, scope: Scope<'_>, p: usize, emit: Emit<'_, T>) -> Result<(), TaskError> {
         match self.locate(env, p) {
             Some((parent, q)) => parent.compute(env, scope, q, emit),
             None => Ok(()),
@@ -332,7 +509,7 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
             .put(env, merged.into_iter().map(|m| m.into_iter().collect()).collect());
         Ok(())
     }
-    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: Emit<'_, (K, V)>) -> Result<(), TaskError> {
+    fn compute(&self, env: &BatchEnv, _scope: Scope<'_>, p: usize, emit: Emit<'_, (K, V)>) -> Result<(), TaskError> {
         self.cache.emit(env, p, emit)
     }
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
@@ -377,6 +554,84 @@ impl<T: Data> DStream<T> {
         })
     }
 
+    fn try_narrow<O: Data>(
+        &self,
+        operator: &str,
+        f: impl Fn(T, Emit<'_, O>) -> Result<(), BoxError> + Send + Sync + 'static,
+    ) -> DStream<O> {
+        DStream {
+            node: Arc::new(TryFlatMapNode {
+                parent: self.node.clone(),
+                f: Arc::new(f),
+                stage: self.graph.stage_name(operator),
+            }),
+            graph: self.graph.clone(),
+        }
+    }
+
+    /// Applies a fallible `f` to every element: `Ok` values flow on; an `Err` is a bad record,
+    /// not a bug. Under [`FailurePolicy::DeadLetter`](crate::FailurePolicy::DeadLetter) the input
+    /// record that produced the element goes to the dead-letter sink with its shard, sequence
+    /// number, sub-sequence number, partition key, payload, the error's text (with its sources)
+    /// and this operator's stage name (`try_map#<n>`) — once per batch, without re-running the
+    /// partition and without a panic. Under `FailurePolicy::Stop` the first `Err` stops the
+    /// stream with [`TaskError::Rejected`] naming the record's position. An `Err` for an element
+    /// that no single input record produced (after a shuffle, a window, `map_partitions` or
+    /// `transform`) always stops the stream.
+    ///
+    /// Panics keep their meaning: a bug. A panicking task is retried, then the failure policy
+    /// applies (see [`FailurePolicy`](crate::FailurePolicy)).
+    ///
+    /// ```
+    /// use sluice_engine::{BoxError, DStream};
+    ///
+    /// // "<user>,<amount>" lines: a line that does not parse is a dead letter, not a panic.
+    /// fn amounts(lines: &DStream<bytes::Bytes>) -> DStream<(String, u64)> {
+    ///     lines.try_map(|line| {
+    ///         let text = std::str::from_utf8(&line)?;
+    ///         let (user, amount) = text.split_once(',').ok_or("expected <user>,<amount>")?;
+    ///         Ok::<_, BoxError>((user.to_owned(), amount.trim().parse::<u64>()?))
+    ///     })
+    /// }
+    /// ```
+    ///
+    /// `examples/parse_events.rs` runs this end to end and reads the dead letters back.
+    pub fn try_map<O: Data, E: Into<BoxError>>(
+        &self,
+        f: impl Fn(T) -> std::result::Result<O, E> + Send + Sync + 'static,
+    ) -> DStream<O> {
+        self.try_narrow("try_map", move |x, emit| {
+            emit(f(x).map_err(Into::into)?);
+            Ok(())
+        })
+    }
+
+    /// Like [`flat_map`](Self::flat_map) with a fallible `f`; an `Err` is handled as in
+    /// [`try_map`](Self::try_map) (the element emits nothing).
+    pub fn try_flat_map<O: Data, I: IntoIterator<Item = O>, E: Into<BoxError>>(
+        &self,
+        f: impl Fn(T) -> std::result::Result<I, E> + Send + Sync + 'static,
+    ) -> DStream<O> {
+        self.try_narrow("try_flat_map", move |x, emit| {
+            f(x).map_err(Into::into)?.into_iter().for_each(&mut *emit);
+            Ok(())
+        })
+    }
+
+    /// Like [`filter`](Self::filter) with a fallible predicate; an `Err` is handled as in
+    /// [`try_map`](Self::try_map) (the element is dropped from the stream and dead-lettered).
+    pub fn try_filter<E: Into<BoxError>>(
+        &self,
+        f: impl Fn(&T) -> std::result::Result<bool, E> + Send + Sync + 'static,
+    ) -> DStream<T> {
+        self.try_narrow("try_filter", move |x, emit| {
+            if f(&x).map_err(Into::into)? {
+                emit(x);
+            }
+            Ok(())
+        })
+    }
+
     /// Applies `f` to each whole partition (given its index).
     pub fn map_partitions<O: Data>(&self, f: impl Fn(usize, Vec<T>) -> Vec<O> + Send + Sync + 'static) -> DStream<O> {
         DStream {
@@ -418,6 +673,29 @@ impl<T: Data> DStream<T> {
                 f: Arc::new(f),
                 partitions: self.graph.default_partitions(),
                 cache: StageCache::default(),
+            }),
+            graph: self.graph.clone(),
+        }
+    }
+
+    /// Computes this stream once per batch and keeps the result until the batch completes
+    /// (Spark's `cache()`/`persist()` on a `DStream`): every stage and output that reads it
+    /// shares one evaluation instead of re-running the fused chain below it. Use it where
+    /// several keyed stages, windows or outputs read one parsed stream — the parse (and its
+    /// dead letters, its side effects) then runs once per record per batch.
+    ///
+    /// The cached partitions keep each element's input record, so fallible operators and the
+    /// per-record dead-letter fallback above the cache still name the right record. It costs the
+    /// memory of one batch of `T`, released when the batch completes (a window keeps the
+    /// batches it covers, as without a cache).
+    pub fn cache(&self) -> DStream<T>
+    where
+        T: Clone,
+    {
+        DStream {
+            node: Arc::new(CacheNode {
+                parent: self.node.clone(),
+                by_batch: Mutex::new(BTreeMap::new()),
             }),
             graph: self.graph.clone(),
         }

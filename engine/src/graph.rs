@@ -21,11 +21,12 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use sluice_blockstore::{Block, Record};
 
+use crate::dead_letters::{DeadLetterCollector, RecordCursor};
 use crate::tracker::TrackedBlock;
 
 /// Why a task failed.
@@ -46,6 +47,23 @@ pub enum TaskError {
         /// Whether the source no longer holds the data (`DataLost`): retrying cannot help.
         data_lost: bool,
     },
+    /// A fallible operator (`try_map`, `try_flat_map`, `try_filter`) returned an error and the
+    /// failure policy is `Stop`, or no single input record produced the element (after a shuffle,
+    /// a window, a whole-batch function) so there is nothing to dead-letter. Not retryable: the
+    /// same record fails again.
+    #[error("{stage} rejected {record}: {error}")]
+    Rejected {
+        /// The operator, e.g. `try_map#2`.
+        stage: String,
+        /// `record <sequence> of shard <shard>`, or `an element with no single input record (…)`.
+        record: String,
+        /// The error's display text.
+        error: String,
+    },
+    /// The context is stopping and its graceful-stop timeout passed: the batch was abandoned
+    /// (it is logged and re-runs after a restart).
+    #[error("abandoned: the context is stopping")]
+    Cancelled,
 }
 
 impl TaskError {
@@ -59,7 +77,10 @@ impl TaskError {
     }
 
     fn is_retryable(&self) -> bool {
-        !matches!(self, TaskError::BlockUnavailable { data_lost: true, .. })
+        !matches!(
+            self,
+            TaskError::BlockUnavailable { data_lost: true, .. } | TaskError::Rejected { .. } | TaskError::Cancelled
+        )
     }
 }
 
@@ -102,13 +123,20 @@ pub(crate) struct BatchEnv {
     pub history: Arc<dyn BatchHistory>,
     /// The task runner (pool, retry, failure policy).
     pub runner: Arc<StageRunner>,
+    /// This batch's dead letters (one per input record).
+    pub dead_letters: Arc<DeadLetterCollector>,
 }
 
-/// Restricts a computation to one input record (the per-record dead-letter fallback).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Scope {
-    /// Only this record of the source block, when set.
+/// What a task passes down its fused chain to the input node.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Scope<'a> {
+    /// Only this record of the source block, when set (the per-record fallback of a panicking
+    /// partition).
     pub only_record: Option<usize>,
+    /// The partition's block, already read (so the fallback reads it once, not once per record).
+    pub block: Option<&'a Arc<Block>>,
+    /// Where the input node says which record it is emitting (for fallible operators).
+    pub cursor: Option<&'a RecordCursor>,
 }
 
 /// A node of the graph producing elements of type `T`.
@@ -129,8 +157,13 @@ pub(crate) trait Node<T>: Send + Sync {
     ///
     /// # Errors
     /// A task failure.
-    fn compute(&self, env: &BatchEnv, scope: Scope, partition: usize, emit: &mut dyn FnMut(T))
-    -> Result<(), TaskError>;
+    fn compute(
+        &self,
+        env: &BatchEnv,
+        scope: Scope<'_>,
+        partition: usize,
+        emit: &mut dyn FnMut(T),
+    ) -> Result<(), TaskError>;
     /// The input block a partition reads, when the partition is a fused chain over one block.
     fn source_block(&self, env: &BatchEnv, partition: usize) -> Option<TrackedBlock>;
     /// Drops the per-batch caches of `instance` for batches up to `time_ms` (all of them with
@@ -160,9 +193,11 @@ pub enum FailurePolicy {
     /// fix and restart.
     #[default]
     Stop,
-    /// Evaluate the failing partition record by record and send the records that fail, with their
-    /// shard, position and error, to the dead-letter sink; the rest of the batch proceeds. Applies
-    /// to stages that read input blocks; failures after a shuffle still stop the stream.
+    /// Send records that fail — an `Err` from a fallible operator (`try_map`, …), or a panic
+    /// that keeps failing its task, isolated record by record — to the dead-letter sink with their
+    /// shard, position and error; the rest of the batch proceeds. Each bad record is written once
+    /// per batch. Applies to records of input blocks; failures after a shuffle, a window or a
+    /// whole-batch function still stop the stream (no single input record is to blame).
     DeadLetter,
 }
 
@@ -175,8 +210,11 @@ pub struct DeadLetter {
     pub record: Record,
     /// The error.
     pub error: String,
-    /// Attempts made on its partition before it was isolated.
+    /// Attempts made on it: 1 for an `Err` of a fallible operator; for a panic, the attempts on
+    /// its partition before it was isolated, plus its own.
     pub attempts: u32,
+    /// The operator that rejected it (`try_map#2`), or `panic` for one isolated after panics.
+    pub stage: Arc<str>,
 }
 
 /// Runs stage tasks on the context's pool with retries and the failure policy.
@@ -184,18 +222,19 @@ pub(crate) struct StageRunner {
     pub pool: rayon::ThreadPool,
     pub max_attempts: u32,
     pub policy: FailurePolicy,
-    pub dead_letters: Mutex<Vec<DeadLetter>>,
+    /// Set when a graceful stop ran out of time: tasks stop between records.
+    pub cancelled: std::sync::atomic::AtomicBool,
     pub task_failures: std::sync::atomic::AtomicU64,
     pub task_retries: std::sync::atomic::AtomicU64,
     pub tasks: std::sync::atomic::AtomicU64,
 }
 
-fn run_guarded<A>(
-    task: &(dyn Fn(usize, Scope, &mut A) -> Result<(), TaskError> + Sync),
-    p: usize,
-    scope: Scope,
-    acc: &mut A,
-) -> Result<(), TaskError> {
+/// The stage name of dead letters isolated after panics (fallible operators use their own).
+pub(crate) const PANIC_STAGE: &str = "panic";
+
+type Task<'t, A> = dyn Fn(usize, Scope<'_>, &mut A) -> Result<(), TaskError> + Sync + 't;
+
+fn run_guarded<A>(task: &Task<'_, A>, p: usize, scope: Scope<'_>, acc: &mut A) -> Result<(), TaskError> {
     match catch_unwind(AssertUnwindSafe(|| task(p, scope, acc))) {
         Ok(result) => result,
         Err(payload) => Err(TaskError::from_panic(&payload)),
@@ -214,7 +253,7 @@ impl StageRunner {
         new_acc: &(dyn Fn() -> A + Sync),
         merge: &(dyn Fn(&mut A, A) + Sync),
         source: &(dyn Fn(usize) -> Option<TrackedBlock> + Sync),
-        task: &(dyn Fn(usize, Scope, &mut A) -> Result<(), TaskError> + Sync),
+        task: &Task<'_, A>,
     ) -> Result<Vec<A>, JobError> {
         use std::sync::atomic::Ordering::Relaxed;
         self.pool.install(|| {
@@ -223,10 +262,18 @@ impl StageRunner {
                 .map(|p| {
                     let mut attempts = 0;
                     let error = loop {
+                        if self.is_cancelled() {
+                            break TaskError::Cancelled;
+                        }
                         attempts += 1;
                         self.tasks.fetch_add(1, Relaxed);
                         let mut acc = new_acc();
-                        match run_guarded(task, p, Scope::default(), &mut acc) {
+                        let cursor = RecordCursor::default();
+                        let scope = Scope {
+                            cursor: Some(&cursor),
+                            ..Scope::default()
+                        };
+                        match run_guarded(task, p, scope, &mut acc) {
                             Ok(()) => return Ok(acc),
                             Err(e) => {
                                 self.task_failures.fetch_add(1, Relaxed);
@@ -243,14 +290,25 @@ impl StageRunner {
                         return Err(job_error);
                     }
                     let Some(block) = source(p) else { return Err(job_error) };
-                    self.isolate_records(env, p, attempts, &block, new_acc, merge, task).map_err(|_| job_error)
+                    self.isolate_records(env, p, attempts, &block, new_acc, merge, task)
+                        .map_err(|error| match error {
+                            // The block could not be read again: report the original failure.
+                            TaskError::BlockUnavailable { data_lost: false, .. } => job_error,
+                            error => JobError { error, ..job_error },
+                        })
                 })
                 .collect()
         })
     }
 
-    /// The per-record fallback: each record of the partition's block runs alone; failures go to
-    /// the dead-letter list, successes are merged.
+    /// Whether a graceful stop ran out of time (tasks give up between records).
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The per-record fallback of a partition whose task kept panicking: its block is read once
+    /// and each record runs alone over it (linear in the block's size); the records that still
+    /// panic go to the batch's dead letters, the others are merged.
     #[allow(clippy::too_many_arguments)]
     fn isolate_records<A>(
         &self,
@@ -260,37 +318,50 @@ impl StageRunner {
         block: &TrackedBlock,
         new_acc: &(dyn Fn() -> A + Sync),
         merge: &(dyn Fn(&mut A, A) + Sync),
-        task: &(dyn Fn(usize, Scope, &mut A) -> Result<(), TaskError> + Sync),
+        task: &Task<'_, A>,
     ) -> Result<A, TaskError> {
-        let records = env
-            .blocks
-            .read(block)?
-            .records()
-            .map_err(|e| TaskError::BlockUnavailable {
-                message: e.to_string(),
-                data_lost: false,
-            })?;
+        let block = Arc::new(env.blocks.read(block)?);
+        let cursor = RecordCursor::default();
         let mut acc = new_acc();
-        let mut failed = Vec::new();
-        for (i, record) in records.into_iter().enumerate() {
+        let mut failed = 0usize;
+        for i in 0..block.len() {
+            if self.is_cancelled() {
+                return Err(TaskError::Cancelled);
+            }
             let mut one = new_acc();
-            match run_guarded(task, p, Scope { only_record: Some(i) }, &mut one) {
+            let scope = Scope {
+                only_record: Some(i),
+                block: Some(&block),
+                cursor: Some(&cursor),
+            };
+            match run_guarded(task, p, scope, &mut one) {
                 Ok(()) => merge(&mut acc, one),
-                Err(e) => failed.push(DeadLetter {
-                    batch_time_ms: env.time_ms,
-                    record,
-                    error: e.to_string(),
-                    attempts,
-                }),
+                Err(TaskError::Panicked { message }) => {
+                    let record = block.record(i).map_err(|e| TaskError::BlockUnavailable {
+                        message: e.to_string(),
+                        data_lost: false,
+                    })?;
+                    env.dead_letters.add(
+                        block.id().input_id,
+                        DeadLetter {
+                            batch_time_ms: env.time_ms,
+                            record,
+                            error: message,
+                            attempts: attempts + 1,
+                            stage: Arc::from(PANIC_STAGE),
+                        },
+                    );
+                    failed += 1;
+                }
+                Err(other) => return Err(other),
             }
         }
         tracing::warn!(
             batch = env.time_ms,
             partition = p,
-            records = failed.len(),
-            "records sent to the dead-letter sink"
+            records = failed,
+            "records that panicked sent to the dead-letter sink"
         );
-        self.dead_letters.lock().expect("dead letters").extend(failed);
         Ok(acc)
     }
 
@@ -309,6 +380,14 @@ impl StageRunner {
         use std::sync::atomic::Ordering::Relaxed;
         let mut attempts = 0;
         loop {
+            if self.is_cancelled() {
+                return Err(JobError {
+                    time_ms: env.time_ms,
+                    partition: 0,
+                    attempts,
+                    error: TaskError::Cancelled,
+                });
+            }
             attempts += 1;
             let items: Vec<T> = self.collect(env, node)?.into_iter().flatten().collect();
             self.tasks.fetch_add(1, Relaxed);

@@ -211,6 +211,7 @@ impl EngineBlocks {
                 record: d.record.clone(),
                 error: d.error.clone(),
                 attempts: d.attempts,
+                stage: d.stage.to_string(),
             })
             .collect();
         sink.as_ref()
@@ -332,11 +333,24 @@ impl Node<Bytes> for PayloadInputNode {
         Ok(())
     }
 
-    fn compute(&self, env: &BatchEnv, scope: Scope, p: usize, emit: &mut dyn FnMut(Bytes)) -> Result<(), TaskError> {
+    fn compute(
+        &self,
+        env: &BatchEnv,
+        scope: Scope<'_>,
+        p: usize,
+        emit: &mut dyn FnMut(Bytes),
+    ) -> Result<(), TaskError> {
         let Some(tracked) = env.inputs.get(&self.input_id).and_then(|b| b.get(p)) else {
             return Ok(());
         };
-        let block = env.blocks.read(tracked)?;
+        let read;
+        let block = if let Some(block) = scope.block {
+            debug_assert_eq!(block.id(), tracked.meta.id, "isolation passes the partition's block");
+            block
+        } else {
+            read = Arc::new(env.blocks.read(tracked)?);
+            &read
+        };
         let data = block.data();
         let offsets = data.value_offsets();
         let values = Bytes::from_owner(ArrowBytes(data.values().clone()));
@@ -344,8 +358,20 @@ impl Node<Bytes> for PayloadInputNode {
             Some(i) => i..(i + 1).min(block.len()),
             None => 0..block.len(),
         };
-        for i in range {
-            emit(values.slice(offsets[i] as usize..offsets[i + 1] as usize));
+        match scope.cursor {
+            Some(cursor) => {
+                cursor.enter(block);
+                for i in range {
+                    cursor.set(i);
+                    emit(values.slice(offsets[i] as usize..offsets[i + 1] as usize));
+                }
+                cursor.leave();
+            }
+            None => {
+                for i in range {
+                    emit(values.slice(offsets[i] as usize..offsets[i + 1] as usize));
+                }
+            }
         }
         Ok(())
     }

@@ -21,6 +21,7 @@
 
 mod checkpoint_store;
 mod context;
+mod dead_letters;
 mod dstream;
 mod error;
 pub mod graph;

@@ -360,7 +360,7 @@ impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> Node<O> for MapWithState
         Ok(())
     }
 
-    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut(O)) -> Result<(), TaskError> {
+    fn compute(&self, env: &BatchEnv, _scope: Scope<'_>, p: usize, emit: &mut dyn FnMut(O)) -> Result<(), TaskError> {
         self.cache.emit(env, p, emit)
     }
 
@@ -539,7 +539,13 @@ impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> Node<(K, S)> for StateSn
     fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
         self.of.prepare(env)
     }
-    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut((K, S))) -> Result<(), TaskError> {
+    fn compute(
+        &self,
+        env: &BatchEnv,
+        _scope: Scope<'_>,
+        p: usize,
+        emit: &mut dyn FnMut((K, S)),
+    ) -> Result<(), TaskError> {
         let tables = self.of.tables.lock().expect("state");
         if let Some(part) = tables.get(&env.instance).and_then(|t| t.parts.get(p)) {
             for (k, e) in &part.entries {

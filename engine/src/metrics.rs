@@ -4,6 +4,7 @@
 //! failure-recovery guide are built in and raise [`HealthEvent`]s: **stuck processing** (a batch's
 //! total delay above a bound) and a **high error rate** (task failures above 5 % of tasks).
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -99,6 +100,7 @@ pub struct Metrics {
     pub(crate) blocks_stored: AtomicU64,
     pub(crate) blocks_replayed: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
+    pub(crate) dead_letters_by_stage: Mutex<BTreeMap<String, u64>>,
     pub(crate) task_failures: AtomicU64,
     pub(crate) health_events: AtomicU64,
     pub(crate) rate_limit: AtomicU64,
@@ -117,8 +119,12 @@ pub struct MetricsSnapshot {
     pub blocks_stored: u64,
     /// Blocks rebuilt by replaying their ranges from the source.
     pub blocks_replayed: u64,
-    /// Records sent to the dead-letter sink.
+    /// Records sent to the dead-letter sink (each bad record once per batch, however many
+    /// stages read it).
     pub dead_letters: u64,
+    /// The same per stage that rejected them: `try_map#2`, … for fallible operators, `panic` for
+    /// records isolated after panics.
+    pub dead_letters_by_stage: BTreeMap<String, u64>,
     /// Failed task attempts.
     pub task_failures: u64,
     /// Health events raised by the detectors.
@@ -138,6 +144,16 @@ impl Metrics {
         *self.last_batch.lock().expect("metrics") = Some(*info);
     }
 
+    pub(crate) fn record_dead_letters(&self, letters: &[crate::DeadLetter]) {
+        if letters.is_empty() {
+            return;
+        }
+        let mut by_stage = self.dead_letters_by_stage.lock().expect("metrics");
+        for letter in letters {
+            *by_stage.entry(letter.stage.to_string()).or_default() += 1;
+        }
+    }
+
     /// The current values.
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
@@ -146,6 +162,7 @@ impl Metrics {
             blocks_stored: self.blocks_stored.load(Relaxed),
             blocks_replayed: self.blocks_replayed.load(Relaxed),
             dead_letters: self.dead_letters.load(Relaxed),
+            dead_letters_by_stage: self.dead_letters_by_stage.lock().expect("metrics").clone(),
             task_failures: self.task_failures.load(Relaxed),
             health_events: self.health_events.load(Relaxed),
             rate_limit: self.rate_limit.load(Relaxed),

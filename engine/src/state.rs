@@ -281,7 +281,13 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
         Ok(())
     }
 
-    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut((K, S))) -> Result<(), TaskError> {
+    fn compute(
+        &self,
+        env: &BatchEnv,
+        _scope: Scope<'_>,
+        p: usize,
+        emit: &mut dyn FnMut((K, S)),
+    ) -> Result<(), TaskError> {
         self.cache.emit(env, p, emit)
     }
 

@@ -109,7 +109,7 @@ impl<T: Data + Clone> Node<T> for WindowNode<T> {
         self.cache.put(env, parts);
         Ok(())
     }
-    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut(T)) -> Result<(), TaskError> {
+    fn compute(&self, env: &BatchEnv, _scope: Scope<'_>, p: usize, emit: &mut dyn FnMut(T)) -> Result<(), TaskError> {
         if self.cache.get(env).is_none() {
             return Ok(());
         }
@@ -244,7 +244,13 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
             .put(env, vec![result.iter().map(|(k, v)| (k.clone(), v.clone())).collect()]);
         Ok(())
     }
-    fn compute(&self, env: &BatchEnv, _scope: Scope, p: usize, emit: &mut dyn FnMut((K, V))) -> Result<(), TaskError> {
+    fn compute(
+        &self,
+        env: &BatchEnv,
+        _scope: Scope<'_>,
+        p: usize,
+        emit: &mut dyn FnMut((K, V)),
+    ) -> Result<(), TaskError> {
         if self.cache.get(env).is_none() {
             return Ok(());
         }

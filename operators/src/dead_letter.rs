@@ -16,6 +16,7 @@
 //! | `data` | Binary | the payload, unchanged |
 //! | `error` | Utf8 | the last error, as displayed |
 //! | `attempts` | UInt32 | how many times processing was tried |
+//! | `stage` | Utf8 | the operator that rejected it (`try_map#2`), or `panic` |
 
 use std::sync::Arc;
 
@@ -35,6 +36,9 @@ pub struct DeadLetterRow {
     pub error: String,
     /// How many times processing was attempted.
     pub attempts: u32,
+    /// The operator that rejected it: a fallible operator's stage name (`try_map#2`), or
+    /// `panic` for a record isolated after its task kept panicking.
+    pub stage: String,
 }
 
 /// The Arrow schema of dead-letter files (see the module doc).
@@ -48,6 +52,7 @@ pub fn dead_letter_schema() -> SchemaRef {
         Field::new("data", DataType::Binary, false),
         Field::new("error", DataType::Utf8, false),
         Field::new("attempts", DataType::UInt32, false),
+        Field::new("stage", DataType::Utf8, false),
     ]))
 }
 
@@ -77,6 +82,7 @@ pub fn dead_letters_to_record_batch(batch_time_ms: i64, rows: &[DeadLetterRow]) 
         Arc::new(rows.iter().map(|r| Some(&r.record.data[..])).collect::<BinaryArray>()),
         Arc::new(rows.iter().map(|r| Some(r.error.as_str())).collect::<StringArray>()),
         Arc::new(rows.iter().map(|r| Some(r.attempts)).collect::<UInt32Array>()),
+        Arc::new(rows.iter().map(|r| Some(r.stage.as_str())).collect::<StringArray>()),
     ];
     RecordBatch::try_new(dead_letter_schema(), columns).map_err(|source| Error::Arrow {
         context: "building a dead-letter batch".to_owned(),
@@ -99,7 +105,12 @@ pub fn dead_letters_to_record_batch(batch_time_ms: i64, rows: &[DeadLetterRow]) 
 ///     approximate_arrival_ms: 0,
 ///     data: Bytes::from_static(b"not json"),
 /// };
-/// let row = DeadLetterRow { record, error: "expected value at line 1".into(), attempts: 3 };
+/// let row = DeadLetterRow {
+///     record,
+///     error: "expected value at line 1".into(),
+///     attempts: 1,
+///     stage: "try_map#1".into(),
+/// };
 /// sink.write_batch(2_000, "worker-1", &[row])?;
 /// assert_eq!(DeadLetterSink::read_committed("memory://dead-letter-doc/dlq")?[0].1.num_rows(), 1);
 /// # Ok::<(), sluice_operators::Error>(())

@@ -175,6 +175,7 @@ fn dead_letter(seq: u128, sub: u64, data: &'static [u8], error: &str, attempts: 
         },
         error: error.to_owned(),
         attempts,
+        stage: "panic".to_owned(),
     }
 }
 

@@ -107,7 +107,10 @@ fn run(lines: &[String], lose_blocks: bool, pipeline: impl FnOnce(&DStream<Bytes
 }
 
 fn sum_amounts(pairs: &DStream<(String, u64)>) {
-    pairs.reduce_by_key(|a, b| a + b).foreach_batch(|_t, _all| Ok(()));
+    pairs
+        .reduce_by_key(|a, b| a + b)
+        .foreach_batch(|_t, _all| Ok(()))
+        .unwrap();
 }
 
 fn ms(d: Duration) -> f64 {

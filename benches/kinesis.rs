@@ -190,7 +190,8 @@ mod bench {
                     .collect::<Vec<_>>()
             })
             .count_by_value()
-            .foreach_batch(|_t, _counts| Ok(()));
+            .foreach_batch(|_t, _counts| Ok(()))
+            .unwrap();
         let started = Instant::now();
         ctx.start().unwrap();
         while ctx.metrics().records_processed < n as u64 {

@@ -51,6 +51,7 @@ fn pipeline(lines: &DStream<Bytes>, op: Op) {
             }))
             .foreach_batch(|_t, _out| Ok(())),
     }
+    .unwrap();
 }
 
 /// Median processing time (ms) of the probe batches with state size `n`.

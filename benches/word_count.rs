@@ -127,7 +127,8 @@ fn engine_batch(dir: &Path, lines: usize, threads: usize) -> (Duration, usize) {
                 *d.entry(w).or_default() += c;
             }
             Ok(())
-        });
+        })
+        .unwrap();
     let biggest: Arc<Mutex<(u64, i64)>> = Arc::default();
     let b = biggest.clone();
     ctx.add_batch_listener(move |info: &BatchInfo| {
@@ -359,7 +360,7 @@ fn main() {
     let stream = ctx
         .local_log_stream(&dir.path().join("log"), STREAM, ReceiverConfig::default())
         .unwrap();
-    stream.count_by_value().foreach_batch(|_t, _c| Ok(()));
+    stream.count_by_value().foreach_batch(|_t, _c| Ok(())).unwrap();
     // `processing_micros` spans the whole batch: allocation, jobs, completion, cleanup.
     let total: Arc<Mutex<(u64, u64)>> = Arc::default();
     let t = total.clone();

@@ -222,7 +222,7 @@ fn main() -> anyhow::Result<()> {
             last_three.sort_unstable();
             *keep.lock().expect("window") = last_three;
             Ok(())
-        });
+        })?;
     let top_users: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
     let keep = top_users.clone();
     events
@@ -235,7 +235,7 @@ fn main() -> anyhow::Result<()> {
             all.truncate(3);
             *keep.lock().expect("top users") = all;
             Ok(())
-        });
+        })?;
     ctx.add_batch_listener(|info| {
         println!(
             "batch {:>14} | {:>7} records | {:>4} dead letters | processing {:>5} ms",

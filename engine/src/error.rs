@@ -2,6 +2,10 @@
 
 use std::path::PathBuf;
 
+/// The error type user functions return (output functions, fallible operators): any error, or a
+/// `String`/`&str` message.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -63,13 +67,44 @@ pub enum Error {
     /// A block store operation failed.
     #[error(transparent)]
     BlockStore(#[from] sluice_blockstore::Error),
-    /// The stream stopped because of an error (a batch failed under the stop policy, data was
-    /// lost, a receiver gave up).
-    #[error("the stream stopped: {reason}")]
-    Stopped {
-        /// Why.
-        reason: String,
+    /// The stream stopped because of an error; the cause is kept whole (match on it:
+    /// [`Error::Job`], [`Error::DataLost`], [`Error::Receiver`], …).
+    #[error("the stream stopped: {0}")]
+    Stopped(#[source] std::sync::Arc<Error>),
+    /// A batch failed: a task kept failing (or was rejected) and the failure policy says stop.
+    #[error(transparent)]
+    Job(crate::exec::JobError),
+    /// A batch needs records the source no longer holds (past its retention) and no copy of their
+    /// block survived: they are lost. The stream stops; nothing is skipped silently.
+    #[error("batch {time_ms}: data lost: {source}")]
+    DataLost {
+        /// The batch.
+        time_ms: i64,
+        /// The block's ranges the source no longer holds.
+        ranges: sluice_blockstore::SequenceNumberRanges,
+        /// The reader's answer.
+        source: std::sync::Arc<sluice_blockstore::ReadError>,
     },
+    /// An output function or sink failed.
+    #[error("output of batch {time_ms} failed: {source}")]
+    Output {
+        /// The batch.
+        time_ms: i64,
+        /// What the output returned.
+        source: BoxError,
+    },
+    /// An input, output or operator was defined after `start()`: the plan is frozen then.
+    #[error(
+        "{what} cannot be added once the context is started: define every input, operator and output before \
+         start() (as in Spark Streaming)"
+    )]
+    Started {
+        /// What was added.
+        what: &'static str,
+    },
+    /// The operation needs a started context.
+    #[error("the context is not started: call start() first")]
+    NotStarted,
     /// A graceful stop did not finish in time; what was not processed is logged and runs after a
     /// restart.
     #[error(
@@ -114,6 +149,30 @@ impl Error {
             Error::BlockStore(e) => e.is_retryable(),
             Error::Lease(e) => e.is_retryable(),
             _ => false,
+        }
+    }
+}
+
+impl From<crate::exec::JobError> for Error {
+    /// A job that failed because its block's data is gone is [`Error::DataLost`]; any other
+    /// failed job is [`Error::Job`].
+    fn from(job: crate::exec::JobError) -> Self {
+        match &job.error {
+            crate::exec::TaskError::BlockUnavailable { source, .. } if source.is_data_lost() => Error::DataLost {
+                time_ms: job.time_ms,
+                ranges: source.ranges().clone(),
+                source: source.clone(),
+            },
+            _ => Error::Job(job),
+        }
+    }
+}
+
+impl From<crate::plan::outputs::OutputError> for Error {
+    fn from(e: crate::plan::outputs::OutputError) -> Self {
+        match e {
+            crate::plan::outputs::OutputError::Job(job) => job.into(),
+            crate::plan::outputs::OutputError::Sink { time_ms, source } => Error::Output { time_ms, source },
         }
     }
 }

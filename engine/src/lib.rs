@@ -19,38 +19,40 @@
 //!    snapshotted, then `BatchCompleted` is logged;
 //! 6. blocks and log entries are cleaned up only behind completed batches.
 
-mod checkpoint_store;
+// Layers, each using only those listed before it (no import circles): `error` and `config` are
+// plain data; `exec` runs stages (the `Node` contract, the task runner, caches, dead letters);
+// `plan` is what a program computes (DStream nodes, outputs); `runtime` executes a frozen plan
+// (job generator, ingest, metadata logs, membership, snapshots, metrics); `context` is the
+// user's entry point over all of them.
+mod config;
 mod context;
-mod dead_letters;
-mod dstream;
 mod error;
-pub mod graph;
-mod ingest_gate;
-mod input;
-pub mod map_with_state;
-mod membership;
-mod metadata_log;
-mod metrics;
-mod outputs;
-mod rate_estimator;
-mod state;
-mod tracker;
-mod window;
+mod exec;
+mod plan;
+mod runtime;
 
-pub use checkpoint_store::CheckpointStore;
-pub use context::{
-    DEFAULT_BATCH_INTERVAL, DEFAULT_DATA_DIR, DEFAULT_MAX_TASK_ATTEMPTS, StreamingContext, StreamingContextBuilder,
+pub use config::{
+    BackpressureConfig, DEFAULT_BATCH_INTERVAL, DEFAULT_DATA_DIR, DEFAULT_DERIVATIVE, DEFAULT_ERROR_RATE_BOUND,
+    DEFAULT_INTEGRAL, DEFAULT_MAX_TASK_ATTEMPTS, DEFAULT_MIN_RATE, DEFAULT_PROPORTIONAL, StreamingConfig,
 };
-pub use dstream::{DStream, Data, Key};
-pub use error::{Error, Result};
-pub use graph::{DeadLetter, FailurePolicy, JobError, TaskError};
 #[cfg(feature = "kinesis")]
-pub use input::KinesisInput;
-pub use map_with_state::{DEFAULT_FULL_SNAPSHOT_EVERY, MapWithStateStream, State, StateSpec};
-pub use metadata_log::{LogEvent, MetadataLog};
-pub use metrics::{BatchInfo, DEFAULT_ERROR_RATE_BOUND, HealthEvent, MetricsSnapshot};
-pub use outputs::{BoxError, OutputError};
-pub use rate_estimator::{
-    BackpressureConfig, DEFAULT_DERIVATIVE, DEFAULT_INTEGRAL, DEFAULT_MIN_RATE, DEFAULT_PROPORTIONAL, PidRateEstimator,
-};
-pub use tracker::{DEFAULT_COMPACT_EVERY, ReceivedBlockTracker, RecoveredState, TrackedBlock};
+pub use context::KinesisInput;
+pub use context::{StreamingContext, StreamingContextBuilder};
+pub use error::{BoxError, Error, Result};
+pub use exec::{Data, DeadLetter, FailurePolicy, JobError, Key, TaskError, TrackedBlock};
+pub use plan::dstream::DStream;
+pub use plan::map_with_state::{DEFAULT_FULL_SNAPSHOT_EVERY, MapWithStateStream, State, StateSpec};
+pub use plan::outputs::OutputError;
+pub use runtime::metrics::{BatchInfo, HealthEvent, MetricsSnapshot};
+pub use runtime::tracker::DEFAULT_COMPACT_EVERY;
+
+/// The engine's internal components, for model tests and tools (feature `testing`): the metadata
+/// log, the block tracker, the checkpoint store and the PID rate estimator. Not part of the
+/// supported API.
+#[cfg(feature = "testing")]
+pub mod internals {
+    pub use crate::runtime::checkpoint_store::CheckpointStore;
+    pub use crate::runtime::metadata_log::{LogEvent, MetadataLog};
+    pub use crate::runtime::rate_estimator::PidRateEstimator;
+    pub use crate::runtime::tracker::{ReceivedBlockTracker, RecoveredState};
+}

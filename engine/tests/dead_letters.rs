@@ -151,13 +151,15 @@ fn read_dead_letters(dir: &Path) -> Vec<Letter> {
 fn sum_into(stream: &DStream<(String, u64)>) -> Arc<Mutex<HashMap<String, u64>>> {
     let sums: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let keep = sums.clone();
-    stream.foreach_batch(move |_t, pairs| {
-        let mut sums = keep.lock().unwrap();
-        for (k, v) in pairs {
-            *sums.entry(k).or_default() += v;
-        }
-        Ok(())
-    });
+    stream
+        .foreach_batch(move |_t, pairs| {
+            let mut sums = keep.lock().unwrap();
+            for (k, v) in pairs {
+                *sums.entry(k).or_default() += v;
+            }
+            Ok(())
+        })
+        .unwrap();
     sums
 }
 
@@ -178,7 +180,8 @@ fn four_stage_run(cached: bool) {
     parsed
         .map(|e| (e.kind.clone(), e.amount))
         .reduce_by_key_and_window(|a, b| a + b, Some(Arc::new(|a: u64, b: u64| a - b)), None, 3, 1)
-        .foreach_batch(|_t, _all| Ok(()));
+        .foreach_batch(|_t, _all| Ok(()))
+        .unwrap();
     let totals: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let keep = totals.clone();
     parsed
@@ -189,7 +192,8 @@ fn four_stage_run(cached: bool) {
         .foreach_batch(move |_t, all| {
             *keep.lock().unwrap() = all.into_iter().collect();
             Ok(())
-        });
+        })
+        .unwrap();
     let per_batch = Arc::new(AtomicU64::new(0));
     let seen = per_batch.clone();
     ctx.add_batch_listener(move |info| {

@@ -37,16 +37,21 @@ fn totals(lines: &DStream<Bytes>, spec_timeout: Option<usize>, full_every: usize
     let mapped = lines.flat_map(words).count_by_value().map_with_state(spec);
     let touched_per_batch: Arc<Mutex<Vec<usize>>> = Arc::default();
     let touched = touched_per_batch.clone();
-    mapped.foreach_batch(move |_t, out: Vec<(String, u64)>| {
-        touched.lock().unwrap().push(out.len());
-        Ok(())
-    });
+    mapped
+        .foreach_batch(move |_t, out: Vec<(String, u64)>| {
+            touched.lock().unwrap().push(out.len());
+            Ok(())
+        })
+        .unwrap();
     let latest: Totals = Arc::default();
     let keep = latest.clone();
-    mapped.state_snapshots().foreach_batch(move |_t, all| {
-        *keep.lock().unwrap() = all.into_iter().collect();
-        Ok(())
-    });
+    mapped
+        .state_snapshots()
+        .foreach_batch(move |_t, all| {
+            *keep.lock().unwrap() = all.into_iter().collect();
+            Ok(())
+        })
+        .unwrap();
     (latest, touched_per_batch, timed_out)
 }
 
@@ -108,7 +113,7 @@ fn state_survives_crashes_through_full_snapshots_and_deltas() {
     let data = dir.path().join("data");
     // Read slowly so several runs each see part of the log; each run but the last is stopped
     // without draining (its unprocessed blocks are logged and re-run after the restart).
-    let mut kinds = HashSet::new();
+    let kinds: Arc<Mutex<HashSet<String>>> = Arc::default();
     for run in 0..4 {
         let ctx = context(&data, 60, 2);
         let mut config = receiver_config(20);
@@ -119,11 +124,14 @@ fn state_survives_crashes_through_full_snapshots_and_deltas() {
         }
         let stream = ctx.local_log_stream(&dir.path().join("log"), STREAM, config).unwrap();
         let (latest, _, _) = totals(&stream, None, 3);
+        // After every batch (listeners run with no engine lock held): which kinds of state
+        // files the checkpoint holds.
+        let (seen, dir) = (kinds.clone(), data.clone());
+        ctx.add_batch_listener(move |_| seen.lock().unwrap().extend(state_file_kinds(&dir)));
         ctx.start().unwrap();
         if run < 3 {
             std::thread::sleep(std::time::Duration::from_millis(400));
             let _ = ctx.stop(false);
-            kinds.extend(state_file_kinds(&data));
             continue;
         }
         assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
@@ -131,6 +139,7 @@ fn state_survives_crashes_through_full_snapshots_and_deltas() {
         assert_eq!(*latest.lock().unwrap(), reference, "totals after 3 crashes");
     }
     // The restores above read deltas on top of full snapshots.
+    let kinds = kinds.lock().unwrap();
     assert!(kinds.contains("state") && kinds.contains("delta"), "{kinds:?}");
 }
 

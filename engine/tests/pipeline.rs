@@ -237,10 +237,12 @@ fn transform_sees_the_whole_batch_across_partitions_and_is_retried() {
     let inputs: Arc<Mutex<HashMap<i64, Vec<String>>>> = Arc::default();
     let outputs: Arc<Mutex<HashMap<i64, Vec<String>>>> = Arc::default();
     let keep = inputs.clone();
-    words.foreach_batch(move |t, all| {
-        keep.lock().unwrap().insert(t, all);
-        Ok(())
-    });
+    words
+        .foreach_batch(move |t, all| {
+            keep.lock().unwrap().insert(t, all);
+            Ok(())
+        })
+        .unwrap();
     let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = failed_once.clone();
     let distinct_sorted = words.transform(move |_t, mut all: Vec<String>| {
@@ -254,10 +256,13 @@ fn transform_sees_the_whole_batch_across_partitions_and_is_retried() {
     });
     // A narrow operator after the barrier runs over its (several) output partitions.
     let keep = outputs.clone();
-    distinct_sorted.map(|w| w.to_uppercase()).foreach_batch(move |t, all| {
-        keep.lock().unwrap().insert(t, all);
-        Ok(())
-    });
+    distinct_sorted
+        .map(|w| w.to_uppercase())
+        .foreach_batch(move |t, all| {
+            keep.lock().unwrap().insert(t, all);
+            Ok(())
+        })
+        .unwrap();
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
     ctx.stop(true).unwrap();

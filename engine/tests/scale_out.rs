@@ -161,7 +161,8 @@ impl App {
             .update_state_by_key(|_w: &String, new: Vec<u64>, old: Option<u64>| {
                 Some(old.unwrap_or(0) + new.iter().sum::<u64>())
             })
-            .foreach_batch(|_t, _all| Ok(()));
+            .foreach_batch(|_t, _all| Ok(()))
+            .unwrap();
         ctx.start().unwrap();
         ctx
     }

@@ -19,7 +19,8 @@ use proptest::prelude::*;
 use sluice_blockstore::{
     BlockId, BlockMeta, Clock, ManualClock, Position, SequenceNumber, SequenceNumberRange, SequenceNumberRanges,
 };
-use sluice_engine::{CheckpointStore, Error, MetadataLog, ReceivedBlockTracker};
+use sluice_engine::Error;
+use sluice_engine::internals::{CheckpointStore, MetadataLog, ReceivedBlockTracker, RecoveredState};
 use sluice_receiver::testing::MemoryLeaseStore;
 use sluice_receiver::{
     Checkpoint, Lease, LeaseKind, LeaseStore, WORKER_LEASE_PREFIX, WorkerDirectory, WorkerRegistry, WorkerStatus,
@@ -188,7 +189,7 @@ impl World {
         self.root.child("workers").child(worker)
     }
 
-    fn open_log(&self, worker: &str, holder: &str) -> (LogRun, sluice_engine::RecoveredState) {
+    fn open_log(&self, worker: &str, holder: &str) -> (LogRun, RecoveredState) {
         let log = MetadataLog::claim(&self.worker_dir(worker), holder).unwrap();
         let (tracker, recovered) = ReceivedBlockTracker::recover(log).unwrap();
         let run = LogRun {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use sluice_blockstore::{BlockId, BlockMeta, Position, SequenceNumber, SequenceNumberRange, SequenceNumberRanges};
-use sluice_engine::{CheckpointStore, MetadataLog, ReceivedBlockTracker};
+use sluice_engine::internals::{CheckpointStore, MetadataLog, ReceivedBlockTracker};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -75,7 +75,7 @@ fn open(
     store: &CheckpointStore,
     compact_every: usize,
     log_empty: bool,
-) -> (ReceivedBlockTracker, sluice_engine::RecoveredState) {
+) -> (ReceivedBlockTracker, sluice_engine::internals::RecoveredState) {
     // Every open is a new process: it claims the log (fencing the previous one).
     let log = MetadataLog::claim(store, "test-process").unwrap();
     let (t, r) = ReceivedBlockTracker::recover(log).unwrap();

@@ -41,22 +41,26 @@ struct Recorded {
 
 fn record<T: Send + Sync + 'static>(stream: &DStream<T>, into: &PerBatch<Vec<T>>) {
     let into = into.clone();
-    stream.foreach_batch(move |t, all| {
-        into.lock().unwrap().insert(t, all);
-        Ok(())
-    });
+    stream
+        .foreach_batch(move |t, all| {
+            into.lock().unwrap().insert(t, all);
+            Ok(())
+        })
+        .unwrap();
 }
 
 fn record_map(stream: &DStream<(String, u64)>, into: &PerBatch<HashMap<String, u64>>) {
     let into = into.clone();
-    stream.foreach_batch(move |t, all| {
-        let map: HashMap<String, u64> = all.into_iter().collect();
-        assert!(
-            into.lock().unwrap().insert(t, map).is_none(),
-            "two outputs for batch {t}"
-        );
-        Ok(())
-    });
+    stream
+        .foreach_batch(move |t, all| {
+            let map: HashMap<String, u64> = all.into_iter().collect();
+            assert!(
+                into.lock().unwrap().insert(t, map).is_none(),
+                "two outputs for batch {t}"
+            );
+            Ok(())
+        })
+        .unwrap();
 }
 
 /// Builds the pipeline on `ctx`: every window operator over the same words.

@@ -133,7 +133,7 @@ pub fn count_words(
         all.truncate(top);
         *keep.lock().expect("top words") = all;
         Ok(())
-    });
+    })?;
     ctx.add_batch_listener(|info: &BatchInfo| {
         println!(
             "batch {:>14} | {:>8} records | processing {:>5} ms | scheduling delay {:>5} ms{}",

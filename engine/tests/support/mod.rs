@@ -70,9 +70,11 @@ pub fn word_count(lines: &DStream<Bytes>) -> Arc<Mutex<HashMap<String, u64>>> {
             });
     let latest: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let keep = latest.clone();
-    totals.foreach_batch(move |_t, all| {
-        *keep.lock().unwrap() = all.into_iter().collect();
-        Ok(())
-    });
+    totals
+        .foreach_batch(move |_t, all| {
+            *keep.lock().unwrap() = all.into_iter().collect();
+            Ok(())
+        })
+        .unwrap();
     latest
 }

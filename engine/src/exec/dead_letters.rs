@@ -23,8 +23,9 @@ use std::sync::{Arc, Mutex};
 
 use sluice_blockstore::{Block, Position, Record};
 
-use crate::graph::{BatchEnv, DeadLetter, FailurePolicy, TaskError};
-use crate::outputs::BoxError;
+use super::node::BatchEnv;
+use super::runner::{DeadLetter, FailurePolicy, TaskError};
+use crate::BoxError;
 
 /// Where a fallible operator's `Err` for the current record goes: under
 /// [`FailurePolicy::DeadLetter`] into the batch's dead letters, attributed to the input record the
@@ -164,7 +165,7 @@ mod tests {
     use sluice_blockstore::{Bytes, Position, Record, SequenceNumber};
 
     use super::DeadLetterCollector;
-    use crate::graph::DeadLetter;
+    use crate::exec::DeadLetter;
 
     fn letter(seq: u128, stage: &str) -> DeadLetter {
         DeadLetter {

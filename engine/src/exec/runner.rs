@@ -1,36 +1,20 @@
-//! The operator graph behind [`DStream`](crate::DStream): nodes, stages and the task runner.
-//!
-//! # Execution model
-//!
-//! A batch is computed by **stages**. Narrow operators (`map`, `flat_map`, `filter`,
-//! `map_partitions`, `union`) are *fused*: a node computes one partition by asking its parent to
-//! push elements into a closure, so a chain `blocks → flat_map → map → reduce_by_key` runs as one
-//! rayon task per input block that never materialises the intermediate elements. Keyed operators,
-//! whole-batch functions (`transform`), windows, state and outputs are stage boundaries: they run
-//! the fused chain below them as tasks (one per partition, in parallel on the context's rayon
-//! pool), shuffle or collect the results, and cache them for the rest of the batch.
-//!
-//! # Failures
-//!
-//! A task that fails (a panic in user code, or a block that cannot be read) is retried up to
-//! `max_task_attempts` times. After that the [`FailurePolicy`] applies:
-//! stop the stream (default), or — for stages that read input blocks — evaluate the partition
-//! record by record, keep what succeeds and send each failing input record, with its shard,
-//! position and the error, to the dead-letter sink. Records are never skipped silently.
+//! The task runner: runs a stage's tasks on the pool with retries, the failure policy and the
+//! per-record fallback.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use sluice_blockstore::{Block, Record};
+use sluice_blockstore::{BlockId, ReadError, Record};
+use sluice_operators::shuffle::{CombineMap, Combiner, shuffle};
 
-use crate::dead_letters::{DeadLetterCollector, RecordCursor};
-use crate::tracker::TrackedBlock;
+use super::cache::MapSizeHint;
+use super::dead_letters::RecordCursor;
+use super::node::{BatchEnv, Data, Key, Node, Scope, TrackedBlock};
 
 /// Why a task failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum TaskError {
     /// User code panicked.
@@ -39,13 +23,27 @@ pub enum TaskError {
         /// The panic message.
         message: String,
     },
-    /// An input block could not be read from the store nor replayed from the source.
-    #[error("input block unavailable: {message}")]
+    /// An input block could not be read from the store nor replayed from the source. Retryable
+    /// unless the source no longer holds the data ([`ReadError::is_data_lost`]: the engine
+    /// reports it as `Error::DataLost`).
+    #[error("input block {block} unavailable: {source}")]
     BlockUnavailable {
-        /// What the block reader said (includes the ranges).
-        message: String,
-        /// Whether the source no longer holds the data (`DataLost`): retrying cannot help.
-        data_lost: bool,
+        /// The block.
+        block: BlockId,
+        /// What the block reader said (with the ranges).
+        source: Arc<ReadError>,
+    },
+    /// A block of an input the program does not define (its log holds blocks of a program that
+    /// had more inputs). Not retryable.
+    #[error(
+        "block {block} belongs to input {input}, which this program does not define: run the program that \
+         logged it, or start with a new checkpoint location"
+    )]
+    UnknownInput {
+        /// The block.
+        block: BlockId,
+        /// Its input id.
+        input: u32,
     },
     /// A fallible operator (`try_map`, `try_flat_map`, `try_filter`) returned an error and the
     /// failure policy is `Stop`, or no single input record produced the element (after a shuffle,
@@ -76,99 +74,14 @@ impl TaskError {
         TaskError::Panicked { message }
     }
 
-    fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
-            TaskError::BlockUnavailable { data_lost: true, .. } | TaskError::Rejected { .. } | TaskError::Cancelled
-        )
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            TaskError::Panicked { .. } => true,
+            TaskError::BlockUnavailable { source, .. } => !source.is_data_lost(),
+            TaskError::UnknownInput { .. } | TaskError::Rejected { .. } | TaskError::Cancelled => false,
+        }
     }
-}
-
-/// Reads the blocks of a batch (the engine implements it with the block store + replay).
-pub(crate) trait ReadBlock: Send + Sync {
-    /// The block, from the store or rebuilt by replay.
-    fn read(&self, block: &TrackedBlock) -> Result<Block, TaskError>;
-}
-
-/// Builds the environment of an earlier batch time (for windows after a restart).
-pub(crate) trait BatchHistory: Send + Sync {
-    /// The environment of batch `time_ms`, or `None` when that batch is unknown or cleaned.
-    fn env_for(&self, time_ms: i64) -> Option<BatchEnv>;
-}
-
-/// Which metadata log a batch belongs to: this worker's own ([`OWN_INSTANCE`]) or that of a
-/// worker whose log this process adopted. Stage caches and operator state are kept per instance,
-/// so an adopted worker's batches run with that worker's state, beside this worker's own.
-pub(crate) type InstanceId = u32;
-
-/// The instance of this worker's own log.
-pub(crate) const OWN_INSTANCE: InstanceId = 0;
-
-/// Everything a node needs to compute one batch.
-#[derive(Clone)]
-pub(crate) struct BatchEnv {
-    /// The metadata log the batch belongs to.
-    pub instance: InstanceId,
-    /// The worker whose identity the batch's output carries (the owner of that log).
-    pub writer: Arc<str>,
-    /// The batch time.
-    pub time_ms: i64,
-    /// The batch interval.
-    pub interval_ms: i64,
-    /// The blocks of this batch per input id, in allocation order.
-    pub inputs: Arc<HashMap<u32, Vec<TrackedBlock>>>,
-    /// Block reader.
-    pub blocks: Arc<dyn ReadBlock>,
-    /// Earlier batches.
-    pub history: Arc<dyn BatchHistory>,
-    /// The task runner (pool, retry, failure policy).
-    pub runner: Arc<StageRunner>,
-    /// This batch's dead letters (one per input record).
-    pub dead_letters: Arc<DeadLetterCollector>,
-}
-
-/// What a task passes down its fused chain to the input node.
-#[derive(Clone, Copy, Default)]
-pub(crate) struct Scope<'a> {
-    /// Only this record of the source block, when set (the per-record fallback of a panicking
-    /// partition).
-    pub only_record: Option<usize>,
-    /// The partition's block, already read (so the fallback reads it once, not once per record).
-    pub block: Option<&'a Arc<Block>>,
-    /// Where the input node says which record it is emitting (for fallible operators).
-    pub cursor: Option<&'a RecordCursor>,
-}
-
-/// A node of the graph producing elements of type `T`.
-pub(crate) trait Node<T>: Send + Sync {
-    /// Number of partitions for this batch.
-    fn num_partitions(&self, env: &BatchEnv) -> usize;
-    /// Whether the stream has data at this batch time (windows are active only when they
-    /// slide); outputs skip inactive streams.
-    fn active(&self, _env: &BatchEnv) -> bool {
-        true
-    }
-    /// Runs the stages this node depends on (bottom-up) and caches their output for the batch.
-    ///
-    /// # Errors
-    /// The first stage failure that the failure policy turns into a stop.
-    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError>;
-    /// Pushes the elements of one partition into `emit`. Only called after `prepare`.
-    ///
-    /// # Errors
-    /// A task failure.
-    fn compute(
-        &self,
-        env: &BatchEnv,
-        scope: Scope<'_>,
-        partition: usize,
-        emit: &mut dyn FnMut(T),
-    ) -> Result<(), TaskError>;
-    /// The input block a partition reads, when the partition is a fused chain over one block.
-    fn source_block(&self, env: &BatchEnv, partition: usize) -> Option<TrackedBlock>;
-    /// Drops the per-batch caches of `instance` for batches up to `time_ms` (all of them with
-    /// `i64::MAX`).
-    fn forget(&self, instance: InstanceId, time_ms: i64);
 }
 
 /// A failed batch: the policy said stop.
@@ -182,6 +95,7 @@ pub struct JobError {
     /// Attempts made.
     pub attempts: u32,
     /// The last error.
+    #[source]
     pub error: TaskError,
 }
 
@@ -293,7 +207,7 @@ impl StageRunner {
                     self.isolate_records(env, p, attempts, &block, new_acc, merge, task)
                         .map_err(|error| match error {
                             // The block could not be read again: report the original failure.
-                            TaskError::BlockUnavailable { data_lost: false, .. } => job_error,
+                            TaskError::BlockUnavailable { .. } if error.is_retryable() => job_error,
                             error => JobError { error, ..job_error },
                         })
                 })
@@ -337,9 +251,8 @@ impl StageRunner {
             match run_guarded(task, p, scope, &mut one) {
                 Ok(()) => merge(&mut acc, one),
                 Err(TaskError::Panicked { message }) => {
-                    let record = block.record(i).map_err(|e| TaskError::BlockUnavailable {
-                        message: e.to_string(),
-                        data_lost: false,
+                    let record = block.record(i).map_err(|e| TaskError::Panicked {
+                        message: format!("internal: cannot rebuild record {i} of block {}: {e}", block.id()),
                     })?;
                     env.dead_letters.add(
                         block.id().input_id,
@@ -367,16 +280,32 @@ impl StageRunner {
 
     /// Runs a whole-batch function `f` over every element of `node` for the batch: a barrier,
     /// like a shuffle. `node`'s stages run first (with their own retries); then `f` runs on the
-    /// pool with all elements in partition order. A panic in `f` is retried by recomputing the
-    /// input from its lineage (cached stages, or the batch's blocks), up to `max_attempts`
-    /// times; then the batch fails. The per-record dead-letter fallback does not apply: a
-    /// whole-batch function has no single input record to blame.
+    /// pool with all elements in partition order, as a [`run_task`](Self::run_task): a panic in
+    /// `f` is retried by recomputing the input from its lineage (cached stages, or the batch's
+    /// blocks). The per-record dead-letter fallback does not apply: a whole-batch function has no
+    /// single input record to blame.
     pub(crate) fn run_barrier<T: Send, O: Send>(
         &self,
         env: &BatchEnv,
         node: &dyn Node<T>,
         f: &(dyn Fn(i64, Vec<T>) -> Vec<O> + Sync),
     ) -> Result<Vec<O>, JobError> {
+        self.run_task(env, &|| {
+            let items: Vec<T> = self.collect(env, node)?.into_iter().flatten().collect();
+            Ok(f(env.time_ms, items))
+        })
+    }
+
+    /// Runs `task` — a user function over a whole stage (a window's reduce and inverse, a state
+    /// update, a whole-batch function) — as one task on the pool with the same retries as every
+    /// other task: a panic is retried (`task` must recompute what it consumes), up to
+    /// `max_attempts` times; then the batch fails, whatever the policy (no single input record is
+    /// to blame). An `Err` from `task` (a failed stage it ran) is returned as is.
+    pub(crate) fn run_task<R: Send>(
+        &self,
+        env: &BatchEnv,
+        task: &(dyn Fn() -> Result<R, JobError> + Sync),
+    ) -> Result<R, JobError> {
         use std::sync::atomic::Ordering::Relaxed;
         let mut attempts = 0;
         loop {
@@ -389,17 +318,13 @@ impl StageRunner {
                 });
             }
             attempts += 1;
-            let items: Vec<T> = self.collect(env, node)?.into_iter().flatten().collect();
             self.tasks.fetch_add(1, Relaxed);
-            let error = match self
-                .pool
-                .install(|| catch_unwind(AssertUnwindSafe(|| f(env.time_ms, items))))
-            {
-                Ok(out) => return Ok(out),
+            let error = match self.pool.install(|| catch_unwind(AssertUnwindSafe(task))) {
+                Ok(result) => return result,
                 Err(payload) => TaskError::from_panic(&payload),
             };
             self.task_failures.fetch_add(1, Relaxed);
-            tracing::warn!(batch = env.time_ms, attempt = attempts, error = %error, "whole-batch function failed");
+            tracing::warn!(batch = env.time_ms, attempt = attempts, error = %error, "stage function failed");
             if attempts >= self.max_attempts {
                 return Err(JobError {
                     time_ms: env.time_ms,
@@ -424,4 +349,34 @@ impl StageRunner {
             &|p, scope, acc: &mut Vec<T>| node.compute(env, scope, p, &mut |x| acc.push(x)),
         )
     }
+}
+
+/// The map side and the shuffle of a keyed stage: the fused chain below runs as tasks (with the
+/// runner's retries and failure policy) that fold their records straight into a
+/// [`CombineMap`], then the maps are hash-shuffled into `partitions`. The kernels are
+/// `sluice_operators::shuffle`; this only runs them.
+pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
+    env: &BatchEnv,
+    parent: &dyn Node<(K, V)>,
+    combiner: &C,
+    partitions: usize,
+    keys_hint: &MapSizeHint,
+) -> Result<Vec<CombineMap<K, C::Acc>>, JobError> {
+    parent.prepare(env)?;
+    let maps = env.runner.run(
+        env,
+        parent.num_partitions(env),
+        &|| CombineMap::with_capacity(keys_hint.get()),
+        &|acc: &mut CombineMap<K, C::Acc>, more| acc.merge_map(more, combiner),
+        &|p| parent.source_block(env, p),
+        &|p, scope, acc: &mut CombineMap<K, C::Acc>| {
+            parent.compute(env, scope, p, &mut |(k, v)| acc.add(k, v, combiner))?;
+            keys_hint.observe(acc.len());
+            Ok(())
+        },
+    )?;
+    Ok(env
+        .runner
+        .pool
+        .install(|| shuffle::<K, V, C>(maps, partitions, combiner)))
 }

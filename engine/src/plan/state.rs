@@ -1,15 +1,6 @@
-//! Operator state: `update_state_by_key`, and how state is snapshotted with its batch.
+//! Operator state: the [`StatefulOp`] contract and `update_state_by_key`. How state is written
+//! with its batch and restored is in the runtime's `snapshots` module.
 //!
-//! # Protocol
-//!
-//! After a batch's outputs are committed and before its `BatchCompleted` is logged, every stateful
-//! operator writes its state *as of that batch* to
-//! `<checkpoint>/state/<batch time:020>-<operator index>.state` (JSON + CRC-32C, atomic replace).
-//! On restart, state is restored from the snapshot of the last completed batch, and the batches
-//! after it re-run in order — so the state a re-run sees is exactly the state the first run saw.
-//! Operators are matched by their index in graph-construction order; a program that adds a
-//! stateful operator starts it empty (with a warning), and one that removes operators ignores
-//! their snapshots. Snapshots older than the previous completed batch are deleted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,12 +10,13 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::checkpoint_store::CheckpointStore;
 use sluice_operators::shuffle::{Group, partition_of};
 
-use crate::dstream::{DStream, Data, Key, MapSizeHint, StageCache, combine_by_key};
-use crate::graph::{BatchEnv, InstanceId, JobError, Node, Scope, TaskError};
-use crate::tracker::TrackedBlock;
+use super::dstream::DStream;
+use crate::exec::{
+    BatchEnv, Data, InstanceId, JobError, Key, MapSizeHint, Node, Scope, StageCache, TaskError, TrackedBlock,
+    combine_by_key,
+};
 use crate::{Error, Result};
 
 /// What one state file holds: the whole state, or the changes one batch made.
@@ -38,7 +30,7 @@ pub(crate) enum SnapshotKind {
 }
 
 impl SnapshotKind {
-    fn suffix(self) -> &'static str {
+    pub(crate) fn suffix(self) -> &'static str {
         match self {
             SnapshotKind::Full => ".state",
             SnapshotKind::Delta => ".delta",
@@ -57,123 +49,6 @@ pub(crate) trait StatefulOp: Send + Sync {
     fn restore(&self, instance: InstanceId, chain: &[(i64, SnapshotKind, Vec<u8>)]) -> Result<()>;
     /// Drops the state of `instance` (an adoption finished).
     fn drop_instance(&self, instance: InstanceId);
-}
-
-fn state_dir(checkpoint: &CheckpointStore) -> CheckpointStore {
-    checkpoint.child("state")
-}
-
-fn file_name(time_ms: i64, index: usize, kind: SnapshotKind) -> String {
-    format!("{time_ms:020}-{index}{}", kind.suffix())
-}
-
-/// `(time, operator index, kind)` of a state file name.
-fn parse_name(name: &str) -> Option<(i64, usize, SnapshotKind)> {
-    let (stem, kind) = if let Some(stem) = name.strip_suffix(".state") {
-        (stem, SnapshotKind::Full)
-    } else {
-        (name.strip_suffix(".delta")?, SnapshotKind::Delta)
-    };
-    let (time, index) = stem.split_once('-')?;
-    Some((time.parse().ok()?, index.parse().ok()?, kind))
-}
-
-/// Writes every operator's state (or delta) of `instance` for `time_ms`.
-pub(crate) fn snapshot_all(
-    checkpoint: &CheckpointStore,
-    instance: InstanceId,
-    time_ms: i64,
-    ops: &[Arc<dyn StatefulOp>],
-) -> Result<()> {
-    let dir = state_dir(checkpoint);
-    for (index, op) in ops.iter().enumerate() {
-        if let Some((kind, mut bytes)) = op.snapshot(instance, time_ms)? {
-            let crc = crc32c::crc32c(&bytes);
-            bytes.extend_from_slice(&crc.to_le_bytes());
-            dir.put_replace(&file_name(time_ms, index, kind), &bytes)?;
-        }
-    }
-    Ok(())
-}
-
-fn read_checked(dir: &CheckpointStore, name: String) -> Result<Vec<u8>> {
-    let mut bytes = dir.get(&name)?;
-    if bytes.len() < 4 {
-        return Err(Error::CorruptMetadata {
-            file: name,
-            detail: "too short".into(),
-        });
-    }
-    let crc = bytes.split_off(bytes.len() - 4);
-    if crc32c::crc32c(&bytes) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-        return Err(Error::CorruptMetadata {
-            file: name,
-            detail: "CRC-32C mismatch".into(),
-        });
-    }
-    Ok(bytes)
-}
-
-/// Restores every operator to the last completed batch: its newest full snapshot at or before
-/// that batch, then its deltas up to the batch (newer files belong to a batch that did not
-/// complete and will re-run). A batch with no delta file changed nothing.
-pub(crate) fn restore_all(
-    checkpoint: &CheckpointStore,
-    instance: InstanceId,
-    last_completed: Option<i64>,
-    ops: &[Arc<dyn StatefulOp>],
-) -> Result<()> {
-    let Some(last) = last_completed else { return Ok(()) };
-    if ops.is_empty() {
-        return Ok(());
-    }
-    let dir = state_dir(checkpoint);
-    let files: Vec<(i64, usize, SnapshotKind)> = dir.list()?.iter().filter_map(|n| parse_name(n)).collect();
-    for (index, op) in ops.iter().enumerate() {
-        let mut mine: Vec<(i64, SnapshotKind)> = files
-            .iter()
-            .filter(|(t, i, _)| *i == index && *t <= last)
-            .map(|(t, _, k)| (*t, *k))
-            .collect();
-        mine.sort_unstable_by_key(|(t, k)| (*t, *k == SnapshotKind::Delta));
-        let Some(base) = mine.iter().rposition(|(_, k)| *k == SnapshotKind::Full) else {
-            tracing::warn!(
-                operator = index,
-                batch = last,
-                "no state snapshot for this operator; it starts empty"
-            );
-            continue;
-        };
-        let chain = mine[base..]
-            .iter()
-            .filter(|(t, k)| *k == SnapshotKind::Full || *t > mine[base].0)
-            .map(|(t, k)| Ok((*t, *k, read_checked(&dir, file_name(*t, index, *k))?)))
-            .collect::<Result<Vec<_>>>()?;
-        op.restore(instance, &chain)?;
-    }
-    Ok(())
-}
-
-/// Deletes the state files no restore to `latest_ms` (the batch just completed) needs: per
-/// operator, everything before its newest full snapshot at or before that batch.
-pub(crate) fn cleanup_snapshots(checkpoint: &CheckpointStore, latest_ms: i64) -> Result<()> {
-    let dir = state_dir(checkpoint);
-    let names = dir.list()?;
-    let mut newest_full: HashMap<usize, i64> = HashMap::new();
-    for (t, i, k) in names.iter().filter_map(|n| parse_name(n)) {
-        if k == SnapshotKind::Full && t <= latest_ms {
-            let slot = newest_full.entry(i).or_insert(t);
-            *slot = (*slot).max(t);
-        }
-    }
-    for name in names {
-        if let Some((t, i, _)) = parse_name(&name)
-            && newest_full.get(&i).is_some_and(|keep| t < *keep)
-        {
-            dir.delete(&name)?;
-        }
-    }
-    Ok(())
 }
 
 type UpdateFn<K, V, S> = dyn Fn(&K, Vec<V>, Option<S>) -> Option<S> + Send + Sync;
@@ -223,47 +98,39 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
             }
             table.map(|t| t.parts.clone()).unwrap_or_default()
         };
+        // The user's function runs as one task of the runner, over every partition in parallel;
+        // a retry regroups the new values (they were handed to the function by value) and starts
+        // again from the unchanged previous state.
         let update = &*self.update;
-        let new_parts: Vec<Result<FxHashMap<K, S>, (usize, TaskError)>> = env.runner.pool.install(|| {
-            grouped
+        let first_attempt = Mutex::new(Some(grouped));
+        let parts: Vec<FxHashMap<K, S>> = env.runner.run_task(env, &|| {
+            let taken = first_attempt.lock().expect("grouped values").take();
+            let grouped = match taken {
+                Some(grouped) => grouped,
+                None => combine_by_key(env, &*self.parent, &Group::new(), self.partitions, &self.keys_hint)?,
+            };
+            Ok(grouped
                 .into_par_iter()
                 .enumerate()
                 .map(|(q, mut new_values)| {
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let mut out = FxHashMap::default();
-                        if let Some(prev) = previous.get(q) {
-                            for (k, s) in prev {
-                                let values = new_values.remove(k).unwrap_or_default();
-                                if let Some(s) = update(k, values, Some(s.clone())) {
-                                    out.insert(k.clone(), s);
-                                }
+                    let mut out = FxHashMap::default();
+                    if let Some(prev) = previous.get(q) {
+                        for (k, s) in prev {
+                            let values = new_values.remove(k).unwrap_or_default();
+                            if let Some(s) = update(k, values, Some(s.clone())) {
+                                out.insert(k.clone(), s);
                             }
                         }
-                        for (k, values) in new_values {
-                            if let Some(s) = update(&k, values, None) {
-                                out.insert(k, s);
-                            }
+                    }
+                    for (k, values) in new_values {
+                        if let Some(s) = update(&k, values, None) {
+                            out.insert(k, s);
                         }
-                        out
-                    }))
-                    .map_err(|payload| (q, TaskError::from_panic(&payload)))
+                    }
+                    out
                 })
-                .collect()
-        });
-        let mut parts = Vec::with_capacity(new_parts.len());
-        for part in new_parts {
-            match part {
-                Ok(p) => parts.push(p),
-                Err((partition, error)) => {
-                    return Err(JobError {
-                        time_ms: env.time_ms,
-                        partition,
-                        attempts: 1,
-                        error,
-                    });
-                }
-            }
-        }
+                .collect())
+        })?;
         self.cache.put(
             env,
             parts

@@ -5,10 +5,10 @@
 //! total delay above a bound) and a **high error rate** (task failures above 5 % of tasks).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
 
-use crate::rate_estimator::PidRateEstimator;
+use super::rate_estimator::PidRateEstimator;
 
 /// Timings of one completed batch (Spark's `BatchInfo`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,9 +58,6 @@ pub enum HealthEvent {
         bound: f64,
     },
 }
-
-/// Default error-rate bound of the high-error-rate detector (5 %).
-pub const DEFAULT_ERROR_RATE_BOUND: f64 = 0.05;
 
 /// Evaluates the detectors for one batch.
 pub(crate) fn detect(info: &BatchInfo, stuck_bound_ms: i64, error_rate_bound: f64) -> Vec<HealthEvent> {
@@ -168,5 +165,34 @@ impl Metrics {
             rate_limit: self.rate_limit.load(Relaxed),
             last_batch: *self.last_batch.lock().expect("metrics"),
         }
+    }
+}
+
+type BatchListener = Arc<dyn Fn(&BatchInfo) + Send + Sync>;
+type HealthListener = Arc<dyn Fn(&HealthEvent) + Send + Sync>;
+
+/// The context's batch and health listeners. The job thread takes a copy of the list and calls
+/// them with no lock held, so a listener may add listeners or call the context.
+#[derive(Default)]
+pub(crate) struct Listeners {
+    batch: RwLock<Vec<BatchListener>>,
+    health: RwLock<Vec<HealthListener>>,
+}
+
+impl Listeners {
+    pub(crate) fn add_batch(&self, listener: impl Fn(&BatchInfo) + Send + Sync + 'static) {
+        self.batch.write().expect("listeners").push(Arc::new(listener));
+    }
+
+    pub(crate) fn add_health(&self, listener: impl Fn(&HealthEvent) + Send + Sync + 'static) {
+        self.health.write().expect("listeners").push(Arc::new(listener));
+    }
+
+    pub(crate) fn batch(&self) -> Vec<BatchListener> {
+        self.batch.read().expect("listeners").clone()
+    }
+
+    pub(crate) fn health(&self) -> Vec<HealthListener> {
+        self.health.read().expect("listeners").clone()
     }
 }

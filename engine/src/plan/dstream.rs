@@ -6,27 +6,17 @@
 //! [`graph`](crate::graph) module for how narrow operators are fused and where stages begin.
 
 use std::collections::BTreeMap;
-use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-use sluice_operators::shuffle::{CombineMap, Combiner, Reduce, shuffle};
-
 use sluice_blockstore::Block;
+use sluice_operators::shuffle::Reduce;
 
-use crate::context::GraphBuilder;
-use crate::dead_letters::{RecordCursor, reject};
-use crate::graph::{BatchEnv, InstanceId, JobError, Node, Scope, TaskError};
-use crate::outputs::BoxError;
-use crate::tracker::TrackedBlock;
-
-/// Element types a stream can carry.
-pub trait Data: Send + Sync + 'static {}
-impl<T: Send + Sync + 'static> Data for T {}
-
-/// Keys of keyed operators: hashed deterministically (`FxHash`) so a key lands in the same shuffle
-/// partition in every run.
-pub trait Key: Data + Clone + Eq + Hash {}
-impl<T: Data + Clone + Eq + Hash> Key for T {}
+use super::GraphBuilder;
+use crate::BoxError;
+use crate::exec::{
+    BatchEnv, Data, InstanceId, JobError, Key, MapSizeHint, Node, RecordCursor, Scope, StageCache, TaskError,
+    TrackedBlock, combine_by_key, reject,
+};
 
 /// A discretized stream: for every batch time, a partitioned collection of `T`.
 #[must_use = "a DStream does nothing until an output operation (foreach_batch, print, save_parquet) uses it"]
@@ -379,105 +369,6 @@ impl<T: Data> Node<T> for UnionNode<T> {
     }
 }
 
-/// The partitions of one stage output.
-type Parts<T> = Arc<Vec<Vec<T>>>;
-
-/// Output of a stage, cached per instance and batch time.
-pub(crate) struct StageCache<T> {
-    by_batch: Mutex<BTreeMap<(InstanceId, i64), Parts<T>>>,
-}
-
-impl<T> Default for StageCache<T> {
-    fn default() -> Self {
-        Self {
-            by_batch: Mutex::new(BTreeMap::new()),
-        }
-    }
-}
-
-impl<T: Clone> StageCache<T> {
-    pub(crate) fn get(&self, env: &BatchEnv) -> Option<Parts<T>> {
-        self.by_batch
-            .lock()
-            .expect("stage cache")
-            .get(&(env.instance, env.time_ms))
-            .cloned()
-    }
-    pub(crate) fn put(&self, env: &BatchEnv, parts: Vec<Vec<T>>) -> Parts<T> {
-        let parts = Arc::new(parts);
-        self.by_batch
-            .lock()
-            .expect("stage cache")
-            .insert((env.instance, env.time_ms), parts.clone());
-        parts
-    }
-    pub(crate) fn forget_up_to(&self, instance: InstanceId, time_ms: i64) {
-        self.by_batch
-            .lock()
-            .expect("stage cache")
-            .retain(|(i, t), _| *i != instance || *t > time_ms);
-    }
-    pub(crate) fn emit(&self, env: &BatchEnv, p: usize, emit: Emit<'_, T>) -> Result<(), TaskError> {
-        let parts = self.get(env).ok_or_else(|| TaskError::Panicked {
-            message: format!("internal: stage output for batch {} not prepared", env.time_ms),
-        })?;
-        parts.get(p).into_iter().flatten().cloned().for_each(emit);
-        Ok(())
-    }
-    pub(crate) fn num_partitions(&self, env: &BatchEnv) -> usize {
-        self.get(env).map_or(0, |p| p.len())
-    }
-}
-
-/// The map side and the shuffle of a keyed stage: the fused chain below runs as tasks (with the
-/// runner's retries and failure policy) that fold their records straight into a
-/// [`CombineMap`], then the maps are hash-shuffled into `partitions`. The kernels are
-/// `sluice_operators::shuffle`; this only runs them.
-pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
-    env: &BatchEnv,
-    parent: &dyn Node<(K, V)>,
-    combiner: &C,
-    partitions: usize,
-    keys_hint: &MapSizeHint,
-) -> Result<Vec<CombineMap<K, C::Acc>>, JobError> {
-    parent.prepare(env)?;
-    let maps = env.runner.run(
-        env,
-        parent.num_partitions(env),
-        &|| CombineMap::with_capacity(keys_hint.get()),
-        &|acc: &mut CombineMap<K, C::Acc>, more| acc.merge_map(more, combiner),
-        &|p| parent.source_block(env, p),
-        &|p, scope, acc: &mut CombineMap<K, C::Acc>| {
-            parent.compute(env, scope, p, &mut |(k, v)| acc.add(k, v, combiner))?;
-            keys_hint.observe(acc.len());
-            Ok(())
-        },
-    )?;
-    Ok(env
-        .runner
-        .pool
-        .install(|| shuffle::<K, V, C>(maps, partitions, combiner)))
-}
-
-/// How many keys a keyed stage's map-side maps have been holding: a new task's map starts with
-/// that much room instead of growing from empty (rehashing its way up costs about as much as the
-/// lookups). A moving average over finished tasks, so one outsized block does not make every
-/// later map large.
-#[derive(Debug, Default)]
-pub(crate) struct MapSizeHint(std::sync::atomic::AtomicUsize);
-
-impl MapSizeHint {
-    fn get(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn observe(&self, keys: usize) {
-        let old = self.get();
-        let new = if old == 0 { keys } else { (old * 3 + keys) / 4 };
-        self.0.store(new, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// `reduce_by_key`: map-side combine in the fused stage below, then a hash shuffle.
 struct ReduceByKeyNode<K, V> {
     parent: Arc<dyn Node<(K, V)>>,
@@ -663,7 +554,7 @@ impl<T: Data> DStream<T> {
     ///     lines.dedup();
     ///     lines
     /// });
-    /// sorted.print(10);
+    /// sorted.print(10).expect("defined before start");
     /// # }
     /// ```
     pub fn transform<O: Data + Clone>(&self, f: impl Fn(i64, Vec<T>) -> Vec<O> + Send + Sync + 'static) -> DStream<O> {

@@ -27,10 +27,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sluice_operators::shuffle::{Group, partition_of};
 
-use crate::dstream::{DStream, Data, Key, MapSizeHint, StageCache, combine_by_key};
-use crate::graph::{BatchEnv, InstanceId, JobError, Node, Scope, TaskError};
-use crate::state::{SnapshotKind, StatefulOp};
-use crate::tracker::TrackedBlock;
+use super::dstream::DStream;
+use super::state::{SnapshotKind, StatefulOp};
+use crate::exec::{
+    BatchEnv, Data, InstanceId, JobError, Key, MapSizeHint, Node, Scope, StageCache, TaskError, TrackedBlock,
+    combine_by_key,
+};
 use crate::{Error, Result};
 
 /// Default [`StateSpec::full_snapshot_every`]: a full snapshot every 10 batches (Spark

@@ -10,18 +10,10 @@ use std::sync::{Arc, Mutex};
 
 use sluice_blockstore::{BlockId, BlockMeta, Position};
 
+use super::metadata_log::{LogEvent, MetadataLog};
 use crate::Result;
-use crate::metadata_log::{LogEvent, MetadataLog};
 
-/// A block the tracker knows, with whether its id is valid in this incarnation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrackedBlock {
-    /// Id, ranges, size.
-    pub meta: BlockMeta,
-    /// `false` for blocks recovered from a previous run: their store copies may be gone, so
-    /// reading goes to replay unless a valid copy is found.
-    pub is_block_id_valid: bool,
-}
+pub use crate::exec::TrackedBlock;
 
 type ShardKey = (Arc<str>, Arc<str>);
 

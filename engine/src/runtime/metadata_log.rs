@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use sluice_blockstore::{BlockId, BlockMeta, Position};
 
-use crate::checkpoint_store::CheckpointStore;
+use super::checkpoint_store::CheckpointStore;
 use crate::{Error, Result};
 
 /// One event in the metadata log.

@@ -7,6 +7,7 @@
 //! on object stores — so two processes racing for one name get exactly one winner: the metadata
 //! log's claims and fencing rest on this.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::Write;
@@ -313,6 +314,16 @@ impl CheckpointStore {
                     source,
                 }),
         }
+    }
+}
+
+/// Opens the checkpoint location: a local path or an object-store URL.
+pub(crate) fn open(location: &str) -> Result<CheckpointStore> {
+    if location.contains("://") && !location.starts_with("file://") {
+        let (store, prefix) = sluice_blockstore::object_store_from_url(location, &HashMap::new())?;
+        CheckpointStore::object_store(store, prefix)
+    } else {
+        CheckpointStore::local(location.trim_start_matches("file://"))
     }
 }
 

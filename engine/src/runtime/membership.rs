@@ -44,10 +44,10 @@ use std::time::Duration;
 use sluice_blockstore::Position;
 use sluice_receiver::{Checkpoint, LeaseKind, WorkerRegistry};
 
-use crate::checkpoint_store::CheckpointStore;
-use crate::context::{LogRuntime, Shared};
-use crate::metadata_log::MetadataLog;
-use crate::tracker::ReceivedBlockTracker;
+use super::checkpoint_store::CheckpointStore;
+use super::metadata_log::MetadataLog;
+use super::tracker::ReceivedBlockTracker;
+use super::{LogRuntime, Runtime};
 use crate::{Error, Result};
 
 /// Where a worker's metadata log and operator state live under the checkpoint location.
@@ -136,7 +136,7 @@ impl Membership {
     ///
     /// # Errors
     /// [`Error::Internal`] if the thread cannot be spawned.
-    pub(crate) fn start(shared: Arc<Shared>, registry: Arc<WorkerRegistry>, timing: Timing) -> Result<Self> {
+    pub(crate) fn start(shared: Arc<Runtime>, registry: Arc<WorkerRegistry>, timing: Timing) -> Result<Self> {
         let stop = Arc::new(StopFlag::default());
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
@@ -167,7 +167,7 @@ impl Drop for Membership {
 /// Real-time granularity of the thread's schedule (it follows the injected clock).
 const POLL: Duration = Duration::from_millis(20);
 
-fn run(shared: &Arc<Shared>, registry: &Arc<WorkerRegistry>, stop: &StopFlag, timing: Timing) {
+fn run(shared: &Arc<Runtime>, registry: &Arc<WorkerRegistry>, stop: &StopFlag, timing: Timing) {
     let renew_every = i64::try_from((timing.failover_ms / 3).max(1)).unwrap_or(i64::MAX);
     let scan_every = i64::try_from(timing.scan_interval_ms.max(1)).unwrap_or(i64::MAX);
     let mut next_renew = shared.clock.now_ms().saturating_add(renew_every);
@@ -239,7 +239,7 @@ fn run(shared: &Arc<Shared>, registry: &Arc<WorkerRegistry>, stop: &StopFlag, ti
 }
 
 /// Steps 1–3 of the protocol, then queues the log's batches for the job generator (step 4).
-fn adopt(shared: &Arc<Shared>, registry: &WorkerRegistry, worker: &str) -> Result<()> {
+fn adopt(shared: &Arc<Runtime>, registry: &WorkerRegistry, worker: &str) -> Result<()> {
     let dir = worker_dir(&shared.root, worker);
     let holder = format!(
         "{} adopting {worker} (pid {})",
@@ -281,7 +281,7 @@ fn adopt(shared: &Arc<Shared>, registry: &WorkerRegistry, worker: &str) -> Resul
 /// Step 5: finishes adoptions whose batches all ran and whose shard leases are all taken.
 /// Returns the workers of abandoned adoptions whose lease this worker still holds (to adopt
 /// again: their log was claimed by someone who then lost it).
-fn settle(shared: &Arc<Shared>, registry: &WorkerRegistry) -> Vec<String> {
+fn settle(shared: &Arc<Runtime>, registry: &WorkerRegistry) -> Vec<String> {
     let mut again = Vec::new();
     for adoption in shared.adoptions() {
         match adoption.phase() {
@@ -320,7 +320,7 @@ fn settle(shared: &Arc<Shared>, registry: &WorkerRegistry) -> Vec<String> {
 }
 
 /// Asks every input to take the shard leases `worker` owns, at the positions its log ends.
-fn take_shards_of(shared: &Shared, worker: &str, floors: &Floors) {
+fn take_shards_of(shared: &Runtime, worker: &str, floors: &Floors) {
     for input in &shared.inputs {
         input.adopt(worker, floors.get(input.stream()).cloned().unwrap_or_default());
     }
@@ -328,7 +328,7 @@ fn take_shards_of(shared: &Shared, worker: &str, floors: &Floors) {
 
 /// Whether any input's lease table still has an unfinished shard lease owned by `worker` (or
 /// cannot be read).
-pub(crate) fn owns_shard_leases(shared: &Shared, worker: &str) -> bool {
+pub(crate) fn owns_shard_leases(shared: &Runtime, worker: &str) -> bool {
     shared.inputs.iter().any(|input| {
         input.leases().list_leases().map_or(true, |leases| {
             leases.iter().any(|l| {

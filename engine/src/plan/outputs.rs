@@ -8,8 +8,9 @@
 
 use std::sync::Arc;
 
-use crate::dstream::{DStream, Data};
-use crate::graph::{BatchEnv, InstanceId, JobError, Node};
+use super::dstream::DStream;
+use crate::BoxError;
+use crate::exec::{BatchEnv, Data, InstanceId, JobError, Node};
 
 /// A registered output operation.
 pub(crate) trait OutputOp: Send + Sync {
@@ -30,17 +31,14 @@ pub enum OutputError {
     #[error(transparent)]
     Job(#[from] JobError),
     /// The user's output function or a sink returned an error.
-    #[error("output of batch {time_ms} failed: {message}")]
+    #[error("output of batch {time_ms} failed: {source}")]
     Sink {
         /// Batch time.
         time_ms: i64,
         /// What failed.
-        message: String,
+        source: BoxError,
     },
 }
-
-/// The error type user output functions return.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 struct ForeachBatch<T> {
     node: Arc<dyn Node<T>>,
@@ -56,9 +54,9 @@ impl<T: Data> OutputOp for ForeachBatch<T> {
         }
         let parts = env.runner.collect(env, &*self.node)?;
         let items: Vec<T> = parts.into_iter().flatten().collect();
-        (self.f)(env.time_ms, items).map_err(|e| OutputError::Sink {
+        (self.f)(env.time_ms, items).map_err(|source| OutputError::Sink {
             time_ms: env.time_ms,
-            message: e.to_string(),
+            source,
         })
     }
     fn forget(&self, instance: InstanceId, time_ms: i64) {
@@ -70,18 +68,28 @@ impl<T: Data> DStream<T> {
     /// Runs `f` on the job thread with the batch time and every element of the batch.
     ///
     /// At-least-once: after a crash, a batch that had not completed runs again with the same
-    /// elements. An error stops the stream (the batch is not marked complete).
-    pub fn foreach_batch(&self, f: impl Fn(i64, Vec<T>) -> Result<(), BoxError> + Send + Sync + 'static) {
+    /// elements. An error stops the stream (the batch is not marked complete) with
+    /// [`Error::Output`](crate::Error::Output).
+    ///
+    /// # Errors
+    /// [`Error::Started`](crate::Error::Started) once the context is started.
+    pub fn foreach_batch(
+        &self,
+        f: impl Fn(i64, Vec<T>) -> Result<(), BoxError> + Send + Sync + 'static,
+    ) -> crate::Result<()> {
         self.graph.add_output(Box::new(ForeachBatch {
             node: self.node.clone(),
             f: Arc::new(f),
-        }));
+        }))
     }
 }
 
 impl<T: Data + std::fmt::Debug> DStream<T> {
     /// Prints the first `n` elements of every batch, as Spark's `print` does.
-    pub fn print(&self, n: usize) {
+    ///
+    /// # Errors
+    /// [`Error::Started`](crate::Error::Started) once the context is started.
+    pub fn print(&self, n: usize) -> crate::Result<()> {
         self.foreach_batch(move |time_ms, items| {
             println!("-------------------------------------------\nTime: {time_ms} ms\n-------------------------------------------");
             for item in items.iter().take(n) {
@@ -92,7 +100,7 @@ impl<T: Data + std::fmt::Debug> DStream<T> {
             }
             println!();
             Ok(())
-        });
+        })
     }
 }
 
@@ -104,9 +112,9 @@ struct SaveParquet<T> {
 
 impl<T: Data + sluice_operators::ToRecordBatch> OutputOp for SaveParquet<T> {
     fn run(&self, env: &BatchEnv) -> Result<(), OutputError> {
-        let sink_error = |message: String| OutputError::Sink {
+        let sink_error = |e: sluice_operators::Error| OutputError::Sink {
             time_ms: env.time_ms,
-            message: format!("Parquet sink {}: {message}", self.location),
+            source: format!("Parquet sink {}: {e}", self.location).into(),
         };
         if !self.node.active(env) {
             self.node.prepare(env)?;
@@ -116,11 +124,11 @@ impl<T: Data + sluice_operators::ToRecordBatch> OutputOp for SaveParquet<T> {
         let batches = parts
             .iter()
             .filter(|p| !p.is_empty())
-            .map(|p| T::to_record_batch(p).map_err(|e| sink_error(e.to_string())))
+            .map(|p| T::to_record_batch(p).map_err(sink_error))
             .collect::<Result<Vec<_>, _>>()?;
         self.sink
             .write_batch(env.time_ms, &env.writer, batches)
-            .map_err(|e| sink_error(e.to_string()))
+            .map_err(sink_error)
     }
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.node.forget(instance, time_ms);
@@ -136,7 +144,8 @@ impl<T: Data + sluice_operators::ToRecordBatch> DStream<T> {
     /// application write to one location (`docs/operators.md` shows how to read it).
     ///
     /// # Errors
-    /// [`crate::Error::Sink`] if the location cannot be opened.
+    /// [`crate::Error::Sink`] if the location cannot be opened; [`crate::Error::Started`] once the
+    /// context is started.
     pub fn save_parquet(&self, location: &str) -> crate::Result<()> {
         let sink = sluice_operators::ParquetSink::open(location).map_err(|e| crate::Error::Sink {
             location: location.to_owned(),
@@ -146,7 +155,6 @@ impl<T: Data + sluice_operators::ToRecordBatch> DStream<T> {
             node: self.node.clone(),
             sink,
             location: location.to_owned(),
-        }));
-        Ok(())
+        }))
     }
 }

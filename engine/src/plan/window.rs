@@ -11,14 +11,12 @@
 //! streams are not recomputed this way: put the window below the state.
 
 use std::collections::{BTreeMap, HashMap};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use rustc_hash::FxHashMap;
 
-use crate::dstream::{DStream, Data, Key, StageCache};
-use crate::graph::{BatchEnv, InstanceId, JobError, Node, Scope, TaskError};
-use crate::tracker::TrackedBlock;
+use super::dstream::DStream;
+use crate::exec::{BatchEnv, Data, InstanceId, JobError, Key, Node, Scope, StageCache, TaskError, TrackedBlock};
 
 type Parts<T> = Arc<Vec<Vec<T>>>;
 
@@ -194,17 +192,15 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
                 .map(|t| self.history.get(env, &*self.reduced, t))
                 .collect::<Result<Vec<_>, _>>()?,
         };
-        // User functions run here, outside a task: a panic fails the batch instead of the job
-        // generator thread.
-        let reduce = &*self.reduce;
-        let inverse = &*self.inverse;
-        let computed = catch_unwind(AssertUnwindSafe(|| {
-            if let Some((prev, entering, leaving)) = incremental {
-                let mut acc = (*prev).clone();
-                for parts in &entering {
+        // The user's functions run as one task of the runner (retried like any task).
+        let (reduce, inverse) = (&*self.reduce, &*self.inverse);
+        let result = env.runner.run_task(env, &|| {
+            let mut acc = if let Some((prev, entering, leaving)) = &incremental {
+                let mut acc = (**prev).clone();
+                for parts in entering {
                     fold(&mut acc, parts, reduce);
                 }
-                for parts in &leaving {
+                for parts in leaving {
                     for (key, v) in parts.iter().flatten() {
                         if let Some(a) = acc.get_mut(key) {
                             *a = inverse(a.clone(), v.clone());
@@ -218,23 +214,12 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
                     fold(&mut acc, parts, reduce);
                 }
                 acc
+            };
+            if let Some(filter) = &self.filter {
+                acc.retain(|k, v| filter(k, v));
             }
-        }));
-        let mut result = computed.map_err(|payload| JobError {
-            time_ms: env.time_ms,
-            partition: 0,
-            attempts: 1,
-            error: TaskError::from_panic(&payload),
+            Ok(acc)
         })?;
-        if let Some(filter) = &self.filter {
-            let filtered = catch_unwind(AssertUnwindSafe(|| result.retain(|k, v| filter(k, v))));
-            filtered.map_err(|payload| JobError {
-                time_ms: env.time_ms,
-                partition: 0,
-                attempts: 1,
-                error: TaskError::from_panic(&payload),
-            })?;
-        }
         let result = Arc::new(result);
         self.previous
             .lock()

@@ -1,0 +1,219 @@
+//! The job generator: the one thread that runs batches — recovered batches first, then one
+//! batch per interval, and between them the batches of adopted logs.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+
+use super::membership::{Adoption, Phase};
+use super::metrics::{self, BatchInfo};
+use super::rate_estimator::PidRateEstimator;
+use super::{LogRuntime, Runtime, snapshots};
+use crate::exec::OWN_INSTANCE;
+use crate::{Error, Result};
+
+/// Cuts and runs batches on its own thread until the runtime stops.
+pub(crate) struct JobGenerator {
+    rt: Arc<Runtime>,
+}
+
+impl JobGenerator {
+    /// Starts the generator thread; it re-runs `pending` (recovered) batches first.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] if the thread cannot be started.
+    pub(crate) fn spawn(rt: Arc<Runtime>, pending: Vec<i64>) -> Result<JoinHandle<()>> {
+        let generator = JobGenerator { rt };
+        std::thread::Builder::new()
+            .name("sluice-job-generator".into())
+            .spawn(move || generator.run(&pending))
+            .map_err(|e| Error::Internal(format!("cannot start the job generator: {e}")))
+    }
+
+    /// The job generator: re-runs recovered batches, then one batch per interval until stopped;
+    /// between batches, the batches of adopted logs.
+    fn run(&self, pending: &[i64]) {
+        for &time_ms in pending {
+            if let Err(e) = self.run_batch(&self.rt.own, time_ms) {
+                return self.rt.fail(e);
+            }
+        }
+        let mut next = (self.rt.clock.now_ms() / self.rt.interval_ms + 1) * self.rt.interval_ms;
+        if let Some(last) = self.rt.own.tracker.last_allocated() {
+            next = next.max(last + self.rt.interval_ms);
+        }
+        loop {
+            if self.rt.stop_requested.load(Ordering::SeqCst) {
+                return self.rt.finish(None);
+            }
+            if let Some(reason) = self.rt.inputs.iter().find_map(|i| i.failure()) {
+                return self.rt.fail(Error::Receiver(reason));
+            }
+            if let Err(e) = self.run_adoptions() {
+                return self.rt.fail(e);
+            }
+            if self.rt.drain_requested.load(Ordering::SeqCst) && !self.rt.own.tracker.has_unallocated_blocks() {
+                // Receivers are stopped (stop() stops them first), so nothing new can arrive.
+                return self.rt.finish(None);
+            }
+            self.rt.clock.sleep_until(next);
+            if self.rt.stop_requested.load(Ordering::SeqCst) {
+                return self.rt.finish(None);
+            }
+            if let Err(e) = self.run_batch(&self.rt.own, next) {
+                return self.rt.fail(e);
+            }
+            next += self.rt.interval_ms;
+            // Do not pile up batches when the clock jumped ahead (manual clocks, long pauses).
+            let now = self.rt.clock.now_ms();
+            if next + self.rt.interval_ms <= now {
+                next = now / self.rt.interval_ms * self.rt.interval_ms;
+            }
+        }
+    }
+
+    /// Runs the batches of every queued adoption: the pending batches of the adopted log, then
+    /// one batch with its unallocated blocks. A claim of the log by someone else (the worker
+    /// came back, or another adopter) abandons it; any other failure fails this worker, as the
+    /// failure policy says for its own batches.
+    fn run_adoptions(&self) -> Result<()> {
+        for adoption in self.rt.adoptions() {
+            if adoption.phase() != Phase::Queued {
+                continue;
+            }
+            adoption.set_phase(Phase::Running);
+            let outcome = self.run_adopted_log(&adoption);
+            match outcome {
+                Ok(()) if !adoption.abandon.load(Ordering::SeqCst) => adoption.set_phase(Phase::Done),
+                Ok(()) => adoption.set_phase(Phase::Abandoned),
+                Err(Error::Fenced { by, .. }) => {
+                    tracing::warn!(worker = %adoption.worker, %by, "the adopted log was claimed by another process");
+                    adoption.set_phase(Phase::Abandoned);
+                }
+                Err(e) => {
+                    adoption.set_phase(Phase::Abandoned);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run_adopted_log(&self, adoption: &Adoption) -> Result<()> {
+        let log = &adoption.log;
+        for &time_ms in &adoption.pending {
+            if adoption.abandon.load(Ordering::SeqCst) || self.rt.stop_requested.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            self.run_batch(log, time_ms)?;
+        }
+        if log.tracker.has_unallocated_blocks() && !adoption.abandon.load(Ordering::SeqCst) {
+            // A time the dead worker never allocated (it cannot allocate any more).
+            let now = self.rt.clock.now_ms() / self.rt.interval_ms * self.rt.interval_ms;
+            let time_ms = log.tracker.last_allocated().map_or(now, |l| l + self.rt.interval_ms);
+            self.run_batch(log, time_ms)?;
+        }
+        Ok(())
+    }
+
+    fn run_batch(&self, log: &Arc<LogRuntime>, time_ms: i64) -> Result<()> {
+        let own = log.instance == OWN_INSTANCE;
+        let submitted = self.rt.clock.now_ms();
+        let monotonic = std::time::Instant::now();
+        let tasks_before = self.rt.runner.tasks.load(Ordering::Relaxed);
+        let failures_before = self.rt.runner.task_failures.load(Ordering::Relaxed);
+        let blocks = log.tracker.allocate_blocks_to_batch(time_ms)?;
+        let num_records: u64 = blocks.iter().map(|b| b.meta.num_records).sum();
+        let block_ids: Vec<sluice_blockstore::BlockId> = blocks.iter().map(|b| b.meta.id).collect();
+        let env = self.rt.env(log, time_ms, blocks);
+        let started = self.rt.clock.now_ms();
+        for op in &self.rt.plan.outputs {
+            op.run(&env)?;
+        }
+        // This batch's letters only: earlier batches recomputed for a window or state collected
+        // into their own environments (their letters were written when they ran).
+        let dead = env.dead_letters.take();
+        self.rt.blocks.write_dead_letters(time_ms, &log.writer, &dead)?;
+        let plan = &self.rt.plan;
+        snapshots::snapshot_all(&log.checkpoint, log.instance, time_ms, &plan.stateful)?;
+        // Cleanup behind completed batches, keeping what windows need; logged together with
+        // the completion (one durable append).
+        let remember = i64::try_from(plan.remember_batches.max(1)).unwrap_or(i64::MAX);
+        for op in &plan.outputs {
+            op.forget(log.instance, time_ms - remember * self.rt.interval_ms);
+        }
+        let before = time_ms - (remember - 1) * self.rt.interval_ms;
+        let removed = log.tracker.complete_batch(time_ms, before)?;
+        self.rt.blocks.processed(&block_ids);
+        let ended = self.rt.clock.now_ms();
+        if own {
+            {
+                let mut status = self.rt.status.lock().expect("status");
+                status.last_processed_ms = Some(time_ms);
+            }
+            self.rt
+                .last_processed
+                .store(u64::try_from(time_ms).unwrap_or(0), Ordering::SeqCst);
+        }
+        self.rt.status_changed.notify_all();
+
+        for id in removed {
+            self.rt.blocks.remove(id);
+        }
+        if !plan.stateful.is_empty() {
+            snapshots::cleanup_snapshots(&log.checkpoint, time_ms)?;
+        }
+
+        let info = BatchInfo {
+            batch_time_ms: time_ms,
+            adopted: !own,
+            num_records,
+            // Spark: processing start minus submission; a batch is due at its batch time.
+            scheduling_delay_ms: (started - time_ms.max(submitted.min(time_ms))).max(0),
+            processing_delay_ms: ended - started,
+            dead_letters: dead.len() as u64,
+            processing_micros: u64::try_from(monotonic.elapsed().as_micros()).unwrap_or(u64::MAX),
+            tasks: self.rt.runner.tasks.load(Ordering::Relaxed) - tasks_before,
+            task_failures: self.rt.runner.task_failures.load(Ordering::Relaxed) - failures_before,
+        };
+        self.rt.metrics.record_batch(&info);
+        self.rt.metrics.record_dead_letters(&dead);
+        let events = metrics::detect(&info, self.rt.config.stuck_bound_ms(), self.rt.config.error_rate_bound);
+        // Listeners run on this thread with no engine lock held (they may call the context).
+        for listener in self.rt.listeners.batch() {
+            listener(&info);
+        }
+        for event in &events {
+            tracing::warn!(?event, "health event");
+            self.rt.metrics.health_events.fetch_add(1, Ordering::Relaxed);
+            for listener in self.rt.listeners.health() {
+                listener(event);
+            }
+        }
+        if own {
+            self.update_rate(&info);
+        }
+        Ok(())
+    }
+
+    fn update_rate(&self, info: &BatchInfo) {
+        if !self.rt.config.backpressure.enabled {
+            return;
+        }
+        let mut estimator = self.rt.metrics.pid.lock().expect("pid");
+        let pid =
+            estimator.get_or_insert_with(|| PidRateEstimator::new(self.rt.interval_ms, &self.rt.config.backpressure));
+        if let Some(rate) = pid.compute(
+            info.batch_time_ms,
+            info.num_records,
+            info.processing_delay_ms,
+            info.scheduling_delay_ms,
+        ) {
+            let per_input = rate / self.rt.inputs.len().max(1) as f64;
+            for input in &self.rt.inputs {
+                input.set_max_rate(Some(per_input));
+            }
+            self.rt.metrics.rate_limit.store(rate as u64, Ordering::Relaxed);
+        }
+    }
+}

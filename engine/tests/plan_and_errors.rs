@@ -1,0 +1,244 @@
+//! The engine's contract around its plan and its errors: the plan is frozen at `start()` (adding
+//! an input or an output afterwards is a typed error), listeners run with no engine lock held,
+//! every user function (window reduce, state update) goes through the task runner's retries, and
+//! the error that stops a stream keeps its cause — `DataLost` is a variant, not a substring.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sluice_blockstore::{Clock, ManualClock};
+use sluice_engine::{Error, FailurePolicy, StreamingContext, TaskError};
+use sluice_operators::bench_data;
+use sluice_receiver::local_log::{LocalLog, RetentionPolicy, StreamConfig};
+
+mod support;
+
+use support::{DRAIN_TIMEOUT, STREAM, context, fill_log, receiver_config, word_count, words};
+
+#[test]
+fn inputs_and_outputs_cannot_be_added_after_start() {
+    let lines = bench_data::zipf_lines(200, 50, 1);
+    let dir = tempfile::tempdir().unwrap();
+    fill_log(&dir.path().join("log"), &lines, 1);
+    let ctx = context(&dir.path().join("data"), 100, 2);
+    let stream = ctx
+        .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(20))
+        .unwrap();
+    let totals = word_count(&stream);
+    ctx.start().unwrap();
+
+    let late_input = ctx.local_log_stream(&dir.path().join("log"), STREAM, receiver_config(20));
+    assert!(
+        matches!(late_input, Err(Error::Started { .. })),
+        "{:?}",
+        late_input.err()
+    );
+    let late_output = stream.map(|l| l.len()).foreach_batch(|_t, _all| Ok(()));
+    let err = late_output.unwrap_err();
+    assert!(matches!(err, Error::Started { .. }), "{err}");
+    assert!(err.to_string().contains("before start()"), "{err}");
+    assert!(matches!(
+        stream
+            .flat_map(words)
+            .count_by_value()
+            .save_parquet(&dir.path().join("late").display().to_string()),
+        Err(Error::Started { .. })
+    ));
+    assert!(matches!(ctx.start(), Err(Error::Started { .. })), "started twice");
+
+    // What was defined before start still runs, exactly.
+    assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
+    ctx.stop(true).unwrap();
+    assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
+}
+
+#[test]
+fn a_listener_may_call_the_context_while_batches_run() {
+    let lines = bench_data::zipf_lines(1_000, 50, 2);
+    let dir = tempfile::tempdir().unwrap();
+    fill_log(&dir.path().join("log"), &lines, 1);
+    let ctx = Arc::new(context(&dir.path().join("data"), 50, 2));
+    let stream = ctx
+        .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(20))
+        .unwrap();
+    let _totals = word_count(&stream);
+    let seen = Arc::new(AtomicU64::new(0));
+    let (me, counter) = (Arc::downgrade(&ctx), seen.clone());
+    // Before: listeners ran under the graph lock, and this one deadlocked the job thread.
+    ctx.add_batch_listener(move |_info| {
+        let ctx: Arc<StreamingContext> = Weak::upgrade(&me).expect("context alive");
+        let processed = ctx.metrics().records_processed;
+        let c = counter.clone();
+        ctx.add_batch_listener(move |_| {
+            c.fetch_add(1, SeqCst);
+        });
+        assert!(processed <= 1_000);
+    });
+    ctx.start().unwrap();
+    assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
+    ctx.stop(true).unwrap();
+    assert!(seen.load(SeqCst) > 0, "listeners added by a listener run");
+}
+
+/// Word counts over a 3-batch window whose reduce panics on its first call only.
+#[test]
+fn window_reduce_and_state_update_that_fail_once_are_retried() {
+    let lines = bench_data::zipf_lines(3_000, 100, 3);
+    let dir = tempfile::tempdir().unwrap();
+    fill_log(&dir.path().join("log"), &lines, 2);
+    let ctx = context(&dir.path().join("data"), 80, 2);
+    // Read over a dozen batches, so windows overlap batches that share words.
+    let mut config = receiver_config(20);
+    config.max_rate = Some(3_000.0);
+    config.read_max_records = Some(50);
+    let stream = ctx.local_log_stream(&dir.path().join("log"), STREAM, config).unwrap();
+    let counts = stream.flat_map(words).count_by_value();
+    let window_failed = Arc::new(AtomicU64::new(0));
+    let flag = window_failed.clone();
+    let windowed = counts.reduce_by_key_and_window(
+        move |a, b| {
+            assert!(flag.fetch_add(1, SeqCst) > 0, "injected failure in the window reduce");
+            a + b
+        },
+        Some(Arc::new(|a: u64, b: u64| a - b)),
+        None,
+        3,
+        1,
+    );
+    windowed.foreach_batch(|_t, _all| Ok(())).unwrap();
+    let state_failed = Arc::new(AtomicU64::new(0));
+    let flag = state_failed.clone();
+    let totals: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let keep = totals.clone();
+    counts
+        .update_state_by_key(move |_w: &String, new: Vec<u64>, old: Option<u64>| {
+            assert!(flag.fetch_add(1, SeqCst) > 0, "injected failure in the state update");
+            Some(old.unwrap_or(0) + new.iter().sum::<u64>())
+        })
+        .foreach_batch(move |_t, all| {
+            *keep.lock().unwrap() = all.into_iter().collect();
+            Ok(())
+        })
+        .unwrap();
+    ctx.start().unwrap();
+    assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
+    ctx.stop(true).unwrap();
+    assert!(window_failed.load(SeqCst) > 0 && state_failed.load(SeqCst) > 0);
+    assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
+    assert!(
+        ctx.metrics().task_failures >= 2,
+        "both failures counted as failed task attempts"
+    );
+}
+
+#[test]
+fn a_state_update_that_always_fails_stops_the_stream_under_either_policy() {
+    for policy in [FailurePolicy::Stop, FailurePolicy::DeadLetter] {
+        let lines = bench_data::zipf_lines(300, 30, 4);
+        let dir = tempfile::tempdir().unwrap();
+        fill_log(&dir.path().join("log"), &lines, 1);
+        let ctx = StreamingContext::builder()
+            .batch_interval(Duration::from_millis(80))
+            .data_dir(dir.path().join("data"))
+            .failure_policy(policy)
+            .max_task_attempts(2)
+            .build()
+            .unwrap();
+        let stream = ctx
+            .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(20))
+            .unwrap();
+        let calls = Arc::new(AtomicU64::new(0));
+        let counter = calls.clone();
+        stream
+            .flat_map(words)
+            .count_by_value()
+            .update_state_by_key(move |_w: &String, _new: Vec<u64>, _old: Option<u64>| -> Option<u64> {
+                counter.fetch_add(1, SeqCst);
+                panic!("a bug in the update")
+            })
+            .foreach_batch(|_t, _all| Ok(()))
+            .unwrap();
+        ctx.start().unwrap();
+        let err = ctx.await_termination().unwrap_err();
+        let _ignored = ctx.stop(false);
+        let Error::Stopped(cause) = &err else { panic!("{err}") };
+        let Error::Job(job) = &**cause else { panic!("{cause}") };
+        assert_eq!(job.attempts, 2, "{policy:?}: max_task_attempts applies to the update");
+        assert!(
+            matches!(&job.error, TaskError::Panicked { message } if message.contains("a bug")),
+            "{job}"
+        );
+        assert!(calls.load(SeqCst) >= 2);
+    }
+}
+
+#[test]
+fn data_gone_from_the_source_stops_the_stream_with_data_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = LocalLog::open(dir.path().join("log")).unwrap();
+    let stream_config = StreamConfig {
+        segment_bytes: 1_024,
+        ..StreamConfig::new(1)
+    };
+    let mut producer = log
+        .create_stream_with(STREAM, &stream_config)
+        .unwrap()
+        .producer()
+        .unwrap();
+    for i in 0..200 {
+        producer.put("k", Bytes::from(format!("line {i:0>40}"))).unwrap();
+    }
+    producer.flush().unwrap();
+    // A manual clock: blocks are cut as it moves, and no batch runs before it reaches 2,000.
+    let clock = Arc::new(ManualClock::new(1_000));
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_secs(1))
+        .data_dir(dir.path().join("data"))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let stream = ctx
+        .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(50))
+        .unwrap();
+    let _totals = word_count(&stream);
+    ctx.start().unwrap();
+    let waiting = Instant::now();
+    while ctx.metrics().blocks_stored == 0 || clock.now_ms() < 1_500 {
+        assert!(waiting.elapsed() < DRAIN_TIMEOUT, "no block stored");
+        if clock.now_ms() < 1_900 {
+            clock.advance_ms(50);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Every copy of the blocks is gone, and so are the records in the source.
+    ctx.block_store().unwrap().remove_older_than(i64::MAX).unwrap();
+    for i in 0..100 {
+        producer.put("k", Bytes::from(format!("more {i:0>40}"))).unwrap();
+    }
+    producer
+        .set_retention(RetentionPolicy {
+            max_bytes: Some(1_024),
+            max_age_ms: None,
+        })
+        .unwrap();
+    assert!(producer.enforce_retention().unwrap().segments_deleted > 0);
+    // The first batch runs and cannot rebuild its blocks.
+    clock.advance_ms(2_100 - clock.now_ms());
+
+    let err = ctx.await_termination().unwrap_err();
+    let _ignored = ctx.stop(false);
+    match &err {
+        Error::Stopped(cause) => match &**cause {
+            Error::DataLost { ranges, .. } => assert!(!ranges.is_empty(), "{cause}"),
+            other => panic!("expected DataLost, got {other}"),
+        },
+        other => panic!("expected Stopped, got {other}"),
+    }
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the cause is kept as the source"
+    );
+}

@@ -6,6 +6,8 @@
 //! - [`shuffle`]: the keyed-shuffle kernels (map-side combining with a [`shuffle::Combiner`], hash
 //!   partitioning, the merge after the shuffle) that the engine's keyed operators run in their
 //!   tasks;
+//! - [`window`] and [`state`]: the kernels of windowed reductions (reduce a window, slide it with
+//!   an inverse function) and of `update_state_by_key` (one partition's step);
 //! - [`ParquetSink`]: idempotent, batch-partitioned Parquet output on a local directory,
 //!   `memory://` or S3 (`batch_time=<ms>/part-<writer>-<i>.parquet` + `_SUCCESS-<writer>` written
 //!   last, re-runs replace only their writer's files), which is what makes Parquet output
@@ -23,7 +25,9 @@ mod dead_letter;
 mod error;
 mod parquet_sink;
 pub mod shuffle;
+pub mod state;
 mod to_record_batch;
+pub mod window;
 
 pub use dead_letter::{DeadLetterRow, DeadLetterSink, dead_letter_schema, dead_letters_to_record_batch};
 pub use error::{Error, Result};

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use sluice_operators::shuffle::{Group, partition_of};
+use sluice_operators::state::update_states;
 
 use super::dstream::DStream;
 use crate::exec::{
@@ -112,23 +113,7 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
             Ok(grouped
                 .into_par_iter()
                 .enumerate()
-                .map(|(q, mut new_values)| {
-                    let mut out = FxHashMap::default();
-                    if let Some(prev) = previous.get(q) {
-                        for (k, s) in prev {
-                            let values = new_values.remove(k).unwrap_or_default();
-                            if let Some(s) = update(k, values, Some(s.clone())) {
-                                out.insert(k.clone(), s);
-                            }
-                        }
-                    }
-                    for (k, values) in new_values {
-                        if let Some(s) = update(&k, values, None) {
-                            out.insert(k, s);
-                        }
-                    }
-                    out
-                })
+                .map(|(q, new_values)| update_states(previous.get(q), new_values, &update))
                 .collect())
         })?;
         self.cache.put(

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use rustc_hash::FxHashMap;
+use sluice_operators::window;
 
 use super::dstream::DStream;
 use crate::exec::{BatchEnv, Data, InstanceId, JobError, Key, Node, Scope, StageCache, TaskError, TrackedBlock};
@@ -67,6 +68,11 @@ impl<T: Data> History<T> {
 
 fn is_active(env: &BatchEnv, slide: usize) -> bool {
     (env.time_ms / env.interval_ms).rem_euclid(slide as i64) == 0
+}
+
+/// Batches' partitions as the window kernels take them.
+fn slices<T>(batches: &[Arc<Vec<Vec<T>>>]) -> Vec<&[Vec<T>]> {
+    batches.iter().map(|p| &p[..]).collect()
 }
 
 fn window_times(env: &BatchEnv, length: usize) -> impl Iterator<Item = i64> + '_ {
@@ -142,17 +148,6 @@ struct InvertibleWindowNode<K, V> {
     cache: StageCache<(K, V)>,
 }
 
-fn fold<K: Key, V: Clone>(into: &mut FxHashMap<K, V>, parts: &[Vec<(K, V)>], f: &ReduceFn<V>) {
-    for (k, v) in parts.iter().flatten() {
-        match into.get_mut(k) {
-            Some(acc) => *acc = f(acc.clone(), v.clone()),
-            None => {
-                into.insert(k.clone(), v.clone());
-            }
-        }
-    }
-}
-
 impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
     fn num_partitions(&self, env: &BatchEnv) -> usize {
         self.cache.num_partitions(env)
@@ -192,33 +187,17 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
                 .map(|t| self.history.get(env, &*self.reduced, t))
                 .collect::<Result<Vec<_>, _>>()?,
         };
-        // The user's functions run as one task of the runner (retried like any task).
+        // The user's functions run in the kernels as one task of the runner (retried like any
+        // task).
         let (reduce, inverse) = (&*self.reduce, &*self.inverse);
         let result = env.runner.run_task(env, &|| {
-            let mut acc = if let Some((prev, entering, leaving)) = &incremental {
-                let mut acc = (**prev).clone();
-                for parts in entering {
-                    fold(&mut acc, parts, reduce);
-                }
-                for parts in leaving {
-                    for (key, v) in parts.iter().flatten() {
-                        if let Some(a) = acc.get_mut(key) {
-                            *a = inverse(a.clone(), v.clone());
-                        }
-                    }
-                }
-                acc
+            let keep = self.filter.as_deref().map(|f| f as &dyn Fn(&K, &V) -> bool);
+            Ok(if let Some((previous, entering, leaving)) = &incremental {
+                let (entering, leaving) = (slices(entering), slices(leaving));
+                window::slide_window(previous, &entering, &leaving, &reduce, &inverse, keep)
             } else {
-                let mut acc = FxHashMap::default();
-                for parts in &spanned {
-                    fold(&mut acc, parts, reduce);
-                }
-                acc
-            };
-            if let Some(filter) = &self.filter {
-                acc.retain(|k, v| filter(k, v));
-            }
-            Ok(acc)
+                window::reduce_window(&slices(&spanned), &reduce, keep)
+            })
         })?;
         let result = Arc::new(result);
         self.previous

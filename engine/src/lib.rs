@@ -30,6 +30,8 @@ mod error;
 mod exec;
 mod plan;
 mod runtime;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::{
     BackpressureConfig, DEFAULT_BATCH_INTERVAL, DEFAULT_DATA_DIR, DEFAULT_DERIVATIVE, DEFAULT_ERROR_RATE_BOUND,

@@ -424,11 +424,37 @@ impl<T: Data> DStream<T> {
     }
 
     /// Applies `f` to every element.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let lines = h.input()?.map(text);
+    /// let lengths = h.collect(&lines.map(|line| line.len()))?;
+    /// h.start()?;
+    /// h.push(["a", "bb"]);
+    /// h.run_batch()?;
+    /// assert_eq!(lengths.batches(), vec![vec![1, 2]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn map<O: Data>(&self, f: impl Fn(T) -> O + Send + Sync + 'static) -> DStream<O> {
         self.narrow(move |x, emit| emit(f(x)))
     }
 
     /// Applies `f` to every element and flattens the results.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let lines = h.input()?.map(text);
+    /// let words = h.collect(&lines.flat_map(|line| line.split(' ').map(str::to_owned).collect::<Vec<_>>()))?;
+    /// h.start()?;
+    /// h.push(["a b", "c"]);
+    /// h.run_batch()?;
+    /// assert_eq!(words.batches(), vec![vec!["a", "b", "c"]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn flat_map<O: Data, I: IntoIterator<Item = O>>(
         &self,
         f: impl Fn(T) -> I + Send + Sync + 'static,
@@ -437,6 +463,19 @@ impl<T: Data> DStream<T> {
     }
 
     /// Keeps the elements for which `f` is true.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let lines = h.input()?.map(text);
+    /// let long = h.collect(&lines.filter(|line| line.len() > 1))?;
+    /// h.start()?;
+    /// h.push(["a", "bb", "ccc"]);
+    /// h.run_batch()?;
+    /// assert_eq!(long.batches(), vec![vec!["bb", "ccc"]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn filter(&self, f: impl Fn(&T) -> bool + Send + Sync + 'static) -> DStream<T> {
         self.narrow(move |x, emit| {
             if f(&x) {
@@ -473,20 +512,23 @@ impl<T: Data> DStream<T> {
     /// Panics keep their meaning: a bug. A panicking task is retried, then the failure policy
     /// applies (see [`FailurePolicy`](crate::FailurePolicy)).
     ///
-    /// ```
-    /// use sluice_engine::{BoxError, DStream};
-    ///
-    /// // "<user>,<amount>" lines: a line that does not parse is a dead letter, not a panic.
-    /// fn amounts(lines: &DStream<bytes::Bytes>) -> DStream<(String, u64)> {
-    ///     lines.try_map(|line| {
-    ///         let text = std::str::from_utf8(&line)?;
-    ///         let (user, amount) = text.split_once(',').ok_or("expected <user>,<amount>")?;
-    ///         Ok::<_, BoxError>((user.to_owned(), amount.trim().parse::<u64>()?))
-    ///     })
-    /// }
-    /// ```
-    ///
     /// `examples/parse_events.rs` runs this end to end and reads the dead letters back.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # use sluice_engine::FailurePolicy;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// let h = TestHarness::with_builder(|b| b.failure_policy(FailurePolicy::DeadLetter))?;
+    /// let lines = h.input()?.map(text);
+    /// let numbers = h.collect(&lines.try_map(|line| line.trim().parse::<u64>()))?;
+    /// h.start()?;
+    /// h.push(["1", "two", "3"]);
+    /// let batch = h.run_batch()?;
+    /// assert_eq!(numbers.batches(), vec![vec![1, 3]]);
+    /// // "two" went to the dead-letter sink with its shard, sequence number, payload and the error.
+    /// assert_eq!(batch.dead_letters, 1);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn try_map<O: Data, E: Into<BoxError>>(
         &self,
         f: impl Fn(T) -> std::result::Result<O, E> + Send + Sync + 'static,
@@ -499,6 +541,21 @@ impl<T: Data> DStream<T> {
 
     /// Like [`flat_map`](Self::flat_map) with a fallible `f`; an `Err` is handled as in
     /// [`try_map`](Self::try_map) (the element emits nothing).
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # use sluice_engine::FailurePolicy;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// let h = TestHarness::with_builder(|b| b.failure_policy(FailurePolicy::DeadLetter))?;
+    /// let lines = h.input()?.map(text);
+    /// let numbers = lines.try_flat_map(|line| line.split(',').map(str::parse::<u64>).collect::<Result<Vec<_>, _>>());
+    /// let numbers = h.collect(&numbers)?;
+    /// h.start()?;
+    /// h.push(["1,2", "3,x"]);
+    /// assert_eq!(h.run_batch()?.dead_letters, 1);
+    /// assert_eq!(numbers.batches(), vec![vec![1, 2]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn try_flat_map<O: Data, I: IntoIterator<Item = O>, E: Into<BoxError>>(
         &self,
         f: impl Fn(T) -> std::result::Result<I, E> + Send + Sync + 'static,
@@ -511,6 +568,20 @@ impl<T: Data> DStream<T> {
 
     /// Like [`filter`](Self::filter) with a fallible predicate; an `Err` is handled as in
     /// [`try_map`](Self::try_map) (the element is dropped from the stream and dead-lettered).
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # use sluice_engine::FailurePolicy;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// let h = TestHarness::with_builder(|b| b.failure_policy(FailurePolicy::DeadLetter))?;
+    /// let lines = h.input()?.map(text);
+    /// let even = h.collect(&lines.try_filter(|line| line.parse::<u64>().map(|n| n % 2 == 0)))?;
+    /// h.start()?;
+    /// h.push(["1", "2", "x"]);
+    /// assert_eq!(h.run_batch()?.dead_letters, 1);
+    /// assert_eq!(even.batches(), vec![vec!["2"]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn try_filter<E: Into<BoxError>>(
         &self,
         f: impl Fn(&T) -> std::result::Result<bool, E> + Send + Sync + 'static,
@@ -524,6 +595,20 @@ impl<T: Data> DStream<T> {
     }
 
     /// Applies `f` to each whole partition (given its index).
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let lines = h.input()?.map(text);
+    /// // One partition per input block: its size.
+    /// let sizes = h.collect(&lines.map_partitions(|_index, lines| vec![lines.len()]))?;
+    /// h.start()?;
+    /// h.push(["a", "b", "c"]);
+    /// h.run_batch()?;
+    /// assert_eq!(sizes.last().iter().sum::<usize>(), 3);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn map_partitions<O: Data>(&self, f: impl Fn(usize, Vec<T>) -> Vec<O> + Send + Sync + 'static) -> DStream<O> {
         DStream {
             node: Arc::new(MapPartitionsNode {
@@ -546,16 +631,22 @@ impl<T: Data> DStream<T> {
     /// policy does not apply, since no single input record is to blame. `f` must be a
     /// deterministic function of its input for re-run batches to reproduce their output.
     ///
-    /// ```no_run
-    /// # fn demo(lines: sluice_engine::DStream<String>) {
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let lines = h.input()?.map(text);
     /// // Every distinct line of the batch, sorted (across all partitions).
-    /// let sorted = lines.transform(|_batch_time_ms, mut lines: Vec<String>| {
+    /// let sorted = h.collect(&lines.transform(|_batch_time_ms, mut lines: Vec<String>| {
     ///     lines.sort_unstable();
     ///     lines.dedup();
     ///     lines
-    /// });
-    /// sorted.print(10).expect("defined before start");
-    /// # }
+    /// }))?;
+    /// h.start()?;
+    /// h.push(["b", "a", "b"]);
+    /// h.run_batch()?;
+    /// assert_eq!(sorted.batches(), vec![vec!["a", "b"]]);
+    /// # Ok::<(), sluice_engine::Error>(())
     /// ```
     pub fn transform<O: Data + Clone>(&self, f: impl Fn(i64, Vec<T>) -> Vec<O> + Send + Sync + 'static) -> DStream<O> {
         DStream {
@@ -579,6 +670,23 @@ impl<T: Data> DStream<T> {
     /// per-record dead-letter fallback above the cache still name the right record. It costs the
     /// memory of one batch of `T`, released when the batch completes (a window keeps the
     /// batches it covers, as without a cache).
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # use sluice_engine::FailurePolicy;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// let h = TestHarness::with_builder(|b| b.failure_policy(FailurePolicy::DeadLetter))?;
+    /// let lines = h.input()?.map(text);
+    /// let parsed = lines.try_map(|line| line.parse::<u64>()).cache(); // parsed once, read twice
+    /// let sum = h.collect(&parsed.map(|n| ("sum", n)).reduce_by_key(|a, b| a + b))?;
+    /// let count = h.collect(&parsed.map(|_| ("count", 1)).reduce_by_key(|a, b| a + b))?;
+    /// h.start()?;
+    /// h.push(["1", "2", "x", "3"]);
+    /// assert_eq!(h.run_batch()?.dead_letters, 1); // "x": one letter, though two stages read it
+    /// assert_eq!(sum.batches(), vec![vec![("sum", 6)]]);
+    /// assert_eq!(count.batches(), vec![vec![("count", 3)]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn cache(&self) -> DStream<T>
     where
         T: Clone,
@@ -593,6 +701,20 @@ impl<T: Data> DStream<T> {
     }
 
     /// The partitions of `self` followed by those of `others`, per batch.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let lines = h.input()?.map(text);
+    /// let shouted = lines.map(|line| line.to_uppercase());
+    /// let both = h.collect(&lines.union(&[shouted]))?;
+    /// h.start()?;
+    /// h.push(["a"]);
+    /// h.run_batch()?;
+    /// assert_eq!(both.batches(), vec![vec!["a", "A"]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn union(&self, others: &[DStream<T>]) -> DStream<T> {
         let mut parents = vec![self.node.clone()];
         parents.extend(others.iter().map(|o| o.node.clone()));
@@ -606,12 +728,44 @@ impl<T: Data> DStream<T> {
 impl<K: Key, V: Data + Clone> DStream<(K, V)> {
     /// Combines the values of each key with `reduce` (associative and commutative), combining
     /// map-side before the shuffle into the context's default number of partitions.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let pairs = h.input()?.map(text).map(|line| {
+    ///     let (key, value) = line.split_once('=').expect("key=value");
+    ///     (key.to_owned(), value.parse::<u64>().expect("a number"))
+    /// });
+    /// let totals = h.collect(&pairs.reduce_by_key(|a, b| a + b))?;
+    /// h.start()?;
+    /// h.push(["x=1", "y=2", "x=3"]);
+    /// h.run_batch()?;
+    /// assert_eq!(totals.sorted_batches(), vec![vec![("x".to_owned(), 4), ("y".to_owned(), 2)]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn reduce_by_key(&self, reduce: impl Fn(V, V) -> V + Send + Sync + 'static) -> DStream<(K, V)> {
         let partitions = self.graph.default_partitions();
         self.reduce_by_key_into(reduce, partitions)
     }
 
     /// [`reduce_by_key`](Self::reduce_by_key) into `partitions` shuffle partitions.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let pairs = h.input()?.map(text).map(|line| {
+    ///     let (key, value) = line.split_once('=').expect("key=value");
+    ///     (key.to_owned(), value.parse::<u64>().expect("a number"))
+    /// });
+    /// let totals = h.collect(&pairs.reduce_by_key_into(|a, b| a + b, 8))?;
+    /// h.start()?;
+    /// h.push(["x=1", "x=3"]);
+    /// h.run_batch()?;
+    /// assert_eq!(totals.batches(), vec![vec![("x".to_owned(), 4)]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn reduce_by_key_into(
         &self,
         reduce: impl Fn(V, V) -> V + Send + Sync + 'static,
@@ -632,6 +786,19 @@ impl<K: Key, V: Data + Clone> DStream<(K, V)> {
 
 impl<T: Key> DStream<T> {
     /// Counts each distinct element per batch.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let words = h.input()?.map(text);
+    /// let counts = h.collect(&words.count_by_value())?;
+    /// h.start()?;
+    /// h.push(["a", "b", "a"]);
+    /// h.run_batch()?;
+    /// assert_eq!(counts.sorted_batches(), vec![vec![("a".to_owned(), 2), ("b".to_owned(), 1)]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn count_by_value(&self) -> DStream<(T, u64)> {
         self.map(|x| (x, 1u64)).reduce_by_key(|a, b| a + b)
     }

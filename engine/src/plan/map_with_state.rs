@@ -523,6 +523,28 @@ impl<K, S, O> MapWithStateStream<K, S, O> {
 
     /// Every key's state after each batch (Spark's `stateSnapshots`). Reading it costs the
     /// whole state per batch — use it where that is what you want.
+    ///
+    /// ```
+    /// # use sluice_engine::{State, StateSpec};
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let words = h.input()?.map(text).map(|word| (word, 1u64));
+    /// let spec = StateSpec::new(|word: &String, new: Vec<u64>, total: &mut State<'_, u64>| {
+    ///     let sum = total.get().copied().unwrap_or(0) + new.iter().sum::<u64>();
+    ///     total.update(sum);
+    ///     Some((word.clone(), sum)) // emitted for the words of this batch only
+    /// });
+    /// let counted = words.map_with_state(spec);
+    /// let states = h.collect(&counted.state_snapshots())?;
+    /// h.start()?;
+    /// h.push(["a", "b"]);
+    /// h.run_batch()?;
+    /// h.push(["a"]);
+    /// h.run_batch()?;
+    /// assert_eq!(states.sorted_batches()[1], vec![("a".to_owned(), 2), ("b".to_owned(), 1)]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn state_snapshots(&self) -> DStream<(K, S)> {
         self.snapshots.clone()
     }
@@ -577,6 +599,29 @@ where
     ///
     /// A panic in the function fails the batch and stops the stream (the state may be half
     /// updated; after a fix and a restart the batch re-runs from the last snapshot).
+    ///
+    /// ```
+    /// # use sluice_engine::{State, StateSpec};
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let words = h.input()?.map(text).map(|word| (word, 1u64));
+    /// let spec = StateSpec::new(|word: &String, new: Vec<u64>, total: &mut State<'_, u64>| {
+    ///     let sum = total.get().copied().unwrap_or(0) + new.iter().sum::<u64>();
+    ///     total.update(sum);
+    ///     Some((word.clone(), sum)) // emitted for the words of this batch only
+    /// });
+    /// let counted = words.map_with_state(spec);
+    /// let mapped = h.collect(&counted)?;
+    /// h.start()?;
+    /// h.push(["a", "b"]);
+    /// h.run_batch()?;
+    /// h.push(["a"]);
+    /// h.run_batch()?;
+    /// let (a, b) = ("a".to_owned(), "b".to_owned());
+    /// assert_eq!(mapped.sorted_batches(), vec![vec![(a.clone(), 1), (b, 1)], vec![(a, 2)]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn map_with_state<S, O>(&self, spec: StateSpec<K, V, S, O>) -> MapWithStateStream<K, S, O>
     where
         S: Data + Clone + Serialize + DeserializeOwned,

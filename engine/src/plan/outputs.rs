@@ -73,6 +73,25 @@ impl<T: Data> DStream<T> {
     ///
     /// # Errors
     /// [`Error::Started`](crate::Error::Started) once the context is started.
+    ///
+    /// ```
+    /// # use std::sync::{Arc, Mutex};
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let lines = h.input()?.map(text);
+    /// let seen: Arc<Mutex<Vec<(i64, Vec<String>)>>> = Arc::default();
+    /// let keep = seen.clone();
+    /// lines.foreach_batch(move |batch_time_ms, lines| {
+    ///     keep.lock().unwrap().push((batch_time_ms, lines));
+    ///     Ok(())
+    /// })?;
+    /// h.start()?;
+    /// h.push(["a", "b"]);
+    /// let batch = h.run_batch()?;
+    /// assert_eq!(*seen.lock().unwrap(), vec![(batch.batch_time_ms, vec!["a".to_owned(), "b".to_owned()])]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn foreach_batch(
         &self,
         f: impl Fn(i64, Vec<T>) -> Result<(), BoxError> + Send + Sync + 'static,
@@ -89,6 +108,18 @@ impl<T: Data + std::fmt::Debug> DStream<T> {
     ///
     /// # Errors
     /// [`Error::Started`](crate::Error::Started) once the context is started.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let lines = h.input()?.map(text);
+    /// lines.print(10)?; // "Time: <batch time> ms", then the first 10 lines of every batch
+    /// h.start()?;
+    /// h.push(["a", "b"]);
+    /// h.run_batch()?;
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn print(&self, n: usize) -> crate::Result<()> {
         self.foreach_batch(move |time_ms, items| {
             println!("-------------------------------------------\nTime: {time_ms} ms\n-------------------------------------------");
@@ -146,6 +177,22 @@ impl<T: Data + sluice_operators::ToRecordBatch> DStream<T> {
     /// # Errors
     /// [`crate::Error::Sink`] if the location cannot be opened; [`crate::Error::Started`] once the
     /// context is started.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let out = h.context().data_dir().join("counts").display().to_string();
+    /// let words = h.input()?.map(text);
+    /// words.count_by_value().save_parquet(&out)?;
+    /// h.start()?;
+    /// h.push(["a", "b", "a"]);
+    /// let batch = h.run_batch()?;
+    /// let committed = sluice_operators::ParquetSink::read_committed(&out).expect("readable");
+    /// assert_eq!(committed[0].0, batch.batch_time_ms);
+    /// assert_eq!(committed.iter().map(|(_, rows)| rows.num_rows()).sum::<usize>(), 2);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn save_parquet(&self, location: &str) -> crate::Result<()> {
         let sink = sluice_operators::ParquetSink::open(location).map_err(|e| crate::Error::Sink {
             location: location.to_owned(),

@@ -229,6 +229,25 @@ where
     ///
     /// The state is snapshotted with each batch and restored on restart (see the module docs), so
     /// a re-run batch sees exactly the state its first run saw.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let words = h.input()?.map(text).map(|word| (word, 1u64));
+    /// let totals = words.update_state_by_key(|_word, new: Vec<u64>, total: Option<u64>| {
+    ///     Some(total.unwrap_or(0) + new.iter().sum::<u64>())
+    /// });
+    /// let totals = h.collect(&totals)?;
+    /// h.start()?;
+    /// h.push(["a", "b"]);
+    /// h.run_batch()?;
+    /// h.push(["a"]);
+    /// h.run_batch()?;
+    /// let (a, b) = ("a".to_owned(), "b".to_owned());
+    /// assert_eq!(totals.sorted_batches(), vec![vec![(a.clone(), 1), (b.clone(), 1)], vec![(a, 2), (b, 1)]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn update_state_by_key<S>(
         &self,
         update: impl Fn(&K, Vec<V>, Option<S>) -> Option<S> + Send + Sync + 'static,

@@ -239,6 +239,21 @@ impl<T: Data + Clone> DStream<T> {
     ///
     /// # Panics
     /// If `length` or `slide` is 0.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let lines = h.input()?.map(text);
+    /// let last_two = h.collect(&lines.window(2, 1))?;
+    /// h.start()?;
+    /// for line in ["a", "b", "c"] {
+    ///     h.push([line]);
+    ///     h.run_batch()?;
+    /// }
+    /// assert_eq!(last_two.sorted_batches(), vec![vec!["a"], vec!["a", "b"], vec!["b", "c"]]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn window(&self, length: usize, slide: usize) -> DStream<T> {
         assert!(
             length > 0 && slide > 0,
@@ -269,6 +284,33 @@ impl<K: Key, V: Data + Clone> DStream<(K, V)> {
     ///
     /// # Panics
     /// If `length` or `slide` is 0.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use sluice_engine::testing::TestHarness;
+    /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
+    /// # let h = TestHarness::new()?;
+    /// let words = h.input()?.map(text).map(|word| (word, 1u64));
+    /// let counts = words.reduce_by_key_and_window(
+    ///     |a, b| a + b,
+    ///     Some(Arc::new(|a, b| a - b)),               // the inverse: slide incrementally
+    ///     Some(Arc::new(|_word: &String, n: &u64| *n > 0)), // drop words that left the window
+    ///     2,
+    ///     1,
+    /// );
+    /// let counts = h.collect(&counts)?;
+    /// h.start()?;
+    /// for batch in [&["a", "b"][..], &["a"], &[]] {
+    ///     h.push(batch.iter().copied());
+    ///     h.run_batch()?;
+    /// }
+    /// let (a, b) = ("a".to_owned(), "b".to_owned());
+    /// assert_eq!(
+    ///     counts.sorted_batches(),
+    ///     vec![vec![(a.clone(), 1), (b.clone(), 1)], vec![(a.clone(), 2), (b, 1)], vec![(a, 1)]]
+    /// );
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
     pub fn reduce_by_key_and_window(
         &self,
         reduce: impl Fn(V, V) -> V + Send + Sync + 'static,

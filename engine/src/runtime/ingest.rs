@@ -199,6 +199,7 @@ impl EngineBlocks {
         }
         stored?;
         self.metrics.blocks_stored.fetch_add(1, Relaxed);
+        self.metrics.records_stored.fetch_add(block.meta().num_records, Relaxed);
         Ok(())
     }
 

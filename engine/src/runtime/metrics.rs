@@ -95,6 +95,7 @@ pub struct Metrics {
     pub(crate) batches_completed: AtomicU64,
     pub(crate) records_processed: AtomicU64,
     pub(crate) blocks_stored: AtomicU64,
+    pub(crate) records_stored: AtomicU64,
     pub(crate) blocks_replayed: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
     pub(crate) dead_letters_by_stage: Mutex<BTreeMap<String, u64>>,
@@ -114,6 +115,8 @@ pub struct MetricsSnapshot {
     pub records_processed: u64,
     /// Blocks stored and logged by receivers.
     pub blocks_stored: u64,
+    /// Records in those blocks.
+    pub records_stored: u64,
     /// Blocks rebuilt by replaying their ranges from the source.
     pub blocks_replayed: u64,
     /// Records sent to the dead-letter sink (each bad record once per batch, however many
@@ -157,6 +160,7 @@ impl Metrics {
             batches_completed: self.batches_completed.load(Relaxed),
             records_processed: self.records_processed.load(Relaxed),
             blocks_stored: self.blocks_stored.load(Relaxed),
+            records_stored: self.records_stored.load(Relaxed),
             blocks_replayed: self.blocks_replayed.load(Relaxed),
             dead_letters: self.dead_letters.load(Relaxed),
             dead_letters_by_stage: self.dead_letters_by_stage.lock().expect("metrics").clone(),

@@ -7,7 +7,9 @@
 //! records are appended to the current buffer **together with** the [`SequenceNumberRange`] that
 //! describes them, so a sealed block's ranges cover exactly its records (Spark's
 //! `addMultipleDataWithCallback` + `onAddData`). A page that does not fit the current block is
-//! split, and each part gets its own range.
+//! split, and each part gets its own range. That logic is the `buffer` module's `BlockBuffer`,
+//! which has no locks or threads and is checked by a property test against a reference model;
+//! this module adds the lock, the timer and pusher threads, backpressure and failure handling.
 //!
 //! The buffer is sealed into a block every `block_interval_ms` (on the injected clock) or as soon
 //! as it reaches `max_block_records` / `max_block_bytes`. Sealed blocks wait in a queue of
@@ -32,426 +34,30 @@
 //! no position covering it is ever recorded), producers get [`GeneratorError::StoreFailed`], and
 //! the owner restarts reading from the last *stored* positions.
 
-use std::collections::VecDeque;
+mod buffer;
+mod builder;
+mod config;
+mod error;
+mod handler;
+mod stats;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use sluice_blockstore::{Block, BlockId, BlockMeta, Record, SequenceNumberRange, SequenceNumberRanges, SharedClock};
+use sluice_blockstore::{Block, BlockId, Record, SequenceNumberRanges, SharedClock};
 
-use crate::config_error::ConfigError;
+use buffer::{BlockBuffer, Limits, Sealed};
+use builder::StoredCallback;
+pub use builder::{BlockGeneratorBuilder, BlockGeneratorStartError};
+pub use config::{BlockGeneratorConfig, StopMode, WhenFull};
+pub use error::GeneratorError;
+pub use handler::{BlockHandler, HandlerError};
+pub use stats::{GeneratorMetrics, GeneratorPhase, GeneratorStats};
+
 use crate::rate_limiter::RateLimiter;
 use crate::signal::{MAX_REAL_WAIT, StopSignal, Wake};
-
-/// Where sealed blocks go: the engine stores them and makes their metadata durable.
-///
-/// # Contract
-/// - `store_block` is called from the generator's single pusher thread, one block at a time, in
-///   block order (increasing `BlockId::seq`). It may block; while it does, the queue fills and
-///   producers are eventually blocked (backpressure).
-/// - It returns `Ok` only after the block is stored **and** its metadata is durable (durability
-///   order steps 1 and 2). Only then does the receiver record the block's ranges as stored and
-///   let checkpoints advance over them.
-/// - On `Err`, the block counts as not stored. Retryable errors are retried (up to
-///   `max_push_attempts` in all); afterwards, or on a non-retryable error, the generator fails and
-///   the receiver restarts from the last stored positions. An implementation must therefore
-///   tolerate the same records arriving again in a later block (a retried or re-read block gets a
-///   new id).
-/// - It must return eventually: a stop, even an aborting one, waits for the call in flight.
-pub trait BlockHandler: Send + Sync {
-    /// Stores `block` durably.
-    ///
-    /// # Errors
-    /// [`HandlerError`], saying whether a retry may succeed.
-    fn store_block(&self, block: Block) -> Result<(), HandlerError>;
-}
-
-/// Why a [`BlockHandler`] could not store a block.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct HandlerError {
-    message: String,
-    retryable: bool,
-    #[source]
-    source: Option<Box<dyn std::error::Error + Send + Sync>>,
-}
-
-impl HandlerError {
-    /// An error with a message and whether retrying the same block may succeed.
-    pub fn new(message: impl Into<String>, retryable: bool) -> Self {
-        Self {
-            message: message.into(),
-            retryable,
-            source: None,
-        }
-    }
-
-    /// An error wrapping its cause.
-    pub fn with_source(
-        message: impl Into<String>,
-        retryable: bool,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
-        Self {
-            message: message.into(),
-            retryable,
-            source: Some(source.into()),
-        }
-    }
-
-    /// Whether storing the same block again may succeed.
-    pub fn is_retryable(&self) -> bool {
-        self.retryable
-    }
-
-    /// The message.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-/// Why the generator did not accept records or could not store them.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum GeneratorError {
-    /// The generator is stopping or stopped. The first `accepted` records of the batch were taken
-    /// (they will be stored by a draining stop); the rest were not.
-    #[error("the block generator is stopped; {accepted} record(s) of the batch were accepted")]
-    Stopped {
-        /// Leading records of the batch that were accepted before the stop.
-        accepted: usize,
-    },
-    /// Storing a block failed for good; nothing after it was stored.
-    #[error("storing block {block} failed after {attempts} attempt(s): {message}")]
-    StoreFailed {
-        /// The block that could not be stored.
-        block: BlockId,
-        /// Attempts made.
-        attempts: u32,
-        /// The handler's last error.
-        message: String,
-        /// Whether the handler said a retry could help (a restart may then succeed).
-        retryable: bool,
-    },
-    /// Arrow rejected the records of a block (not expected for well-formed records).
-    #[error("block {block} could not be built: {message}")]
-    BuildFailed {
-        /// The block.
-        block: BlockId,
-        /// Arrow's error.
-        message: String,
-    },
-    /// The batch breaks the `add_batch` contract (records of several shards).
-    #[error("invalid batch: {reason}")]
-    InvalidBatch {
-        /// What is wrong.
-        reason: String,
-    },
-    /// A generator thread could not be spawned.
-    #[error("could not spawn a block generator thread: {message}")]
-    Spawn {
-        /// The operating system's error.
-        message: String,
-    },
-}
-
-impl GeneratorError {
-    /// Whether restarting the receiver (re-reading from the last stored positions) may succeed.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            GeneratorError::StoreFailed { retryable, .. } => *retryable,
-            GeneratorError::Spawn { .. } => true,
-            GeneratorError::Stopped { .. }
-            | GeneratorError::BuildFailed { .. }
-            | GeneratorError::InvalidBatch { .. } => false,
-        }
-    }
-}
-
-/// What a producer does when the generator's queue is full.
-///
-/// Only blocking exists: dropping data is never an option for a replayable source whose
-/// positions are checkpointed. The enum documents the policy and leaves room for a
-/// `FailFast` mode if a caller ever needs one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum WhenFull {
-    /// Block the producer until the pusher frees a slot.
-    #[default]
-    Block,
-}
-
-/// How [`BlockGenerator::stop`] treats buffered records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopMode {
-    /// Seal what is buffered and store every queued block before returning.
-    Drain,
-    /// Discard what is buffered or queued (it was never stored, so no position covers it); wait
-    /// only for the block already being stored.
-    Discard,
-}
-
-/// Block sizes, timing and queueing of a [`BlockGenerator`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BlockGeneratorConfig {
-    /// Seal the buffer into a block this often (ms, on the injected clock).
-    pub block_interval_ms: u64,
-    /// Seal as soon as the buffer holds this many records.
-    pub max_block_records: usize,
-    /// Seal as soon as the buffered records hold this many bytes of memory
-    /// ([`Record::memory_bytes`]: payload, partition key, sequence number, per-record overhead).
-    pub max_block_bytes: usize,
-    /// Sealed blocks waiting for the pusher, at most.
-    pub queue_capacity: usize,
-    /// What producers do when the queue is full.
-    pub when_full: WhenFull,
-    /// Attempts to store one block (Spark: 4) before the generator fails.
-    pub max_push_attempts: u32,
-    /// Wait between attempts (ms, multiplied by the attempt number).
-    pub push_retry_backoff_ms: u64,
-}
-
-impl BlockGeneratorConfig {
-    /// Default block interval (Spark's `spark.streaming.blockInterval`).
-    pub const DEFAULT_BLOCK_INTERVAL_MS: u64 = 200;
-    /// Default records per block.
-    pub const DEFAULT_MAX_BLOCK_RECORDS: usize = 500_000;
-    /// Default memory per buffered block: with the default queue the generator holds at most
-    /// 3 × 16 MiB = 48 MiB (about 6.5 MiB of payload per block for 100-byte records). Each block
-    /// is a task with its own map-side combine, so smaller blocks cost batch throughput
-    /// (`docs/benchmarks.md` has the figures for 8 and 16 MiB).
-    pub const DEFAULT_MAX_BLOCK_BYTES: usize = 16 << 20;
-    /// Default queue capacity. Spark's `spark.streaming.blockQueueSize` is 10; the engine's store
-    /// applies its own backpressure (the ingest gate), so the queue only has to keep the block
-    /// handler busy — one block waiting while another is stored — and every queued block is
-    /// memory.
-    pub const DEFAULT_QUEUE_CAPACITY: usize = 1;
-    /// Default store attempts per block (Spark's Kinesis receiver).
-    pub const DEFAULT_MAX_PUSH_ATTEMPTS: u32 = 4;
-    /// Default backoff unit between store attempts.
-    pub const DEFAULT_PUSH_RETRY_BACKOFF_MS: u64 = 100;
-
-    /// Checks every field.
-    ///
-    /// # Errors
-    /// [`ConfigError`] naming the first invalid field.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.block_interval_ms == 0 {
-            return Err(ConfigError::new("block_interval_ms", "must be at least 1 ms"));
-        }
-        if self.max_block_records == 0 {
-            return Err(ConfigError::new("max_block_records", "must be at least 1"));
-        }
-        if self.max_block_bytes == 0 {
-            return Err(ConfigError::new("max_block_bytes", "must be at least 1"));
-        }
-        if self.queue_capacity == 0 {
-            return Err(ConfigError::new(
-                "queue_capacity",
-                "must be at least 1 block (the queue is what bounds memory)",
-            ));
-        }
-        if self.max_push_attempts == 0 {
-            return Err(ConfigError::new("max_push_attempts", "must be at least 1"));
-        }
-        Ok(())
-    }
-}
-
-impl Default for BlockGeneratorConfig {
-    fn default() -> Self {
-        Self {
-            block_interval_ms: Self::DEFAULT_BLOCK_INTERVAL_MS,
-            max_block_records: Self::DEFAULT_MAX_BLOCK_RECORDS,
-            max_block_bytes: Self::DEFAULT_MAX_BLOCK_BYTES,
-            queue_capacity: Self::DEFAULT_QUEUE_CAPACITY,
-            when_full: WhenFull::Block,
-            max_push_attempts: Self::DEFAULT_MAX_PUSH_ATTEMPTS,
-            push_retry_backoff_ms: Self::DEFAULT_PUSH_RETRY_BACKOFF_MS,
-        }
-    }
-}
-
-/// Counters a generator updates; share one across generators to keep totals over restarts.
-#[derive(Debug, Default)]
-pub struct GeneratorMetrics {
-    /// Blocks stored (handler returned `Ok`).
-    pub blocks_stored: AtomicU64,
-    /// Records in stored blocks.
-    pub records_stored: AtomicU64,
-    /// Payload bytes in stored blocks.
-    pub bytes_stored: AtomicU64,
-    /// Store attempts that failed and were retried.
-    pub push_retries: AtomicU64,
-    /// Times a producer had to wait for room (backpressure).
-    pub producer_waits: AtomicU64,
-}
-
-/// Where the generator is in its life.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GeneratorPhase {
-    /// Accepting records.
-    Active,
-    /// Stopping with [`StopMode::Drain`]: no new records; buffered ones are being stored.
-    Draining,
-    /// Stopped; everything accepted was stored (or discarded by [`StopMode::Discard`]).
-    Stopped,
-    /// A block could not be stored; nothing after it will be.
-    Failed(GeneratorError),
-}
-
-/// A snapshot of the generator's buffers and counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GeneratorStats {
-    /// Phase.
-    pub phase: GeneratorPhase,
-    /// Records buffered (current buffer + queue + the block being stored).
-    pub buffered_records: usize,
-    /// Memory held by buffered records, as [`Record::memory_bytes`] counts it (current buffer +
-    /// queue + the block being stored).
-    pub buffered_bytes: usize,
-    /// Sealed blocks waiting for the pusher.
-    pub queued_blocks: usize,
-    /// Whether a block is being stored right now.
-    pub storing: bool,
-    /// Producers blocked waiting for room.
-    pub waiting_producers: usize,
-    /// Records accepted since start.
-    pub records_added: u64,
-    /// Records whose block was stored.
-    pub records_stored: u64,
-    /// Blocks stored by this generator.
-    pub blocks_stored: u64,
-}
-
-type StoredCallback = Arc<dyn Fn(&BlockMeta) + Send + Sync>;
-
-/// Builds and starts a [`BlockGenerator`].
-pub struct BlockGeneratorBuilder {
-    config: BlockGeneratorConfig,
-    stream: Arc<str>,
-    handler: Arc<dyn BlockHandler>,
-    clock: SharedClock,
-    input_id: u32,
-    run_id: u64,
-    next_seq: Arc<AtomicU64>,
-    rate_limiter: Option<Arc<RateLimiter>>,
-    on_stored: Option<StoredCallback>,
-    metrics: Arc<GeneratorMetrics>,
-}
-
-impl std::fmt::Debug for BlockGeneratorBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockGeneratorBuilder")
-            .field("config", &self.config)
-            .field("stream", &self.stream)
-            .field("input_id", &self.input_id)
-            .field("run_id", &self.run_id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl BlockGeneratorBuilder {
-    /// Block ids: `input_id`, `run_id`, and the counter the next `seq` is taken from (shared
-    /// across generators of one run so ids never repeat). Default: input 0, run 0, a new counter.
-    #[must_use]
-    pub fn block_ids(mut self, input_id: u32, run_id: u64, next_seq: Arc<AtomicU64>) -> Self {
-        self.input_id = input_id;
-        self.run_id = run_id;
-        self.next_seq = next_seq;
-        self
-    }
-
-    /// Limits the rate at which records are accepted.
-    #[must_use]
-    pub fn rate_limiter(mut self, limiter: Arc<RateLimiter>) -> Self {
-        self.rate_limiter = Some(limiter);
-        self
-    }
-
-    /// Called on the pusher thread after each block is stored, before the next one is stored.
-    #[must_use]
-    pub fn on_stored(mut self, callback: impl Fn(&BlockMeta) + Send + Sync + 'static) -> Self {
-        self.on_stored = Some(Arc::new(callback));
-        self
-    }
-
-    /// Counters to update (shared across restarts by the receiver).
-    #[must_use]
-    pub fn metrics(mut self, metrics: Arc<GeneratorMetrics>) -> Self {
-        self.metrics = metrics;
-        self
-    }
-
-    /// Validates the configuration and starts the timer and pusher threads.
-    ///
-    /// # Errors
-    /// [`GeneratorError::InvalidBatch`] never; [`GeneratorError::Spawn`] if a thread cannot be
-    /// started. An invalid configuration is reported as a [`ConfigError`] inside
-    /// [`BlockGeneratorStartError`].
-    pub fn start(self) -> Result<BlockGenerator, BlockGeneratorStartError> {
-        self.config.validate()?;
-        let shared = Arc::new(Shared {
-            records_hint: self.config.max_block_records.min(1 << 16),
-            config: self.config,
-            stream: self.stream,
-            handler: self.handler,
-            clock: self.clock,
-            input_id: self.input_id,
-            run_id: self.run_id,
-            next_seq: self.next_seq,
-            rate_limiter: self.rate_limiter,
-            on_stored: self.on_stored,
-            metrics: self.metrics,
-            state: Mutex::new(State::default()),
-            changed: Condvar::new(),
-            adding: StopSignal::new(),
-            timer: StopSignal::new(),
-            abort: StopSignal::new(),
-        });
-        let pusher = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("sluice-block-pusher-{}", shared.input_id))
-                .spawn(move || shared.run_pusher())
-                .map_err(|e| GeneratorError::Spawn { message: e.to_string() })?
-        };
-        let timer = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("sluice-block-timer-{}", shared.input_id))
-                .spawn(move || shared.run_timer())
-        };
-        let timer = match timer {
-            Ok(t) => t,
-            Err(e) => {
-                shared.abort_all();
-                let _ = pusher.join();
-                return Err(GeneratorError::Spawn { message: e.to_string() }.into());
-            }
-        };
-        Ok(BlockGenerator {
-            shared,
-            threads: Mutex::new(Some(Threads { timer, pusher })),
-        })
-    }
-}
-
-/// Why a [`BlockGenerator`] did not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BlockGeneratorStartError {
-    /// The configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// A thread could not be spawned.
-    #[error(transparent)]
-    Generator(#[from] GeneratorError),
-}
 
 struct Threads {
     timer: JoinHandle<()>,
@@ -534,13 +140,7 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    records: Vec<Record>,
-    bytes: usize,
-    ranges: Vec<SequenceNumberRange>,
-    queue: VecDeque<Sealed>,
-    queued_records: usize,
-    queued_bytes: usize,
-    in_flight: Option<(usize, usize)>,
+    buffer: BlockBuffer,
     phase: Phase,
     waiting_producers: usize,
     records_added: u64,
@@ -558,13 +158,6 @@ enum Phase {
     Draining,
     Stopped,
     Failed(GeneratorError),
-}
-
-struct Sealed {
-    id: BlockId,
-    records: Vec<Record>,
-    ranges: Vec<SequenceNumberRange>,
-    bytes: usize,
 }
 
 impl BlockGenerator {
@@ -617,8 +210,7 @@ impl BlockGenerator {
 
     /// Whether nothing is buffered, queued or being stored.
     pub fn is_idle(&self) -> bool {
-        let state = self.shared.state.lock().expect("generator lock");
-        state.records.is_empty() && state.queue.is_empty() && state.in_flight.is_none()
+        self.shared.state.lock().expect("generator lock").buffer.is_idle()
     }
 
     /// The error that failed the generator, if it failed.
@@ -704,7 +296,6 @@ fn join(threads: Threads) {
 
 impl Shared {
     fn stats(state: &State) -> GeneratorStats {
-        let (flight_records, flight_bytes) = state.in_flight.unwrap_or((0, 0));
         GeneratorStats {
             phase: match &state.phase {
                 Phase::Active => GeneratorPhase::Active,
@@ -712,10 +303,10 @@ impl Shared {
                 Phase::Stopped => GeneratorPhase::Stopped,
                 Phase::Failed(e) => GeneratorPhase::Failed(e.clone()),
             },
-            buffered_records: state.records.len() + state.queued_records + flight_records,
-            buffered_bytes: state.bytes + state.queued_bytes + flight_bytes,
-            queued_blocks: state.queue.len(),
-            storing: state.in_flight.is_some(),
+            buffered_records: state.buffer.records(),
+            buffered_bytes: state.buffer.bytes(),
+            queued_blocks: state.buffer.queued_blocks(),
+            storing: state.buffer.storing(),
             waiting_producers: state.waiting_producers,
             records_added: state.records_added,
             records_stored: state.records_stored,
@@ -749,52 +340,21 @@ impl Shared {
             return Err(Self::refusal(&self.state.lock().expect("generator lock"), 0));
         }
         let total = records.len();
-        let config = &self.config;
+        let limits = self.limits();
         let mut state = self.state.lock().expect("generator lock");
         loop {
             if state.phase != Phase::Active {
                 return Err(Self::refusal(&state, total - records.len()));
             }
-            let room_records = config.max_block_records.saturating_sub(state.records.len());
-            let room_bytes = config.max_block_bytes.saturating_sub(state.bytes);
-            let mut take = 0;
-            let mut bytes = 0;
-            for r in records.iter().take(room_records) {
-                let size = r.memory_bytes();
-                // An empty buffer always takes one record, however large, so progress is made.
-                if bytes + size > room_bytes && !(take == 0 && state.records.is_empty()) {
-                    break;
+            let taken = state.buffer.take(&self.stream, &mut records, limits);
+            state.records_added += taken as u64;
+            if records.is_empty() {
+                if state.buffer.is_full(limits) {
+                    self.try_seal(&mut state);
                 }
-                bytes += size;
-                take += 1;
+                return Ok(());
             }
-            if take > 0 {
-                state.ranges.push(SequenceNumberRange {
-                    stream: self.stream.clone(),
-                    shard_id: shard.clone(),
-                    from: records[0].position.clone(),
-                    to: records[take - 1].position.clone(),
-                    record_count: take as u64,
-                });
-                if take == records.len() {
-                    if state.records.is_empty() {
-                        std::mem::swap(&mut state.records, &mut records);
-                    } else {
-                        state.records.append(&mut records);
-                    }
-                } else {
-                    state.records.extend(records.drain(..take));
-                }
-                state.bytes += bytes;
-                state.records_added += take as u64;
-                if records.is_empty() {
-                    if state.records.len() >= config.max_block_records || state.bytes >= config.max_block_bytes {
-                        self.try_seal(&mut state);
-                    }
-                    return Ok(());
-                }
-            }
-            // The current buffer is full: seal it, or wait for the pusher to make room.
+            // The open block is full: seal it, or wait for the pusher to make room.
             if !self.try_seal(&mut state) {
                 state.waiting_producers += 1;
                 self.metrics.producer_waits.fetch_add(1, Ordering::Relaxed);
@@ -805,6 +365,14 @@ impl Shared {
         }
     }
 
+    fn limits(&self) -> Limits {
+        Limits {
+            max_records: self.config.max_block_records,
+            max_bytes: self.config.max_block_bytes,
+            queue_capacity: self.config.queue_capacity,
+        }
+    }
+
     fn refusal(state: &State, accepted: usize) -> GeneratorError {
         match &state.phase {
             Phase::Failed(e) => e.clone(),
@@ -812,33 +380,15 @@ impl Shared {
         }
     }
 
-    /// Seals the current buffer into the queue; `false` if the queue is full.
+    /// Seals the open block into the queue; `false` if the queue is full.
     fn try_seal(&self, state: &mut MutexGuard<'_, State>) -> bool {
-        if state.records.is_empty() {
-            return true;
-        }
-        if state.queue.len() >= self.config.queue_capacity {
-            return false;
-        }
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let hint = state.records.len().min(self.records_hint);
-        let records = std::mem::replace(&mut state.records, Vec::with_capacity(hint));
-        let ranges = std::mem::take(&mut state.ranges);
-        let bytes = std::mem::take(&mut state.bytes);
-        state.queued_records += records.len();
-        state.queued_bytes += bytes;
-        state.queue.push_back(Sealed {
-            id: BlockId {
-                input_id: self.input_id,
-                run_id: self.run_id,
-                seq,
-            },
-            records,
-            ranges,
-            bytes,
+        let sealed = state.buffer.seal(self.limits(), self.records_hint, || BlockId {
+            input_id: self.input_id,
+            run_id: self.run_id,
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
         });
         self.changed.notify_all();
-        true
+        sealed
     }
 
     fn run_timer(&self) {
@@ -864,10 +414,7 @@ impl Shared {
             let sealed = {
                 let mut state = self.state.lock().expect("generator lock");
                 loop {
-                    if let Some(sealed) = state.queue.pop_front() {
-                        state.queued_records -= sealed.records.len();
-                        state.queued_bytes -= sealed.bytes;
-                        state.in_flight = Some((sealed.records.len(), sealed.bytes));
+                    if let Some(sealed) = state.buffer.pop() {
                         self.changed.notify_all();
                         break sealed;
                     }
@@ -943,7 +490,7 @@ impl Shared {
     /// Clears the in-flight slot; returns whether the pusher should go on.
     fn finish_in_flight(&self, stored: Option<usize>) -> bool {
         let mut state = self.state.lock().expect("generator lock");
-        state.in_flight = None;
+        state.buffer.finish_in_flight();
         if let Some(count) = stored {
             state.records_stored += count as u64;
             state.blocks_stored += 1;
@@ -956,22 +503,12 @@ impl Shared {
         {
             let mut state = self.state.lock().expect("generator lock");
             state.phase = Phase::Failed(error);
-            Self::discard(&mut state);
+            state.buffer.discard();
             self.changed.notify_all();
         }
         self.adding.stop();
         self.abort.stop();
         self.timer.stop();
-    }
-
-    fn discard(state: &mut State) {
-        state.records.clear();
-        state.ranges.clear();
-        state.bytes = 0;
-        state.queue.clear();
-        state.queued_records = 0;
-        state.queued_bytes = 0;
-        state.in_flight = None;
     }
 
     fn abort_all(&self) {
@@ -980,7 +517,7 @@ impl Shared {
             if !matches!(state.phase, Phase::Failed(_)) {
                 state.phase = Phase::Stopped;
             }
-            Self::discard(&mut state);
+            state.buffer.discard();
             self.changed.notify_all();
         }
         self.adding.stop();

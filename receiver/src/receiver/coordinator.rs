@@ -17,7 +17,7 @@ use sluice_blockstore::Position;
 
 use super::metrics::MetricsCells;
 use super::shard_loop::{self, LoopOutcome};
-use super::{Core, ReceiverError, ShardProgress};
+use super::{Core, ReceiverError};
 use crate::block_generator::{BlockGenerator, StopMode};
 use crate::lease::{Checkpoint, Lease, LeaseError, LeaseKind, WorkerStatus};
 use crate::signal::StopSignal;
@@ -87,17 +87,8 @@ pub(crate) fn run_incarnation(core: &Arc<Core>) -> Result<(), ReceiverError> {
         })?
     };
     let generator = Arc::new(generator);
-    {
-        // Whatever a previous incarnation read but did not store will be read again.
-        let mut progress = core.progress.lock().expect("progress lock");
-        for p in progress.values_mut() {
-            p.records_read = p.records_stored;
-            p.latest_read.clone_from(&p.latest_stored);
-            p.at_end = false;
-            p.ended = None;
-            p.owned = false;
-        }
-    }
+    // Whatever a previous incarnation read but did not store will be read again.
+    core.progress.restart();
     *core.generator.lock().expect("generator slot") = Some(generator.clone());
     let mut coordinator = Coordinator {
         core,
@@ -350,19 +341,14 @@ impl Coordinator<'_> {
     /// is stored: checkpoint at exactly the last stored position, then release — so whoever
     /// takes it next starts right after what this worker logged.
     fn finish_releases(&mut self, now: i64) -> Result<(), ReceiverError> {
-        let ready: Vec<Arc<str>> = {
-            let progress = self.core.progress.lock().expect("progress lock");
-            self.held
-                .iter()
-                .filter(|(k, h)| {
-                    h.releasing
-                        && h.running.is_none()
-                        && h.ended.is_none()
-                        && progress.get(*k).is_none_or(|p| p.records_stored >= p.records_read)
-                })
-                .map(|(k, _)| k.clone())
-                .collect()
-        };
+        let ready: Vec<Arc<str>> = self
+            .held
+            .iter()
+            .filter(|(k, h)| {
+                h.releasing && h.running.is_none() && h.ended.is_none() && self.core.progress.all_stored(k)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in ready {
             if !self.checkpoint_one(&key, now, true)? {
                 continue; // lost meanwhile
@@ -372,7 +358,7 @@ impl Coordinator<'_> {
             }
             let held = self.held.remove(&key).expect("held");
             let fence = held.lease.fence().expect("held leases have an owner");
-            self.progress(&key, |p| p.owned = false);
+            self.core.progress.released(&key);
             match self.core.leases.release_lease(&key, &fence) {
                 Ok(_) => MetricsCells::bump(&self.core.metrics.leases_released),
                 Err(e) if e.is_lease_lost() => {}
@@ -449,7 +435,7 @@ impl Coordinator<'_> {
         MetricsCells::bump(&self.core.metrics.leases_taken);
         let key: Arc<str> = Arc::from(taken.lease_key.as_str());
         self.table.insert(taken.lease_key.clone(), taken.clone());
-        self.progress(&key, |p| p.owned = true);
+        self.core.progress.taken(&key);
         self.held.insert(
             key,
             Held {
@@ -505,11 +491,7 @@ impl Coordinator<'_> {
                 running.signal.stop();
                 self.stopping.push(running);
             }
-            self.progress(key, |p| {
-                p.owned = false;
-                // The new owner finishes the shard; this worker no longer waits for it.
-                p.ended = None;
-            });
+            self.core.progress.lost(key);
         }
     }
 
@@ -530,11 +512,7 @@ impl Coordinator<'_> {
         for key in ready {
             let start = self.starting_position(&key);
             let signal = Arc::new(StopSignal::new());
-            self.progress(&key, |p| {
-                p.at_end = false;
-                p.ended = None;
-                p.owned = true;
-            });
+            self.core.progress.started(&key);
             let handle = {
                 let (core, generator, signal, key, start) = (
                     self.core.clone(),
@@ -570,13 +548,7 @@ impl Coordinator<'_> {
             }
         };
         consider(self.core.resume_after.get(key));
-        let stored = self
-            .core
-            .progress
-            .lock()
-            .expect("progress lock")
-            .get(key)
-            .and_then(|p| p.latest_stored.clone());
+        let stored = self.core.progress.latest_stored(key);
         consider(stored.as_ref());
         match after {
             Some(p) => StartingPosition::AfterPosition(p),
@@ -600,12 +572,7 @@ impl Coordinator<'_> {
 
     /// The last stored position of a shard.
     fn stored_position(&self, key: &Arc<str>) -> Option<Position> {
-        self.core
-            .progress
-            .lock()
-            .expect("progress lock")
-            .get(key)
-            .and_then(|p| p.latest_stored.clone())
+        self.core.progress.latest_stored(key)
     }
 
     /// Whether the held lease's checkpoint covers everything stored of its shard.
@@ -656,17 +623,22 @@ impl Coordinator<'_> {
     /// Records `SHARD_END` for shards read to their end whose every record is stored, then
     /// releases them; their children become eligible.
     fn finish_ended_shards(&mut self) -> Result<(), ReceiverError> {
-        let ready: Vec<(Arc<str>, Vec<Arc<str>>)> = {
-            let progress = self.core.progress.lock().expect("progress lock");
-            self.held
-                .iter()
-                .filter_map(|(k, h)| {
-                    let children = h.ended.clone()?;
-                    let p = progress.get(k)?;
-                    (p.records_stored >= p.records_read).then(|| (k.clone(), children))
-                })
-                .collect()
-        };
+        let ended: Vec<&Arc<str>> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.ended.is_some())
+            .map(|(k, _)| k)
+            .collect();
+        let ready: Vec<(Arc<str>, Vec<Arc<str>>)> = self
+            .core
+            .progress
+            .fully_stored(ended)
+            .into_iter()
+            .map(|k| {
+                let children = self.held[&k].ended.clone().expect("ended");
+                (k, children)
+            })
+            .collect();
         for (key, children) in ready {
             let fence = self.held[&key].lease.fence().expect("held leases have an owner");
             let children: Vec<String> = children.iter().map(ToString::to_string).collect();
@@ -675,10 +647,7 @@ impl Coordinator<'_> {
                 Ok(lease) => {
                     MetricsCells::bump(&self.core.metrics.checkpoint_successes);
                     tracing::info!(shard = %key, ?children, "shard finished (SHARD_END)");
-                    self.progress(&key, |p| {
-                        p.finished = true;
-                        p.owned = false;
-                    });
+                    self.core.progress.finished(&key);
                     self.table.insert(lease.lease_key.clone(), lease.clone());
                     let fence = lease.fence().expect("owned");
                     self.held.remove(&key);
@@ -729,11 +698,6 @@ impl Coordinator<'_> {
         Ok(())
     }
 
-    fn progress(&self, key: &Arc<str>, f: impl FnOnce(&mut ShardProgress)) {
-        let mut progress = self.core.progress.lock().expect("progress lock");
-        f(progress.entry(key.clone()).or_default());
-    }
-
     /// Stops every loop, stops the generator (draining if graceful), writes final checkpoints of
     /// stored positions and releases every held lease.
     fn shutdown(&mut self, graceful: bool) -> Result<(), ReceiverError> {
@@ -780,7 +744,7 @@ impl Coordinator<'_> {
             } else if !exact {
                 tracing::warn!(shard = %key, "not releasing a lease whose final checkpoint did not land");
             }
-            self.progress(&key, |p| p.owned = false);
+            self.core.progress.released(&key);
         }
         result
     }

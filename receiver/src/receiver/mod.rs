@@ -24,6 +24,7 @@
 mod config;
 mod coordinator;
 mod metrics;
+mod progress;
 mod shard_loop;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ pub use config::{InitialPosition, ReceiverConfig, default_worker_id};
 pub use metrics::{ReceiverMetrics, ShardMetrics};
 
 use self::metrics::MetricsCells;
+use self::progress::ShardProgressTable;
 use crate::block_generator::{BlockGenerator, BlockHandler, GeneratorError};
 use crate::config_error::ConfigError;
 use crate::lease::{LeaseError, LeaseStore, WorkerDirectory};
@@ -140,23 +142,6 @@ pub(crate) struct AdoptRequest {
     pub(crate) floors: HashMap<Arc<str>, Position>,
 }
 
-/// Read and stored progress of one shard.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct ShardProgress {
-    pub(crate) records_read: u64,
-    pub(crate) records_stored: u64,
-    pub(crate) latest_read: Option<Position>,
-    pub(crate) latest_stored: Option<Position>,
-    /// The last read of the running loop returned nothing: the shard is at its current end.
-    pub(crate) at_end: bool,
-    /// The reader reached the end of the closed shard; its children.
-    pub(crate) ended: Option<Vec<Arc<str>>>,
-    /// `SHARD_END` is recorded for it (by this receiver).
-    pub(crate) finished: bool,
-    /// This receiver holds its lease.
-    pub(crate) owned: bool,
-}
-
 #[derive(Debug)]
 pub(crate) struct StatusCell {
     pub(crate) state: ReceiverState,
@@ -184,7 +169,7 @@ pub(crate) struct Core {
     pub(crate) next_block_seq: Arc<AtomicU64>,
     pub(crate) rate: Arc<RateLimiter>,
     pub(crate) metrics: MetricsCells,
-    pub(crate) progress: Mutex<HashMap<Arc<str>, ShardProgress>>,
+    pub(crate) progress: ShardProgressTable,
     pub(crate) status: Mutex<StatusCell>,
     pub(crate) status_changed: Condvar,
     /// Stopped by `Receiver::stop`; nudged when a shard ends or a block is stored.
@@ -198,15 +183,7 @@ pub(crate) struct Core {
 impl Core {
     /// Records a stored block's ranges (the generator's `on_stored`).
     fn on_stored(&self, meta: &BlockMeta) {
-        let mut progress = self.progress.lock().expect("progress lock");
-        for range in &meta.ranges {
-            let p = progress.entry(range.shard_id.clone()).or_default();
-            p.records_stored += range.record_count;
-            if p.latest_stored.as_ref().is_none_or(|s| *s < range.to) {
-                p.latest_stored = Some(range.to.clone());
-            }
-        }
-        drop(progress);
+        self.progress.stored(&meta.ranges);
         self.stop.nudge();
     }
 
@@ -245,23 +222,8 @@ impl Core {
             .expect("generator slot")
             .as_ref()
             .is_some_and(|g| g.is_idle());
-        let progress = self.progress.lock().expect("progress lock");
+        let (owned, shards_done) = self.progress.owned_and_done();
         let status = self.status.lock().expect("status lock");
-        let mut owned: Vec<String> = progress
-            .iter()
-            .filter(|(_, p)| p.owned)
-            .map(|(s, _)| s.to_string())
-            .collect();
-        owned.sort();
-        let shards_done = progress.values().all(|p| {
-            let stored = p.records_stored >= p.records_read;
-            let idle = if p.ended.is_some() {
-                p.finished
-            } else {
-                !p.owned || p.at_end
-            };
-            stored && idle
-        });
         ReceiverStatus {
             state: status.state,
             caught_up: status.state == ReceiverState::Running && status.settled && generator_idle && shards_done,
@@ -316,19 +278,7 @@ impl Receiver {
         resume_after: HashMap<Arc<str>, Position>,
     ) -> Result<Self, ReceiverError> {
         config.validate()?;
-        let progress = resume_after
-            .iter()
-            .map(|(shard, position)| {
-                (
-                    shard.clone(),
-                    ShardProgress {
-                        latest_stored: Some(position.clone()),
-                        latest_read: Some(position.clone()),
-                        ..ShardProgress::default()
-                    },
-                )
-            })
-            .collect();
+        let progress = ShardProgressTable::resuming_after(&resume_after);
         let core = Core {
             worker_id: config.effective_worker_id(),
             stream: Arc::from(source.stream_name()),
@@ -344,7 +294,7 @@ impl Receiver {
             resume_after,
             next_block_seq: Arc::new(AtomicU64::new(0)),
             metrics: MetricsCells::default(),
-            progress: Mutex::new(progress),
+            progress,
             status: Mutex::new(StatusCell {
                 state: ReceiverState::Created,
                 settled: false,
@@ -488,13 +438,7 @@ impl Receiver {
         let mut metrics = self.core.metrics.snapshot();
         metrics.rate_limit = self.core.rate.current_rate();
         metrics.rate_limit_throttles = self.core.rate.throttles();
-        let progress = self.core.progress.lock().expect("progress lock");
-        for (shard, p) in progress.iter() {
-            let m = metrics.shards.entry(shard.to_string()).or_default();
-            m.records_stored = p.records_stored;
-            m.latest_stored.clone_from(&p.latest_stored);
-            m.owned = p.owned;
-        }
+        self.core.progress.fill_metrics(&mut metrics);
         metrics
     }
 

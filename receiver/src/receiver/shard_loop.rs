@@ -142,17 +142,11 @@ fn hand_over(
     let n = records.len() as u64;
     let bytes: u64 = records.iter().map(|r| r.size_bytes() as u64).sum();
     let last = records.last().map(|r| r.position.clone());
-    {
-        let mut progress = core.progress.lock().expect("progress lock");
-        let p = progress.entry(shard.clone()).or_default();
-        p.records_read += n;
-        p.at_end = false;
-    }
+    core.progress.read(shard, n);
     match generator.add_batch(records) {
         Ok(()) => {
             core.metrics.received(shard, n, bytes);
-            let mut progress = core.progress.lock().expect("progress lock");
-            progress.entry(shard.clone()).or_default().latest_read = last;
+            core.progress.accepted(shard, last);
             Ok(())
         }
         Err(e) => {
@@ -160,27 +154,19 @@ fn hand_over(
                 GeneratorError::Stopped { accepted } => accepted as u64,
                 _ => 0,
             };
-            let mut progress = core.progress.lock().expect("progress lock");
-            let p = progress.entry(shard.clone()).or_default();
-            p.records_read -= n - accepted;
+            core.progress.refused(shard, n - accepted);
             Err(LoopOutcome::GeneratorClosed)
         }
     }
 }
 
 fn mark_at_end(core: &Core, shard: &Arc<str>) {
-    let mut progress = core.progress.lock().expect("progress lock");
-    progress.entry(shard.clone()).or_default().at_end = true;
-    drop(progress);
+    core.progress.at_end(shard);
     core.status_changed.notify_all();
 }
 
 fn mark_ended(core: &Core, shard: &Arc<str>, children: Vec<Arc<str>>) {
-    let mut progress = core.progress.lock().expect("progress lock");
-    let p = progress.entry(shard.clone()).or_default();
-    p.ended = Some(children);
-    p.at_end = true;
-    drop(progress);
+    core.progress.ended(shard, children);
     core.stop.nudge();
 }
 

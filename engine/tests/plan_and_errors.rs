@@ -242,3 +242,50 @@ fn data_gone_from_the_source_stops_the_stream_with_data_lost() {
         "the cause is kept as the source"
     );
 }
+
+#[test]
+fn an_output_function_that_panics_once_is_retried_and_one_that_keeps_panicking_stops_the_stream() {
+    let lines = bench_data::zipf_lines(500, 40, 5);
+    let dir = tempfile::tempdir().unwrap();
+    fill_log(&dir.path().join("log"), &lines, 1);
+    let ctx = context(&dir.path().join("data"), 60, 2);
+    let stream = ctx
+        .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(20))
+        .unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let (c, d) = (calls.clone(), delivered.clone());
+    stream
+        .foreach_batch(move |_t, lines| {
+            assert!(c.fetch_add(1, SeqCst) > 0, "injected failure in the output function");
+            d.fetch_add(lines.len() as u64, SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    ctx.start().unwrap();
+    assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
+    ctx.stop(true).unwrap();
+    assert_eq!(delivered.load(SeqCst), lines.len() as u64, "every line delivered once");
+
+    // Before: a panic in an output unwound the job generator thread and the context hung.
+    let dir = tempfile::tempdir().unwrap();
+    fill_log(&dir.path().join("log"), &lines, 1);
+    let ctx = context(&dir.path().join("data"), 60, 2);
+    let stream = ctx
+        .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(20))
+        .unwrap();
+    stream
+        .foreach_batch(|_t, lines| {
+            assert!(lines.is_empty(), "a bug in the output");
+            Ok(())
+        })
+        .unwrap();
+    ctx.start().unwrap();
+    let err = ctx.await_termination().unwrap_err();
+    let _ignored = ctx.stop(false);
+    let Error::Stopped(cause) = &err else { panic!("{err}") };
+    assert!(
+        matches!(&**cause, Error::Job(job) if job.attempts == sluice_engine::DEFAULT_MAX_TASK_ATTEMPTS),
+        "{cause}"
+    );
+}

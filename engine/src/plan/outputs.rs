@@ -52,9 +52,13 @@ impl<T: Data> OutputOp for ForeachBatch<T> {
             self.node.prepare(env)?;
             return Ok(());
         }
-        let parts = env.runner.collect(env, &*self.node)?;
-        let items: Vec<T> = parts.into_iter().flatten().collect();
-        (self.f)(env.time_ms, items).map_err(|source| OutputError::Sink {
+        // The user's function runs as a task of the runner: a panic is retried with the batch's
+        // elements computed again (the function took them by value).
+        let delivered = env.runner.run_task(env, &|| {
+            let items: Vec<T> = env.runner.collect(env, &*self.node)?.into_iter().flatten().collect();
+            Ok((self.f)(env.time_ms, items))
+        })?;
+        delivered.map_err(|source| OutputError::Sink {
             time_ms: env.time_ms,
             source,
         })
@@ -65,11 +69,13 @@ impl<T: Data> OutputOp for ForeachBatch<T> {
 }
 
 impl<T: Data> DStream<T> {
-    /// Runs `f` on the job thread with the batch time and every element of the batch.
+    /// Runs `f` with the batch time and every element of the batch (in partition order), as a
+    /// task on the executor pool; outputs run one after another, in the order they were defined.
     ///
     /// At-least-once: after a crash, a batch that had not completed runs again with the same
-    /// elements. An error stops the stream (the batch is not marked complete) with
-    /// [`Error::Output`](crate::Error::Output).
+    /// elements; a panic in `f` is retried the same way (with the elements computed again), up to
+    /// `max_task_attempts`. An `Err` from `f` stops the stream (the batch is not marked complete)
+    /// with [`Error::Output`](crate::Error::Output).
     ///
     /// # Errors
     /// [`Error::Started`](crate::Error::Started) once the context is started.

@@ -77,6 +77,8 @@ fn a_listener_may_call_the_context_while_batches_run() {
         });
         assert!(processed <= 1_000);
     });
+    // A listener that panics is skipped; the stream goes on.
+    ctx.add_batch_listener(|_| panic!("a bug in a listener"));
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
     ctx.stop(true).unwrap();

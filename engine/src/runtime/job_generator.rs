@@ -1,6 +1,7 @@
 //! The job generator: the one thread that runs batches — recovered batches first, then one
 //! batch per interval, and between them the batches of adopted logs.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
@@ -180,14 +181,20 @@ impl JobGenerator {
         self.rt.metrics.record_dead_letters(&dead);
         let events = metrics::detect(&info, self.rt.config.stuck_bound_ms(), self.rt.config.error_rate_bound);
         // Listeners run on this thread with no engine lock held (they may call the context).
+        // A listener that panics is reported and skipped (as Spark's listener bus does): the
+        // batch is complete, and monitoring must not stop the stream.
         for listener in self.rt.listeners.batch() {
-            listener(&info);
+            if catch_unwind(AssertUnwindSafe(|| listener(&info))).is_err() {
+                tracing::error!(batch = time_ms, "a batch listener panicked");
+            }
         }
         for event in &events {
             tracing::warn!(?event, "health event");
             self.rt.metrics.health_events.fetch_add(1, Ordering::Relaxed);
             for listener in self.rt.listeners.health() {
-                listener(event);
+                if catch_unwind(AssertUnwindSafe(|| listener(event))).is_err() {
+                    tracing::error!(batch = time_ms, "a health listener panicked");
+                }
             }
         }
         if own {

@@ -212,3 +212,66 @@ fn windows_span_the_batches_of_the_previous_run_after_a_graceful_restart() {
         "every word in exactly one batch across both runs"
     );
 }
+
+/// The same reference check on the test harness: a manual clock and records pushed per batch,
+/// so which batch holds which words is decided by the test, not by timing.
+#[test]
+fn windows_on_a_manual_clock_equal_the_brute_force_reference() {
+    use sluice_engine::testing::TestHarness;
+    let lines = bench_data::zipf_lines(240, 30, 41);
+    for (length, slide) in [(3, 1), (4, 2), (2, 3)] {
+        let h = TestHarness::new().unwrap();
+        let stream = h.input().unwrap().flat_map(words);
+        let window = h.collect(&stream.window(length, slide)).unwrap();
+        let pairs = stream.map(|w| (w, 1u64));
+        let counts = h
+            .collect(&pairs.reduce_by_key_and_window(|a, b| a + b, None, None, length, slide))
+            .unwrap();
+        let counts_inverse = h
+            .collect(&pairs.reduce_by_key_and_window(
+                |a, b| a + b,
+                Some(Arc::new(|a, b| a - b)),
+                Some(Arc::new(|_k: &String, c: &u64| *c > 0)),
+                length,
+                slide,
+            ))
+            .unwrap();
+        h.start().unwrap();
+        // 12 batches of 20 lines; the batch times count from the harness's first batch.
+        let mut per_batch: Vec<Vec<String>> = Vec::new();
+        let mut emitted_at = Vec::new();
+        for (i, chunk) in lines.chunks(20).enumerate() {
+            h.push(chunk.iter().cloned());
+            let info = h.run_batch().unwrap();
+            per_batch.push(
+                chunk
+                    .iter()
+                    .flat_map(|l| words(bytes::Bytes::from(l.clone())))
+                    .collect(),
+            );
+            if (info.batch_time_ms / BATCH_WINDOW_MS).rem_euclid(slide as i64) == 0 {
+                emitted_at.push(i);
+            }
+        }
+        assert!(emitted_at.len() >= 3);
+        let windows = window.batches();
+        let (counts, counts_inverse) = (counts.batches(), counts_inverse.batches());
+        assert_eq!(windows.len(), emitted_at.len(), "one window per slide");
+        for (k, &i) in emitted_at.iter().enumerate() {
+            let mut reference: Vec<String> = per_batch[i.saturating_sub(length - 1)..=i].concat();
+            reference.sort_unstable();
+            let mut got = windows[k].clone();
+            got.sort_unstable();
+            assert_eq!(got, reference, "window({length}, {slide}) ending at batch {i}");
+            let mut expected: HashMap<String, u64> = HashMap::new();
+            for w in &reference {
+                *expected.entry(w.clone()).or_default() += 1;
+            }
+            assert_eq!(counts[k].iter().cloned().collect::<HashMap<_, _>>(), expected);
+            assert_eq!(counts_inverse[k].iter().cloned().collect::<HashMap<_, _>>(), expected);
+        }
+    }
+}
+
+/// The harness's batch interval, in the units window slides count.
+const BATCH_WINDOW_MS: i64 = sluice_engine::testing::HARNESS_BATCH_MS;

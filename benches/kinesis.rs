@@ -21,11 +21,12 @@ mod bench {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use aws_sdk_kinesis::types::ShardIteratorType;
     use bytes::Bytes;
     use sluice::blockstore::{Position, Replay, SequenceNumber, SequenceNumberRange, SequenceNumberRanges};
     use sluice::engine::StreamingContext;
     use sluice::operators::bench_data;
+    use sluice::receiver::aws_sdk_kinesis;
+    use sluice::receiver::aws_sdk_kinesis::types::ShardIteratorType;
     use sluice::receiver::kinesis::{KinesisConfig, KinesisProducer, KinesisSource};
     use sluice::receiver::{AwsSettings, ReceiverConfig, Source};
 

@@ -41,6 +41,13 @@ pub mod testing;
 
 #[cfg(feature = "kinesis")]
 pub use aws::AwsSettings;
+/// The AWS SDK for Kinesis this crate is built with, for code that needs the bare client next to
+/// the [`kinesis`] source (the Kinesis benchmark measures the emulator's raw `GetRecords` rate
+/// with it). Re-exported so that such code needs no dependency of its own on the SDK — a
+/// dev-dependency of the facade would be compiled for every example, even word count on the
+/// local log — and always gets the same version.
+#[cfg(feature = "kinesis")]
+pub use aws_sdk_kinesis;
 pub use block_generator::{
     BlockGenerator, BlockGeneratorBuilder, BlockGeneratorConfig, BlockGeneratorStartError, BlockHandler,
     GeneratorError, GeneratorMetrics, GeneratorPhase, GeneratorStats, HandlerError, StopMode, WhenFull,

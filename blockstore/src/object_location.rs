@@ -1,13 +1,20 @@
 //! Turning a location URL into an [`ObjectStore`] and a root path inside it.
 //!
 //! The URL forms and the S3 configuration are documented on [`object_store_from_url`].
+//!
+//! S3 is behind this crate's `s3` feature: it pulls in an HTTP client, TLS and a crypto library
+//! (about 40 crates), which a pipeline on local directories never uses, so a first build of the
+//! local-log examples does not pay for it. Without the feature an `s3://` URL is rejected with
+//! [`Error::InvalidUrl`] naming the feature to turn on.
 
 use std::collections::HashMap;
+#[cfg(feature = "s3")]
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use object_store::ObjectStore;
+#[cfg(feature = "s3")]
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -64,6 +71,9 @@ pub(crate) fn check_url(url: &str) -> Result<()> {
         if bucket.is_empty() {
             return Err(invalid(url, "missing bucket; use s3://<bucket>/<prefix>"));
         }
+        if !cfg!(feature = "s3") {
+            return Err(s3_not_built(url));
+        }
         return Ok(());
     }
     if let Some(path) = url.strip_prefix("file://") {
@@ -98,7 +108,7 @@ pub(crate) fn check_url(url: &str) -> Result<()> {
 /// |---|---|
 /// | `file:///abs/dir` or a plain path `dir` | the local directory (created if missing) |
 /// | `memory://<name>/<prefix>` | a process-wide in-memory store registered under `<name>`: every URL with that name in one process sees the same objects (tests, simulated restarts) |
-/// | `s3://<bucket>/<prefix>` | Amazon S3 or an S3-compatible endpoint |
+/// | `s3://<bucket>/<prefix>` | Amazon S3 or an S3-compatible endpoint (needs the `s3` feature) |
 ///
 /// For S3 the configuration starts from the standard AWS environment (`AWS_REGION`,
 /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_ALLOW_HTTP`, and the
@@ -119,8 +129,8 @@ pub(crate) fn check_url(url: &str) -> Result<()> {
 /// ```
 ///
 /// # Errors
-/// [`Error::InvalidUrl`] for an unsupported or malformed URL, an unknown S3 option, or a local
-/// directory that cannot be created; [`Error::ObjectStore`] if the store rejects its
+/// [`Error::InvalidUrl`] for an unsupported or malformed URL, an `s3://` URL in a build without
+/// the `s3` feature, an unknown S3 option, or a local directory that cannot be created; [`Error::ObjectStore`] if the store rejects its
 /// configuration.
 // `options` comes from config files and CLI flags, always the default hasher.
 #[allow(clippy::implicit_hasher)]
@@ -143,9 +153,11 @@ pub fn object_store_from_url(
         );
         return Ok((store, root));
     }
+    // Without the `s3` feature `check_url` has rejected an `s3://` URL.
+    #[cfg(feature = "s3")]
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, root) = split_authority(url, rest)?;
-        return Ok((Arc::new(s3_store(url, &bucket, options)?), root));
+        return Ok((s3_store(url, &bucket, options)?, root));
     }
     if !options.is_empty() {
         return Err(invalid(url, "local directories take no options; remove them"));
@@ -159,7 +171,17 @@ pub fn object_store_from_url(
     Ok((Arc::new(store), ObjectPath::default()))
 }
 
-fn s3_store(url: &str, bucket: &str, options: &HashMap<String, String>) -> Result<object_store::aws::AmazonS3> {
+/// The error for an `s3://` URL in a build without the `s3` feature.
+fn s3_not_built(url: &str) -> Error {
+    invalid(
+        url,
+        "this build of Sluice has no S3 support; enable the `s3` feature (`cargo run --features s3 ...`, \
+         or `features = [\"s3\"]` on the sluice dependency; the `kinesis` feature includes it)",
+    )
+}
+
+#[cfg(feature = "s3")]
+fn s3_store(url: &str, bucket: &str, options: &HashMap<String, String>) -> Result<Arc<dyn ObjectStore>> {
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
     if let Some(endpoint) = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
         .iter()
@@ -188,10 +210,11 @@ fn s3_store(url: &str, bucket: &str, options: &HashMap<String, String>) -> Resul
         retry_timeout: DEFAULT_OBJECT_STORE_RETRY_TIMEOUT,
         ..object_store::RetryConfig::default()
     });
-    builder.build().map_err(|source| Error::ObjectStore {
+    let store = builder.build().map_err(|source| Error::ObjectStore {
         location: url.to_owned(),
         source,
-    })
+    })?;
+    Ok(Arc::new(store))
 }
 
 #[cfg(test)]
@@ -219,6 +242,17 @@ mod tests {
         let bad_option = HashMap::from([("no_such_option".to_owned(), "1".to_owned())]);
         let err = object_store_from_url("s3://bucket/x", &bad_option).err().unwrap();
         assert!(err.to_string().contains("no_such_option"), "{err}");
+    }
+
+    #[test]
+    fn an_s3_url_without_the_feature_names_the_feature() {
+        let text = s3_not_built("s3://bucket/x").to_string();
+        assert!(
+            text.contains("\"s3://bucket/x\"") && text.contains("`s3` feature"),
+            "{text}"
+        );
+        let checked = check_url("s3://bucket/x");
+        assert_eq!(checked.is_ok(), cfg!(feature = "s3"), "{checked:?}");
     }
 
     #[test]

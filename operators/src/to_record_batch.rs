@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt64Array};
+use arrow_array::{ArrayRef, BinaryArray, Int64Array, RecordBatch, StringArray, UInt64Array};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use bytes::Bytes;
 
 use crate::{Error, Result};
 
@@ -16,7 +17,10 @@ use crate::{Error, Result};
 /// - conversion is pure: the same rows always give the same batch, which is what makes re-running
 ///   a batch replace its output byte-for-byte.
 ///
-/// Pairs `(key, value)` become columns `key` and `value`; a lone `String` becomes `value`.
+/// Pairs `(key, value)` become columns `key` and `value`; a lone `String` becomes `value`. A
+/// `String` or `Arc<str>` key is a `Utf8` column; a [`Bytes`] key is a `Binary` column, written
+/// as it is — bytes that are not UTF-8 (a Latin-1 word, say) stay distinct keys instead of being
+/// replaced by U+FFFD and merged.
 ///
 /// ```
 /// use sluice_operators::ToRecordBatch;
@@ -39,6 +43,13 @@ pub trait ToRecordBatch: Sized {
 fn key_value_schema(value: DataType) -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("key", DataType::Utf8, false),
+        Field::new("value", value, false),
+    ]))
+}
+
+fn binary_key_value_schema(value: DataType) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Binary, false),
         Field::new("value", value, false),
     ]))
 }
@@ -86,6 +97,18 @@ impl ToRecordBatch for (Arc<str>, u64) {
     }
 }
 
+impl ToRecordBatch for (Bytes, u64) {
+    fn schema() -> SchemaRef {
+        binary_key_value_schema(DataType::UInt64)
+    }
+
+    fn to_record_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let keys: BinaryArray = rows.iter().map(|(k, _)| Some(&k[..])).collect();
+        let values: UInt64Array = rows.iter().map(|(_, v)| Some(*v)).collect();
+        build(Self::schema(), vec![Arc::new(keys), Arc::new(values)])
+    }
+}
+
 impl ToRecordBatch for String {
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![Field::new("value", DataType::Utf8, false)]))
@@ -101,6 +124,18 @@ impl ToRecordBatch for String {
 mod tests {
     use super::*;
     use arrow_array::Array;
+
+    #[test]
+    fn bytes_keys_stay_bytes() {
+        let words = <(Bytes, u64)>::to_record_batch(&[
+            (Bytes::from_static(b"caf\xe9"), 2),
+            (Bytes::from_static(b"caf\xe8"), 1),
+        ])
+        .unwrap();
+        assert_eq!(words.schema(), <(Bytes, u64)>::schema());
+        let keys = words.column(0).as_any().downcast_ref::<BinaryArray>().unwrap();
+        assert_eq!((keys.value(0), keys.value(1)), (&b"caf\xe9"[..], &b"caf\xe8"[..]));
+    }
 
     #[test]
     fn batches_match_declared_schemas() {

@@ -31,6 +31,7 @@
 mod support;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -136,9 +137,12 @@ fn load(config: &KinesisConfig, lines: usize, shards: u32) -> anyhow::Result<()>
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     support::init_tracing();
-    let args = Args::parse();
+    support::report(run(&Args::parse()))
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
     if args.batch_ms == 0 || args.block_ms == 0 {
         bail!("--batch-ms and --block-ms must be at least 1");
     }

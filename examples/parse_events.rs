@@ -16,12 +16,14 @@
 //! and each line is parsed once per batch.
 //!
 //! Kill it at any moment and start it again: the outputs and the dead letters stay exactly once
-//! (a re-run batch replaces its files).
+//! (a re-run batch replaces its files). Like `word_count`, the data directory remembers what it
+//! was loaded from: other input is refused unless `--reset` (or a new `--data-dir`).
 
 mod support;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,6 +67,10 @@ struct Args {
     /// Give up waiting for the log to drain after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
+    /// Delete what the data directory holds (log, checkpoint, outputs, dead letters) and load
+    /// the input again. Without it, a data directory loaded from other input is refused.
+    #[arg(long)]
+    reset: bool,
 }
 
 const STREAM: &str = "events";
@@ -169,15 +175,24 @@ fn sample(n: usize) -> Vec<String> {
         .collect()
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     support::init_tracing();
-    let args = Args::parse();
+    support::report(run(&Args::parse()))
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
     if args.batch_ms == 0 || args.block_ms == 0 {
         bail!("--batch-ms and --block-ms must be at least 1");
     }
-    let log_dir = support::load_once(&args.data_dir, STREAM, args.shards, &args.files, || {
-        sample(args.sample_events)
-    })?;
+    let load = support::LogLoad {
+        data_dir: &args.data_dir,
+        stream: STREAM,
+        shards: args.shards,
+        files: &args.files,
+        built_in: format!("the built-in sample (--sample-events {})", args.sample_events),
+        reset: args.reset,
+    };
+    let log_dir = support::load_once(&load, || sample(args.sample_events))?;
     let dead_letters = args.data_dir.join("dead-letters").display().to_string();
     let output = args.data_dir.join("output");
 

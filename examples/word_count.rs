@@ -14,10 +14,17 @@
 //! Kill it at any moment and start it again: it recovers from its checkpoint, re-runs the batch
 //! that was in flight with exactly the same blocks, and resumes reading where its metadata log
 //! says — the Parquet output summed over batches and the totals stay exact.
+//!
+//! The data directory remembers what it was loaded from. Run again with the same input, it
+//! resumes; with other input (other files, changed files, another `--corpus-lines` or
+//! `--shards`) it refuses and says to pass a new `--data-dir` or `--reset`, instead of counting
+//! the old log again. Words are bytes: a line that is not UTF-8 is counted like any other, and a
+//! Latin-1 word is its own word (the Parquet `key` column is `Binary`).
 
 mod support;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -58,19 +65,40 @@ struct Args {
     /// Give up waiting for the log to drain after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
+    /// Delete what the data directory holds (log, checkpoint, output) and load the input again.
+    /// Without it, a data directory loaded from other input is refused.
+    #[arg(long)]
+    reset: bool,
 }
 
 const STREAM: &str = "lines";
 
-fn main() -> anyhow::Result<()> {
+/// Words in the built-in corpus's vocabulary.
+const VOCABULARY: usize = 50_000;
+/// The built-in corpus's seed.
+const SEED: u64 = 42;
+
+fn main() -> ExitCode {
     support::init_tracing();
-    let args = Args::parse();
+    support::report(run(&Args::parse()))
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
     if args.batch_ms == 0 || args.block_ms == 0 {
         bail!("--batch-ms and --block-ms must be at least 1");
     }
-    let log_dir = support::load_once(&args.data_dir, STREAM, args.shards, &args.files, || {
-        bench_data::zipf_lines(args.corpus_lines, 50_000, 42)
-    })?;
+    let load = support::LogLoad {
+        data_dir: &args.data_dir,
+        stream: STREAM,
+        shards: args.shards,
+        files: &args.files,
+        built_in: format!(
+            "the built-in corpus (--corpus-lines {}, vocabulary {VOCABULARY}, seed {SEED})",
+            args.corpus_lines
+        ),
+        reset: args.reset,
+    };
+    let log_dir = support::load_once(&load, || bench_data::zipf_lines(args.corpus_lines, VOCABULARY, SEED))?;
 
     let mut builder = StreamingContext::builder()
         .batch_interval(Duration::from_millis(args.batch_ms))

@@ -163,10 +163,13 @@ impl App {
         let sink = ParquetSink::open_with_options(&format!("{}/output", self.prefix), &options).unwrap();
         let mut sums = HashMap::new();
         for (_time, batch) in sink.read_all_committed().unwrap() {
-            let keys = batch.column(0).as_string::<i32>();
+            // The word-count example writes words as bytes (a `Binary` key column).
+            let keys = batch.column(0).as_binary::<i32>();
             let values = batch.column(1).as_primitive::<UInt64Type>();
             for i in 0..batch.num_rows() {
-                *sums.entry(keys.value(i).to_owned()).or_default() += values.value(i);
+                *sums
+                    .entry(String::from_utf8(keys.value(i).to_vec()).expect("UTF-8 words"))
+                    .or_default() += values.value(i);
             }
         }
         sums

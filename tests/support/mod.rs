@@ -20,16 +20,30 @@ pub fn example_binary(name: &str) -> PathBuf {
     path
 }
 
-/// The committed word-count Parquet output under `location`, summed per word over batches.
+/// The committed `(key, u64)` Parquet output under `location`, summed per key over batches; the
+/// keys must be UTF-8 (see [`sum_parquet_bytes`] for any bytes).
 pub fn sum_parquet(location: &Path) -> HashMap<String, u64> {
+    sum_parquet_bytes(location)
+        .into_iter()
+        .map(|(k, v)| (String::from_utf8(k).expect("a UTF-8 key"), v))
+        .collect()
+}
+
+/// The committed `(key, u64)` Parquet output under `location`, summed per key over batches, with
+/// the keys as bytes: a `Binary` key column (word count) as it is, a `Utf8` one as its UTF-8.
+pub fn sum_parquet_bytes(location: &Path) -> HashMap<Vec<u8>, u64> {
     use arrow_array::cast::AsArray;
     use arrow_array::types::UInt64Type;
     let mut sums = HashMap::new();
     for (_time, batch) in sluice::operators::ParquetSink::read_committed(&location.display().to_string()).unwrap() {
-        let keys = batch.column(0).as_string::<i32>();
         let values = batch.column(1).as_primitive::<UInt64Type>();
+        let keys = batch.column(0);
         for i in 0..batch.num_rows() {
-            *sums.entry(keys.value(i).to_owned()).or_default() += values.value(i);
+            let key = match keys.as_binary_opt::<i32>() {
+                Some(binary) => binary.value(i).to_vec(),
+                None => keys.as_string::<i32>().value(i).as_bytes().to_vec(),
+            };
+            *sums.entry(key).or_default() += values.value(i);
         }
     }
     sums

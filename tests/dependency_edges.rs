@@ -1,4 +1,5 @@
-//! Fails if a workspace crate gains a dependency edge the architecture forbids.
+//! Fails if a workspace crate gains a dependency edge the architecture forbids, or the first
+//! build of the README's word-count example gains the AWS SDK, TLS or the bench harness back.
 //!
 //! Allowed (ARCHITECTURE §2): `blockstore ← receiver`, `blockstore ← operators`,
 //! `blockstore, receiver, operators ← engine ← sluice`. Receiver and operators never depend on
@@ -62,4 +63,57 @@ fn workspace_crates_only_have_allowed_edges() {
             );
         }
     }
+}
+
+/// Crates that word count on the local log never uses and that made its first build slow (issue
+/// 11): the AWS SDK and its TLS provider, the S3 client's HTTP stack and TLS, the bench harness.
+const NOT_IN_THE_FIRST_BUILD: [&str; 9] = [
+    "aws-config",
+    "aws-sdk-kinesis",
+    "aws-sdk-dynamodb",
+    "aws-lc-rs",
+    "ring",
+    "rustls",
+    "reqwest",
+    "hyper",
+    "criterion",
+];
+
+/// `cargo run --release --example word_count` (the README's first command) builds the facade with
+/// its default features and, since it is an example, the facade's dev-dependencies. None of the
+/// crates above may be among them: they belong behind the `kinesis` and `s3` features, or to
+/// another crate's benches.
+#[test]
+fn the_first_build_has_no_aws_sdk_tls_or_bench_harness() {
+    let output = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "sluice",
+            "-e",
+            "normal,build,dev",
+            "--prefix",
+            "none",
+            "--offline",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    assert!(
+        output.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tree = String::from_utf8(output.stdout).expect("UTF-8 tree");
+    let crates: std::collections::BTreeSet<&str> = tree.lines().filter_map(|line| line.split(' ').next()).collect();
+    assert!(crates.contains("sluice-engine"), "not the tree expected: {tree}");
+    let found: Vec<&str> = NOT_IN_THE_FIRST_BUILD
+        .iter()
+        .copied()
+        .filter(|name| crates.contains(name))
+        .collect();
+    assert!(
+        found.is_empty(),
+        "the word-count example's build compiles {found:?}; see `cargo tree -p sluice -e normal,build,dev -i <crate>`"
+    );
 }

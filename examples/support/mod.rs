@@ -3,7 +3,7 @@
 
 use std::backtrace::BacktraceStatus;
 use std::fmt;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -123,7 +123,7 @@ impl LoadManifest {
 /// Describes inputs and a layout for an error message.
 fn describe(inputs: &[InputFingerprint], shards: u32) -> String {
     let inputs: Vec<String> = inputs.iter().map(ToString::to_string).collect();
-    format!("{} into {shards} shard(s)", inputs.join(", "))
+    format!("{} in {shards} shard(s)", inputs.join(", "))
 }
 
 /// Why an example refuses to use its data directory.
@@ -302,10 +302,15 @@ pub fn load_once(load: &LogLoad<'_>, corpus: impl FnOnce() -> Vec<String>) -> an
     }
 
     let manifest = fill_log(&log_dir, load, corpus)?;
-    // Written whole under another name, then renamed: a kill never leaves half a manifest.
+    // Written whole and synced under another name, then renamed: a kill never leaves half a
+    // manifest, and a manifest is never there without the log it describes.
     let partial = log_dir.join(format!("{MANIFEST}.partial"));
-    std::fs::write(&partial, serde_json::to_vec_pretty(&manifest)?)
-        .with_context(|| format!("cannot write {}", partial.display()))?;
+    let write_partial = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&partial)?;
+        file.write_all(&serde_json::to_vec_pretty(&manifest)?)?;
+        file.sync_all()
+    };
+    write_partial().with_context(|| format!("cannot write {}", partial.display()))?;
     std::fs::rename(&partial, &manifest_path).with_context(|| format!("cannot write {}", manifest_path.display()))?;
     eprintln!(
         "loaded {} lines from {} into {}",

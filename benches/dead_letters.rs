@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice::engine::{BatchInfo, BoxError, DStream, FailurePolicy, StreamingContext};
+use sluice::engine::{BatchInfo, BoxError, DStream, FailurePolicy, StopMode, StreamingContext};
 use sluice::receiver::ReceiverConfig;
 use sluice::receiver::local_log::LocalLog;
 
@@ -99,7 +99,7 @@ fn run(lines: &[String], lose_blocks: bool, pipeline: impl FnOnce(&DStream<Bytes
     if let Some(deleter) = deleter {
         deleter.join().unwrap();
     }
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     let m = ctx.metrics();
     assert_eq!(m.records_processed, lines.len() as u64);
     assert!(!lose_blocks || m.blocks_replayed > 0, "no block was lost");

@@ -23,7 +23,7 @@ mod bench {
 
     use bytes::Bytes;
     use sluice::blockstore::{Position, Replay, SequenceNumber, SequenceNumberRange, SequenceNumberRanges};
-    use sluice::engine::StreamingContext;
+    use sluice::engine::{StopMode, StreamingContext};
     use sluice::operators::bench_data;
     use sluice::receiver::aws_sdk_kinesis;
     use sluice::receiver::aws_sdk_kinesis::types::ShardIteratorType;
@@ -203,7 +203,7 @@ mod bench {
             std::thread::sleep(Duration::from_millis(5));
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
-        ctx.stop(false).unwrap();
+        ctx.stop(StopMode::Immediate).unwrap();
         rate
     }
 

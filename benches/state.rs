@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use sluice::engine::{BatchInfo, DStream, StateSpec, StreamingContext};
+use sluice::engine::{BatchInfo, DStream, StateSpec, StopMode, StreamingContext};
 use sluice::receiver::ReceiverConfig;
 use sluice::receiver::local_log::LocalLog;
 
@@ -95,7 +95,7 @@ fn run(n: u64, op: Op) -> (f64, Duration) {
         std::thread::sleep(Duration::from_secs(1).saturating_sub(second.elapsed()));
     }
     assert!(ctx.await_drained(Duration::from_secs(3_600)).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     let infos = probes.lock().unwrap();
     let mut times: Vec<f64> = infos[loaded_batches..]
         .iter()

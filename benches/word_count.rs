@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
-use sluice::engine::{BackpressureConfig, BatchInfo, StreamingContext};
+use sluice::engine::{BackpressureConfig, BatchInfo, StopMode, StreamingContext};
 use sluice::operators::bench_data;
 use sluice::receiver::ReceiverConfig;
 use sluice::receiver::local_log::LocalLog;
@@ -139,7 +139,7 @@ fn engine_batch(dir: &Path, lines: usize, threads: usize) -> (Duration, usize) {
     });
     ctx.start().unwrap();
     assert!(ctx.await_drained(Duration::from_secs(900)).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     let (records, ms) = *biggest.lock().unwrap();
     assert!(
         records as usize == lines,
@@ -198,7 +198,7 @@ fn e2e_child(dir: &Path) {
     ctx.start().unwrap();
     assert!(ctx.await_drained(Duration::from_secs(1_800)).unwrap());
     let elapsed = start.elapsed();
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     eprintln!("{:?}", ctx.metrics());
     println!("{} {}", elapsed.as_millis(), peak_rss());
 }
@@ -374,7 +374,7 @@ fn main() {
     });
     ctx.start().unwrap();
     std::thread::sleep(Duration::from_millis(if n < 100_000 { 300 } else { 3_000 }));
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     let (batches, micros) = *total.lock().unwrap();
     println!(
         "{:<48} {:>12} {:>8.3}ms            (aim < 1 ms)",

@@ -31,7 +31,7 @@ use anyhow::bail;
 use arrow_array::cast::AsArray;
 use bytes::Bytes;
 use clap::Parser;
-use sluice::engine::{FailurePolicy, StreamingContext};
+use sluice::engine::{FailurePolicy, StopMode, StreamingContext, Window};
 use sluice::operators::DeadLetterSink;
 use sluice::receiver::ReceiverConfig;
 
@@ -230,8 +230,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             |a, b| a + b,
             Some(Arc::new(|a: u64, b: u64| a - b)),
             Some(Arc::new(|_: &String, v: &u64| *v > 0)),
-            3,
-            1,
+            Window::new(3, 1)?,
         )
         .foreach_batch(move |_time, mut last_three| {
             last_three.sort_unstable();
@@ -254,14 +253,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
     ctx.add_batch_listener(|info| {
         println!(
             "batch {:>14} | {:>7} records | {:>4} dead letters | processing {:>5} ms",
-            info.batch_time_ms, info.num_records, info.dead_letters, info.processing_delay_ms
+            info.batch_time.as_millis(),
+            info.num_records,
+            info.dead_letters,
+            info.processing_delay_ms
         );
     });
 
     ctx.start()?;
     let timeout = Duration::from_secs(args.timeout_s);
     let drained = ctx.await_drained(timeout)?;
-    ctx.stop(true)?;
+    ctx.stop(StopMode::Graceful)?;
     if !drained {
         bail!("the input was not drained within {timeout:?}");
     }

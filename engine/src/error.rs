@@ -76,20 +76,20 @@ pub enum Error {
     Job(crate::exec::JobError),
     /// A batch needs records the source no longer holds (past its retention) and no copy of their
     /// block survived: they are lost. The stream stops; nothing is skipped silently.
-    #[error("batch {time_ms}: data lost: {source}")]
+    #[error("batch {time}: data lost: {source}")]
     DataLost {
         /// The batch.
-        time_ms: i64,
+        time: crate::BatchTime,
         /// The block's ranges the source no longer holds.
         ranges: sluice_blockstore::SequenceNumberRanges,
         /// The reader's answer.
         source: std::sync::Arc<sluice_blockstore::ReadError>,
     },
     /// An output function or sink failed.
-    #[error("output of batch {time_ms} failed: {source}")]
+    #[error("output of batch {time} failed: {source}")]
     Output {
         /// The batch.
-        time_ms: i64,
+        time: crate::BatchTime,
         /// What the output returned.
         source: BoxError,
     },
@@ -117,9 +117,22 @@ pub enum Error {
     /// The lease table failed (joining the application's workers, renewing a worker lease).
     #[error(transparent)]
     Lease(#[from] sluice_receiver::LeaseError),
-    /// A receiver could not be created, started or stopped.
-    #[error("receiver error: {0}")]
-    Receiver(String),
+    /// A receiver could not be created, started or stopped, or gave up (its source or lease
+    /// table failed for good, or a block could not be stored).
+    #[error("the receiver of stream {stream} failed: {source}")]
+    Receiver {
+        /// The stream it reads.
+        stream: std::sync::Arc<str>,
+        /// Why.
+        source: std::sync::Arc<sluice_receiver::ReceiverError>,
+    },
+    /// The embedded local log could not be opened.
+    #[error(transparent)]
+    LocalLog(#[from] sluice_receiver::LocalLogError),
+    /// The context is stopping immediately: a block handed over after that is not stored (no
+    /// checkpoint covers it, so it is read again after a restart).
+    #[error("the context is stopping: the block was not stored and is read again after a restart")]
+    Stopping,
     /// A Kinesis input could not connect: missing stream, unreachable endpoint, bad settings.
     #[cfg(feature = "kinesis")]
     #[error(transparent)]
@@ -159,7 +172,7 @@ impl From<crate::exec::JobError> for Error {
     fn from(job: crate::exec::JobError) -> Self {
         match &job.error {
             crate::exec::TaskError::BlockUnavailable { source, .. } if source.is_data_lost() => Error::DataLost {
-                time_ms: job.time_ms,
+                time: job.time,
                 ranges: source.ranges().clone(),
                 source: source.clone(),
             },
@@ -172,7 +185,7 @@ impl From<crate::plan::outputs::OutputError> for Error {
     fn from(e: crate::plan::outputs::OutputError) -> Self {
         match e {
             crate::plan::outputs::OutputError::Job(job) => job.into(),
-            crate::plan::outputs::OutputError::Sink { time_ms, source } => Error::Output { time_ms, source },
+            crate::plan::outputs::OutputError::Sink { time, source } => Error::Output { time, source },
         }
     }
 }

@@ -24,6 +24,7 @@
 // `plan` is what a program computes (DStream nodes, outputs); `runtime` executes a frozen plan
 // (job generator, ingest, metadata logs, membership, snapshots, metrics); `context` is the
 // user's entry point over all of them.
+mod batch_time;
 mod config;
 mod context;
 mod error;
@@ -33,6 +34,7 @@ mod runtime;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use batch_time::BatchTime;
 pub use config::{
     BackpressureConfig, DEFAULT_BATCH_INTERVAL, DEFAULT_DATA_DIR, DEFAULT_DERIVATIVE, DEFAULT_ERROR_RATE_BOUND,
     DEFAULT_INTEGRAL, DEFAULT_MAX_TASK_ATTEMPTS, DEFAULT_MIN_RATE, DEFAULT_PROPORTIONAL, StreamingConfig,
@@ -45,8 +47,11 @@ pub use exec::{Data, DeadLetter, FailurePolicy, JobError, Key, TaskError, Tracke
 pub use plan::dstream::DStream;
 pub use plan::map_with_state::{DEFAULT_FULL_SNAPSHOT_EVERY, MapWithStateStream, State, StateSpec};
 pub use plan::outputs::OutputError;
+pub use plan::window::Window;
 pub use runtime::metrics::{BatchInfo, HealthEvent, MetricsSnapshot};
 pub use runtime::tracker::DEFAULT_COMPACT_EVERY;
+/// How a stop treats accepted work; the same enum at every layer (generator, receiver, engine).
+pub use sluice_receiver::StopMode;
 
 /// The engine's internal components, for model tests and tools (feature `testing`): the metadata
 /// log, the block tracker, the checkpoint store and the PID rate estimator. Not part of the

@@ -31,7 +31,7 @@ use sluice_blockstore::{Clock, ManualClock};
 use sluice_receiver::ReceiverConfig;
 use sluice_receiver::testing::MemorySource;
 
-use crate::{BatchInfo, DStream, Data, Error, Result, StreamingContext, StreamingContextBuilder};
+use crate::{BatchInfo, DStream, Data, Error, Result, StopMode, StreamingContext, StreamingContextBuilder};
 
 /// The batch interval of a harness.
 pub const HARNESS_BATCH_MS: i64 = 1_000;
@@ -123,7 +123,10 @@ impl TestHarness {
         let completed: Arc<(Mutex<BTreeMap<i64, BatchInfo>>, Condvar)> = Arc::default();
         let done = completed.clone();
         ctx.add_batch_listener(move |info| {
-            done.0.lock().expect("batches").insert(info.batch_time_ms, *info);
+            done.0
+                .lock()
+                .expect("batches")
+                .insert(info.batch_time.as_millis(), *info);
             done.1.notify_all();
         });
         Ok(Self {
@@ -162,7 +165,7 @@ impl TestHarness {
         let batches: Arc<Mutex<BTreeMap<i64, Vec<T>>>> = Arc::default();
         let keep = batches.clone();
         stream.foreach_batch(move |time, items| {
-            keep.lock().expect("collected").insert(time, items);
+            keep.lock().expect("collected").insert(time.as_millis(), items);
             Ok(())
         })?;
         Ok(Collected { batches })
@@ -246,7 +249,7 @@ impl TestHarness {
                 }
             })
         };
-        let result = self.ctx.stop(true);
+        let result = self.ctx.stop(StopMode::Graceful);
         stopping.store(true, Ordering::SeqCst);
         let _ = ticker.join();
         result

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray;
 use bytes::Bytes;
-use sluice_engine::{BoxError, DStream, Error, FailurePolicy, StreamingContext};
+use sluice_engine::{BoxError, DStream, Error, FailurePolicy, StopMode, StreamingContext, Window};
 use sluice_operators::{DeadLetterSink, bench_data};
 
 mod support;
@@ -179,7 +179,12 @@ fn four_stage_run(cached: bool) {
     let per_kind = sum_into(&parsed.map(|e| (e.kind.clone(), 1)).reduce_by_key(|a, b| a + b));
     parsed
         .map(|e| (e.kind.clone(), e.amount))
-        .reduce_by_key_and_window(|a, b| a + b, Some(Arc::new(|a: u64, b: u64| a - b)), None, 3, 1)
+        .reduce_by_key_and_window(
+            |a, b| a + b,
+            Some(Arc::new(|a: u64, b: u64| a - b)),
+            None,
+            Window::new(3, 1).unwrap(),
+        )
         .foreach_batch(|_t, _all| Ok(()))
         .unwrap();
     let totals: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
@@ -201,7 +206,7 @@ fn four_stage_run(cached: bool) {
     });
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
 
     let reference = reference_per_user(&lines, &bad);
     assert_eq!(*per_user.lock().unwrap(), reference, "per-user sums (cached: {cached})");
@@ -282,7 +287,7 @@ fn fallible_operators_and_panics_above_a_cache_name_the_right_records() {
     );
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
 
     let filtered: Vec<usize> = (0..lines.len())
         .filter(|i| !bad.contains(i) && lines[*i].starts_with("u22,") && lines[*i].ends_with(",6"))
@@ -333,7 +338,7 @@ fn an_err_under_the_stop_policy_stops_the_stream_naming_the_record() {
     );
     ctx.start().unwrap();
     let err = ctx.await_termination().unwrap_err();
-    let _ignored = ctx.stop(false);
+    let _ignored = ctx.stop(StopMode::Immediate);
     let text = err.to_string();
     assert!(matches!(err, Error::Stopped { .. }), "{text}");
     assert!(text.contains("try_map#1 rejected record"), "{text}");
@@ -371,7 +376,7 @@ fn an_err_after_a_shuffle_stops_the_stream_even_with_dead_letters() {
     }));
     ctx.start().unwrap();
     let err = ctx.await_termination().unwrap_err().to_string();
-    let _ignored = ctx.stop(false);
+    let _ignored = ctx.stop(StopMode::Immediate);
     assert!(
         err.contains("try_map#2 rejected an element with no single input record"),
         "{err}"
@@ -407,7 +412,7 @@ fn panicking_records_of_lost_blocks_are_isolated_reading_each_block_once() {
     let drained = ctx.await_drained(DRAIN_TIMEOUT).unwrap();
     stop.store(true, SeqCst);
     deleter.join().unwrap();
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert!(drained);
     let mut good = lines.clone();
     for &i in poison.iter().rev() {
@@ -470,7 +475,7 @@ fn a_graceful_stop_honours_its_timeout_while_records_are_isolated() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let stopping = Instant::now();
-    let err = ctx.stop(true).unwrap_err();
+    let err = ctx.stop(StopMode::Graceful).unwrap_err();
     let took = stopping.elapsed();
     assert!(matches!(err, Error::StopTimeout { .. }), "{err}");
     assert!(
@@ -487,6 +492,6 @@ fn a_graceful_stop_honours_its_timeout_while_records_are_isolated() {
     let totals = word_count(&input.filter(|line| !line.starts_with(b"POISON")));
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines[1..]));
 }

@@ -6,13 +6,12 @@
 #![cfg(feature = "kinesis")]
 
 mod support;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use sluice_engine::{KinesisInput, StreamingContext};
+use sluice_engine::{KinesisInput, StopMode, StreamingContext};
 use sluice_operators::bench_data;
 use sluice_receiver::kinesis::{KinesisConfig, KinesisProducer, KinesisSource};
 use sluice_receiver::{AwsSettings, ReceiverConfig, Source};
@@ -114,7 +113,7 @@ fn run(lines: &[String], delete_blocks: bool) -> (HashMap<String, u64>, u64, Kin
     let drained = ctx.await_drained(DRAIN_TIMEOUT).unwrap();
     stop.store(true, Ordering::SeqCst);
     let removed = deleter.map_or(0, |d| d.join().unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert!(drained, "the stream was not drained");
     if delete_blocks {
         assert!(removed > 0, "the test deleted no block");

@@ -1,11 +1,12 @@
 //! `map_with_state`: running totals equal the reference, the function sees only keys with new
-//! values, idle keys time out, and state survives a crash through full snapshots plus deltas.
+//! values, idle keys time out, state survives a crash through full snapshots plus deltas, and a
+//! panicking function is retried from the state its batch began with.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use sluice_engine::{DStream, StateSpec};
+use sluice_engine::{DStream, StateSpec, StopMode};
 use sluice_operators::bench_data;
 
 mod support;
@@ -68,7 +69,7 @@ fn running_totals_equal_the_reference_and_only_new_keys_are_touched() {
     let (latest, touched, _) = totals(&stream, None, 4);
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert_eq!(*latest.lock().unwrap(), reference);
     // Batches after the data was read touch nothing: the function saw only keys with values.
     let touched = touched.lock().unwrap();
@@ -95,7 +96,7 @@ fn idle_keys_time_out_and_leave_the_state() {
         assert!(std::time::Instant::now() < deadline, "not every key timed out");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     let timed_out = timed_out.lock().unwrap();
     assert_eq!(
         timed_out.iter().cloned().collect::<HashSet<_>>(),
@@ -131,11 +132,11 @@ fn state_survives_crashes_through_full_snapshots_and_deltas() {
         ctx.start().unwrap();
         if run < 3 {
             std::thread::sleep(std::time::Duration::from_millis(400));
-            let _ = ctx.stop(false);
+            let _ = ctx.stop(StopMode::Immediate);
             continue;
         }
         assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-        ctx.stop(true).unwrap();
+        ctx.stop(StopMode::Graceful).unwrap();
         assert_eq!(*latest.lock().unwrap(), reference, "totals after 3 crashes");
     }
     // The restores above read deltas on top of full snapshots.
@@ -156,4 +157,85 @@ fn state_file_kinds(data: &std::path::Path) -> HashSet<String> {
         }
     }
     kinds
+}
+
+/// A running total that panics once, part-way through a partition (after it updated the
+/// state of the keys before it), in a batch and in a timeout: the retried update starts from the
+/// state the batch began with, so no key is counted twice and none is lost; a function that
+/// always panics stops the stream after `max_task_attempts`.
+#[test]
+fn a_map_with_state_function_that_panics_part_way_is_retried_from_the_batch_start_state() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    use sluice_engine::testing::TestHarness;
+    use sluice_engine::{Error, State};
+
+    let text = |b: Bytes| String::from_utf8_lossy(&b).into_owned();
+    // One partition: every key of a batch is updated by the same task, in one pass.
+    let h = TestHarness::with_builder(|b| b.max_task_attempts(3).shuffle_partitions(1)).unwrap();
+    let (failed_update, failed_timeout) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (update_flag, timeout_flag) = (failed_update.clone(), failed_timeout.clone());
+    let spec = StateSpec::new(move |word: &String, new: Vec<u64>, total: &mut State<'_, u64>| {
+        if total.is_timing_out() {
+            assert!(
+                word != "gone" || timeout_flag.swap(true, SeqCst),
+                "injected failure while timing out"
+            );
+            return total.get().map(|t| (format!("{word} (timed out)"), *t));
+        }
+        let sum = total.get().copied().unwrap_or(0) + new.iter().sum::<u64>();
+        total.update(sum);
+        // Panics after its own update, once: the attempt leaves this key (and those before it
+        // in the pass) already changed.
+        assert!(
+            word != "b" || sum != 3 || update_flag.swap(true, SeqCst),
+            "injected failure after an update"
+        );
+        Some((word.clone(), sum))
+    })
+    .timeout(2);
+    let words = h.input().unwrap().map(text).map(|w| (w, 1u64));
+    let out = h.collect(&words.map_with_state(spec)).unwrap();
+    h.start().unwrap();
+    let batches: [&[&str]; 5] = [&["a", "b", "gone"], &["a", "b", "b", "c"], &["a", "c"], &["a"], &["a"]];
+    let mut failures = 0;
+    for batch in batches {
+        h.push(batch.iter().copied());
+        failures += h.run_batch().unwrap().task_failures;
+    }
+    assert!(failed_update.load(SeqCst) && failed_timeout.load(SeqCst));
+    assert_eq!(failures, 2, "both injected panics were failed attempts, retried");
+    let s = |w: &str, n: u64| (w.to_owned(), n);
+    assert_eq!(
+        out.sorted_batches(),
+        vec![
+            vec![s("a", 1), s("b", 1), s("gone", 1)],
+            vec![s("a", 2), s("b", 3), s("c", 1)],
+            // A key times out two batches after it was last seen; the first try for "gone" panicked.
+            vec![s("a", 3), s("c", 2), s("gone (timed out)", 1)],
+            vec![s("a", 4), s("b (timed out)", 3)],
+            vec![s("a", 5), s("c (timed out)", 2)],
+        ]
+    );
+    h.stop().unwrap();
+
+    let h = TestHarness::with_builder(|b| b.max_task_attempts(2)).unwrap();
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = calls.clone();
+    let spec = StateSpec::new(
+        move |_w: &String, _new: Vec<u64>, _s: &mut State<'_, u64>| -> Option<u64> {
+            counter.fetch_add(1, SeqCst);
+            panic!("a bug in the update")
+        },
+    );
+    let words = h.input().unwrap().map(text).map(|w| (w, 1u64));
+    h.collect(&words.map_with_state(spec)).unwrap();
+    h.start().unwrap();
+    h.push(["a"]);
+    let err = h.run_batch().unwrap_err();
+    let Error::Stopped(cause) = &err else { panic!("{err}") };
+    let Error::Job(job) = &**cause else { panic!("{cause}") };
+    assert_eq!(job.attempts, 2, "max_task_attempts applies to map_with_state");
+    assert_eq!(calls.load(SeqCst), 2);
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_engine::{Error, FailurePolicy, StreamingContext};
+use sluice_engine::{Error, FailurePolicy, StopMode, StreamingContext};
 use sluice_operators::bench_data;
 
 mod support;
@@ -29,7 +29,7 @@ fn word_count_equals_the_reference_for_several_intervals_and_thread_counts() {
         let totals = word_count(&stream);
         ctx.start().unwrap();
         assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap(), "not drained");
-        ctx.stop(true).unwrap();
+        ctx.stop(StopMode::Graceful).unwrap();
         assert_eq!(
             *totals.lock().unwrap(),
             reference,
@@ -53,7 +53,7 @@ fn parquet_output_summed_equals_the_reference() {
     stream.flat_map(words).count_by_value().save_parquet(&out).unwrap();
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert_eq!(sum_parquet(&out), reference);
 }
 
@@ -93,7 +93,7 @@ fn a_task_that_fails_once_is_retried_and_the_result_is_right() {
     let totals = word_count(&flaky);
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert!(failed_once.load(std::sync::atomic::Ordering::SeqCst));
     assert_eq!(*totals.lock().unwrap(), reference);
 }
@@ -129,7 +129,7 @@ fn a_task_that_always_fails_stops_the_stream_by_default() {
     let err = ctx.await_termination().unwrap_err();
     assert!(matches!(err, Error::Stopped { .. }), "{err}");
     assert!(err.to_string().contains("cannot parse"), "{err}");
-    let _ignored = ctx.stop(false);
+    let _ignored = ctx.stop(StopMode::Immediate);
     assert_eq!(ctx.metrics().dead_letters, 0);
 }
 
@@ -139,7 +139,7 @@ fn dead_letter_policy_routes_exactly_the_failing_records_with_their_positions() 
     let (ctx, totals) = poison_pipeline(FailurePolicy::DeadLetter, dir.path());
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     let mut lines = bench_data::zipf_lines(1_000, 50, 5);
     lines.remove(602);
     lines.remove(137);
@@ -166,7 +166,7 @@ fn graceful_stop_processes_every_received_record() {
     ctx.start().unwrap();
     // Stop right away: whatever the receiver has read must be processed before stop returns, and
     // the rest is read after a restart — never lost.
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     let seen_first: u64 = totals.lock().unwrap().values().sum();
     let processed_first = ctx.metrics().records_processed;
     drop(ctx);
@@ -178,7 +178,7 @@ fn graceful_stop_processes_every_received_record() {
     let totals = word_count(&stream);
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
     assert_eq!(
         processed_first + ctx.metrics().records_processed,
@@ -216,7 +216,7 @@ fn lost_blocks_are_rebuilt_by_replay_with_identical_results() {
     let drained = ctx.await_drained(DRAIN_TIMEOUT).unwrap();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let removed = deleter.join().unwrap();
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert!(drained);
     assert!(removed > 0, "the test deleted no block");
     assert!(ctx.metrics().blocks_replayed > 0, "no block was replayed");
@@ -239,7 +239,7 @@ fn transform_sees_the_whole_batch_across_partitions_and_is_retried() {
     let keep = inputs.clone();
     words
         .foreach_batch(move |t, all| {
-            keep.lock().unwrap().insert(t, all);
+            keep.lock().unwrap().insert(t.as_millis(), all);
             Ok(())
         })
         .unwrap();
@@ -259,13 +259,13 @@ fn transform_sees_the_whole_batch_across_partitions_and_is_retried() {
     distinct_sorted
         .map(|w| w.to_uppercase())
         .foreach_batch(move |t, all| {
-            keep.lock().unwrap().insert(t, all);
+            keep.lock().unwrap().insert(t.as_millis(), all);
             Ok(())
         })
         .unwrap();
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert!(failed_once.load(std::sync::atomic::Ordering::SeqCst));
     let inputs = inputs.lock().unwrap();
     let outputs = outputs.lock().unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sluice_blockstore::{Clock, ManualClock};
-use sluice_engine::{Error, FailurePolicy, StreamingContext, TaskError};
+use sluice_engine::{Error, FailurePolicy, StopMode, StreamingContext, TaskError, Window};
 use sluice_operators::bench_data;
 use sluice_receiver::local_log::{LocalLog, RetentionPolicy, StreamConfig};
 
@@ -51,7 +51,7 @@ fn inputs_and_outputs_cannot_be_added_after_start() {
 
     // What was defined before start still runs, exactly.
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
 }
 
@@ -87,7 +87,7 @@ fn a_listener_may_call_the_context_while_batches_run() {
     while seen.load(SeqCst) == 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert!(seen.load(SeqCst) > 0, "listeners added by a listener run");
 }
 
@@ -113,8 +113,7 @@ fn window_reduce_and_state_update_that_fail_once_are_retried() {
         },
         Some(Arc::new(|a: u64, b: u64| a - b)),
         None,
-        3,
-        1,
+        Window::new(3, 1).unwrap(),
     );
     windowed.foreach_batch(|_t, _all| Ok(())).unwrap();
     let state_failed = Arc::new(AtomicU64::new(0));
@@ -133,7 +132,7 @@ fn window_reduce_and_state_update_that_fail_once_are_retried() {
         .unwrap();
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert!(window_failed.load(SeqCst) > 0 && state_failed.load(SeqCst) > 0);
     assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
     assert!(
@@ -171,7 +170,7 @@ fn a_state_update_that_always_fails_stops_the_stream_under_either_policy() {
             .unwrap();
         ctx.start().unwrap();
         let err = ctx.await_termination().unwrap_err();
-        let _ignored = ctx.stop(false);
+        let _ignored = ctx.stop(StopMode::Immediate);
         let Error::Stopped(cause) = &err else { panic!("{err}") };
         let Error::Job(job) = &**cause else { panic!("{cause}") };
         assert_eq!(job.attempts, 2, "{policy:?}: max_task_attempts applies to the update");
@@ -237,7 +236,7 @@ fn data_gone_from_the_source_stops_the_stream_with_data_lost() {
     clock.advance_ms(2_100 - clock.now_ms());
 
     let err = ctx.await_termination().unwrap_err();
-    let _ignored = ctx.stop(false);
+    let _ignored = ctx.stop(StopMode::Immediate);
     match &err {
         Error::Stopped(cause) => match &**cause {
             Error::DataLost { ranges, .. } => assert!(!ranges.is_empty(), "{cause}"),
@@ -272,7 +271,7 @@ fn an_output_function_that_panics_once_is_retried_and_one_that_keeps_panicking_s
         .unwrap();
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert_eq!(delivered.load(SeqCst), lines.len() as u64, "every line delivered once");
 
     // Before: a panic in an output unwound the job generator thread and the context hung.
@@ -290,7 +289,7 @@ fn an_output_function_that_panics_once_is_retried_and_one_that_keeps_panicking_s
         .unwrap();
     ctx.start().unwrap();
     let err = ctx.await_termination().unwrap_err();
-    let _ignored = ctx.stop(false);
+    let _ignored = ctx.stop(StopMode::Immediate);
     let Error::Stopped(cause) = &err else { panic!("{err}") };
     assert!(
         matches!(&**cause, Error::Job(job) if job.attempts == sluice_engine::DEFAULT_MAX_TASK_ATTEMPTS),

@@ -10,13 +10,12 @@
 //!   by the claim on its log and stops; the output stays exact.
 
 mod support;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sluice_engine::StreamingContext;
+use sluice_engine::{StopMode, StreamingContext};
 use sluice_operators::bench_data;
 use sluice_receiver::local_log::LocalLog;
 use sluice_receiver::{
@@ -255,7 +254,7 @@ fn three_workers_share_shards_and_one_output_exactly_once() {
     });
     app.wait_for_exact_output(Duration::from_secs(60));
     for ctx in [&a, &b, &c] {
-        ctx.stop(true).unwrap();
+        ctx.stop(StopMode::Graceful).unwrap();
     }
     app.wait_for_exact_output(Duration::from_secs(1));
     for worker in ["worker-a", "worker-b", "worker-c"] {
@@ -286,7 +285,7 @@ fn a_worker_that_never_comes_back_is_adopted_and_nothing_is_lost() {
     // worker-a's machine goes away: no lease write lands any more, the process stops without
     // processing what it logged, and its disk is gone.
     cut.cut_off.store(true, Ordering::SeqCst);
-    let _ = a.stop(false);
+    let _ = a.stop(StopMode::Immediate);
     drop(a);
     std::fs::remove_dir_all(app.root.join("worker-a")).unwrap();
     // After the failover time worker-b adopts worker-a's log and shards.
@@ -304,7 +303,7 @@ fn a_worker_that_never_comes_back_is_adopted_and_nothing_is_lost() {
         b.metrics().blocks_replayed > 0,
         "worker-a's blocks were lost with its disk: they must have been replayed by range"
     );
-    b.stop(true).unwrap();
+    b.stop(StopMode::Graceful).unwrap();
     app.wait_for_exact_output(Duration::from_secs(1));
 }
 
@@ -339,7 +338,7 @@ fn a_zombie_worker_is_fenced_off_and_counts_nothing_twice() {
         b.metrics().blocks_replayed > 0,
         "worker-b must have run batches of worker-a's log (its blocks are replayed by range)"
     );
-    b.stop(true).unwrap();
+    b.stop(StopMode::Graceful).unwrap();
     // The zombie wrote nothing after it was fenced that changed what readers count.
     app.wait_for_exact_output(Duration::from_secs(1));
 }

@@ -9,13 +9,12 @@
 //! Restart: after a graceful stop, a new context on the same data directory recomputes the
 //! batches a window still spans from their logged blocks (read from the store, or replayed from
 //! the log), so the first windows after the restart still include the first run's batches.
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_engine::{DStream, StreamingContext};
+use sluice_engine::{DStream, StopMode, StreamingContext, Window};
 use sluice_operators::bench_data;
 
 mod support;
@@ -43,7 +42,7 @@ fn record<T: Send + Sync + 'static>(stream: &DStream<T>, into: &PerBatch<Vec<T>>
     let into = into.clone();
     stream
         .foreach_batch(move |t, all| {
-            into.lock().unwrap().insert(t, all);
+            into.lock().unwrap().insert(t.as_millis(), all);
             Ok(())
         })
         .unwrap();
@@ -55,7 +54,7 @@ fn record_map(stream: &DStream<(String, u64)>, into: &PerBatch<HashMap<String, u
         .foreach_batch(move |t, all| {
             let map: HashMap<String, u64> = all.into_iter().collect();
             assert!(
-                into.lock().unwrap().insert(t, map).is_none(),
+                into.lock().unwrap().insert(t.as_millis(), map).is_none(),
                 "two outputs for batch {t}"
             );
             Ok(())
@@ -73,14 +72,16 @@ fn build(ctx: &StreamingContext, log: &Path, rate: f64, length: usize, slide: us
     };
     let words = ctx.local_log_stream(log, STREAM, config).unwrap().flat_map(words);
     record(&words, &rec.inputs);
-    let window = words.window(length, slide).transform(|_t, mut all: Vec<String>| {
-        all.sort_unstable();
-        all
-    });
+    let window = words
+        .window(Window::new(length, slide).unwrap())
+        .transform(|_t, mut all: Vec<String>| {
+            all.sort_unstable();
+            all
+        });
     record(&window, &rec.window);
     let pairs = words.map(|w| (w, 1u64));
     record_map(
-        &pairs.reduce_by_key_and_window(|a, b| a + b, None, None, length, slide),
+        &pairs.reduce_by_key_and_window(|a, b| a + b, None, None, Window::new(length, slide).unwrap()),
         &rec.counts,
     );
     record_map(
@@ -88,8 +89,7 @@ fn build(ctx: &StreamingContext, log: &Path, rate: f64, length: usize, slide: us
             |a, b| a + b,
             Some(Arc::new(|a, b| a - b)),
             Some(Arc::new(|_k: &String, c: &u64| *c > 0)),
-            length,
-            slide,
+            Window::new(length, slide).unwrap(),
         ),
         &rec.counts_inverse,
     );
@@ -159,7 +159,7 @@ fn windows_equal_the_brute_force_reference_for_every_batch() {
         build(&ctx, &dir.path().join("log"), 1_000.0, length, slide, &rec);
         ctx.start().unwrap();
         assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap(), "not drained");
-        ctx.stop(true).unwrap();
+        ctx.stop(StopMode::Graceful).unwrap();
         let spans = check(&rec, length, slide);
         assert!(
             spans.values().any(|s| s.len() > 1),
@@ -186,7 +186,7 @@ fn windows_span_the_batches_of_the_previous_run_after_a_graceful_restart() {
     build(&ctx, &log, 1_000.0, length, slide, &rec);
     ctx.start().unwrap();
     wait_for_batches(&rec, 4);
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     drop(ctx);
     let first_run_last = *rec.inputs.lock().unwrap().keys().next_back().unwrap();
 
@@ -194,7 +194,7 @@ fn windows_span_the_batches_of_the_previous_run_after_a_graceful_restart() {
     build(&ctx, &log, 1_000.0, length, slide, &rec);
     ctx.start().unwrap();
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap(), "not drained");
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
 
     let spans = check(&rec, length, slide);
     // Not vacuous: a window of the second run includes batches of the first run that had input
@@ -222,18 +222,17 @@ fn windows_on_a_manual_clock_equal_the_brute_force_reference() {
     for (length, slide) in [(3, 1), (4, 2), (2, 3)] {
         let h = TestHarness::new().unwrap();
         let stream = h.input().unwrap().flat_map(words);
-        let window = h.collect(&stream.window(length, slide)).unwrap();
+        let window = h.collect(&stream.window(Window::new(length, slide).unwrap())).unwrap();
         let pairs = stream.map(|w| (w, 1u64));
         let counts = h
-            .collect(&pairs.reduce_by_key_and_window(|a, b| a + b, None, None, length, slide))
+            .collect(&pairs.reduce_by_key_and_window(|a, b| a + b, None, None, Window::new(length, slide).unwrap()))
             .unwrap();
         let counts_inverse = h
             .collect(&pairs.reduce_by_key_and_window(
                 |a, b| a + b,
                 Some(Arc::new(|a, b| a - b)),
                 Some(Arc::new(|_k: &String, c: &u64| *c > 0)),
-                length,
-                slide,
+                Window::new(length, slide).unwrap(),
             ))
             .unwrap();
         h.start().unwrap();
@@ -249,7 +248,7 @@ fn windows_on_a_manual_clock_equal_the_brute_force_reference() {
                     .flat_map(|l| words(bytes::Bytes::from(l.clone())))
                     .collect(),
             );
-            if (info.batch_time_ms / BATCH_WINDOW_MS).rem_euclid(slide as i64) == 0 {
+            if (info.batch_time.as_millis() / BATCH_WINDOW_MS).rem_euclid(slide as i64) == 0 {
                 emitted_at.push(i);
             }
         }

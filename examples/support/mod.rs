@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
-use sluice::engine::{BatchInfo, DStream, StreamingContext};
+use sluice::engine::{BatchInfo, DStream, StopMode, StreamingContext};
 use sluice::receiver::local_log::LocalLog;
 
 /// Logs to stderr, `warn` and above unless `RUST_LOG` says otherwise.
@@ -429,7 +429,7 @@ pub fn count_words(
     ctx.add_batch_listener(|info: &BatchInfo| {
         println!(
             "batch {:>14} | {:>8} records | processing {:>5} ms | scheduling delay {:>5} ms{}",
-            info.batch_time_ms,
+            info.batch_time.as_millis(),
             info.num_records,
             info.processing_delay_ms,
             info.scheduling_delay_ms,
@@ -457,7 +457,7 @@ pub fn run(
         return Ok(());
     }
     let drained = ctx.await_drained(timeout)?;
-    ctx.stop(true)?;
+    ctx.stop(StopMode::Graceful)?;
     if !drained {
         bail!("the input was not drained within {timeout:?}");
     }

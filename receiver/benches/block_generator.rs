@@ -91,7 +91,7 @@ fn generator(pages: Vec<Vec<Record>>, per_record: bool) -> (Duration, Duration) 
         }
     }
     let produced = start.elapsed();
-    generator.stop(StopMode::Drain).expect("drain");
+    generator.stop(StopMode::Graceful).expect("drain");
     let total = start.elapsed();
     assert_eq!(handler.records.load(Ordering::Relaxed), n as u64);
     (produced, total)

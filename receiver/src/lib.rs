@@ -36,6 +36,7 @@ mod rate_limiter;
 mod receiver;
 mod signal;
 mod source;
+mod stop_mode;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -50,7 +51,7 @@ pub use aws::AwsSettings;
 pub use aws_sdk_kinesis;
 pub use block_generator::{
     BlockGenerator, BlockGeneratorBuilder, BlockGeneratorConfig, BlockGeneratorStartError, BlockHandler,
-    GeneratorError, GeneratorMetrics, GeneratorPhase, GeneratorStats, HandlerError, StopMode, WhenFull,
+    GeneratorError, GeneratorMetrics, GeneratorPhase, GeneratorStats, HandlerError, WhenFull,
 };
 pub use config_error::ConfigError;
 pub use lease::{
@@ -66,3 +67,4 @@ pub use receiver::{
     ShardMetrics, default_worker_id,
 };
 pub use source::{ReadBatch, ReadPacing, ShardInfo, ShardReader, Source, SourceError, StartingPosition};
+pub use stop_mode::StopMode;

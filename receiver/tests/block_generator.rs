@@ -149,7 +149,7 @@ proptest! {
             }
             expected
         });
-        generator.stop(StopMode::Drain).unwrap();
+        generator.stop(StopMode::Graceful).unwrap();
         let blocks = handler.blocks();
         let got = check_blocks(&blocks);
         prop_assert_eq!(got, expected);
@@ -216,7 +216,7 @@ fn a_stalled_store_blocks_producers_with_bounded_memory() {
     assert_eq!(stats.records_added, stats.buffered_records as u64);
     assert_eq!(stats.buffered_bytes, stats.buffered_records * record_bytes);
     assert!(stats.records_added < (producers * per_producer) as u64);
-    generator.stop(StopMode::Drain).unwrap();
+    generator.stop(StopMode::Graceful).unwrap();
     let blocks = handler.blocks();
     let got = check_blocks(&blocks);
     assert_eq!(got.values().map(Vec::len).sum::<usize>(), producers * per_producer);
@@ -233,7 +233,7 @@ fn stop_seals_and_stores_the_buffer() {
         .unwrap();
     generator.add_batch(shard_records("a", 5, |_| 3)).unwrap();
     assert!(handler.blocks().is_empty());
-    generator.stop(StopMode::Drain).unwrap();
+    generator.stop(StopMode::Graceful).unwrap();
     let blocks = handler.blocks();
     assert_eq!(blocks.len(), 1);
     assert_eq!(blocks[0].len(), 5);

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use sluice_blockstore::{Record, Replay, ReplayError, SequenceNumberRange, SequenceNumberRanges, SystemClock};
 use sluice_receiver::kinesis::{KinesisConfig, KinesisError, KinesisProducer, KinesisSource};
 use sluice_receiver::testing::RecordingHandler;
-use sluice_receiver::{AwsSettings, LocalLeaseStore, Receiver, ReceiverConfig, Source, StartingPosition};
+use sluice_receiver::{AwsSettings, LocalLeaseStore, Receiver, ReceiverConfig, Source, StartingPosition, StopMode};
 
 fn endpoint() -> String {
     std::env::var("SLUICE_KINESIS_ENDPOINT").expect(
@@ -281,7 +281,7 @@ fn receiver_keeps_every_record_once_and_per_key_order_through_split_and_merge() 
     let all_stored = handler.wait_for(Duration::from_secs(60), |blocks| {
         blocks.iter().map(|b| b.meta().num_records as usize).sum::<usize>() >= total
     });
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
     assert!(all_stored, "not every record was stored: {:?}", receiver.status());
 
     let mut per_key: BTreeMap<String, Vec<u32>> = BTreeMap::new();

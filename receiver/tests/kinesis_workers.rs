@@ -16,7 +16,7 @@ use sluice_receiver::kinesis::{KinesisConfig, KinesisProducer, KinesisSource};
 use sluice_receiver::testing::{FaultProxy, FaultResponse, RecordingHandler};
 use sluice_receiver::{
     AwsSettings, Checkpoint, DynamoLeaseOptions, DynamoLeaseStore, Lease, LeaseError, LeaseFence, LeaseStore,
-    LocalLeaseStore, Receiver, ReceiverConfig, ReceiverStatus,
+    LocalLeaseStore, Receiver, ReceiverConfig, ReceiverStatus, StopMode,
 };
 
 fn env(name: &str) -> String {
@@ -262,8 +262,8 @@ fn two_workers_balance_fail_over_and_fence_the_zombie() {
     for lease in table.list_leases().unwrap() {
         assert_eq!(lease.lease_owner.as_deref(), Some("worker-b"), "{lease:?}");
     }
-    b.stop(true).unwrap();
-    a.stop(true).unwrap();
+    b.stop(StopMode::Graceful).unwrap();
+    a.stop(StopMode::Graceful).unwrap();
     // A graceful stop releases the leases instead of leaving them to expire.
     assert!(table.list_leases().unwrap().iter().all(|l| l.lease_owner.is_none()));
     producer.delete_stream().unwrap();
@@ -324,7 +324,7 @@ fn throttled_reads_and_expired_iterators_lose_nothing_and_are_counted() {
     wait("every record stored", Duration::from_secs(60), || {
         payloads(&handler.blocks()).len() >= 300
     });
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
     let mut got = payloads(&handler.blocks());
     got.sort();
     let mut want = all;

@@ -11,7 +11,8 @@ use sluice_blockstore::{Block, ManualClock, Position, Record};
 use sluice_receiver::local_log::{LocalLog, LocalStream};
 use sluice_receiver::testing::{HandlerAction, RecordingHandler};
 use sluice_receiver::{
-    Checkpoint, LeaseStore, LocalLeaseStore, Receiver, ReceiverConfig, ReceiverState, ReceiverStatus,
+    Checkpoint, LeaseStore, LocalLeaseStore, Receiver, ReceiverConfig, ReceiverError, ReceiverState, ReceiverStatus,
+    StopMode,
 };
 
 const STREAM: &str = "events";
@@ -133,7 +134,7 @@ fn reads_every_record_once_and_checkpoints_only_stored_positions() {
         assert_eq!(block.id().run_id, 7);
     }
 
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
     assert_eq!(receiver.status().state, ReceiverState::Stopped);
     // The final checkpoint of each shard is its last record, and the leases are released.
     let mut last_per_shard: BTreeMap<String, Position> = BTreeMap::new();
@@ -175,7 +176,7 @@ fn a_restart_after_a_failed_store_rereads_what_was_not_stored() {
     h.drive(&receiver, |s| s.caught_up);
     let status = receiver.status();
     assert_eq!(status.restarts, 1);
-    assert_eq!(status.failed, None);
+    assert!(status.failed.is_none(), "{status:?}");
     let mut indexes: Vec<usize> = payloads(&h.stored()).iter().map(|p| index_of(p)).collect();
     indexes.sort_unstable();
     assert_eq!(
@@ -184,7 +185,7 @@ fn a_restart_after_a_failed_store_rereads_what_was_not_stored() {
         "the failed block's records come back"
     );
     assert_eq!(receiver.metrics().push_retries, 3);
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
 }
 
 #[test]
@@ -196,10 +197,14 @@ fn a_permanent_store_failure_fails_the_receiver_without_advancing_checkpoints() 
     receiver.start().unwrap();
     h.drive(&receiver, |s| s.state == ReceiverState::Failed);
     let status = receiver.status();
-    assert!(status.failed.as_deref().unwrap().contains("permanent"), "{status:?}");
+    let failed = status.failed.as_deref().expect("failed");
+    assert!(
+        matches!(failed, ReceiverError::Generator(_)) && failed.to_string().contains("permanent"),
+        "the store failure is kept as a typed cause: {status:?}"
+    );
     assert!(!status.caught_up);
     assert_eq!(h.leases.list_leases().unwrap()[0].checkpoint, Checkpoint::TrimHorizon);
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
     assert_eq!(receiver.status().state, ReceiverState::Failed);
 }
 
@@ -222,7 +227,7 @@ fn resharding_while_reading_keeps_key_order_and_starts_children_after_parents() 
     drop(producer);
     h.put(600, 300);
     h.drive(&receiver, |s| s.caught_up && s.records_stored == 900);
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
 
     let stored = h.stored();
     // Per partition key, records come out in the order they were put.
@@ -282,7 +287,7 @@ fn resume_after_starts_strictly_after_the_engine_position() {
     let receiver = h.receiver(config(), resume);
     receiver.start().unwrap();
     h.drive(&receiver, |s| s.caught_up);
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
     let indexes: Vec<usize> = payloads(&h.stored()).iter().map(|p| index_of(p)).collect();
     assert_eq!(indexes, (50..100).collect::<Vec<_>>());
 }
@@ -312,7 +317,7 @@ fn a_stolen_lease_stops_the_shard_and_its_old_owner_writes_nothing() {
     assert_eq!(after.lease_owner.as_deref(), Some("worker-2"));
     assert_eq!(after, stolen, "the old owner wrote nothing after losing the lease");
     assert_eq!(receiver.metrics().leases_lost, 1);
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
     assert_eq!(
         h.leases.get_lease(&lease.lease_key).unwrap().unwrap(),
         stolen,
@@ -344,7 +349,7 @@ fn the_rate_limit_paces_reads_and_can_change_at_run_time() {
     assert_eq!(receiver.metrics().rate_limit, Some(40.0));
     receiver.set_max_rate(Some(1_000.0));
     assert_eq!(receiver.metrics().rate_limit, Some(100.0), "capped at max_rate");
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
     assert_eq!(payloads(&h.stored()).len(), 300);
 }
 
@@ -359,5 +364,5 @@ fn start_returns_at_once_and_a_second_start_is_refused() {
     assert!(receiver.start().is_err());
     h.handler.resume();
     h.drive(&receiver, |s| s.caught_up);
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
 }

@@ -9,7 +9,7 @@ use sluice_blockstore::{Block, ManualClock, Position, Record};
 use sluice_receiver::testing::{HandlerAction, MemorySource, RecordingHandler, SourceFault};
 use sluice_receiver::{
     Checkpoint, Lease, LeaseError, LeaseFence, LeaseStore, LocalLeaseStore, Receiver, ReceiverConfig, ReceiverState,
-    ReceiverStatus, StartingPosition,
+    ReceiverStatus, StartingPosition, StopMode,
 };
 
 const SHARD0: &str = "shardId-000000000000";
@@ -250,7 +250,7 @@ fn every_record_is_stored_once_through_retryable_source_errors() {
     assert!(receiver.metrics().source_throttles >= 2);
     // Iterator expiry and unavailability reopened readers after the last record read.
     assert!(h.source.opened().len() >= 3 + 3, "{:?}", h.source.opened());
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
 
     let per_shard = check_exactly_once(&h);
     assert_eq!(per_shard.values().map(Vec::len).sum::<usize>(), 1_200);
@@ -278,7 +278,7 @@ fn handler_failures_never_advance_checkpoints() {
     h.handler.script([HandlerAction::FailRetryable]);
     h.put(SHARD0, 100);
     h.drive(&receiver, |s| s.caught_up && s.records_stored >= 400);
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
     check_exactly_once(&h);
     assert_eq!(h.leases.violations(), Vec::<String>::new());
     assert!(!h.leases.checkpoints.lock().unwrap().is_empty());
@@ -302,7 +302,7 @@ fn a_graceful_stop_drains_the_unsealed_buffer_into_the_handler() {
     assert!(receiver.wait_for(Duration::from_secs(20), |s| s.records_received == 30));
     assert!(h.handler.blocks().is_empty(), "nothing sealed before stop");
     assert!(!receiver.status().caught_up, "read but not stored is not caught up");
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
     assert_eq!(receiver.status().state, ReceiverState::Stopped);
     assert_eq!(h.handler.blocks().len(), 1);
     check_exactly_once(&h);
@@ -329,7 +329,7 @@ fn children_are_read_only_after_every_parent_is_stored_to_its_end() {
     h.put(&low, 25);
     h.put(&high, 25);
     h.drive(&receiver, |s| s.caught_up && s.records_stored == 330);
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
 
     check_exactly_once(&h);
     assert_eq!(h.leases.violations(), Vec::<String>::new());
@@ -369,7 +369,7 @@ fn resume_after_wins_over_the_initial_position_and_is_exclusive() {
     let receiver = h.receiver(config(), resume);
     receiver.start().unwrap();
     h.drive(&receiver, |s| s.caught_up);
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
     let opened = h.source.opened();
     let first_open = opened.iter().find(|o| &*o.shard_id == SHARD0).unwrap();
     assert_eq!(first_open.start, StartingPosition::AfterPosition(positions[39].clone()));
@@ -399,7 +399,7 @@ fn read_max_records_overrides_the_source_page_size() {
     let receiver = h.receiver(cfg, HashMap::new());
     receiver.start().unwrap();
     h.drive(&receiver, |s| s.caught_up);
-    receiver.stop(true).unwrap();
+    receiver.stop(StopMode::Graceful).unwrap();
     let (reads, served) = h.source.reads();
     assert_eq!(served, 50);
     assert!(reads >= 8, "50 records in pages of at most 7 need 8 reads, got {reads}");

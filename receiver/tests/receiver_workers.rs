@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use sluice_blockstore::{Block, SystemClock};
 use sluice_receiver::testing::{MemoryLeaseStore, MemorySource, RecordingHandler};
-use sluice_receiver::{Checkpoint, Lease, LeaseStore, Receiver, ReceiverConfig, WorkerDirectory, WorkerStatus};
+use sluice_receiver::{
+    Checkpoint, Lease, LeaseStore, Receiver, ReceiverConfig, StopMode, WorkerDirectory, WorkerStatus,
+};
 
 const SHARDS: u32 = 4;
 
@@ -127,8 +129,8 @@ fn shards_handed_back_above_the_share_are_read_on_exactly_where_they_stopped() {
     assert_eq!(all.len(), 1_200, "every record stored exactly once");
     assert_eq!(distinct.len(), 1_200);
     assert!(a.metrics().leases_released >= 2, "{:?}", a.metrics());
-    b.stop(true).unwrap();
-    a.stop(true).unwrap();
+    b.stop(StopMode::Graceful).unwrap();
+    a.stop(StopMode::Graceful).unwrap();
 }
 
 #[test]
@@ -174,7 +176,7 @@ fn a_registered_workers_shard_moves_only_by_adoption_and_at_its_logs_end() {
     let got = payloads(&handler.blocks());
     let want: Vec<String> = (20..30).map(|i| format!("r{i}")).collect();
     assert_eq!(got, want, "b reads right after the adopted log's end, nothing before");
-    b.stop(true).unwrap();
+    b.stop(StopMode::Graceful).unwrap();
     let lease = leases.get_lease(shard).unwrap().unwrap();
     assert_eq!(lease.checkpoint, Checkpoint::Position(records[29].position.clone()));
     assert_eq!(lease.lease_owner, None, "released after an exact final checkpoint");

@@ -76,10 +76,10 @@ impl StreamingContext {
     /// A stream of record payloads from stream `stream` of the embedded local log in `dir`.
     ///
     /// # Errors
-    /// [`Error::Receiver`] if the log or stream cannot be opened; configuration errors.
+    /// [`Error::LocalLog`] if the log or stream cannot be opened; configuration errors.
     pub fn local_log_stream(&self, dir: &Path, stream: &str, config: ReceiverConfig) -> Result<DStream<Bytes>> {
-        let log = LocalLog::open(dir).map_err(|e| Error::Receiver(e.to_string()))?;
-        let stream = log.stream(stream).map_err(|e| Error::Receiver(e.to_string()))?;
+        let log = LocalLog::open(dir)?;
+        let stream = log.stream(stream)?;
         self.source_stream(Arc::new(stream), config)
     }
 }

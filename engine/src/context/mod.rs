@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_blockstore::{SharedClock, SystemClock};
+use sluice_receiver::StopMode;
 
 pub use builder::StreamingContextBuilder;
 #[cfg(feature = "kinesis")]
@@ -159,9 +160,9 @@ impl StreamingContext {
         self.runtime()?.await_drained(timeout)
     }
 
-    /// Stops the context. A graceful stop stops the receivers (which seal, store and log what they
-    /// buffered), processes every logged block, checkpoints and releases leases, within the
-    /// graceful-stop timeout; a non-graceful stop finishes only the batch in progress. Past the
+    /// Stops the context. [`StopMode::Graceful`] stops the receivers (which seal, store and log
+    /// what they buffered), processes every logged block, checkpoints and releases leases, within
+    /// the graceful-stop timeout; [`StopMode::Immediate`] finishes only the batch in progress. Past the
     /// timeout the batch in progress is abandoned between records (it is logged and re-runs after
     /// a restart).
     ///
@@ -169,11 +170,11 @@ impl StreamingContext {
     /// [`Error::StopTimeout`] if the stop did not finish in time (what was not processed is still
     /// logged and runs after a restart); receiver stop errors; [`Error::Stopped`] with the error
     /// that had stopped the stream.
-    pub fn stop(&self, graceful: bool) -> Result<()> {
+    pub fn stop(&self, mode: StopMode) -> Result<()> {
         let Some(started) = self.running.lock().expect("context").take() else {
             return Ok(());
         };
-        started.stop(graceful, self.config.graceful_stop_timeout())
+        started.stop(mode, self.config.graceful_stop_timeout())
     }
 
     fn runtime(&self) -> Result<Arc<Runtime>> {
@@ -190,7 +191,7 @@ impl Drop for StreamingContext {
     fn drop(&mut self) {
         // No detached threads: a context dropped while running stops without draining.
         if self.running.get_mut().is_ok_and(|r| r.is_some()) {
-            let _ignored = self.stop(false);
+            let _ignored = self.stop(StopMode::Immediate);
         }
     }
 }

@@ -45,7 +45,7 @@ pub(crate) fn reject(
             env.dead_letters.add(
                 input_id,
                 DeadLetter {
-                    batch_time_ms: env.time_ms,
+                    batch_time: env.batch_time(),
                     record,
                     error,
                     attempts: 1,
@@ -169,7 +169,7 @@ mod tests {
 
     fn letter(seq: u128, stage: &str) -> DeadLetter {
         DeadLetter {
-            batch_time_ms: 1_000,
+            batch_time: crate::BatchTime::from_millis(1_000),
             record: Record {
                 shard_id: Arc::from("shardId-000000000000"),
                 position: Position::plain(SequenceNumber::from_u128(seq)),

@@ -94,6 +94,13 @@ pub(crate) struct BatchEnv {
     pub dead_letters: Arc<DeadLetterCollector>,
 }
 
+impl BatchEnv {
+    /// The batch time, as the public API names it.
+    pub fn batch_time(&self) -> crate::BatchTime {
+        crate::BatchTime::from_millis(self.time_ms)
+    }
+}
+
 /// What a task passes down its fused chain to the input node.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct Scope<'a> {

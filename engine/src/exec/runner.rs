@@ -12,6 +12,7 @@ use sluice_operators::shuffle::{CombineMap, Combiner, shuffle};
 use super::cache::MapSizeHint;
 use super::dead_letters::RecordCursor;
 use super::node::{BatchEnv, Data, Key, Node, Scope, TrackedBlock};
+use crate::BatchTime;
 
 /// Why a task failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -86,10 +87,10 @@ impl TaskError {
 
 /// A failed batch: the policy said stop.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("batch {time_ms}: task for partition {partition} failed after {attempts} attempts: {error}")]
+#[error("batch {time}: task for partition {partition} failed after {attempts} attempts: {error}")]
 pub struct JobError {
     /// The batch time.
-    pub time_ms: i64,
+    pub time: BatchTime,
     /// The failing partition.
     pub partition: usize,
     /// Attempts made.
@@ -119,7 +120,7 @@ pub enum FailurePolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     /// The batch it belonged to.
-    pub batch_time_ms: i64,
+    pub batch_time: BatchTime,
     /// The record, with its shard and position.
     pub record: Record,
     /// The error.
@@ -199,7 +200,7 @@ impl StageRunner {
                             }
                         }
                     };
-                    let job_error = JobError { time_ms: env.time_ms, partition: p, attempts, error };
+                    let job_error = JobError { time: env.batch_time(), partition: p, attempts, error };
                     if self.policy != FailurePolicy::DeadLetter || !job_error.error.is_retryable() {
                         return Err(job_error);
                     }
@@ -216,7 +217,7 @@ impl StageRunner {
     }
 
     /// Whether a graceful stop ran out of time (tasks give up between records).
-    fn is_cancelled(&self) -> bool {
+    pub(crate) fn is_cancelled(&self) -> bool {
         self.cancelled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -257,7 +258,7 @@ impl StageRunner {
                     env.dead_letters.add(
                         block.id().input_id,
                         DeadLetter {
-                            batch_time_ms: env.time_ms,
+                            batch_time: env.batch_time(),
                             record,
                             error: message,
                             attempts: attempts + 1,
@@ -288,11 +289,11 @@ impl StageRunner {
         &self,
         env: &BatchEnv,
         node: &dyn Node<T>,
-        f: &(dyn Fn(i64, Vec<T>) -> Vec<O> + Sync),
+        f: &(dyn Fn(BatchTime, Vec<T>) -> Vec<O> + Sync),
     ) -> Result<Vec<O>, JobError> {
         self.run_task(env, &|| {
             let items: Vec<T> = self.collect(env, node)?.into_iter().flatten().collect();
-            Ok(f(env.time_ms, items))
+            Ok(f(env.batch_time(), items))
         })
     }
 
@@ -311,7 +312,7 @@ impl StageRunner {
         loop {
             if self.is_cancelled() {
                 return Err(JobError {
-                    time_ms: env.time_ms,
+                    time: env.batch_time(),
                     partition: 0,
                     attempts,
                     error: TaskError::Cancelled,
@@ -327,7 +328,7 @@ impl StageRunner {
             tracing::warn!(batch = env.time_ms, attempt = attempts, error = %error, "stage function failed");
             if attempts >= self.max_attempts {
                 return Err(JobError {
-                    time_ms: env.time_ms,
+                    time: env.batch_time(),
                     partition: 0,
                     attempts,
                     error,

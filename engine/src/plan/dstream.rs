@@ -12,11 +12,11 @@ use sluice_blockstore::Block;
 use sluice_operators::shuffle::Reduce;
 
 use super::GraphBuilder;
-use crate::BoxError;
 use crate::exec::{
     BatchEnv, Data, InstanceId, JobError, Key, MapSizeHint, Node, RecordCursor, Scope, StageCache, TaskError,
     TrackedBlock, combine_by_key, reject,
 };
+use crate::{BatchTime, BoxError};
 
 /// A discretized stream: for every batch time, a partitioned collection of `T`.
 #[must_use = "a DStream does nothing until an output operation (foreach_batch, print, save_parquet) uses it"]
@@ -268,7 +268,7 @@ impl<I: Data, O: Data> Node<O> for MapPartitionsNode<I, O> {
     }
 }
 
-type BatchFn<I, O> = dyn Fn(i64, Vec<I>) -> Vec<O> + Send + Sync;
+type BatchFn<I, O> = dyn Fn(BatchTime, Vec<I>) -> Vec<O> + Send + Sync;
 
 /// `transform`: a whole-batch function, so a stage boundary. Its result is cut into `partitions`
 /// contiguous chunks, so downstream narrow operators run in parallel and the concatenation of
@@ -637,7 +637,7 @@ impl<T: Data> DStream<T> {
     /// # let h = TestHarness::new()?;
     /// let lines = h.input()?.map(text);
     /// // Every distinct line of the batch, sorted (across all partitions).
-    /// let sorted = h.collect(&lines.transform(|_batch_time_ms, mut lines: Vec<String>| {
+    /// let sorted = h.collect(&lines.transform(|_batch_time, mut lines: Vec<String>| {
     ///     lines.sort_unstable();
     ///     lines.dedup();
     ///     lines
@@ -648,7 +648,10 @@ impl<T: Data> DStream<T> {
     /// assert_eq!(sorted.batches(), vec![vec!["a", "b"]]);
     /// # Ok::<(), sluice_engine::Error>(())
     /// ```
-    pub fn transform<O: Data + Clone>(&self, f: impl Fn(i64, Vec<T>) -> Vec<O> + Send + Sync + 'static) -> DStream<O> {
+    pub fn transform<O: Data + Clone>(
+        &self,
+        f: impl Fn(BatchTime, Vec<T>) -> Vec<O> + Send + Sync + 'static,
+    ) -> DStream<O> {
         DStream {
             node: Arc::new(TransformNode {
                 parent: self.node.clone(),

@@ -100,7 +100,7 @@ type MapFn<K, V, S, O> = dyn Fn(&K, Vec<V>, &mut State<'_, S>) -> Option<O> + Se
 ///     })
 ///     .timeout(100),
 /// );
-/// totals.print(10);
+/// totals.print(10).expect("defined before start");
 /// # }
 /// ```
 pub struct StateSpec<K, V, S, O> {
@@ -216,22 +216,51 @@ struct PartOutput<K, S, O> {
     changes: DeltaData<K, S>,
 }
 
-fn panicked(env: &BatchEnv, partition: usize, payload: &Box<dyn std::any::Any + Send>) -> JobError {
-    JobError {
-        time_ms: env.time_ms,
-        partition,
-        attempts: 1,
-        error: TaskError::from_panic(payload),
+/// What one partition's update changed, to put back when the user function panics part-way: the
+/// retried update then starts from the state the batch began with. Recorded before each change;
+/// it costs a clone of each touched key's entry, so it grows with the batch, not the state.
+struct Undo<K, S> {
+    /// Keys as they were before the update (`None`: absent). Each key is recorded once: a key
+    /// with new values is not also timed out in the same batch.
+    entries: Vec<(K, Option<Entry<S>>)>,
+    /// Timeout buckets taken out.
+    buckets: Vec<(i64, Vec<K>)>,
+    /// The bucket of this batch, once inserted.
+    inserted_bucket: Option<i64>,
+}
+
+impl<K: Key, S> Undo<K, S> {
+    fn new() -> Self {
+        Self {
+            entries: Vec::new(),
+            buckets: Vec::new(),
+            inserted_bucket: None,
+        }
+    }
+
+    fn restore(self, part: &mut Part<K, S>) {
+        if let Some(t) = self.inserted_bucket {
+            part.touched.remove(&t);
+        }
+        part.touched.extend(self.buckets);
+        for (key, entry) in self.entries {
+            match entry {
+                Some(entry) => part.entries.insert(key, entry),
+                None => part.entries.remove(&key),
+            };
+        }
     }
 }
 
 impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> MapWithStateNode<K, V, S, O> {
     /// Updates one partition in place: keys with new values, then keys that time out.
+    /// Every change is recorded in `undo` before it is made.
     fn update_part(
         &self,
         part: &mut Part<K, S>,
         new_values: sluice_operators::shuffle::CombineMap<K, Vec<V>>,
         env: &BatchEnv,
+        undo: &mut Undo<K, S>,
     ) -> PartOutput<K, S, O> {
         let f = &*self.f;
         let now = env.time_ms;
@@ -243,6 +272,7 @@ impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> MapWithStateNode<K, V, S
             0
         });
         for (key, values) in new_values {
+            undo.entries.push((key.clone(), part.entries.get(&key).cloned()));
             let mut slot = part.entries.remove(&key).map(|e| e.state);
             let had = slot.is_some();
             let mut state = State {
@@ -271,18 +301,22 @@ impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> MapWithStateNode<K, V, S
         }
         // Idle keys are only looked for with a timeout: without one, nothing is kept per batch.
         if self.timeout_batches.is_some() && !touched.is_empty() {
+            undo.inserted_bucket = Some(now);
             part.touched.insert(now, touched);
         }
         if let Some(timeout) = self.timeout_batches {
             let cutoff = now - timeout as i64 * env.interval_ms;
             let idle: Vec<i64> = part.touched.range(..=cutoff).map(|(t, _)| *t).collect();
             for t in idle {
-                for key in part.touched.remove(&t).unwrap_or_default() {
+                let keys = part.touched.remove(&t).unwrap_or_default();
+                undo.buckets.push((t, keys.clone()));
+                for key in keys {
                     // Touched again later: it sits in a newer bucket too.
                     if part.entries.get(&key).is_none_or(|e| e.touched_ms != t) {
                         continue;
                     }
                     let entry = part.entries.remove(&key).expect("checked above");
+                    undo.entries.push((key.clone(), Some(entry.clone())));
                     let mut slot = Some(entry.state);
                     let mut state = State {
                         slot: &mut slot,
@@ -297,6 +331,84 @@ impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> MapWithStateNode<K, V, S
             }
         }
         PartOutput { out, changes }
+    }
+}
+
+impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> MapWithStateNode<K, V, S, O> {
+    /// Updates every partition in parallel, in place. A partition whose function panics is put
+    /// back as it was (its [`Undo`]) and updated again with its new values computed again from
+    /// their lineage, up to `max_task_attempts` times, like every other task; the partitions that
+    /// succeeded keep their result. Past the attempts the batch fails under either policy (after
+    /// the shuffle no single input record is to blame): the table is dropped with the error, and
+    /// after a restart the batch re-runs from the last snapshot.
+    fn update_with_retries(
+        &self,
+        env: &BatchEnv,
+        table: &mut Table<K, S>,
+        grouped: Vec<sluice_operators::shuffle::CombineMap<K, Vec<V>>>,
+    ) -> Result<Vec<PartOutput<K, S, O>>, JobError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let runner = &env.runner;
+        let mut done: Vec<Option<PartOutput<K, S, O>>> = table.parts.iter().map(|_| None).collect();
+        let mut grouped = Some(grouped);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let new_values = match grouped.take() {
+                Some(g) => g,
+                None => combine_by_key(env, &*self.parent, &Group::new(), self.partitions, &self.keys_hint)?,
+            };
+            let pending: Vec<bool> = done.iter().map(Option::is_none).collect();
+            let results: Vec<Option<std::thread::Result<PartOutput<K, S, O>>>> = runner.pool.install(|| {
+                table
+                    .parts
+                    .par_iter_mut()
+                    .zip(new_values.into_par_iter())
+                    .enumerate()
+                    .map(|(q, (part, new_values))| {
+                        if !pending[q] {
+                            return None;
+                        }
+                        runner.tasks.fetch_add(1, Relaxed);
+                        let mut undo = Undo::new();
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            self.update_part(part, new_values, env, &mut undo)
+                        }));
+                        if result.is_err() {
+                            undo.restore(part);
+                        }
+                        Some(result)
+                    })
+                    .collect()
+            });
+            let mut failed = None;
+            let mut failures = 0;
+            for (q, result) in results.into_iter().enumerate() {
+                match result {
+                    None => {}
+                    Some(Ok(output)) => done[q] = Some(output),
+                    Some(Err(payload)) => {
+                        let error = TaskError::from_panic(&payload);
+                        failures += 1;
+                        tracing::warn!(batch = env.time_ms, partition = q, attempt = attempts, error = %error, "state update failed");
+                        failed.get_or_insert((q, error));
+                    }
+                }
+            }
+            let Some((partition, error)) = failed else {
+                return Ok(done.into_iter().map(|p| p.expect("every partition updated")).collect());
+            };
+            runner.task_failures.fetch_add(failures, Relaxed);
+            if attempts >= runner.max_attempts || runner.is_cancelled() {
+                return Err(JobError {
+                    time: env.batch_time(),
+                    partition,
+                    attempts,
+                    error,
+                });
+            }
+            runner.task_retries.fetch_add(failures, Relaxed);
+        }
     }
 }
 
@@ -320,7 +432,7 @@ impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> Node<O> for MapWithState
                 let at = table.time_ms;
                 tables.insert(env.instance, table);
                 return Err(JobError {
-                    time_ms: env.time_ms,
+                    time: env.batch_time(),
                     partition: 0,
                     attempts: 1,
                     error: TaskError::Panicked {
@@ -330,30 +442,12 @@ impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> Node<O> for MapWithState
             }
             table
         };
-        let outputs: Vec<std::thread::Result<PartOutput<K, S, O>>> = env.runner.pool.install(|| {
-            table
-                .parts
-                .par_iter_mut()
-                .zip(grouped.into_par_iter())
-                .map(|(part, new_values)| {
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.update_part(part, new_values, env)))
-                })
-                .collect()
-        });
-        let mut parts_out = Vec::with_capacity(outputs.len());
+        let done = self.update_with_retries(env, &mut table, grouped)?;
+        let mut parts_out = Vec::with_capacity(done.len());
         let mut changes = Vec::new();
-        for (q, output) in outputs.into_iter().enumerate() {
-            match output {
-                Ok(p) => {
-                    changes.extend(p.changes);
-                    parts_out.push(p.out);
-                }
-                Err(payload) => {
-                    // A panic may have left a partition half updated: the state is unusable until
-                    // it is restored (the batch fails; after a restart it re-runs from the snapshot).
-                    return Err(panicked(env, q, &payload));
-                }
-            }
+        for p in done {
+            changes.extend(p.changes);
+            parts_out.push(p.out);
         }
         table.time_ms = Some(env.time_ms);
         table.changes = changes;
@@ -597,8 +691,11 @@ where
     /// Spark's `mapWithState`. The function must be deterministic: a re-run batch (after a
     /// restart, or by the worker that adopts a dead one) must reproduce its state and output.
     ///
-    /// A panic in the function fails the batch and stops the stream (the state may be half
-    /// updated; after a fix and a restart the batch re-runs from the last snapshot).
+    /// A panic in the function is retried like any task, up to `max_task_attempts`: the panicking
+    /// partition's keys are put back as they were when the batch began (an undo record kept per
+    /// update, proportional to the batch) and updated again. Past the attempts the batch fails and
+    /// the stream stops under either failure policy; after a fix and a restart the batch re-runs
+    /// from the last snapshot.
     ///
     /// ```
     /// # use sluice_engine::{State, StateSpec};

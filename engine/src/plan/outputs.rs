@@ -9,8 +9,8 @@
 use std::sync::Arc;
 
 use super::dstream::DStream;
-use crate::BoxError;
 use crate::exec::{BatchEnv, Data, InstanceId, JobError, Node};
+use crate::{BatchTime, BoxError};
 
 /// A registered output operation.
 pub(crate) trait OutputOp: Send + Sync {
@@ -31,10 +31,10 @@ pub enum OutputError {
     #[error(transparent)]
     Job(#[from] JobError),
     /// The user's output function or a sink returned an error.
-    #[error("output of batch {time_ms} failed: {source}")]
+    #[error("output of batch {time} failed: {source}")]
     Sink {
         /// Batch time.
-        time_ms: i64,
+        time: BatchTime,
         /// What failed.
         source: BoxError,
     },
@@ -42,7 +42,7 @@ pub enum OutputError {
 
 struct ForeachBatch<T> {
     node: Arc<dyn Node<T>>,
-    f: Arc<dyn Fn(i64, Vec<T>) -> Result<(), BoxError> + Send + Sync>,
+    f: Arc<dyn Fn(BatchTime, Vec<T>) -> Result<(), BoxError> + Send + Sync>,
 }
 
 impl<T: Data> OutputOp for ForeachBatch<T> {
@@ -56,10 +56,10 @@ impl<T: Data> OutputOp for ForeachBatch<T> {
         // elements computed again (the function took them by value).
         let delivered = env.runner.run_task(env, &|| {
             let items: Vec<T> = env.runner.collect(env, &*self.node)?.into_iter().flatten().collect();
-            Ok((self.f)(env.time_ms, items))
+            Ok((self.f)(BatchTime::from_millis(env.time_ms), items))
         })?;
         delivered.map_err(|source| OutputError::Sink {
-            time_ms: env.time_ms,
+            time: BatchTime::from_millis(env.time_ms),
             source,
         })
     }
@@ -82,25 +82,26 @@ impl<T: Data> DStream<T> {
     ///
     /// ```
     /// # use std::sync::{Arc, Mutex};
+    /// # use sluice_engine::BatchTime;
     /// # use sluice_engine::testing::TestHarness;
     /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
     /// # let h = TestHarness::new()?;
     /// let lines = h.input()?.map(text);
-    /// let seen: Arc<Mutex<Vec<(i64, Vec<String>)>>> = Arc::default();
+    /// let seen: Arc<Mutex<Vec<(BatchTime, Vec<String>)>>> = Arc::default();
     /// let keep = seen.clone();
-    /// lines.foreach_batch(move |batch_time_ms, lines| {
-    ///     keep.lock().unwrap().push((batch_time_ms, lines));
+    /// lines.foreach_batch(move |batch_time, lines| {
+    ///     keep.lock().unwrap().push((batch_time, lines));
     ///     Ok(())
     /// })?;
     /// h.start()?;
     /// h.push(["a", "b"]);
     /// let batch = h.run_batch()?;
-    /// assert_eq!(*seen.lock().unwrap(), vec![(batch.batch_time_ms, vec!["a".to_owned(), "b".to_owned()])]);
+    /// assert_eq!(*seen.lock().unwrap(), vec![(batch.batch_time, vec!["a".to_owned(), "b".to_owned()])]);
     /// # Ok::<(), sluice_engine::Error>(())
     /// ```
     pub fn foreach_batch(
         &self,
-        f: impl Fn(i64, Vec<T>) -> Result<(), BoxError> + Send + Sync + 'static,
+        f: impl Fn(BatchTime, Vec<T>) -> Result<(), BoxError> + Send + Sync + 'static,
     ) -> crate::Result<()> {
         self.graph.add_output(Box::new(ForeachBatch {
             node: self.node.clone(),
@@ -127,8 +128,10 @@ impl<T: Data + std::fmt::Debug> DStream<T> {
     /// # Ok::<(), sluice_engine::Error>(())
     /// ```
     pub fn print(&self, n: usize) -> crate::Result<()> {
-        self.foreach_batch(move |time_ms, items| {
-            println!("-------------------------------------------\nTime: {time_ms} ms\n-------------------------------------------");
+        self.foreach_batch(move |time, items| {
+            println!(
+                "-------------------------------------------\nTime: {time}\n-------------------------------------------"
+            );
             for item in items.iter().take(n) {
                 println!("{item:?}");
             }
@@ -150,7 +153,7 @@ struct SaveParquet<T> {
 impl<T: Data + sluice_operators::ToRecordBatch> OutputOp for SaveParquet<T> {
     fn run(&self, env: &BatchEnv) -> Result<(), OutputError> {
         let sink_error = |e: sluice_operators::Error| OutputError::Sink {
-            time_ms: env.time_ms,
+            time: BatchTime::from_millis(env.time_ms),
             source: format!("Parquet sink {}: {e}", self.location).into(),
         };
         if !self.node.active(env) {
@@ -195,7 +198,7 @@ impl<T: Data + sluice_operators::ToRecordBatch> DStream<T> {
     /// h.push(["a", "b", "a"]);
     /// let batch = h.run_batch()?;
     /// let committed = sluice_operators::ParquetSink::read_committed(&out).expect("readable");
-    /// assert_eq!(committed[0].0, batch.batch_time_ms);
+    /// assert_eq!(committed[0].0, batch.batch_time.as_millis());
     /// assert_eq!(committed.iter().map(|(_, rows)| rows.num_rows()).sum::<usize>(), 2);
     /// # Ok::<(), sluice_engine::Error>(())
     /// ```

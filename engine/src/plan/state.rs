@@ -86,7 +86,7 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
                 && table.time_ms.is_some_and(|t| t >= env.time_ms)
             {
                 return Err(JobError {
-                    time_ms: env.time_ms,
+                    time: env.batch_time(),
                     partition: 0,
                     attempts: 1,
                     error: TaskError::Panicked {

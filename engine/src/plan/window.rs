@@ -18,8 +18,67 @@ use sluice_operators::window;
 
 use super::dstream::DStream;
 use crate::exec::{BatchEnv, Data, InstanceId, JobError, Key, Node, Scope, StageCache, TaskError, TrackedBlock};
+use crate::{Error, Result};
 
 type Parts<T> = Arc<Vec<Vec<T>>>;
+
+/// A window over a stream: the last `length` batches, computed every `slide` batches (Spark's
+/// window and slide durations, counted in batch intervals).
+///
+/// ```
+/// use sluice_engine::Window;
+/// let sliding = Window::new(3, 1)?; // the last 3 batches, every batch
+/// let tumbling = Window::tumbling(5)?; // 5 batches at a time, no overlap
+/// assert_eq!((sliding.length(), sliding.slide()), (3, 1));
+/// assert_eq!((tumbling.length(), tumbling.slide()), (5, 5));
+/// assert!(Window::new(0, 1).is_err());
+/// # Ok::<(), sluice_engine::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Window {
+    length: usize,
+    slide: usize,
+}
+
+impl Window {
+    /// The last `length` batches, every `slide` batches. With `slide > length` some batches are in
+    /// no window (Spark allows this too).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `length` or `slide` is 0.
+    pub fn new(length: usize, slide: usize) -> Result<Self> {
+        if length == 0 || slide == 0 {
+            return Err(Error::Config {
+                field: "window",
+                reason: format!(
+                    "length and slide are counted in batches and must be at least 1 (got length {length}, slide \
+                     {slide}); for every batch on its own use Window::new(1, 1)"
+                ),
+            });
+        }
+        Ok(Self { length, slide })
+    }
+
+    /// Windows of `length` batches that do not overlap (`slide == length`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `length` is 0.
+    pub fn tumbling(length: usize) -> Result<Self> {
+        Self::new(length, length)
+    }
+
+    /// Batches in one window.
+    #[must_use]
+    pub fn length(&self) -> usize {
+        self.length
+    }
+
+    /// Batches between two windows.
+    #[must_use]
+    pub fn slide(&self) -> usize {
+        self.slide
+    }
+}
 
 /// Parent outputs per instance and batch time, computed on demand for earlier batches.
 struct History<T> {
@@ -235,17 +294,16 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
 }
 
 impl<T: Data + Clone> DStream<T> {
-    /// The union of the last `length` batches, every `slide` batches.
-    ///
-    /// # Panics
-    /// If `length` or `slide` is 0.
+    /// The union of the last [`window.length()`](Window::length) batches, every
+    /// [`window.slide()`](Window::slide) batches.
     ///
     /// ```
     /// # use sluice_engine::testing::TestHarness;
+    /// # use sluice_engine::Window;
     /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
     /// # let h = TestHarness::new()?;
     /// let lines = h.input()?.map(text);
-    /// let last_two = h.collect(&lines.window(2, 1))?;
+    /// let last_two = h.collect(&lines.window(Window::new(2, 1)?))?;
     /// h.start()?;
     /// for line in ["a", "b", "c"] {
     ///     h.push([line]);
@@ -254,11 +312,8 @@ impl<T: Data + Clone> DStream<T> {
     /// assert_eq!(last_two.sorted_batches(), vec![vec!["a"], vec!["a", "b"], vec!["b", "c"]]);
     /// # Ok::<(), sluice_engine::Error>(())
     /// ```
-    pub fn window(&self, length: usize, slide: usize) -> DStream<T> {
-        assert!(
-            length > 0 && slide > 0,
-            "window length and slide must be at least one batch"
-        );
+    pub fn window(&self, window: Window) -> DStream<T> {
+        let Window { length, slide } = window;
         self.graph.remember(length + slide);
         DStream {
             node: Arc::new(WindowNode {
@@ -274,7 +329,8 @@ impl<T: Data + Clone> DStream<T> {
 }
 
 impl<K: Key, V: Data + Clone> DStream<(K, V)> {
-    /// Reduces each key's values over the last `length` batches, every `slide` batches.
+    /// Reduces each key's values over the last [`window.length()`](Window::length) batches, every
+    /// [`window.slide()`](Window::slide) batches.
     ///
     /// With `inverse` (which must undo `reduce`: `inverse(reduce(a, b), b) == a`), each window is
     /// computed incrementally from the previous one when windows overlap (`slide < length`;
@@ -282,12 +338,10 @@ impl<K: Key, V: Data + Clone> DStream<(K, V)> {
     /// longer matters (for counts: `|_, c| *c > 0`). Without `inverse`, each window is reduced
     /// from the per-batch results it spans.
     ///
-    /// # Panics
-    /// If `length` or `slide` is 0.
-    ///
     /// ```
     /// # use std::sync::Arc;
     /// # use sluice_engine::testing::TestHarness;
+    /// # use sluice_engine::Window;
     /// # fn text(b: bytes::Bytes) -> String { String::from_utf8_lossy(&b).into_owned() }
     /// # let h = TestHarness::new()?;
     /// let words = h.input()?.map(text).map(|word| (word, 1u64));
@@ -295,8 +349,7 @@ impl<K: Key, V: Data + Clone> DStream<(K, V)> {
     ///     |a, b| a + b,
     ///     Some(Arc::new(|a, b| a - b)),               // the inverse: slide incrementally
     ///     Some(Arc::new(|_word: &String, n: &u64| *n > 0)), // drop words that left the window
-    ///     2,
-    ///     1,
+    ///     Window::new(2, 1)?,
     /// );
     /// let counts = h.collect(&counts)?;
     /// h.start()?;
@@ -316,13 +369,9 @@ impl<K: Key, V: Data + Clone> DStream<(K, V)> {
         reduce: impl Fn(V, V) -> V + Send + Sync + 'static,
         inverse: Option<Arc<ReduceFn<V>>>,
         filter: Option<Arc<FilterFn<K, V>>>,
-        length: usize,
-        slide: usize,
+        window: Window,
     ) -> DStream<(K, V)> {
-        assert!(
-            length > 0 && slide > 0,
-            "window length and slide must be at least one batch"
-        );
+        let Window { length, slide } = window;
         let reduce: Arc<ReduceFn<V>> = Arc::new(reduce);
         let per_batch = {
             let r = reduce.clone();
@@ -331,7 +380,7 @@ impl<K: Key, V: Data + Clone> DStream<(K, V)> {
         match inverse {
             None => {
                 let r = reduce.clone();
-                let windowed = per_batch.window(length, slide).reduce_by_key(move |a, b| r(a, b));
+                let windowed = per_batch.window(window).reduce_by_key(move |a, b| r(a, b));
                 match filter {
                     Some(f) => windowed.filter(move |(k, v)| f(k, v)),
                     None => windowed,

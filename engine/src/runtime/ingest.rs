@@ -15,7 +15,9 @@ use sluice_blockstore::{
     Block, BlockId, BlockOrigin, BlockReader, BlockStore, BlockStoreConfig, Position, SharedClock, StorageLevel,
 };
 use sluice_operators::{DeadLetterRow, DeadLetterSink};
-use sluice_receiver::{BlockHandler, HandlerError, LeaseStore, Receiver, ReceiverConfig, Source, WorkerDirectory};
+use sluice_receiver::{
+    BlockHandler, HandlerError, LeaseStore, Receiver, ReceiverConfig, Source, StopMode, WorkerDirectory,
+};
 
 use super::ingest_gate::IngestGate;
 use super::metrics::Metrics;
@@ -68,11 +70,11 @@ impl InputSpec {
             wiring.run_id,
             resume_after,
         )
-        .map_err(|e| Error::Receiver(e.to_string()))?;
+        .map_err(|e| receiver_error(&self.stream, e))?;
         if let Some(workers) = &wiring.workers {
             receiver = receiver.with_workers(workers.clone());
         }
-        receiver.start().map_err(|e| Error::Receiver(e.to_string()))?;
+        receiver.start().map_err(|e| receiver_error(&self.stream, e))?;
         Ok(Box::new(ReceiverInput {
             receiver,
             stream: self.stream.clone(),
@@ -97,10 +99,10 @@ pub(crate) struct InputWiring {
 pub(crate) trait RunningInput: Send + Sync {
     /// Every owned shard is read to its current end and everything read is stored and logged.
     fn caught_up(&self) -> bool;
-    /// A receiver that gave up, with why.
-    fn failure(&self) -> Option<String>;
+    /// A receiver that gave up: [`Error::Receiver`] with why.
+    fn failure(&self) -> Option<Error>;
     fn set_max_rate(&self, rate: Option<f64>);
-    fn stop(&self, graceful: bool) -> Result<()>;
+    fn stop(&self, mode: StopMode) -> Result<()>;
     /// The stream it reads.
     fn stream(&self) -> &Arc<str>;
     /// The lease table of its shards.
@@ -188,7 +190,7 @@ impl EngineBlocks {
             .unwrap_or_default();
         self.gate
             .admit(block.id(), block.memory_size() as u64)
-            .map_err(|e| Error::Receiver(e.to_string()))?;
+            .map_err(|_closed| Error::Stopping)?;
         let stored = self
             .store
             .put(block, level)
@@ -305,14 +307,18 @@ impl RunningInput for ReceiverInput {
     fn caught_up(&self) -> bool {
         self.receiver.status().caught_up
     }
-    fn failure(&self) -> Option<String> {
-        self.receiver.status().failed
+    fn failure(&self) -> Option<Error> {
+        let source = self.receiver.status().failed?;
+        Some(Error::Receiver {
+            stream: self.stream.clone(),
+            source,
+        })
     }
     fn set_max_rate(&self, rate: Option<f64>) {
         self.receiver.set_max_rate(rate);
     }
-    fn stop(&self, graceful: bool) -> Result<()> {
-        self.receiver.stop(graceful).map_err(|e| Error::Receiver(e.to_string()))
+    fn stop(&self, mode: StopMode) -> Result<()> {
+        self.receiver.stop(mode).map_err(|e| receiver_error(&self.stream, e))
     }
     fn stream(&self) -> &Arc<str> {
         &self.stream
@@ -328,5 +334,12 @@ impl RunningInput for ReceiverInput {
     }
     fn cancel_adoption(&self, worker: &str) {
         self.receiver.cancel_adoption(worker);
+    }
+}
+
+fn receiver_error(stream: &Arc<str>, source: sluice_receiver::ReceiverError) -> Error {
+    Error::Receiver {
+        stream: stream.clone(),
+        source: Arc::new(source),
     }
 }

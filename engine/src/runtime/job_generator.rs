@@ -11,7 +11,7 @@ use super::metrics::{self, BatchInfo};
 use super::rate_estimator::PidRateEstimator;
 use super::{LogRuntime, Runtime, snapshots};
 use crate::exec::OWN_INSTANCE;
-use crate::{Error, Result};
+use crate::{BatchTime, Error, Result};
 
 /// Cuts and runs batches on its own thread until the runtime stops.
 pub(crate) struct JobGenerator {
@@ -47,8 +47,8 @@ impl JobGenerator {
             if self.rt.stop_requested.load(Ordering::SeqCst) {
                 return self.rt.finish(None);
             }
-            if let Some(reason) = self.rt.inputs.iter().find_map(|i| i.failure()) {
-                return self.rt.fail(Error::Receiver(reason));
+            if let Some(failure) = self.rt.inputs.iter().find_map(|i| i.failure()) {
+                return self.rt.fail(failure);
             }
             if let Err(e) = self.run_adoptions() {
                 return self.rt.fail(e);
@@ -166,7 +166,7 @@ impl JobGenerator {
         }
 
         let info = BatchInfo {
-            batch_time_ms: time_ms,
+            batch_time: BatchTime::from_millis(time_ms),
             adopted: !own,
             num_records,
             // Spark: processing start minus submission; a batch is due at its batch time.
@@ -211,7 +211,7 @@ impl JobGenerator {
         let pid =
             estimator.get_or_insert_with(|| PidRateEstimator::new(self.rt.interval_ms, &self.rt.config.backpressure));
         if let Some(rate) = pid.compute(
-            info.batch_time_ms,
+            info.batch_time.as_millis(),
             info.num_records,
             info.processing_delay_ms,
             info.scheduling_delay_ms,

@@ -14,7 +14,7 @@ use super::rate_estimator::PidRateEstimator;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchInfo {
     /// Batch time.
-    pub batch_time_ms: i64,
+    pub batch_time: crate::BatchTime,
     /// The batch belongs to the metadata log of a dead worker that this worker adopted (its
     /// output carries that worker's name), not to this worker's own log.
     pub adopted: bool,
@@ -42,7 +42,7 @@ pub enum HealthEvent {
     /// A batch's total delay exceeded the bound: processing is stuck or cannot keep up.
     StuckProcessing {
         /// Batch time.
-        batch_time_ms: i64,
+        batch_time: crate::BatchTime,
         /// Scheduling plus processing delay.
         total_delay_ms: i64,
         /// The configured bound.
@@ -51,7 +51,7 @@ pub enum HealthEvent {
     /// More than the allowed fraction of task attempts failed in a batch.
     HighErrorRate {
         /// Batch time.
-        batch_time_ms: i64,
+        batch_time: crate::BatchTime,
         /// Failed attempts / all attempts.
         rate: f64,
         /// The configured bound (default 5 %).
@@ -64,7 +64,7 @@ pub(crate) fn detect(info: &BatchInfo, stuck_bound_ms: i64, error_rate_bound: f6
     let mut events = Vec::new();
     if info.total_delay_ms() > stuck_bound_ms {
         events.push(HealthEvent::StuckProcessing {
-            batch_time_ms: info.batch_time_ms,
+            batch_time: info.batch_time,
             total_delay_ms: info.total_delay_ms(),
             bound_ms: stuck_bound_ms,
         });
@@ -73,7 +73,7 @@ pub(crate) fn detect(info: &BatchInfo, stuck_bound_ms: i64, error_rate_bound: f6
         let rate = info.task_failures as f64 / info.tasks as f64;
         if rate > error_rate_bound {
             events.push(HealthEvent::HighErrorRate {
-                batch_time_ms: info.batch_time_ms,
+                batch_time: info.batch_time,
                 rate,
                 bound: error_rate_bound,
             });

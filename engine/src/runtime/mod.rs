@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use sluice_blockstore::SharedClock;
-use sluice_receiver::{WorkerDirectory, WorkerRegistry};
+use sluice_receiver::{StopMode, WorkerDirectory, WorkerRegistry};
 
 use checkpoint_store::CheckpointStore;
 use ingest::{EngineBlocks, InputSpec, InputWiring, RunningInput};
@@ -353,12 +353,13 @@ impl Runtime {
 
 impl Started {
     /// Stops the runtime: a graceful stop stops the receivers, processes every logged block and
-    /// releases leases within `timeout`; a non-graceful one finishes only the batch in progress.
+    /// releases leases within `timeout`; an immediate one finishes only the batch in progress.
     /// Past the timeout the batch in progress is abandoned between records.
     ///
     /// # Errors
     /// [`Error::StopTimeout`]; receiver stop errors; the error that had stopped the stream.
-    pub(crate) fn stop(mut self, graceful: bool, timeout: Duration) -> Result<()> {
+    pub(crate) fn stop(mut self, mode: StopMode, timeout: Duration) -> Result<()> {
+        let graceful = mode == StopMode::Graceful;
         let runtime = self.runtime.clone();
         let mut first_error = None;
         if !graceful {
@@ -366,7 +367,7 @@ impl Started {
             runtime.blocks.close_gate();
         }
         for input in &runtime.inputs {
-            if let Err(e) = input.stop(graceful) {
+            if let Err(e) = input.stop(mode) {
                 first_error.get_or_insert(e);
             }
         }

@@ -18,16 +18,6 @@ pub enum WhenFull {
     Block,
 }
 
-/// How [`BlockGenerator::stop`] treats buffered records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopMode {
-    /// Seal what is buffered and store every queued block before returning.
-    Drain,
-    /// Discard what is buffered or queued (it was never stored, so no position covers it); wait
-    /// only for the block already being stored.
-    Discard,
-}
-
 /// Block sizes, timing and queueing of a [`BlockGenerator`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

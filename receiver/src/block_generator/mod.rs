@@ -48,10 +48,11 @@ use std::time::{Duration, Instant};
 
 use sluice_blockstore::{Block, BlockId, Record, SequenceNumberRanges, SharedClock};
 
+pub use crate::stop_mode::StopMode;
 use buffer::{BlockBuffer, Limits, Sealed};
 use builder::StoredCallback;
 pub use builder::{BlockGeneratorBuilder, BlockGeneratorStartError};
-pub use config::{BlockGeneratorConfig, StopMode, WhenFull};
+pub use config::{BlockGeneratorConfig, WhenFull};
 pub use error::GeneratorError;
 pub use handler::{BlockHandler, HandlerError};
 pub use stats::{GeneratorMetrics, GeneratorPhase, GeneratorStats};
@@ -95,7 +96,7 @@ struct Threads {
 ///     })
 ///     .collect();
 /// generator.add_batch(records)?;
-/// generator.stop(StopMode::Drain)?; // seals and stores what is buffered
+/// generator.stop(StopMode::Graceful)?; // seals and stores what is buffered
 /// let blocks = handler.0.lock().unwrap();
 /// assert_eq!(blocks.len(), 1);
 /// assert_eq!(blocks[0].meta().ranges.to_string(), "clicks/shard-0[1..=3]x3");
@@ -251,9 +252,9 @@ impl BlockGenerator {
 
     /// Stops the generator and joins its threads.
     ///
-    /// With [`StopMode::Drain`], new records are refused, the buffer is sealed and every queued
+    /// With [`StopMode::Graceful`], new records are refused, the buffer is sealed and every queued
     /// block is stored before this returns (it waits for the handler, however slow). With
-    /// [`StopMode::Discard`], buffered and queued records are dropped — they were never stored,
+    /// [`StopMode::Immediate`], buffered and queued records are dropped — they were never stored,
     /// so no checkpoint covers them and they will be read again.
     ///
     /// # Errors
@@ -261,8 +262,8 @@ impl BlockGenerator {
     pub fn stop(&self, mode: StopMode) -> Result<(), GeneratorError> {
         let threads = self.threads.lock().expect("generator threads").take();
         match mode {
-            StopMode::Drain => self.shared.drain(threads),
-            StopMode::Discard => {
+            StopMode::Graceful => self.shared.drain(threads),
+            StopMode::Immediate => {
                 self.shared.abort_all();
                 if let Some(t) = threads {
                     join(t);
@@ -627,7 +628,7 @@ mod tests {
             ticks += 1;
             assert!(ticks < 500, "the timer never sealed the block");
         }
-        generator.stop(StopMode::Drain).unwrap();
+        generator.stop(StopMode::Graceful).unwrap();
         let blocks = handler.blocks.lock().unwrap();
         assert_eq!(blocks[0].meta().ranges.to_string(), "s/a[1..=3]x3");
     }
@@ -645,7 +646,7 @@ mod tests {
             .unwrap();
         generator.add_batch(records("a", 1, 3, 1)).unwrap();
         generator.add_batch(records("b", 10, 6, 1)).unwrap();
-        generator.stop(StopMode::Drain).unwrap();
+        generator.stop(StopMode::Graceful).unwrap();
         let blocks = handler.blocks.lock().unwrap();
         let ranges: Vec<String> = blocks.iter().map(|b| b.meta().ranges.to_string()).collect();
         assert_eq!(
@@ -672,7 +673,7 @@ mod tests {
             .unwrap();
         generator.add_batch(records("a", 1, 3, 48)).unwrap();
         generator.add_batch(records("a", 4, 1, 500)).unwrap();
-        generator.stop(StopMode::Drain).unwrap();
+        generator.stop(StopMode::Graceful).unwrap();
         let sizes: Vec<usize> = handler.blocks.lock().unwrap().iter().map(Block::len).collect();
         assert_eq!(sizes, [2, 1, 1]);
     }
@@ -688,7 +689,7 @@ mod tests {
             generator.add_batch(batch),
             Err(GeneratorError::InvalidBatch { .. })
         ));
-        generator.stop(StopMode::Drain).unwrap();
+        generator.stop(StopMode::Graceful).unwrap();
     }
 
     #[test]
@@ -705,7 +706,7 @@ mod tests {
             .start()
             .unwrap();
         generator.add_batch(records("a", 1, 2, 1)).unwrap();
-        generator.stop(StopMode::Drain).unwrap();
+        generator.stop(StopMode::Graceful).unwrap();
         assert_eq!(handler.blocks.lock().unwrap().len(), 1);
         assert_eq!(metrics.push_retries.load(Ordering::Relaxed), 3);
     }
@@ -741,7 +742,7 @@ mod tests {
         let err = generator.add_batch(records("a", 3, 1, 1)).unwrap_err();
         assert!(matches!(err, GeneratorError::StoreFailed { attempts: 4, .. }), "{err}");
         assert!(err.is_retryable());
-        assert!(generator.stop(StopMode::Drain).is_err());
+        assert!(generator.stop(StopMode::Graceful).is_err());
         assert_eq!(stored.load(Ordering::SeqCst), 0, "nothing counts as stored");
     }
 
@@ -755,7 +756,7 @@ mod tests {
         });
         let generator = BlockGenerator::builder(config(), "s", handler, clock).start().unwrap();
         generator.add_batch(records("a", 1, 2, 1)).unwrap();
-        let err = generator.stop(StopMode::Drain).unwrap_err();
+        let err = generator.stop(StopMode::Graceful).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -777,7 +778,7 @@ mod tests {
             .start()
             .unwrap();
         generator.add_batch(records("a", 1, 2, 1)).unwrap();
-        generator.stop(StopMode::Discard).unwrap();
+        generator.stop(StopMode::Immediate).unwrap();
         assert!(handler.blocks.lock().unwrap().is_empty());
         assert_eq!(
             generator.add_batch(records("a", 3, 1, 1)),

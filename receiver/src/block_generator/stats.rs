@@ -24,9 +24,9 @@ pub struct GeneratorMetrics {
 pub enum GeneratorPhase {
     /// Accepting records.
     Active,
-    /// Stopping with [`StopMode::Drain`]: no new records; buffered ones are being stored.
+    /// Stopping with [`StopMode::Graceful`]: no new records; buffered ones are being stored.
     Draining,
-    /// Stopped; everything accepted was stored (or discarded by [`StopMode::Discard`]).
+    /// Stopped; everything accepted was stored (or discarded by [`StopMode::Immediate`]).
     Stopped,
     /// A block could not be stored; nothing after it will be.
     Failed(GeneratorError),

@@ -103,8 +103,12 @@ pub(crate) fn run_incarnation(core: &Arc<Core>) -> Result<(), ReceiverError> {
         stopping: Vec::new(),
     };
     let result = coordinator.run();
-    let graceful = result.is_ok() && core.graceful.load(Ordering::SeqCst);
-    let shutdown = coordinator.shutdown(graceful);
+    let mode = if result.is_ok() && core.graceful.load(Ordering::SeqCst) {
+        StopMode::Graceful
+    } else {
+        StopMode::Immediate
+    };
+    let shutdown = coordinator.shutdown(mode);
     core.set_settled(false);
     *core.generator.lock().expect("generator slot") = None;
     result.and(shutdown)
@@ -126,7 +130,7 @@ impl Coordinator<'_> {
                 }
                 tracing::warn!(stream = %self.core.stream, error = %e, "lease or source call failed; retrying");
                 MetricsCells::bump(&self.core.metrics.lease_store_errors);
-                self.core.record_error(&e, false);
+                self.core.record_error(&e);
             }
             self.core.stop.wait_ms(&*self.core.clock, TICK_MS);
         }
@@ -698,9 +702,9 @@ impl Coordinator<'_> {
         Ok(())
     }
 
-    /// Stops every loop, stops the generator (draining if graceful), writes final checkpoints of
-    /// stored positions and releases every held lease.
-    fn shutdown(&mut self, graceful: bool) -> Result<(), ReceiverError> {
+    /// Stops every loop, stops the generator (draining it on a graceful stop), writes final
+    /// checkpoints of stored positions and releases every held lease.
+    fn shutdown(&mut self, mode: StopMode) -> Result<(), ReceiverError> {
         for held in self.held.values() {
             if let Some(running) = &held.running {
                 running.signal.stop();
@@ -709,7 +713,6 @@ impl Coordinator<'_> {
         for running in &self.stopping {
             running.signal.stop();
         }
-        let mode = if graceful { StopMode::Drain } else { StopMode::Discard };
         let drained = self.generator.stop(mode);
         for running in self.stopping.drain(..) {
             let _ = running.handle.join();

@@ -46,6 +46,7 @@ use crate::lease::{LeaseError, LeaseStore, WorkerDirectory};
 use crate::rate_limiter::RateLimiter;
 use crate::signal::{MAX_REAL_WAIT, StopSignal, Wake};
 use crate::source::{Source, SourceError};
+use crate::stop_mode::StopMode;
 
 /// Why a receiver failed, or could not start or stop.
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +113,7 @@ pub enum ReceiverState {
 }
 
 /// What the engine (and tests) can see of a receiver.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ReceiverStatus {
     /// Lifecycle state.
     pub state: ReceiverState,
@@ -127,8 +128,8 @@ pub struct ReceiverStatus {
     pub blocks_pushed: u64,
     /// Shards whose lease this receiver holds.
     pub owned_shards: Vec<String>,
-    /// The error that made the receiver give up, if it did.
-    pub failed: Option<String>,
+    /// The error that made the receiver give up, if it did (kept whole: match on it).
+    pub failed: Option<Arc<ReceiverError>>,
     /// The last error seen, retryable or not.
     pub last_error: Option<String>,
     /// Restarts after failures.
@@ -147,7 +148,7 @@ pub(crate) struct StatusCell {
     pub(crate) state: ReceiverState,
     /// The coordinator's last pass found nothing left to take, start or finish.
     pub(crate) settled: bool,
-    pub(crate) failed: Option<String>,
+    pub(crate) failed: Option<Arc<ReceiverError>>,
     pub(crate) last_error: Option<String>,
 }
 
@@ -196,13 +197,19 @@ impl Core {
         self.status_changed.notify_all();
     }
 
-    pub(crate) fn record_error(&self, error: &ReceiverError, fatal: bool) {
+    /// An error the receiver goes on after (retried, or seen while stopping).
+    pub(crate) fn record_error(&self, error: &ReceiverError) {
         let mut status = self.status.lock().expect("status lock");
         status.last_error = Some(error.to_string());
-        if fatal {
-            status.failed = Some(error.to_string());
-            status.state = ReceiverState::Failed;
-        }
+        self.status_changed.notify_all();
+    }
+
+    /// The error the receiver gives up on.
+    pub(crate) fn record_failure(&self, error: ReceiverError) {
+        let mut status = self.status.lock().expect("status lock");
+        status.last_error = Some(error.to_string());
+        status.failed = Some(Arc::new(error));
+        status.state = ReceiverState::Failed;
         self.status_changed.notify_all();
     }
 
@@ -386,18 +393,18 @@ impl Receiver {
 
     /// Stops the receiver and joins its threads.
     ///
-    /// Graceful: stop reading, seal and store everything buffered (waiting for the handler),
-    /// write a final checkpoint of every owned shard at its last stored position (and `SHARD_END`
-    /// where due), release the leases. Not graceful: buffered, unstored records are discarded —
-    /// they are not checkpointed and will be read again — then checkpoint what is stored and
-    /// release the leases.
+    /// [`StopMode::Graceful`]: stop reading, seal and store everything buffered (waiting for the
+    /// handler), write a final checkpoint of every owned shard at its last stored position (and
+    /// `SHARD_END` where due), release the leases. [`StopMode::Immediate`]: buffered, unstored
+    /// records are discarded — they are not checkpointed and will be read again — then checkpoint
+    /// what is stored and release the leases.
     ///
     /// # Errors
     /// The error that ended the last incarnation during the stop (for example a block that could
     /// not be stored while draining). A receiver that had already given up reports it in
     /// [`ReceiverStatus::failed`], not here.
-    pub fn stop(&self, graceful: bool) -> Result<(), ReceiverError> {
-        self.core.graceful.store(graceful, Ordering::SeqCst);
+    pub fn stop(&self, mode: StopMode) -> Result<(), ReceiverError> {
+        self.core.graceful.store(mode == StopMode::Graceful, Ordering::SeqCst);
         self.core.set_state(ReceiverState::Stopping);
         self.core.stop.stop();
         let handle = self.supervisor.lock().expect("supervisor slot").take();
@@ -470,7 +477,7 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         let running = self.supervisor.get_mut().ok().is_some_and(|s| s.is_some());
         if running {
-            let _ = self.stop(false);
+            let _ = self.stop(StopMode::Immediate);
         }
     }
 }
@@ -497,13 +504,13 @@ fn supervise(core: &Arc<Core>) {
             Ok(()) => break,
             Err(e) if core.stop.is_stopped() => {
                 tracing::warn!(stream = %core.stream, error = %e, "receiver stopped with an error");
-                core.record_error(&e, false);
+                core.record_error(&e);
                 *core.stop_error.lock().expect("stop error slot") = Some(e);
                 break;
             }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(stream = %core.stream, error = %e, "receiver failed; restarting after the restart delay");
-                core.record_error(&e, false);
+                core.record_error(&e);
                 core.set_state(ReceiverState::Restarting);
                 MetricsCells::bump(&core.metrics.restarts);
                 let deadline = core.clock.now_ms().saturating_add(core.config.restart_delay_ms as i64);
@@ -519,7 +526,7 @@ fn supervise(core: &Arc<Core>) {
             }
             Err(e) => {
                 tracing::error!(stream = %core.stream, error = %e, "receiver failed for good");
-                core.record_error(&e, true);
+                core.record_failure(e);
                 break;
             }
         }

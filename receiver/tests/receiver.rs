@@ -11,8 +11,8 @@ use sluice_blockstore::{Block, ManualClock, Position, Record};
 use sluice_receiver::local_log::{LocalLog, LocalStream};
 use sluice_receiver::testing::{HandlerAction, RecordingHandler};
 use sluice_receiver::{
-    Checkpoint, LeaseStore, LocalLeaseStore, Receiver, ReceiverConfig, ReceiverError, ReceiverState, ReceiverStatus,
-    StopMode,
+    Checkpoint, GeneratorError, LeaseStore, LocalLeaseStore, Receiver, ReceiverConfig, ReceiverError, ReceiverState,
+    ReceiverStatus, StopMode,
 };
 
 const STREAM: &str = "events";
@@ -198,9 +198,12 @@ fn a_permanent_store_failure_fails_the_receiver_without_advancing_checkpoints() 
     h.drive(&receiver, |s| s.state == ReceiverState::Failed);
     let status = receiver.status();
     let failed = status.failed.as_deref().expect("failed");
+    let ReceiverError::Generator(GeneratorError::StoreFailed { source, .. }) = failed else {
+        panic!("the store failure is kept as a typed cause: {status:?}")
+    };
     assert!(
-        matches!(failed, ReceiverError::Generator(_)) && failed.to_string().contains("permanent"),
-        "the store failure is kept as a typed cause: {status:?}"
+        !source.is_retryable() && source.message().contains("permanent"),
+        "{source}"
     );
     assert!(!status.caught_up);
     assert_eq!(h.leases.list_leases().unwrap()[0].checkpoint, Checkpoint::TrimHorizon);

@@ -2,6 +2,8 @@
 
 use sluice_blockstore::BlockId;
 
+use super::handler::HandlerError;
+
 /// Why the generator did not accept records or could not store them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -14,16 +16,15 @@ pub enum GeneratorError {
         accepted: usize,
     },
     /// Storing a block failed for good; nothing after it was stored.
-    #[error("storing block {block} failed after {attempts} attempt(s): {message}")]
+    #[error("storing block {block} failed after {attempts} attempt(s): {source}")]
     StoreFailed {
         /// The block that could not be stored.
         block: BlockId,
         /// Attempts made.
         attempts: u32,
-        /// The handler's last error.
-        message: String,
-        /// Whether the handler said a retry could help (a restart may then succeed).
-        retryable: bool,
+        /// The handler's last error, whole (its [`HandlerError::is_retryable`] says whether a
+        /// restart may succeed).
+        source: std::sync::Arc<HandlerError>,
     },
     /// Arrow rejected the records of a block (not expected for well-formed records).
     #[error("block {block} could not be built: {message}")]
@@ -51,7 +52,7 @@ impl GeneratorError {
     /// Whether restarting the receiver (re-reading from the last stored positions) may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            GeneratorError::StoreFailed { retryable, .. } => *retryable,
+            GeneratorError::StoreFailed { source, .. } => source.is_retryable(),
             GeneratorError::Spawn { .. } => true,
             GeneratorError::Stopped { .. }
             | GeneratorError::BuildFailed { .. }

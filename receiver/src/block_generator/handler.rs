@@ -68,3 +68,13 @@ impl HandlerError {
         &self.message
     }
 }
+
+impl PartialEq for HandlerError {
+    /// Equal message and retry hint (the source is not compared: errors rarely implement
+    /// `PartialEq`). Lets generator phases that hold a failure be compared.
+    fn eq(&self, other: &Self) -> bool {
+        self.message == other.message && self.retryable == other.retryable
+    }
+}
+
+impl Eq for HandlerError {}

@@ -470,8 +470,7 @@ impl Shared {
                     self.fail(GeneratorError::StoreFailed {
                         block: id,
                         attempts: attempt,
-                        message: e.to_string(),
-                        retryable: e.is_retryable(),
+                        source: Arc::new(e),
                     });
                     return false;
                 }
@@ -760,11 +759,7 @@ mod tests {
         assert!(
             matches!(
                 err,
-                GeneratorError::StoreFailed {
-                    attempts: 1,
-                    retryable: false,
-                    ..
-                }
+                GeneratorError::StoreFailed { attempts: 1, ref source, .. } if !source.is_retryable()
             ),
             "{err}"
         );

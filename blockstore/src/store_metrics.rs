@@ -21,7 +21,7 @@ macro_rules! counters {
         /// Counters only grow over the store's life; `memory_*` fields are gauges read at the
         /// snapshot. [`BlockReader`](crate::BlockReader)s count their replays in the metrics of
         /// the store they read from.
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
         #[non_exhaustive]
         pub struct BlockStoreMetrics {
             /// Gauge: bytes the memory tier is charged for its blocks (never above the budget).

@@ -32,6 +32,7 @@ mod file_lock;
 pub mod kinesis;
 mod lease;
 pub mod local_log;
+mod named_counter;
 mod rate_limiter;
 mod receiver;
 mod signal;
@@ -61,6 +62,7 @@ pub use lease::{
 #[cfg(feature = "kinesis")]
 pub use lease::{DynamoConnectError, DynamoLeaseMetrics, DynamoLeaseOptions, DynamoLeaseStore};
 pub use local_log::{LocalLog, LocalLogError, LocalStream, Producer};
+pub use named_counter::NamedCounter;
 pub use rate_limiter::RateLimiter;
 pub use receiver::{
     InitialPosition, Receiver, ReceiverConfig, ReceiverError, ReceiverMetrics, ReceiverState, ReceiverStatus,

@@ -181,6 +181,11 @@ pub trait Source: Replay + fmt::Debug {
     fn default_storage_level(&self) -> StorageLevel {
         StorageLevel::MEMORY_AND_DISK
     }
+    /// The source's own counters (calls, throttles, …) for monitoring; none by default. Must be
+    /// cheap: the engine reads them on every metrics scrape.
+    fn counters(&self) -> Vec<crate::NamedCounter> {
+        Vec::new()
+    }
     /// The shards of the stream.
     ///
     /// # Errors

@@ -19,6 +19,7 @@
 //! throttle is seen, counted and paced here.
 
 mod budget;
+mod counters;
 pub mod kpl;
 mod producer;
 mod reader;
@@ -432,6 +433,10 @@ impl Source for KinesisSource {
 
     fn read_pacing(&self) -> ReadPacing {
         self.inner.config.pacing()
+    }
+
+    fn counters(&self) -> Vec<crate::NamedCounter> {
+        self.metrics().counters()
     }
 
     fn list_shards(&self) -> Result<Vec<ShardInfo>, SourceError> {

@@ -80,6 +80,36 @@ pub struct DynamoLeaseMetrics {
     pub condition_failures: u64,
 }
 
+impl DynamoLeaseMetrics {
+    /// Every counter, named and explained, as the engine exports them
+    /// (`sluice_lease_store_<name>_total{stream=…}`).
+    pub fn counters(&self) -> Vec<crate::NamedCounter> {
+        use crate::NamedCounter;
+        vec![
+            NamedCounter::new(
+                "calls",
+                "DynamoDB calls made by the lease store (retries included).",
+                self.calls,
+            ),
+            NamedCounter::new(
+                "throttles",
+                "DynamoDB calls of the lease store that were throttled.",
+                self.throttles,
+            ),
+            NamedCounter::new(
+                "retries",
+                "DynamoDB calls retried (throttled or transient failures).",
+                self.retries,
+            ),
+            NamedCounter::new(
+                "condition_failures",
+                "Conditional lease writes whose condition failed (the lease had moved on).",
+                self.condition_failures,
+            ),
+        ]
+    }
+}
+
 #[derive(Debug, Default)]
 struct MetricsCells {
     calls: AtomicU64,
@@ -367,6 +397,10 @@ impl DynamoLeaseStore {
 }
 
 impl LeaseStore for DynamoLeaseStore {
+    fn counters(&self) -> Vec<crate::NamedCounter> {
+        self.metrics().counters()
+    }
+
     fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool, LeaseError> {
         let mut item = Item::new();
         write_lease(&mut item, lease);

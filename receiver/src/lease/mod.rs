@@ -381,6 +381,12 @@ pub trait LeaseStore: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`LeaseError::ConditionFailed`] if the lease was already lost.
     fn release_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<Lease, LeaseError>;
+
+    /// The store's own counters (calls, throttles, …) for monitoring; none by default. Must be
+    /// cheap (no call to the store): the engine reads them on every metrics scrape.
+    fn counters(&self) -> Vec<crate::NamedCounter> {
+        Vec::new()
+    }
 }
 
 /// Applies the contract's conditions to an in-memory table entry; shared by implementations that

@@ -178,6 +178,7 @@ impl Coordinator<'_> {
             }
         }
         self.table = table.iter().map(|l| (l.lease_key.clone(), l.clone())).collect();
+        self.core.metrics.lease_table(&table);
         let lost: Vec<Arc<str>> = self
             .held
             .iter()

@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex};
 
 use sluice_blockstore::Position;
 
+use crate::Checkpoint;
 use crate::block_generator::GeneratorMetrics;
 
 /// Per-shard counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ShardMetrics {
     /// Records read from the shard and accepted by the generator.
     pub records_received: u64,
@@ -18,16 +19,35 @@ pub struct ShardMetrics {
     /// Records of the shard in stored blocks.
     pub records_stored: u64,
     /// The last stored position of the shard.
+    #[serde(serialize_with = "as_display")]
     pub latest_stored: Option<Position>,
     /// Whether this receiver holds the shard's lease.
     pub owned: bool,
     /// How far behind the newest record the last read was (ms; Kinesis `millisBehindLatest`),
     /// when the source reports it: the processing-lag signal.
     pub millis_behind_latest: Option<i64>,
+    /// How old the newest record of the last read was when it was read (ms; the approximate
+    /// arrival time to the read, Kinesis's `IteratorAgeMilliseconds`); 0 after a read found the
+    /// shard caught up. `None` until a record with an arrival time was read.
+    pub arrival_age_ms: Option<i64>,
+    /// The shard lease's owner in the lease table as of the receiver's last table scan (`None`:
+    /// unowned, or no lease seen yet).
+    pub lease_owner: Option<String>,
+    /// The shard lease's checkpoint as of the last table scan.
+    #[serde(serialize_with = "as_display")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Positions and checkpoints as their display form (`49590…/2`, `SHARD_END`).
+fn as_display<T: std::fmt::Display, S: serde::Serializer>(value: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
 }
 
 /// A snapshot of a receiver's counters.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct ReceiverMetrics {
     /// Records read and accepted, over all shards.
     pub records_received: u64,
@@ -78,6 +98,8 @@ pub(crate) struct MetricsCells {
     pub(crate) leases_released: AtomicU64,
     pub(crate) restarts: AtomicU64,
     pub(crate) shards: Mutex<HashMap<Arc<str>, ShardCells>>,
+    /// Owner and checkpoint of every shard lease, as of the coordinator's last table scan.
+    pub(crate) lease_table: Mutex<Vec<(String, Option<String>, Checkpoint)>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -85,6 +107,7 @@ pub(crate) struct ShardCells {
     pub(crate) records_received: u64,
     pub(crate) bytes_received: u64,
     pub(crate) millis_behind_latest: Option<i64>,
+    pub(crate) arrival_age_ms: Option<i64>,
 }
 
 impl MetricsCells {
@@ -100,6 +123,24 @@ impl MetricsCells {
             let mut shards = self.shards.lock().expect("metrics lock");
             shards.entry(shard.clone()).or_default().millis_behind_latest = millis_behind_latest;
         }
+    }
+
+    /// The age of the newest record of a read when it was read (`None`: the read had no record
+    /// with an arrival time); a read that found the shard caught up sets 0.
+    pub(crate) fn arrival_age(&self, shard: &Arc<str>, age_ms: Option<i64>, caught_up: bool) {
+        let age = if caught_up { Some(0) } else { age_ms };
+        if age.is_some() {
+            let mut shards = self.shards.lock().expect("metrics lock");
+            shards.entry(shard.clone()).or_default().arrival_age_ms = age;
+        }
+    }
+
+    /// Keeps the owners and checkpoints of the shard leases the coordinator just read.
+    pub(crate) fn lease_table(&self, table: &[crate::Lease]) {
+        *self.lease_table.lock().expect("metrics lock") = table
+            .iter()
+            .map(|l| (l.lease_key.clone(), l.lease_owner.clone(), l.checkpoint.clone()))
+            .collect();
     }
 
     pub(crate) fn bump(cell: &AtomicU64) {
@@ -132,9 +173,15 @@ impl MetricsCells {
                     records_received: cells.records_received,
                     bytes_received: cells.bytes_received,
                     millis_behind_latest: cells.millis_behind_latest,
+                    arrival_age_ms: cells.arrival_age_ms,
                     ..ShardMetrics::default()
                 },
             );
+        }
+        for (shard, owner, checkpoint) in self.lease_table.lock().expect("metrics lock").iter() {
+            let m = out.shards.entry(shard.clone()).or_default();
+            m.lease_owner.clone_from(owner);
+            m.checkpoint = Some(checkpoint.clone());
         }
         out
     }

@@ -77,6 +77,11 @@ pub(crate) fn run(
                         backoff = 0;
                         core.metrics.lag(shard, batch.millis_behind_latest);
                         let got_records = !batch.records.is_empty();
+                        core.metrics.arrival_age(
+                            shard,
+                            arrival_age(&batch.records, clock.now_ms()),
+                            !got_records && batch.millis_behind_latest.unwrap_or(0) == 0,
+                        );
                         if got_records {
                             let last = batch.records.last().expect("non-empty").position.clone();
                             if let Err(outcome) = hand_over(core, generator, shard, batch.records) {
@@ -120,6 +125,12 @@ pub(crate) fn run(
             return LoopOutcome::Stopped;
         }
     }
+}
+
+/// How old the newest record of a read is now (ms), if its arrival time is known (> 0).
+fn arrival_age(records: &[Record], now_ms: i64) -> Option<i64> {
+    let newest = records.iter().map(|r| r.approximate_arrival_ms).max()?;
+    (newest > 0).then(|| (now_ms - newest).max(0))
 }
 
 /// "Equal jitter": half the backoff plus a random share of the other half, so shards throttled
@@ -172,7 +183,29 @@ fn mark_ended(core: &Core, shard: &Arc<str>, children: Vec<Arc<str>>) {
 
 #[cfg(test)]
 mod tests {
-    use super::jittered;
+    use super::{arrival_age, jittered};
+
+    #[test]
+    fn arrival_age_is_the_newest_records_age_and_unknown_without_arrival_times() {
+        let record = |arrival: i64| sluice_blockstore::Record {
+            shard_id: "shard-0".into(),
+            position: sluice_blockstore::Position::plain(sluice_blockstore::SequenceNumber::from_u128(1)),
+            partition_key: "k".into(),
+            approximate_arrival_ms: arrival,
+            data: bytes::Bytes::new(),
+        };
+        assert_eq!(
+            arrival_age(&[record(1_000), record(4_000), record(3_000)], 10_000),
+            Some(6_000)
+        );
+        assert_eq!(
+            arrival_age(&[record(12_000)], 10_000),
+            Some(0),
+            "clock skew never gives a negative age"
+        );
+        assert_eq!(arrival_age(&[record(0)], 10_000), None, "0 means no arrival time");
+        assert_eq!(arrival_age(&[], 10_000), None);
+    }
 
     #[test]
     fn jitter_stays_within_half_to_full_backoff() {

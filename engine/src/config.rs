@@ -6,10 +6,12 @@
 //!
 //! ```
 //! let config: sluice_engine::StreamingConfig = serde_json::from_str(
-//!     r#"{ "batch_interval_ms": 500, "data_dir": "/tmp/sluice-demo", "failure_policy": "dead_letter" }"#,
+//!     r#"{ "batch_interval_ms": 500, "data_dir": "/tmp/sluice-demo", "failure_policy": "dead_letter",
+//!          "metrics_addr": "127.0.0.1:9898" }"#,
 //! )?;
 //! config.validate()?;
 //! assert_eq!(config.max_task_attempts, sluice_engine::DEFAULT_MAX_TASK_ATTEMPTS);
+//! assert_eq!(config.metrics_addr, Some("127.0.0.1:9898".parse()?));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -70,6 +72,9 @@ pub struct StreamingConfig {
     pub error_rate_bound: f64,
     /// This worker's id among the workers of its application (default: the host name).
     pub worker_id: Option<String>,
+    /// Where to serve the Prometheus metrics endpoint and the status page while the context runs,
+    /// e.g. `"127.0.0.1:9898"` (port 0 picks a free port). Default: not served.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for StreamingConfig {
@@ -91,6 +96,7 @@ impl Default for StreamingConfig {
             stuck_bound_ms: None,
             error_rate_bound: DEFAULT_ERROR_RATE_BOUND,
             worker_id: None,
+            metrics_addr: None,
         }
     }
 }

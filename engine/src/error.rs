@@ -149,6 +149,19 @@ pub enum Error {
         /// What failed.
         message: String,
     },
+    /// The monitoring server (metrics endpoint and status page) could not listen on the
+    /// configured address. Nothing was started.
+    #[error(
+        "cannot serve metrics and the status page on {addr}: {source}; choose another address with \
+         StreamingContext::builder().metrics_addr(..) (or --metrics-addr; port 0 picks a free port), or leave \
+         it unset to serve nothing"
+    )]
+    MetricsServer {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why binding failed (address in use, not a local address, permission denied).
+        source: std::io::Error,
+    },
     /// A bug or an unexpected state inside the engine.
     #[error("internal error: {0}")]
     Internal(String),

@@ -22,13 +22,15 @@
 // Layers, each using only those listed before it (no import circles): `error` and `config` are
 // plain data; `exec` runs stages (the `Node` contract, the task runner, caches, dead letters);
 // `plan` is what a program computes (DStream nodes, outputs); `runtime` executes a frozen plan
-// (job generator, ingest, metadata logs, membership, snapshots, metrics); `context` is the
+// (job generator, ingest, metadata logs, membership, snapshots, metrics, status); `monitor`
+// serves a runtime's status over HTTP (Prometheus metrics, status page); `context` is the
 // user's entry point over all of them.
 mod batch_time;
 mod config;
 mod context;
 mod error;
 mod exec;
+mod monitor;
 mod plan;
 mod runtime;
 #[cfg(feature = "testing")]
@@ -44,11 +46,16 @@ pub use context::KinesisInput;
 pub use context::{StreamingContext, StreamingContextBuilder};
 pub use error::{BoxError, Error, Result};
 pub use exec::{Data, DeadLetter, FailurePolicy, JobError, Key, TaskError, TrackedBlock};
+pub use monitor::{MONITOR_HEADER_READ_TIMEOUT, MONITOR_MAX_CONNECTIONS};
 pub use plan::dstream::DStream;
 pub use plan::map_with_state::{DEFAULT_FULL_SNAPSHOT_EVERY, MapWithStateStream, State, StateSpec};
 pub use plan::outputs::OutputError;
 pub use plan::window::Window;
-pub use runtime::metrics::{BatchInfo, HealthEvent, MetricsSnapshot};
+pub use runtime::metrics::{
+    BatchDelays, BatchInfo, DELAY_BUCKETS_MS, DelayHistogram, HealthEvent, MetricsSnapshot, RECENT_BATCHES,
+    RECENT_HEALTH_EVENTS, RECENT_REPLAYS, RecoveryKind, RecoveryStatus, ReplayInfo,
+};
+pub use runtime::status::{AdoptionStatus, DetectorStatus, InputStatus, RunState, StreamingStatus};
 pub use runtime::tracker::DEFAULT_COMPACT_EVERY;
 /// How a stop treats accepted work; the same enum at every layer (generator, receiver, engine).
 pub use sluice_receiver::StopMode;

@@ -151,6 +151,29 @@ impl StreamingContextBuilder {
         self
     }
 
+    /// Serves metrics and a status page over HTTP on `addr` while the context runs (from
+    /// [`start`](StreamingContext::start) to [`stop`](StreamingContext::stop)):
+    ///
+    /// - `/metrics`: every engine, receiver, source, lease-store and block-store counter in the
+    ///   Prometheus text format (`docs/operations.md` explains each);
+    /// - `/`: a status page like Spark's Streaming tab (input rate and processing time per batch,
+    ///   scheduling delay, per-shard lag and lease owner, the last recovery, detector alerts);
+    /// - `/api/status`: the [`StreamingStatus`](crate::StreamingStatus) behind it, as JSON.
+    ///
+    /// Port 0 picks a free port ([`StreamingContext::metrics_addr`] tells which). The endpoint
+    /// has no authentication: bind it to a loopback or private address. Default: not served.
+    ///
+    /// ```no_run
+    /// use sluice_engine::StreamingContext;
+    /// let ctx = StreamingContext::builder().metrics_addr("127.0.0.1:9898".parse()?).build()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
+    pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
+        self.config.metrics_addr = Some(addr);
+        self
+    }
+
     /// Validates the settings and builds the context. Nothing runs until
     /// [`StreamingContext::start`].
     ///

@@ -20,7 +20,8 @@ use sluice_receiver::{
 };
 
 use super::ingest_gate::IngestGate;
-use super::metrics::Metrics;
+use super::metrics::{Metrics, ReplayInfo};
+use super::status::InputStatus;
 use super::tracker::ReceivedBlockTracker;
 use crate::config::StreamingConfig;
 use crate::exec::{DeadLetter, ReadBlock, TaskError, TrackedBlock};
@@ -76,8 +77,10 @@ impl InputSpec {
         }
         receiver.start().map_err(|e| receiver_error(&self.stream, e))?;
         Ok(Box::new(ReceiverInput {
+            input_id,
             receiver,
             stream: self.stream.clone(),
+            source: self.source.clone(),
             leases: self.leases.clone(),
         }))
     }
@@ -113,6 +116,9 @@ pub(crate) trait RunningInput: Send + Sync {
     fn is_adopting(&self, worker: &str) -> bool;
     /// Stops taking the shard leases of `worker` (the adoption passed to another worker).
     fn cancel_adoption(&self, worker: &str);
+    /// Its counters for monitoring: the receiver's (per shard too), its source's and its lease
+    /// store's. Cheap: no call to the source or the lease table.
+    fn status(&self) -> InputStatus;
 }
 
 /// The engine's side of the block store: stores and logs blocks, reads them back.
@@ -269,6 +275,7 @@ impl ReadBlock for EngineBlocks {
             block: block.meta.id,
             input: block.meta.id.input_id,
         })?;
+        let started = std::time::Instant::now();
         let (read, origin) = reader
             .read_with_origin(&block.meta, block.is_block_id_valid)
             .map_err(|e| TaskError::BlockUnavailable {
@@ -278,7 +285,15 @@ impl ReadBlock for EngineBlocks {
         // The reader says whether it replayed: the store's replay counter is shared by concurrent
         // tasks, so diffing it around this read would miscount.
         if origin == BlockOrigin::Replay {
-            self.metrics.blocks_replayed.fetch_add(1, Relaxed);
+            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let replay = ReplayInfo {
+                at_ms: self.clock.now_ms(),
+                block: block.meta.id.to_string(),
+                ranges: block.meta.ranges.to_string(),
+                records: read.meta().num_records,
+                millis: micros / 1_000,
+            };
+            self.metrics.record_replay(replay, micros);
         }
         Ok(read)
     }
@@ -298,8 +313,10 @@ impl BlockHandler for Handler {
 }
 
 struct ReceiverInput {
+    input_id: u32,
     receiver: Receiver,
     stream: Arc<str>,
+    source: Arc<dyn Source>,
     leases: Arc<dyn LeaseStore>,
 }
 
@@ -334,6 +351,16 @@ impl RunningInput for ReceiverInput {
     }
     fn cancel_adoption(&self, worker: &str) {
         self.receiver.cancel_adoption(worker);
+    }
+    fn status(&self) -> InputStatus {
+        InputStatus {
+            input_id: self.input_id,
+            stream: self.stream.to_string(),
+            failed: self.receiver.status().failed,
+            receiver: self.receiver.metrics(),
+            source: self.source.counters(),
+            lease_store: self.leases.counters(),
+        }
     }
 }
 

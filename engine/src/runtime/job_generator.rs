@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
 use super::membership::{Adoption, Phase};
-use super::metrics::{self, BatchInfo};
+use super::metrics::{self, BatchInfo, RecoveryKind};
 use super::rate_estimator::PidRateEstimator;
 use super::{LogRuntime, Runtime, snapshots};
 use crate::exec::OWN_INSTANCE;
@@ -18,27 +18,57 @@ pub(crate) struct JobGenerator {
     rt: Arc<Runtime>,
 }
 
+/// What a batch is to the recovery in progress (see the metrics' last recovery). The step is
+/// recorded with the batch's metrics, before the batch counts as processed, so a caller of
+/// `await_drained` sees the recovery finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecoveryStep {
+    /// Not part of a recovery.
+    None,
+    /// A batch the recovered log had allocated, re-run; `last` when the recovery ends with it.
+    Rerun { last: bool },
+    /// The batch that takes the recovered log's unallocated blocks: the recovery ends with it.
+    Unallocated,
+}
+
+impl RecoveryStep {
+    /// The step of re-run batch `i` of `n`, when `then_unallocated` says whether a batch with
+    /// unallocated blocks follows.
+    fn rerun(i: usize, n: usize, then_unallocated: bool) -> Self {
+        RecoveryStep::Rerun {
+            last: i + 1 == n && !then_unallocated,
+        }
+    }
+}
+
 impl JobGenerator {
-    /// Starts the generator thread; it re-runs `pending` (recovered) batches first.
+    /// Starts the generator thread; it re-runs `pending` (recovered) batches first, then gives
+    /// the recovered unallocated blocks (if `unallocated`) to the next batch.
     ///
     /// # Errors
     /// [`Error::Internal`] if the thread cannot be started.
-    pub(crate) fn spawn(rt: Arc<Runtime>, pending: Vec<i64>) -> Result<JoinHandle<()>> {
+    pub(crate) fn spawn(rt: Arc<Runtime>, pending: Vec<i64>, unallocated: bool) -> Result<JoinHandle<()>> {
         let generator = JobGenerator { rt };
         std::thread::Builder::new()
             .name("sluice-job-generator".into())
-            .spawn(move || generator.run(&pending))
+            .spawn(move || generator.run(&pending, unallocated))
             .map_err(|e| Error::Internal(format!("cannot start the job generator: {e}")))
     }
 
     /// The job generator: re-runs recovered batches, then one batch per interval until stopped;
     /// between batches, the batches of adopted logs.
-    fn run(&self, pending: &[i64]) {
-        for &time_ms in pending {
-            if let Err(e) = self.run_batch(&self.rt.own, time_ms) {
+    fn run(&self, pending: &[i64], unallocated: bool) {
+        for (i, &time_ms) in pending.iter().enumerate() {
+            let step = RecoveryStep::rerun(i, pending.len(), unallocated);
+            if let Err(e) = self.run_batch(&self.rt.own, time_ms, step) {
                 return self.rt.fail(e);
             }
         }
+        let mut step = if unallocated {
+            RecoveryStep::Unallocated
+        } else {
+            RecoveryStep::None
+        };
         let mut next = (self.rt.clock.now_ms() / self.rt.interval_ms + 1) * self.rt.interval_ms;
         if let Some(last) = self.rt.own.tracker.last_allocated() {
             next = next.max(last + self.rt.interval_ms);
@@ -61,7 +91,7 @@ impl JobGenerator {
             if self.rt.stop_requested.load(Ordering::SeqCst) {
                 return self.rt.finish(None);
             }
-            if let Err(e) = self.run_batch(&self.rt.own, next) {
+            if let Err(e) = self.run_batch(&self.rt.own, next, std::mem::replace(&mut step, RecoveryStep::None)) {
                 return self.rt.fail(e);
             }
             next += self.rt.interval_ms;
@@ -83,7 +113,17 @@ impl JobGenerator {
                 continue;
             }
             adoption.set_phase(Phase::Running);
+            self.rt.metrics.recovery_started(
+                RecoveryKind::Adoption {
+                    worker: adoption.worker.clone(),
+                },
+                self.rt.clock.now_ms(),
+                adoption.pending.clone(),
+                adoption.log.tracker.unallocated_block_count(),
+            );
             let outcome = self.run_adopted_log(&adoption);
+            // Abandoned or failed part-way: what it did is what the recovery did.
+            self.rt.metrics.recovery_finished(self.rt.clock.now_ms());
             match outcome {
                 Ok(()) if !adoption.abandon.load(Ordering::SeqCst) => adoption.set_phase(Phase::Done),
                 Ok(()) => adoption.set_phase(Phase::Abandoned),
@@ -102,22 +142,25 @@ impl JobGenerator {
 
     fn run_adopted_log(&self, adoption: &Adoption) -> Result<()> {
         let log = &adoption.log;
-        for &time_ms in &adoption.pending {
+        // The dead worker cannot log blocks any more: its unallocated blocks are known now.
+        let unallocated = log.tracker.has_unallocated_blocks();
+        for (i, &time_ms) in adoption.pending.iter().enumerate() {
             if adoption.abandon.load(Ordering::SeqCst) || self.rt.stop_requested.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            self.run_batch(log, time_ms)?;
+            let step = RecoveryStep::rerun(i, adoption.pending.len(), unallocated);
+            self.run_batch(log, time_ms, step)?;
         }
-        if log.tracker.has_unallocated_blocks() && !adoption.abandon.load(Ordering::SeqCst) {
+        if unallocated && !adoption.abandon.load(Ordering::SeqCst) {
             // A time the dead worker never allocated (it cannot allocate any more).
             let now = self.rt.clock.now_ms() / self.rt.interval_ms * self.rt.interval_ms;
             let time_ms = log.tracker.last_allocated().map_or(now, |l| l + self.rt.interval_ms);
-            self.run_batch(log, time_ms)?;
+            self.run_batch(log, time_ms, RecoveryStep::Unallocated)?;
         }
         Ok(())
     }
 
-    fn run_batch(&self, log: &Arc<LogRuntime>, time_ms: i64) -> Result<()> {
+    fn run_batch(&self, log: &Arc<LogRuntime>, time_ms: i64, recovery: RecoveryStep) -> Result<()> {
         let own = log.instance == OWN_INSTANCE;
         let submitted = self.rt.clock.now_ms();
         let monotonic = std::time::Instant::now();
@@ -147,6 +190,37 @@ impl JobGenerator {
         let removed = log.tracker.complete_batch(time_ms, before)?;
         self.rt.blocks.processed(&block_ids);
         let ended = self.rt.clock.now_ms();
+        let info = BatchInfo {
+            batch_time: BatchTime::from_millis(time_ms),
+            adopted: !own,
+            num_records,
+            // Spark: processing start minus submission; a batch is due at its batch time.
+            scheduling_delay_ms: (started - time_ms.max(submitted.min(time_ms))).max(0),
+            processing_delay_ms: ended - started,
+            dead_letters: dead.len() as u64,
+            processing_micros: u64::try_from(monotonic.elapsed().as_micros()).unwrap_or(u64::MAX),
+            tasks: self.rt.runner.tasks.load(Ordering::Relaxed) - tasks_before,
+            task_failures: self.rt.runner.task_failures.load(Ordering::Relaxed) - failures_before,
+        };
+        // Metrics first, then the batch counts as processed: whoever waited for it (e.g.
+        // `await_drained`) then reads metrics and a status that include it.
+        self.rt.metrics.record_batch(&info);
+        self.rt.metrics.record_dead_letters(&dead);
+        match recovery {
+            RecoveryStep::None => {}
+            RecoveryStep::Rerun { last } => {
+                self.rt.metrics.recovery_batch_rerun();
+                if last {
+                    self.rt.metrics.recovery_finished(ended);
+                }
+            }
+            RecoveryStep::Unallocated => self.rt.metrics.recovery_finished(ended),
+        }
+        let events = metrics::detect(&info, self.rt.config.stuck_bound_ms(), self.rt.config.error_rate_bound);
+        for event in &events {
+            tracing::warn!(?event, "health event");
+            self.rt.metrics.record_health_event(event);
+        }
         if own {
             {
                 let mut status = self.rt.status.lock().expect("status");
@@ -165,21 +239,6 @@ impl JobGenerator {
             snapshots::cleanup_snapshots(&log.checkpoint, time_ms)?;
         }
 
-        let info = BatchInfo {
-            batch_time: BatchTime::from_millis(time_ms),
-            adopted: !own,
-            num_records,
-            // Spark: processing start minus submission; a batch is due at its batch time.
-            scheduling_delay_ms: (started - time_ms.max(submitted.min(time_ms))).max(0),
-            processing_delay_ms: ended - started,
-            dead_letters: dead.len() as u64,
-            processing_micros: u64::try_from(monotonic.elapsed().as_micros()).unwrap_or(u64::MAX),
-            tasks: self.rt.runner.tasks.load(Ordering::Relaxed) - tasks_before,
-            task_failures: self.rt.runner.task_failures.load(Ordering::Relaxed) - failures_before,
-        };
-        self.rt.metrics.record_batch(&info);
-        self.rt.metrics.record_dead_letters(&dead);
-        let events = metrics::detect(&info, self.rt.config.stuck_bound_ms(), self.rt.config.error_rate_bound);
         // Listeners run on this thread with no engine lock held (they may call the context).
         // A listener that panics is reported and skipped (as Spark's listener bus does): the
         // batch is complete, and monitoring must not stop the stream.
@@ -189,8 +248,6 @@ impl JobGenerator {
             }
         }
         for event in &events {
-            tracing::warn!(?event, "health event");
-            self.rt.metrics.health_events.fetch_add(1, Ordering::Relaxed);
             for listener in self.rt.listeners.health() {
                 if catch_unwind(AssertUnwindSafe(|| listener(event))).is_err() {
                     tracing::error!(batch = time_ms, "a health listener panicked");

@@ -12,6 +12,7 @@ pub(crate) mod metadata_log;
 pub(crate) mod metrics;
 pub(crate) mod rate_estimator;
 pub(crate) mod snapshots;
+pub(crate) mod status;
 pub(crate) mod tracker;
 
 use std::collections::HashMap;
@@ -71,6 +72,8 @@ pub(crate) struct Runtime {
     status: Mutex<Status>,
     status_changed: Condvar,
     last_processed: AtomicU64,
+    /// When the runtime started (engine clock, ms).
+    started_ms: i64,
 }
 
 #[derive(Debug, Default)]
@@ -120,7 +123,16 @@ impl Runtime {
             )?)),
             None => None,
         };
+        let started_ms = clock.now_ms();
         let (own, recovered) = recover_own_log(&root, &worker_id, run_id, &plan)?;
+        if !recovered.pending_batches.is_empty() || recovered.unallocated_blocks > 0 {
+            metrics.recovery_started(
+                metrics::RecoveryKind::Restart,
+                started_ms,
+                recovered.pending_batches.clone(),
+                recovered.unallocated_blocks as u64,
+            );
+        }
         let blocks = Arc::new(EngineBlocks::open(
             &config,
             clock.clone(),
@@ -169,8 +181,13 @@ impl Runtime {
             status: Mutex::new(Status::default()),
             status_changed: Condvar::new(),
             last_processed: AtomicU64::new(0),
+            started_ms,
         });
-        let generator = job_generator::JobGenerator::spawn(runtime.clone(), recovered.pending_batches)?;
+        let generator = job_generator::JobGenerator::spawn(
+            runtime.clone(),
+            recovered.pending_batches,
+            recovered.unallocated_blocks > 0,
+        )?;
         let membership = match (registry, timing) {
             (Some(registry), Some(timing)) => Some(Membership::start(runtime.clone(), registry, timing)?),
             _ => None,

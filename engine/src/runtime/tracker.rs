@@ -294,6 +294,11 @@ impl ReceivedBlockTracker {
         !self.state.lock().expect("tracker lock").unallocated.is_empty()
     }
 
+    /// How many logged blocks wait for a batch.
+    pub fn unallocated_block_count(&self) -> u64 {
+        self.state.lock().expect("tracker lock").unallocated.len() as u64
+    }
+
     /// Durably records that the batch's output is committed (durability order step 5).
     ///
     /// # Errors

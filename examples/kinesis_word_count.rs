@@ -113,6 +113,10 @@ struct Args {
     /// Give up waiting for the stream to drain after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
+    /// Serve Prometheus metrics (`/metrics`) and a status page (`/`) on this address while
+    /// running, e.g. 127.0.0.1:9898 (port 0 picks a free port; the URL is printed).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -171,6 +175,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(replica) = &args.replica {
         builder = builder.replica_url(replica);
+    }
+    if let Some(addr) = args.metrics_addr {
+        builder = builder.metrics_addr(addr);
     }
     let ctx = builder.build()?;
     let mut input = KinesisInput::new(&args.stream, &args.app);

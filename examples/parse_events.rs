@@ -71,6 +71,10 @@ struct Args {
     /// the input again. Without it, a data directory loaded from other input is refused.
     #[arg(long)]
     reset: bool,
+    /// Serve Prometheus metrics (`/metrics`) and a status page (`/`) on this address while
+    /// running, e.g. 127.0.0.1:9898 (port 0 picks a free port; the URL is printed).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 const STREAM: &str = "events";
@@ -204,6 +208,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         builder = builder.executor_threads(threads);
     }
+    if let Some(addr) = args.metrics_addr {
+        builder = builder.metrics_addr(addr);
+    }
     let ctx = builder.build()?;
     let config = ReceiverConfig {
         block_interval_ms: args.block_ms,
@@ -261,6 +268,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     });
 
     ctx.start()?;
+    support::print_monitor_urls(&ctx);
     let timeout = Duration::from_secs(args.timeout_s);
     let drained = ctx.await_drained(timeout)?;
     ctx.stop(StopMode::Graceful)?;

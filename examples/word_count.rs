@@ -69,6 +69,10 @@ struct Args {
     /// Without it, a data directory loaded from other input is refused.
     #[arg(long)]
     reset: bool,
+    /// Serve Prometheus metrics (`/metrics`) and a status page (`/`) on this address while
+    /// running, e.g. 127.0.0.1:9898 (port 0 picks a free port; the URL is printed).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 const STREAM: &str = "lines";
@@ -105,6 +109,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .data_dir(&args.data_dir);
     if let Some(threads) = args.threads {
         builder = builder.executor_threads(threads);
+    }
+    if let Some(addr) = args.metrics_addr {
+        builder = builder.metrics_addr(addr);
     }
     let ctx = builder.build()?;
     let config = ReceiverConfig {

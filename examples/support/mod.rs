@@ -443,6 +443,13 @@ pub fn count_words(
     Ok(latest_top)
 }
 
+/// Says where the status page and the metrics are served, when `--metrics-addr` is set.
+pub fn print_monitor_urls(ctx: &StreamingContext) {
+    if let Some(addr) = ctx.metrics_addr() {
+        eprintln!("status page: http://{addr}/  metrics: http://{addr}/metrics  status JSON: http://{addr}/api/status");
+    }
+}
+
 /// Starts `ctx`; with `follow` runs until stopped, else until the input is drained (then a
 /// graceful stop and the top words).
 pub fn run(
@@ -452,6 +459,7 @@ pub fn run(
     latest_top: &Mutex<Vec<(Word, u64)>>,
 ) -> anyhow::Result<()> {
     ctx.start()?;
+    print_monitor_urls(ctx);
     if follow {
         ctx.await_termination()?;
         return Ok(());

@@ -6,6 +6,11 @@
 #   * as a CLI:      scripts/emulators.sh install   # install (or check) the pinned emulators
 #                    scripts/emulators.sh run CMD... # same as scripts/with-emulators CMD...
 #
+# The status-page browser test also needs headless Chromium: emu_install installs Debian's
+# `chromium` package (apt-get, as root or through sudo) when /usr/bin/chromium is missing, and
+# fails loudly if it cannot; emu_export_env passes its path to the tests as SLUICE_CHROMIUM (set
+# SLUICE_CHROMIUM yourself to use another Chromium build).
+#
 # Everything lives in the git-ignored folder .emulators/ at the repo root (override with
 # SLUICE_EMULATORS_DIR, e.g. to share one install between several clones):
 #   .emulators/node/   npm prefix holding kinesis-local
@@ -40,6 +45,7 @@ EMU_NODE_PREFIX="$EMU_HOME/node"
 EMU_KINESIS_DIR="$EMU_NODE_PREFIX/node_modules/kinesis-local"
 EMU_VENV="$EMU_HOME/venv"
 EMU_LOG_DIR="$EMU_HOME/logs"
+EMU_CHROMIUM="${SLUICE_CHROMIUM:-/usr/bin/chromium}"
 
 EMU_PIDS=()          # PIDs started by emu_start in this shell
 EMU_KINESIS_PORT=""  # plain-HTTP port of kinesis-local
@@ -100,10 +106,39 @@ emu_install_moto() {
     emu_moto_stamp >"$EMU_VENV/.stamp"
 }
 
-# emu_install: install whatever is missing or stale (both in parallel); a no-op when up to date.
-# Serialised with a lock so two concurrent runs do not install over each other.
+# emu_install_chromium: Debian's chromium for the status-page browser test, when missing.
+emu_install_chromium() {
+    local log="$EMU_LOG_DIR/install-chromium.log" sudo=()
+    [[ -x $EMU_CHROMIUM ]] && return 0
+    if [[ -n ${SLUICE_CHROMIUM:-} ]]; then
+        emu_err "SLUICE_CHROMIUM=$SLUICE_CHROMIUM is not an executable"
+        return 1
+    fi
+    command -v apt-get >/dev/null ||
+        { emu_err "$EMU_CHROMIUM is missing and apt-get is not available: install Chromium and set SLUICE_CHROMIUM to its path"; return 1; }
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null ||
+            { emu_err "$EMU_CHROMIUM is missing: run 'apt-get install -y chromium' as root (or set SLUICE_CHROMIUM)"; return 1; }
+        sudo=(sudo -n)
+    fi
+    mkdir -p "$EMU_LOG_DIR"
+    emu_log "installing Debian's chromium (apt-get) for the status-page browser test"
+    # A stale package list is refreshed once before giving up.
+    if ! { DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends chromium ||
+        { "${sudo[@]}" apt-get update && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends chromium; }; } >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        emu_err "apt-get install chromium failed (full log: $log); install it or set SLUICE_CHROMIUM to a Chromium binary"
+        return 1
+    fi
+    [[ -x $EMU_CHROMIUM ]] || { emu_err "chromium installed but $EMU_CHROMIUM is missing"; return 1; }
+}
+
+# emu_install: install whatever is missing or stale (both emulators in parallel, and Chromium); a
+# no-op when up to date. Serialised with a lock so two concurrent runs do not install over each
+# other.
 emu_install() {
     local need_k=0 need_m=0 pid_k="" pid_m="" rc=0 start=$SECONDS
+    emu_install_chromium || return 1
     emu_kinesis_installed || need_k=1
     emu_moto_installed || need_m=1
     ((need_k || need_m)) || return 0
@@ -315,6 +350,7 @@ emu_export_env() {
     export AWS_ACCESS_KEY_ID=test
     export AWS_SECRET_ACCESS_KEY=test
     export AWS_ALLOW_HTTP=true
+    export SLUICE_CHROMIUM="$EMU_CHROMIUM" # headless Chromium for the status-page browser test
     export SLUICE_EMULATORS_RUNNING=1 # lets nested scripts (scripts/test --tests-only) reuse these
 }
 

@@ -124,8 +124,10 @@ emu_install_chromium() {
     mkdir -p "$EMU_LOG_DIR"
     emu_log "installing Debian's chromium (apt-get) for the status-page browser test"
     # A stale package list is refreshed once before giving up.
-    if ! { DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends chromium ||
-        { "${sudo[@]}" apt-get update && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends chromium; }; } >"$log" 2>&1; then
+    # apt's own lock serialises concurrent runs (waiting up to 10 minutes for another apt-get).
+    local apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
+    if ! { "${apt[@]}" install -y --no-install-recommends chromium ||
+        { "${apt[@]}" update && "${apt[@]}" install -y --no-install-recommends chromium; }; } >"$log" 2>&1; then
         tail -n 30 "$log" >&2
         emu_err "apt-get install chromium failed (full log: $log); install it or set SLUICE_CHROMIUM to a Chromium binary"
         return 1

@@ -114,12 +114,61 @@ fn grouped(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
     }
     out
+}
+
+/// Each of the four charts has a line, and a point and a dot per batch the status kept (at least
+/// the `low` batches completed before the page loaded).
+fn assert_charts(dom: &str, low: usize) {
+    for chart in [
+        "chart-input-rate",
+        "chart-processing-time",
+        "chart-scheduling-delay",
+        "chart-total-delay",
+    ] {
+        let points: usize = attribute(dom, chart, "data-points")
+            .unwrap_or_else(|| panic!("{chart} was not drawn:\n{dom}"))
+            .parse()
+            .unwrap();
+        assert!(
+            (low..=sluice_engine::RECENT_BATCHES).contains(&points),
+            "{chart}: {points} points, expected one per batch kept ({low}..)"
+        );
+        let svg = inner(dom, chart, "svg");
+        assert!(svg.contains("class=\"series\" d=\"M"), "{chart} has no line: {svg}");
+        assert_eq!(svg.matches("<circle").count(), points, "{chart}: a dot per batch");
+    }
+    // Drawn from the batches, not the placeholder of a page with none.
+    assert!(
+        !inner(dom, "chart-input-rate", "svg").contains("no batch completed yet"),
+        "input rate chart empty"
+    );
+}
+
+/// A row per shard of `input`, with its records and lease owner as the context counts them.
+fn assert_shard_rows(dom: &str, input: &sluice_engine::InputStatus) {
+    let shards = inner(dom, "shards", "table");
+    assert_eq!(input.receiver.shards.len(), 2);
+    for (shard, m) in &input.receiver.shards {
+        let row_at = shards
+            .find(&format!(">{shard}<"))
+            .unwrap_or_else(|| panic!("no row for {shard}: {shards}"));
+        let row = &shards[row_at..row_at + shards[row_at..].find("</tr>").unwrap()];
+        assert!(
+            row.contains(&format!(">{WORKER}<")),
+            "{shard}'s lease owner not shown: {row}"
+        );
+        assert!(
+            row.contains(&format!(">{}<", grouped(m.records_received))),
+            "{shard}'s {} records not shown: {row}",
+            m.records_received
+        );
+    }
 }
 
 #[test]
@@ -188,49 +237,8 @@ fn the_status_page_of_a_running_word_count_renders_its_batches_in_chromium() {
         records.ends_with(&format!(">{}", grouped(LINES as u64))),
         "records processed is not the {LINES} lines loaded: {records}"
     );
-    for chart in [
-        "chart-input-rate",
-        "chart-processing-time",
-        "chart-scheduling-delay",
-        "chart-total-delay",
-    ] {
-        let points: usize = attribute(&dom, chart, "data-points")
-            .unwrap_or_else(|| panic!("{chart} was not drawn:\n{dom}"))
-            .parse()
-            .unwrap();
-        let low = before.batches.len();
-        assert!(
-            (low..=sluice_engine::RECENT_BATCHES).contains(&points),
-            "{chart}: {points} points, expected one per batch kept ({low}..)"
-        );
-        let svg = inner(&dom, chart, "svg");
-        assert!(svg.contains("class=\"series\" d=\"M"), "{chart} has no line: {svg}");
-        assert_eq!(svg.matches("<circle").count(), points, "{chart}: a dot per batch");
-    }
-    // Drawn from the batches, not the placeholder of a page with none.
-    assert!(
-        !inner(&dom, "chart-input-rate", "svg").contains("no batch completed yet"),
-        "input rate chart empty"
-    );
-
-    let shards = inner(&dom, "shards", "table");
-    let input = &after.inputs[0];
-    assert_eq!(input.receiver.shards.len(), 2);
-    for (shard, m) in &input.receiver.shards {
-        let row_at = shards
-            .find(&format!(">{shard}<"))
-            .unwrap_or_else(|| panic!("no row for {shard}: {shards}"));
-        let row = &shards[row_at..row_at + shards[row_at..].find("</tr>").unwrap()];
-        assert!(
-            row.contains(&format!(">{WORKER}<")),
-            "{shard}'s lease owner not shown: {row}"
-        );
-        assert!(
-            row.contains(&format!(">{}<", grouped(m.records_received))),
-            "{shard}'s {} records not shown: {row}",
-            m.records_received
-        );
-    }
+    assert_charts(&dom, before.batches.len());
+    assert_shard_rows(&dom, &after.inputs[0]);
     let detectors = inner(&dom, "detectors", "table");
     assert!(
         detectors.contains("stuck processing") && detectors.contains("high error rate"),

@@ -47,6 +47,8 @@ impl Collector for StatusCollector {
         let mut out = Out(encoder);
         let status = &self.0;
         engine(&mut out, status)?;
+        batch_delays(&mut out, status)?;
+        recovery(&mut out, status)?;
         detectors(&mut out, status)?;
         block_store(&mut out, &status.block_store)?;
         inputs(&mut out, status)
@@ -202,6 +204,11 @@ fn engine(out: &mut Out<'_>, status: &StreamingStatus) -> fmt::Result {
         "The rate the backpressure controller last set for all inputs together (0: never set).",
         m.rate_limit as f64,
     )?;
+    Ok(())
+}
+
+/// The last batch's delays and the histograms over every batch.
+fn batch_delays(out: &mut Out<'_>, status: &StreamingStatus) -> fmt::Result {
     if let Some(last) = status.batches.last() {
         out.gauge(
             "sluice_last_batch_time_seconds",
@@ -244,6 +251,11 @@ fn engine(out: &mut Out<'_>, status: &StreamingStatus) -> fmt::Result {
         "Scheduling plus processing delay of every completed batch.",
         &status.delays.total,
     )?;
+    Ok(())
+}
+
+/// The last recovery and the adoptions in progress.
+fn recovery(out: &mut Out<'_>, status: &StreamingStatus) -> fmt::Result {
     let recovery = status.recovery.as_ref();
     out.gauge(
         "sluice_recovery_in_progress",
@@ -588,7 +600,9 @@ fn named<'a>(
     prefix: &str,
     inputs: impl Iterator<Item = (&'a String, &'a Vec<NamedCounter>)>,
 ) -> fmt::Result {
-    let mut families: BTreeMap<String, (&'static str, Vec<(Labels, u64)>)> = BTreeMap::new();
+    // Metric name → its help and samples.
+    type Family = (&'static str, Vec<(Labels, u64)>);
+    let mut families: BTreeMap<String, Family> = BTreeMap::new();
     for (stream, counters) in inputs {
         for c in counters {
             let name = format!("{prefix}_{}", metric_name_part(c.name));

@@ -39,6 +39,7 @@ pub struct ShardMetrics {
 }
 
 /// Positions and checkpoints as their display form (`49590…/2`, `SHARD_END`).
+#[allow(clippy::ref_option, reason = "serde's serialize_with hands over the field itself")]
 fn as_display<T: std::fmt::Display, S: serde::Serializer>(value: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
     match value {
         Some(v) => s.collect_str(v),

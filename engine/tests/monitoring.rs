@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_blockstore::{Clock, ManualClock};
-use sluice_engine::{Error, StreamingContext};
+use sluice_engine::{Error, StopMode, StreamingContext};
 use sluice_operators::bench_data;
 use sluice_receiver::ReceiverConfig;
 
@@ -318,7 +318,7 @@ fn metrics_move_while_a_word_count_runs_and_match_the_snapshot() {
     assert_eq!(code, 405);
     assert_eq!(headers["allow"], "GET, HEAD");
 
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert_eq!(ctx.metrics_addr(), None);
     assert!(TcpStream::connect(addr).is_err(), "the server stopped with the context");
     assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
@@ -359,7 +359,7 @@ fn a_taken_metrics_address_fails_start_with_a_typed_error_and_starts_nothing() {
     ctx.start().unwrap();
     assert_eq!(ctx.metrics_addr(), Some(addr));
     assert!(ctx.await_drained(DRAIN_TIMEOUT).unwrap());
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
 }
 
@@ -413,7 +413,7 @@ fn a_restart_with_unfinished_work_shows_as_the_last_recovery_with_its_replays() 
         "a fresh log has nothing to recover"
     );
     let stopper = std::thread::scope(|scope| {
-        let stopping = scope.spawn(|| first.stop(false));
+        let stopping = scope.spawn(|| first.stop(StopMode::Immediate));
         // The page stays up while the stop waits for the job generator…
         wait_until("the status to say stopping", || {
             let (_, _, body) = http(addr, "GET", "/api/status");
@@ -469,6 +469,6 @@ fn a_restart_with_unfinished_work_shows_as_the_last_recovery_with_its_replays() 
     assert_eq!(value(&metrics, "sluice_recovery_in_progress"), 0.0);
     assert_eq!(value(&metrics, "sluice_recovery_blocks_replayed"), logged as f64);
     assert!(value(&metrics, "sluice_replay_records_per_second") > 0.0);
-    second.stop(true).unwrap();
+    second.stop(StopMode::Graceful).unwrap();
     assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
 }

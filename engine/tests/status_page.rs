@@ -11,7 +11,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sluice_engine::StreamingContext;
+use sluice_engine::{StopMode, StreamingContext};
 use sluice_operators::bench_data;
 use sluice_receiver::ReceiverConfig;
 
@@ -208,7 +208,7 @@ fn the_status_page_of_a_running_word_count_renders_its_batches_in_chromium() {
 
     let dom = dump_dom(&chromium, &format!("http://{addr}/"), 3_000);
     let after = ctx.status().unwrap();
-    ctx.stop(true).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
     assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
 
     assert!(dom.contains("<h1>Sluice"), "not the status page:\n{dom}");

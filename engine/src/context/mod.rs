@@ -184,7 +184,7 @@ impl StreamingContext {
             match bound.serve(Arc::new(move || runtime.status())) {
                 Ok(server) => *self.monitor.lock().expect("monitor") = Some(server),
                 Err(e) => {
-                    if let Err(stop) = started.stop(false, self.config.graceful_stop_timeout()) {
+                    if let Err(stop) = started.stop(StopMode::Immediate, self.config.graceful_stop_timeout()) {
                         tracing::warn!(error = %stop, "stopping after the monitoring server failed to start");
                     }
                     return Err(e);

@@ -213,7 +213,7 @@ fn batch_delays(out: &mut Out<'_>, status: &StreamingStatus) -> fmt::Result {
         out.gauge(
             "sluice_last_batch_time_seconds",
             "Batch time of the last completed batch (Unix time).",
-            seconds(last.batch_time_ms),
+            seconds(last.batch_time.as_millis()),
         )?;
         out.gauge(
             "sluice_last_batch_records",
@@ -638,7 +638,7 @@ mod tests {
 
     fn batch(time_ms: i64, records: u64, scheduling: i64, processing: i64) -> BatchInfo {
         BatchInfo {
-            batch_time_ms: time_ms,
+            batch_time: crate::BatchTime::from_millis(time_ms),
             adopted: false,
             num_records: records,
             scheduling_delay_ms: scheduling,

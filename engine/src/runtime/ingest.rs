@@ -356,7 +356,7 @@ impl RunningInput for ReceiverInput {
         InputStatus {
             input_id: self.input_id,
             stream: self.stream.to_string(),
-            failed: self.receiver.status().failed,
+            failed: self.receiver.status().failed.map(|e| e.to_string()),
             receiver: self.receiver.metrics(),
             source: self.source.counters(),
             lease_store: self.leases.counters(),

@@ -28,7 +28,8 @@ pub const RECENT_REPLAYS: usize = 20;
 /// Timings of one completed batch (Spark's `BatchInfo`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct BatchInfo {
-    /// Batch time.
+    /// Batch time (`batch_time_ms` in the JSON status).
+    #[serde(rename = "batch_time_ms")]
     pub batch_time: crate::BatchTime,
     /// The batch belongs to the metadata log of a dead worker that this worker adopted (its
     /// output carries that worker's name), not to this worker's own log.
@@ -57,7 +58,8 @@ pub struct BatchInfo {
 pub enum HealthEvent {
     /// A batch's total delay exceeded the bound: processing is stuck or cannot keep up.
     StuckProcessing {
-        /// Batch time.
+        /// Batch time (`batch_time_ms` in the JSON status).
+        #[serde(rename = "batch_time_ms")]
         batch_time: crate::BatchTime,
         /// Scheduling plus processing delay.
         total_delay_ms: i64,
@@ -66,7 +68,8 @@ pub enum HealthEvent {
     },
     /// More than the allowed fraction of task attempts failed in a batch.
     HighErrorRate {
-        /// Batch time.
+        /// Batch time (`batch_time_ms` in the JSON status).
+        #[serde(rename = "batch_time_ms")]
         batch_time: crate::BatchTime,
         /// Failed attempts / all attempts.
         rate: f64,
@@ -125,10 +128,10 @@ impl HealthEvent {
     }
 
     /// The batch that raised it.
-    pub fn batch_time_ms(&self) -> i64 {
+    pub fn batch_time(&self) -> crate::BatchTime {
         match self {
-            HealthEvent::StuckProcessing { batch_time_ms, .. } | HealthEvent::HighErrorRate { batch_time_ms, .. } => {
-                *batch_time_ms
+            HealthEvent::StuckProcessing { batch_time, .. } | HealthEvent::HighErrorRate { batch_time, .. } => {
+                *batch_time
             }
         }
     }

@@ -209,6 +209,15 @@ fn words_that_are_not_utf8_are_counted_as_their_bytes() {
         stdout.lines().any(|l| l.trim() == "2  caf\\xE9"),
         "the top words show the Latin-1 word's byte: {stdout}"
     );
+    // The run ends with one summary line: 6 words in 2 lines, and a rate.
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("processed "))
+        .unwrap_or_else(|| panic!("a summary line: {stdout}"));
+    assert!(
+        summary.starts_with("processed 2 records in ") && summary.ends_with(" records/s"),
+        "{summary}"
+    );
 }
 
 #[test]

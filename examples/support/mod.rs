@@ -458,6 +458,7 @@ pub fn run(
     timeout: Duration,
     latest_top: &Mutex<Vec<(Word, u64)>>,
 ) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     ctx.start()?;
     print_monitor_urls(ctx);
     if follow {
@@ -465,22 +466,27 @@ pub fn run(
         return Ok(());
     }
     let drained = ctx.await_drained(timeout)?;
+    let elapsed = started.elapsed();
     ctx.stop(StopMode::Graceful)?;
     if !drained {
         bail!("the input was not drained within {timeout:?}");
     }
     let m = ctx.metrics();
     let top = latest_top.lock().expect("top words");
-    println!(
-        "\nprocessed {} records in {} batches; top {} words in total:",
-        m.records_processed,
-        m.batches_completed,
-        top.len()
-    );
+    println!("\n{}", summary_line(m.records_processed, m.batches_completed, elapsed));
+    println!("top {} words in total:", top.len());
     for (word, count) in top.iter() {
         println!("{count:>10}  {word}");
     }
     Ok(())
+}
+
+/// The line a finished run ends with: how much, how long, how fast (from start to drained), as
+/// in `processed 2000000 records in 12 batches in 4.00 s: 500000 records/s`.
+fn summary_line(records: u64, batches: u64, elapsed: Duration) -> String {
+    let seconds = elapsed.as_secs_f64();
+    let rate = if seconds > 0.0 { records as f64 / seconds } else { 0.0 };
+    format!("processed {records} records in {batches} batches in {seconds:.2} s: {rate:.0} records/s")
 }
 
 /// Compares the input this run asks for with what `manifest_path` says the data directory holds:

@@ -37,6 +37,8 @@ use crate::{BatchInfo, DStream, Data, Error, Result, StopMode, StreamingContext,
 pub const HARNESS_BATCH_MS: i64 = 1_000;
 /// How far the clock moves at a time while records are cut into blocks.
 const STEP_MS: i64 = 10;
+/// How long (real time) the engine may make no progress before the clock moves a step.
+const STEP_PATIENCE: Duration = Duration::from_millis(10);
 /// How long `run_batch` waits for the engine (wall clock) before it reports a hang.
 const WAIT: Duration = Duration::from_secs(60);
 /// The source's one shard.
@@ -198,12 +200,23 @@ impl TestHarness {
         let mut next = self.next_batch.lock().expect("next batch");
         let deadline = Instant::now() + WAIT;
         let pushed = self.pushed.load(Ordering::SeqCst);
-        while self.ctx.metrics().records_stored < pushed {
+        // The clock moves one step only after the engine made no progress for a while (real
+        // time): a reader or block timer that has not run yet must not find the clock already
+        // at the batch time's last step, where a deadline past it would never come.
+        let mut stored = self.ctx.metrics().records_stored;
+        let mut last_progress = Instant::now();
+        while stored < pushed {
             self.check(deadline, "store the pushed records")?;
-            if self.clock.now_ms() + STEP_MS < *next {
+            if last_progress.elapsed() >= STEP_PATIENCE && self.clock.now_ms() + STEP_MS < *next {
                 self.clock.advance_ms(STEP_MS);
+                last_progress = Instant::now();
             }
             std::thread::sleep(Duration::from_millis(1));
+            let now_stored = self.ctx.metrics().records_stored;
+            if now_stored != stored {
+                stored = now_stored;
+                last_progress = Instant::now();
+            }
         }
         self.clock.advance_ms(*next - self.clock.now_ms());
         let time = *next;

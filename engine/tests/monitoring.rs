@@ -22,7 +22,7 @@ use sluice_receiver::ReceiverConfig;
 
 mod support;
 
-use support::{DRAIN_TIMEOUT, STREAM, fill_log, word_count};
+use support::{DRAIN_TIMEOUT, STREAM, fill_log, monitored_context, paced_receiver_config, word_count};
 
 const WORKER: &str = "monitor-test";
 
@@ -131,20 +131,8 @@ fn metrics_move_while_a_word_count_runs_and_match_the_snapshot() {
     let lines = bench_data::zipf_lines(12_000, 400, 11);
     let dir = tempfile::tempdir().unwrap();
     fill_log(&dir.path().join("log"), &lines, 2);
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_millis(200))
-        .data_dir(dir.path().join("data"))
-        .executor_threads(2)
-        .worker_id(WORKER)
-        .metrics_addr(any_port())
-        .build()
-        .unwrap();
-    let config = ReceiverConfig {
-        block_interval_ms: 50,
-        // A few seconds of input, so that scrapes see the counters on their way.
-        max_rate: Some(3_000.0),
-        ..ReceiverConfig::default()
-    };
+    let ctx = monitored_context(&dir.path().join("data"), WORKER);
+    let config = paced_receiver_config();
     let stream = ctx.local_log_stream(&dir.path().join("log"), STREAM, config).unwrap();
     let totals = word_count(&stream);
     assert_eq!(ctx.metrics_addr(), None, "nothing is served before start");
@@ -429,14 +417,7 @@ fn a_restart_with_unfinished_work_shows_as_the_last_recovery_with_its_replays() 
     let logged = first.metrics().blocks_stored;
     assert!(logged > 0);
 
-    let second = StreamingContext::builder()
-        .batch_interval(Duration::from_millis(200))
-        .data_dir(dir.path().join("data"))
-        .executor_threads(2)
-        .worker_id(WORKER)
-        .metrics_addr(any_port())
-        .build()
-        .unwrap();
+    let second = monitored_context(&dir.path().join("data"), WORKER);
     let stream = second
         .local_log_stream(&dir.path().join("log"), STREAM, config)
         .unwrap();

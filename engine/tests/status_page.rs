@@ -11,13 +11,12 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sluice_engine::{StopMode, StreamingContext};
+use sluice_engine::StopMode;
 use sluice_operators::bench_data;
-use sluice_receiver::ReceiverConfig;
 
 mod support;
 
-use support::{DRAIN_TIMEOUT, STREAM, fill_log, word_count};
+use support::{DRAIN_TIMEOUT, STREAM, fill_log, monitored_context, paced_receiver_config, word_count};
 
 /// Where Debian's `chromium` package installs the browser.
 const DEFAULT_CHROMIUM: &str = "/usr/bin/chromium";
@@ -177,20 +176,8 @@ fn the_status_page_of_a_running_word_count_renders_its_batches_in_chromium() {
     let lines = bench_data::zipf_lines(LINES, 300, 7);
     let dir = tempfile::tempdir().unwrap();
     fill_log(&dir.path().join("log"), &lines, 2);
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_millis(200))
-        .data_dir(dir.path().join("data"))
-        .executor_threads(2)
-        .worker_id(WORKER)
-        .metrics_addr("127.0.0.1:0".parse().unwrap())
-        .build()
-        .unwrap();
-    let config = ReceiverConfig {
-        block_interval_ms: 50,
-        // About two seconds of input: several batches with records.
-        max_rate: Some(3_000.0),
-        ..ReceiverConfig::default()
-    };
+    let ctx = monitored_context(&dir.path().join("data"), WORKER);
+    let config = paced_receiver_config();
     let stream = ctx.local_log_stream(&dir.path().join("log"), STREAM, config).unwrap();
     let totals = word_count(&stream);
     ctx.start().unwrap();

@@ -51,6 +51,29 @@ pub fn context(data: &Path, batch_ms: u64, threads: usize) -> StreamingContext {
         .unwrap()
 }
 
+/// A context of worker `worker` that serves its metrics and status page on a free loopback port
+/// (200 ms batches, two executor threads).
+pub fn monitored_context(data: &Path, worker: &str) -> StreamingContext {
+    StreamingContext::builder()
+        .batch_interval(Duration::from_millis(200))
+        .data_dir(data)
+        .executor_threads(2)
+        .worker_id(worker)
+        .metrics_addr("127.0.0.1:0".parse().unwrap())
+        .build()
+        .unwrap()
+}
+
+/// A local-log receiver config with 50 ms blocks, read at most at 3,000 records/s so that the
+/// input spans several batches.
+pub fn paced_receiver_config() -> ReceiverConfig {
+    ReceiverConfig {
+        block_interval_ms: 50,
+        max_rate: Some(3_000.0),
+        ..ReceiverConfig::default()
+    }
+}
+
 /// A receiver config with the given block interval.
 pub fn receiver_config(block_ms: u64) -> ReceiverConfig {
     ReceiverConfig {

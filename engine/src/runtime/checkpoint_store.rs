@@ -14,7 +14,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
@@ -291,6 +290,7 @@ impl CheckpointStore {
         }
     }
 
+    #[cfg(feature = "testing")] // only `sluice_engine::internals` (tests) calls it
     /// Deletes every file under this store recursively (object stores) or the directory (local).
     ///
     /// # Errors
@@ -303,6 +303,7 @@ impl CheckpointStore {
             },
             Backend::Object { store, prefix, runtime } => runtime
                 .block_on(async {
+                    use futures::TryStreamExt;
                     let paths: Vec<_> = store.list(Some(prefix)).map_ok(|o| o.location).try_collect().await?;
                     for p in paths {
                         store.delete(&p).await?;

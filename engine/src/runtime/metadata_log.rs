@@ -106,6 +106,7 @@ fn parse_name(name: &str) -> Option<u64> {
 #[derive(Debug)]
 pub struct MetadataLog {
     store: CheckpointStore,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code, reason = "read by `holder()`, for tests"))]
     holder: String,
     cursor: Mutex<Cursor>,
 }
@@ -195,6 +196,7 @@ impl MetadataLog {
         })
     }
 
+    #[cfg(feature = "testing")] // only `sluice_engine::internals` (tests) calls it
     /// Who holds this log.
     pub fn holder(&self) -> &str {
         &self.holder
@@ -281,6 +283,7 @@ impl MetadataLog {
         Ok(())
     }
 
+    #[cfg(feature = "testing")] // only `sluice_engine::internals` (tests) calls it
     /// Number of files currently in the log (for tests and metrics).
     ///
     /// # Errors

@@ -217,6 +217,7 @@ impl ReceivedBlockTracker {
         ))
     }
 
+    #[cfg(feature = "testing")] // only `sluice_engine::internals` (tests) calls it
     /// Sets how many appends may accumulate before the log is compacted.
     #[must_use]
     pub fn with_compact_every(mut self, appends: usize) -> Self {
@@ -299,6 +300,7 @@ impl ReceivedBlockTracker {
         self.state.lock().expect("tracker lock").unallocated.len() as u64
     }
 
+    #[cfg(feature = "testing")] // only `sluice_engine::internals` (tests) calls it
     /// Durably records that the batch's output is committed (durability order step 5).
     ///
     /// # Errors
@@ -314,6 +316,7 @@ impl ReceivedBlockTracker {
         self.log_and_apply(&LogEvent::BatchCompleted { time_ms })
     }
 
+    #[cfg(feature = "testing")] // only `sluice_engine::internals` (tests) calls it
     /// Forgets completed batches before `before_ms` and returns their blocks, which the caller
     /// removes from the block store (durability order step 6). Compacts the log when due.
     ///
@@ -375,6 +378,7 @@ impl ReceivedBlockTracker {
             .unwrap_or_default()
     }
 
+    #[cfg(feature = "testing")] // only `sluice_engine::internals` (tests) calls it
     /// The last logged position per `(stream, shard)`.
     pub fn last_logged_positions(&self) -> Vec<(Arc<str>, Arc<str>, Position)> {
         let state = self.state.lock().expect("tracker lock");
@@ -385,6 +389,7 @@ impl ReceivedBlockTracker {
             .collect()
     }
 
+    #[cfg(feature = "testing")] // only `sluice_engine::internals` (tests) calls it
     /// Number of files in the metadata log.
     ///
     /// # Errors

@@ -17,6 +17,8 @@
 //! `<data-dir>/output` or `--output`; totals are kept with `update_state_by_key`. Kill it at any
 //! moment and start it again: batches in flight are re-run with exactly their blocks (replayed
 //! from Kinesis by range when the block store lost them), and the summed output stays exact.
+//! `--pipeline copy` writes every line as one row instead, in the order read, so that the output
+//! shows both exactly-once and each partition key's order across shard splits and merges.
 //!
 //! Several workers (on several machines) share the stream's shards through the lease table and
 //! write one output: give each a `--worker-id` and point all of them at the same `--checkpoint`
@@ -104,6 +106,15 @@ struct Args {
     /// Minimum time between `GetRecords` calls per shard (ms; the service allows 5/s).
     #[arg(long, default_value_t = 200)]
     read_interval_ms: u64,
+    /// Wait after a read that returned nothing before reading the shard again (ms; default:
+    /// the reader's own, 1 s for polling).
+    #[arg(long)]
+    idle_ms: Option<u64>,
+    /// What to compute: `word-count` (counts per batch as Parquet, totals in state) or `copy`
+    /// (every line as one Parquet row, in the order read: each partition key's records in
+    /// stream order, a parent shard's before its children's).
+    #[arg(long, value_enum, default_value = "word-count")]
+    pipeline: Pipeline,
     /// Keep running after the stream is drained.
     #[arg(long)]
     follow: bool,
@@ -117,6 +128,12 @@ struct Args {
     /// running, e.g. 127.0.0.1:9898 (port 0 picks a free port; the URL is printed).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Pipeline {
+    WordCount,
+    Copy,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -191,6 +208,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         },
         lease_failover_ms: args.failover_ms,
         lease_taker_interval_ms: args.taker_ms,
+        idle_poll_ms: args.idle_ms,
         ..ReceiverConfig::default()
     };
     let lines = ctx.kinesis_stream(input)?;
@@ -199,6 +217,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .output
         .clone()
         .unwrap_or_else(|| args.data_dir.join("output").display().to_string());
-    let latest_top = support::count_words(&ctx, &lines, &output, args.top)?;
+    let latest_top = match args.pipeline {
+        Pipeline::WordCount => support::count_words(&ctx, &lines, &output, args.top)?,
+        Pipeline::Copy => {
+            lines
+                .map(|line| String::from_utf8_lossy(&line).into_owned())
+                .save_parquet(&output)?;
+            support::TopWords::default()
+        }
+    };
     support::run(&ctx, args.follow, Duration::from_secs(args.timeout_s), &latest_top)
 }

@@ -306,6 +306,83 @@ fn receiver_keeps_every_record_once_and_per_key_order_through_split_and_merge() 
     producer.delete_stream().unwrap();
 }
 
+/// A checkpoint restored on a shard that has since been closed (the application was down while
+/// the stream was split) resumes right after the checkpoint — it never re-reads the parent from
+/// `TRIM_HORIZON` (Flink's FLINK-8484, qubole #60) — and the children start after it.
+#[test]
+fn a_restored_checkpoint_on_a_closed_parent_resumes_after_it() {
+    use sluice_receiver::{Checkpoint, Lease, LeaseStore};
+    let (producer, source) = stream("restored", 1);
+    let parent = source.list_shards().unwrap()[0].shard_id.clone();
+    let before: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| (format!("k{}", i % 5), format!("p{i}").into_bytes()))
+        .collect();
+    let positions = producer.put(&before).unwrap();
+    producer.split_shard(&parent, None).unwrap();
+    let after: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| (format!("k{}", i % 5), format!("c{i}").into_bytes()))
+        .collect();
+    producer.put(&after).unwrap();
+
+    // The previous run had processed the parent up to p11 when it stopped.
+    let dir = tempfile::tempdir().unwrap();
+    let leases = Arc::new(LocalLeaseStore::open(dir.path().join("leases.json")).unwrap());
+    let mut lease = Lease::new(&*parent, Checkpoint::Position(positions[11].clone()));
+    lease.hash_key_range = Some((0, u128::MAX));
+    assert!(leases.create_lease_if_absent(&lease).unwrap());
+
+    let handler = Arc::new(RecordingHandler::new());
+    let receiver = Receiver::new(
+        ReceiverConfig {
+            block_interval_ms: 50,
+            checkpoint_interval_ms: 100,
+            lease_taker_interval_ms: 100,
+            ..ReceiverConfig::default()
+        },
+        Arc::new(source),
+        leases.clone(),
+        handler.clone(),
+        Arc::new(SystemClock),
+        1,
+        HashMap::new(),
+    )
+    .unwrap();
+    receiver.start().unwrap();
+    let want = 8 + 20;
+    let all = handler.wait_for(Duration::from_secs(30), |blocks| {
+        blocks.iter().map(|b| b.meta().num_records as usize).sum::<usize>() >= want
+    });
+    // Let a re-read from the trim horizon, if there were one, show up.
+    std::thread::sleep(Duration::from_millis(500));
+    receiver.stop(StopMode::Graceful).unwrap();
+    assert!(all, "not every record arrived: {:?}", receiver.status());
+    let got: Vec<String> = handler
+        .blocks()
+        .iter()
+        .flat_map(|b| b.records().unwrap())
+        .map(|r| String::from_utf8(r.data.to_vec()).unwrap())
+        .collect();
+    let from_parent: Vec<&String> = got.iter().filter(|t| t.starts_with('p')).collect();
+    let expected: Vec<String> = (12..20).map(|i| format!("p{i}")).collect();
+    assert_eq!(
+        from_parent,
+        expected.iter().collect::<Vec<_>>(),
+        "the parent was not resumed after its checkpoint"
+    );
+    let mut from_children: Vec<&String> = got.iter().filter(|t| t.starts_with('c')).collect();
+    from_children.sort_by_key(|t| t[1..].parse::<u32>().unwrap());
+    assert_eq!(from_children.len(), 20, "{got:?}");
+    // Every parent record precedes every child record.
+    let last_parent = got.iter().rposition(|t| t.starts_with('p')).unwrap();
+    let first_child = got.iter().position(|t| t.starts_with('c')).unwrap();
+    assert!(last_parent < first_child, "{got:?}");
+    assert_eq!(
+        leases.get_lease(&parent).unwrap().unwrap().checkpoint,
+        Checkpoint::ShardEnd
+    );
+    producer.delete_stream().unwrap();
+}
+
 #[test]
 fn bad_configuration_fails_fast_with_the_fix_in_the_message() {
     let missing = KinesisSource::connect(config("never-created")).unwrap_err();

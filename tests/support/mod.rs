@@ -48,3 +48,15 @@ pub fn sum_parquet_bytes(location: &Path) -> HashMap<Vec<u8>, u64> {
     }
     sums
 }
+
+/// The committed rows of a one-string-column Parquet output under `location`, in the order the
+/// engine produced them: batches by time, then writers, then parts, then rows.
+pub fn read_lines(location: &Path) -> Vec<String> {
+    use arrow_array::cast::AsArray;
+    let mut lines = Vec::new();
+    for (_time, batch) in sluice::operators::ParquetSink::read_committed(&location.display().to_string()).unwrap() {
+        let column = batch.column(0).as_string::<i32>();
+        lines.extend((0..batch.num_rows()).map(|i| column.value(i).to_owned()));
+    }
+    lines
+}

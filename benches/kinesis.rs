@@ -6,12 +6,16 @@
 //!    pacing of 5 calls/s per shard), from start until every record is processed.
 //! 3. Replay of a lost block (one shard range of `SLUICE_BENCH_REPLAY` records) through the
 //!    Kinesis source vs raw reading of the same range with the SDK.
+//! 4. Live latency, polling vs enhanced fan-out: a record is put every 100 ms into a 1-shard
+//!    stream that a receiver reads (default pacing for each reader type, 20 ms blocks); the
+//!    latency is from just before the put to the block holding the record being stored.
 //!
 //! ```sh
 //! scripts/with-emulators cargo bench --features kinesis --bench kinesis
 //! ```
 //! `SLUICE_BENCH_KINESIS_LINES` sets the stream size (default 40 000; a debug build — `cargo test`
-//! runs benches once — uses 2 000).
+//! runs benches once — uses 2 000), `SLUICE_BENCH_LATENCY_RECORDS` the records timed per reader
+//! type (60; 10 in a debug build).
 
 fn main() {
     bench::run();
@@ -22,13 +26,17 @@ mod bench {
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
-    use sluice::blockstore::{Position, Replay, SequenceNumber, SequenceNumberRange, SequenceNumberRanges};
+    use sluice::blockstore::{
+        Block, Position, Replay, SequenceNumber, SequenceNumberRange, SequenceNumberRanges, SystemClock,
+    };
     use sluice::engine::{StopMode, StreamingContext};
     use sluice::operators::bench_data;
     use sluice::receiver::aws_sdk_kinesis;
     use sluice::receiver::aws_sdk_kinesis::types::ShardIteratorType;
-    use sluice::receiver::kinesis::{KinesisConfig, KinesisProducer, KinesisSource};
-    use sluice::receiver::{AwsSettings, ReceiverConfig, Source};
+    use sluice::receiver::kinesis::{KinesisConfig, KinesisProducer, KinesisSource, ReaderType};
+    use sluice::receiver::{
+        AwsSettings, BlockHandler, HandlerError, InitialPosition, LocalLeaseStore, Receiver, ReceiverConfig, Source,
+    };
 
     fn client(endpoint: &str) -> aws_sdk_kinesis::Client {
         let config = aws_sdk_kinesis::config::Builder::new()
@@ -135,6 +143,105 @@ mod bench {
             engine_rate / raw_rate
         );
         compare_replay(&rt, &sdk, &source, &stream, &shards[0].shard_id, per_shard[0]);
+        producer.delete_stream().unwrap();
+        compare_latency(&endpoint);
+    }
+
+    /// A block handler that notes, for every record, the time from its put (the payload is the
+    /// put time in µs since the epoch) to now.
+    struct LatencyHandler {
+        latencies_ms: std::sync::Mutex<Vec<f64>>,
+    }
+
+    fn now_us() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros()
+    }
+
+    impl BlockHandler for LatencyHandler {
+        fn store_block(&self, block: Block) -> Result<(), HandlerError> {
+            let now = now_us();
+            let mut latencies = self.latencies_ms.lock().unwrap();
+            for record in block.records().unwrap() {
+                let sent: u128 = std::str::from_utf8(&record.data).unwrap().parse().unwrap();
+                latencies.push(now.saturating_sub(sent) as f64 / 1_000.0);
+            }
+            Ok(())
+        }
+    }
+
+    /// Section 4: the latency of live records through a receiver, polling vs enhanced fan-out.
+    fn compare_latency(endpoint: &str) {
+        let records: usize = std::env::var("SLUICE_BENCH_LATENCY_RECORDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if cfg!(debug_assertions) { 10 } else { 60 });
+        let stream = format!("bench-latency-{}", std::process::id());
+        let base = KinesisConfig {
+            aws: AwsSettings {
+                kinesis_endpoint: Some(endpoint.to_owned()),
+                ..AwsSettings::default()
+            },
+            ..KinesisConfig::new(&stream)
+        };
+        let producer = KinesisProducer::new(&base).unwrap();
+        producer.create_stream(1).unwrap();
+        let fan_out = KinesisConfig {
+            reader: ReaderType::EnhancedFanOut {
+                consumer_name: format!("{stream}-bench"),
+            },
+            ..base.clone()
+        };
+        for (label, config) in [
+            ("polling (200 ms interval, 1 s idle)", base),
+            ("enhanced fan-out", fan_out),
+        ] {
+            let source = KinesisSource::connect(config).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let handler = Arc::new(LatencyHandler {
+                latencies_ms: std::sync::Mutex::new(Vec::new()),
+            });
+            let receiver = Receiver::new(
+                ReceiverConfig {
+                    block_interval_ms: 20,
+                    initial_position: InitialPosition::Latest,
+                    lease_taker_interval_ms: 100,
+                    ..ReceiverConfig::default()
+                },
+                Arc::new(source.clone()),
+                Arc::new(LocalLeaseStore::open(dir.path().join("leases.json")).unwrap()),
+                handler.clone(),
+                Arc::new(SystemClock),
+                1,
+                std::collections::HashMap::new(),
+            )
+            .unwrap();
+            receiver.start().unwrap();
+            assert!(receiver.wait_for(Duration::from_secs(30), |s| s.caught_up));
+            for _ in 0..records {
+                let sent = now_us().to_string();
+                producer.put(&[("k", sent.as_bytes())]).unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while handler.latencies_ms.lock().unwrap().len() < records {
+                assert!(Instant::now() < deadline, "{label}: records did not arrive");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            receiver.stop(StopMode::Graceful).unwrap();
+            let mut latencies = handler.latencies_ms.lock().unwrap().clone();
+            assert_eq!(latencies.len(), records, "{label}: records read twice");
+            latencies.sort_by(f64::total_cmp);
+            let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+            println!(
+                "live latency, {label:<36} p50 {:>6.0} ms  p90 {:>6.0} ms  max {:>6.0} ms",
+                at(0.5),
+                at(0.9),
+                at(1.0)
+            );
+        }
         producer.delete_stream().unwrap();
     }
 

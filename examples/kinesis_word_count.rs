@@ -20,6 +20,8 @@
 //! `--pipeline copy` writes every line as one row instead, in the order read, so that the output
 //! shows both exactly-once and each partition key's order across shard splits and merges.
 //!
+//! `--reader fan-out` reads by enhanced fan-out (`SubscribeToShard`) instead of polling.
+//!
 //! Several workers (on several machines) share the stream's shards through the lease table and
 //! write one output: give each a `--worker-id` and point all of them at the same `--checkpoint`
 //! and `--output` (S3 URLs in production). A worker that dies for good is adopted by the others
@@ -40,7 +42,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use sluice::engine::{KinesisInput, StreamingContext};
 use sluice::operators::bench_data;
-use sluice::receiver::kinesis::{KinesisConfig, KinesisProducer};
+use sluice::receiver::kinesis::{KinesisConfig, KinesisProducer, ReaderType};
 use sluice::receiver::{AwsSettings, InitialPosition, ReceiverConfig};
 
 /// Count words in a Kinesis stream, exactly once, across crashes.
@@ -106,6 +108,14 @@ struct Args {
     /// Minimum time between `GetRecords` calls per shard (ms; the service allows 5/s).
     #[arg(long, default_value_t = 200)]
     read_interval_ms: u64,
+    /// How live records are read: `polling` (`GetRecords`) or `fan-out` (enhanced fan-out:
+    /// `SubscribeToShard` through a registered stream consumer, 2 MB/s per shard of its own).
+    #[arg(long, value_enum, default_value = "polling")]
+    reader: Reader,
+    /// The enhanced fan-out consumer's name (default: `<app>`; registered if missing, and
+    /// deregistered by the last worker's graceful stop if it registered it).
+    #[arg(long)]
+    consumer_name: Option<String>,
     /// Wait after a read that returned nothing before reading the shard again (ms; default:
     /// the reader's own, 1 s for polling).
     #[arg(long)]
@@ -128,6 +138,12 @@ struct Args {
     /// running, e.g. 127.0.0.1:9898 (port 0 picks a free port; the URL is printed).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Reader {
+    Polling,
+    FanOut,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -175,6 +191,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
             ..AwsSettings::default()
         },
         min_read_interval_ms: args.read_interval_ms,
+        reader: match args.reader {
+            Reader::Polling => ReaderType::Polling,
+            Reader::FanOut => ReaderType::EnhancedFanOut {
+                consumer_name: args.consumer_name.clone().unwrap_or_else(|| args.app.clone()),
+            },
+        },
         ..KinesisConfig::new(&args.stream)
     };
     if let Some(lines) = args.load {

@@ -2,7 +2,8 @@
 //! by `scripts/with-emulators`): the
 //! totals equal a plain reference count, also while every stored block is deleted as soon as it
 //! lands — then batches are rebuilt by replaying exact ranges from Kinesis, including ranges that
-//! start or end inside KPL aggregates.
+//! start or end inside KPL aggregates. Both again with the live records read by enhanced fan-out
+//! (`SubscribeToShard`): the same totals, and lost blocks still replayed with `GetRecords`.
 #![cfg(feature = "kinesis")]
 
 mod support;
@@ -13,7 +14,9 @@ use std::time::Duration;
 
 use sluice_engine::{KinesisInput, StopMode, StreamingContext};
 use sluice_operators::bench_data;
-use sluice_receiver::kinesis::{KinesisConfig, KinesisProducer, KinesisSource};
+use sluice_receiver::kinesis::{
+    ConsumerLifecycle, FanOutConfig, KinesisConfig, KinesisError, KinesisProducer, KinesisSource, ReaderType,
+};
 use sluice_receiver::{AwsSettings, ReceiverConfig, Source};
 use support::word_count;
 
@@ -67,9 +70,18 @@ fn fill_stream(config: &KinesisConfig, lines: &[String]) -> KinesisProducer {
 /// block (memory, disk, replica) while batches run. Without, the input is wired the way users
 /// wire it — `kinesis_stream` with leases in `DynamoDB` (moto); with, through `source_stream` so
 /// the test can read the source's replay counters.
-fn run(lines: &[String], delete_blocks: bool) -> (HashMap<String, u64>, u64, KinesisSource) {
-    let config = kinesis_config(if delete_blocks { "lost" } else { "wc" });
+fn run(lines: &[String], delete_blocks: bool, fan_out: bool) -> (HashMap<String, u64>, u64, KinesisSource) {
+    let mut config = kinesis_config(if delete_blocks { "lost" } else { "wc" });
     let producer = fill_stream(&config, lines);
+    if fan_out {
+        config.reader = ReaderType::EnhancedFanOut {
+            consumer_name: format!("{}-consumer", config.stream_name),
+        };
+        config.fan_out = FanOutConfig {
+            end_check_interval_ms: 500,
+            ..FanOutConfig::default()
+        };
+    }
     let source = KinesisSource::connect(config).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ctx = StreamingContext::builder()
@@ -127,16 +139,91 @@ fn run(lines: &[String], delete_blocks: bool) -> (HashMap<String, u64>, u64, Kin
 #[test]
 fn kinesis_word_count_equals_the_reference() {
     let lines = bench_data::zipf_lines(1_500, 300, 5);
-    let (totals, _, _) = run(&lines, false);
+    let (totals, _, _) = run(&lines, false, false);
     assert_eq!(totals, bench_data::reference_word_count(&lines));
+}
+
+/// Through `kinesis_stream`, the way users wire it: the context registers the consumer (it did
+/// not exist), reads by fan-out, and its graceful stop — the application's last reader —
+/// deregisters it.
+#[test]
+fn kinesis_word_count_by_enhanced_fan_out_equals_the_reference() {
+    let lines = bench_data::zipf_lines(1_500, 300, 7);
+    let config = kinesis_config("efo-wc");
+    let producer = fill_stream(&config, &lines);
+    let fan_out = KinesisConfig {
+        reader: ReaderType::EnhancedFanOut {
+            consumer_name: format!("{}-consumer", config.stream_name),
+        },
+        fan_out: FanOutConfig {
+            end_check_interval_ms: 500,
+            ..FanOutConfig::default()
+        },
+        ..config.clone()
+    };
+    let registered = || {
+        let self_managed = KinesisConfig {
+            fan_out: FanOutConfig {
+                consumer_lifecycle: ConsumerLifecycle::SelfManaged,
+                ..fan_out.fan_out.clone()
+            },
+            ..fan_out.clone()
+        };
+        match KinesisSource::connect(self_managed) {
+            Ok(_) => true,
+            Err(KinesisError::ConsumerNotFound { .. }) => false,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(!registered());
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(300))
+        .data_dir(dir.path())
+        .executor_threads(2)
+        .build()
+        .unwrap();
+    let moto = std::env::var("SLUICE_MOTO_ENDPOINT")
+        .expect("SLUICE_MOTO_ENDPOINT is not set: run through `scripts/with-emulators cargo test ...`");
+    let mut input = KinesisInput::new(&config.stream_name, format!("{}-app", config.stream_name));
+    input.kinesis = fan_out.clone();
+    input.kinesis.aws.dynamodb_endpoint = Some(moto);
+    input.receiver = ReceiverConfig {
+        block_interval_ms: 50,
+        max_block_records: 7,
+        ..ReceiverConfig::default()
+    };
+    let totals = word_count(&ctx.kinesis_stream(input).unwrap());
+    assert!(registered(), "kinesis_stream did not register the consumer");
+    ctx.start().unwrap();
+    let drained = ctx.await_drained(DRAIN_TIMEOUT).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
+    assert!(drained, "the stream was not drained");
+    assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
+    assert!(
+        !registered(),
+        "the graceful stop did not deregister the consumer it registered"
+    );
+    producer.delete_stream().unwrap();
 }
 
 #[test]
 fn lost_blocks_are_replayed_exactly_from_kinesis() {
     let lines = bench_data::zipf_lines(1_500, 300, 6);
-    let (totals, replayed, source) = run(&lines, true);
+    let (totals, replayed, source) = run(&lines, true, false);
     assert_eq!(totals, bench_data::reference_word_count(&lines));
     assert!(replayed > 0, "no block was replayed");
     let m = source.metrics();
     assert!(m.replays > 0 && m.replay_records > 0, "{m:?}");
+}
+
+#[test]
+fn lost_blocks_read_by_enhanced_fan_out_are_replayed_with_get_records() {
+    let lines = bench_data::zipf_lines(1_500, 300, 8);
+    let (totals, replayed, source) = run(&lines, true, true);
+    assert_eq!(totals, bench_data::reference_word_count(&lines));
+    assert!(replayed > 0, "no block was replayed");
+    let m = source.metrics();
+    assert!(m.replays > 0 && m.replay_get_records_calls > 0, "{m:?}");
+    assert!(m.fan_out_events > 0 && m.get_records_calls == 0, "{m:?}");
 }

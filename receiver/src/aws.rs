@@ -180,6 +180,16 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// Starts `future` on the shared runtime and returns its handle; the caller owns the task (it
+/// aborts it or waits for it), nothing is detached.
+pub(crate) fn spawn<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    runtime().spawn(future)
+}
+
 /// Runs `future` on the shared runtime and waits for its output on the calling thread.
 pub(crate) fn block_on<F>(future: F) -> F::Output
 where

@@ -68,5 +68,5 @@ pub use receiver::{
     InitialPosition, Receiver, ReceiverConfig, ReceiverError, ReceiverMetrics, ReceiverState, ReceiverStatus,
     ShardMetrics, default_worker_id,
 };
-pub use source::{ReadBatch, ReadPacing, ShardInfo, ShardReader, Source, SourceError, StartingPosition};
+pub use source::{ReadBatch, ReadPacing, ShardInfo, ShardReader, Source, SourceError, SourceRelease, StartingPosition};
 pub use stop_mode::StopMode;

@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use sluice_blockstore::{Position, Record, Replay, SequenceNumber, StorageLevel};
 
+use crate::stop_mode::StopMode;
+
 /// Where a reader starts in a shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartingPosition {
@@ -89,6 +91,10 @@ pub struct ReadBatch {
     pub end_of_shard: Option<Vec<Arc<str>>>,
     /// How far behind the newest record this read was (ms), when the source knows.
     pub millis_behind_latest: Option<i64>,
+    /// The reader's bounded wait ended before the source answered (a push-based reader between
+    /// two events). Unlike an empty answer this says nothing about the shard being read to its
+    /// current end: the loop reads again at once, without the idle wait.
+    pub timed_out: bool,
 }
 
 /// Why a source operation failed.
@@ -154,6 +160,36 @@ impl SourceError {
     }
 }
 
+/// How a [`Receiver`](crate::Receiver) of a source stopped: what [`Source::release`] is told.
+pub struct SourceRelease<'a> {
+    /// How the receiver stopped: [`StopMode::Graceful`] drained and checkpointed; an
+    /// [`StopMode::Immediate`] stop (also a drop) did not.
+    pub mode: StopMode,
+    last_reader: &'a dyn Fn() -> bool,
+}
+
+impl<'a> SourceRelease<'a> {
+    /// A release; `last_reader` answers [`SourceRelease::is_last_reader`].
+    pub fn new(mode: StopMode, last_reader: &'a dyn Fn() -> bool) -> Self {
+        Self { mode, last_reader }
+    }
+
+    /// Whether, as far as the receiver can tell (the lease table and the application's live
+    /// workers), no other worker of the application reads the stream any more. Asked only when
+    /// the answer matters: it may cost a lease-table scan.
+    pub fn is_last_reader(&self) -> bool {
+        (self.last_reader)()
+    }
+}
+
+impl fmt::Debug for SourceRelease<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceRelease")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A sharded, replayable log.
 ///
 /// # Contract
@@ -196,6 +232,13 @@ pub trait Source: Replay + fmt::Debug {
     /// # Errors
     /// [`SourceError::UnknownShard`], [`SourceError::DataExpired`] when the position is trimmed.
     fn open_reader(&self, shard_id: &str, start: &StartingPosition) -> Result<Box<dyn ShardReader>, SourceError>;
+    /// Called once by a receiver of this source after it stopped for good (every reader it
+    /// opened is dropped). A source that acquired something for its readers on the service —
+    /// an enhanced fan-out consumer it registered — gives it back here when `how` allows. Must
+    /// not fail: problems are logged. The default does nothing.
+    fn release(&self, how: &SourceRelease<'_>) {
+        let _ = how;
+    }
 }
 
 /// Reads one shard forward.
@@ -205,4 +248,12 @@ pub trait ShardReader: Send {
     /// # Errors
     /// [`SourceError`]; after a retryable error the caller may call `read` again or reopen.
     fn read(&mut self, max_records: usize) -> Result<ReadBatch, SourceError>;
+    /// Where a new reader must start to continue exactly after what this one returned, if the
+    /// reader knows better than "after the last record it returned" — which is what the shard
+    /// loop uses when this returns `None` (the default). An enhanced fan-out reader that started
+    /// at `LATEST` and has returned no record yet knows the subscription's continuation sequence
+    /// number; reopening at `LATEST` instead would skip what arrived in between.
+    fn resume_position(&self) -> Option<StartingPosition> {
+        None
+    }
 }

@@ -24,7 +24,7 @@ mod fault_proxy;
 mod memory_leases;
 mod memory_source;
 
-pub use fault_proxy::{FaultProxy, FaultRequest, FaultResponse};
+pub use fault_proxy::{FaultProxy, FaultRequest, FaultResponse, StreamFault, event_stream_message};
 pub use memory_leases::MemoryLeaseStore;
 pub use memory_source::{MemorySource, ReaderOpened, SourceFault};
 

@@ -59,6 +59,31 @@ impl KinesisMetrics {
                 "Milliseconds calls waited for their shard's read budget (5 reads/s, 2 MB/s).",
                 self.budget_wait_ms,
             ),
+            NamedCounter::new(
+                "subscriptions",
+                "SubscribeToShard calls made by enhanced fan-out readers.",
+                self.subscriptions,
+            ),
+            NamedCounter::new(
+                "subscription_renewals",
+                "Fan-out subscriptions renewed before their expiry or ended by the service.",
+                self.subscription_renewals,
+            ),
+            NamedCounter::new(
+                "subscription_errors",
+                "Fan-out subscriptions that failed (throttles included) or went silent.",
+                self.subscription_errors,
+            ),
+            NamedCounter::new(
+                "fan_out_events",
+                "Events fan-out subscriptions delivered (empty ones included).",
+                self.fan_out_events,
+            ),
+            NamedCounter::new(
+                "fan_out_end_checks",
+                "Checks whether an idle subscribed shard was closed and read to its end.",
+                self.fan_out_end_checks,
+            ),
         ]
     }
 }

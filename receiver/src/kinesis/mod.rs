@@ -15,11 +15,15 @@
 //!   per-shard budget (5 calls/s, 2 MB/s by default), so a recovery does not throttle itself and
 //!   the live reader to failure.
 //!
+//! - [`ReaderType::EnhancedFanOut`] reads live records through a registered stream consumer's
+//!   `SubscribeToShard` subscriptions instead ([`fan_out`]); replay stays on `GetRecords`.
+//!
 //! SDK calls run on the crate's shared runtime; the SDK's own retries are off so that every
 //! throttle is seen, counted and paced here.
 
 mod budget;
 mod counters;
+mod fan_out;
 pub mod kpl;
 mod producer;
 mod reader;
@@ -35,10 +39,101 @@ use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError
 use sluice_blockstore::{Record, Replay, ReplayError, SequenceNumber, SequenceNumberRanges};
 
 use self::budget::ReadBudget;
+use self::fan_out::FanOutConsumer;
 pub use self::producer::KinesisProducer;
 use crate::ConfigError;
+use crate::StopMode;
 use crate::aws::{AwsSettings, block_on};
-use crate::source::{ReadPacing, ShardInfo, ShardReader, Source, SourceError, StartingPosition};
+use crate::source::{ReadPacing, ShardInfo, ShardReader, Source, SourceError, SourceRelease, StartingPosition};
+
+/// How a Kinesis source reads live records. Replay of a lost block always uses `GetRecords`.
+///
+/// ```
+/// use sluice_receiver::kinesis::{KinesisConfig, ReaderType};
+/// let config: KinesisConfig = serde_json::from_str(
+///     r#"{"stream_name": "clicks", "reader": {"enhanced_fan_out": {"consumer_name": "click-counter"}}}"#,
+/// )?;
+/// assert_eq!(config.reader, ReaderType::EnhancedFanOut { consumer_name: "click-counter".into() });
+/// config.validate()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ReaderType {
+    /// `GetRecords` polling: every polling consumer of the stream shares 5 calls/s and 2 MB/s
+    /// per shard; latency is about the read interval.
+    #[default]
+    Polling,
+    /// Enhanced fan-out: `SubscribeToShard` through the stream consumer `consumer_name`, which
+    /// has 2 MB/s per shard of its own and gets records pushed. The consumer is registered if it
+    /// does not exist (see [`FanOutConfig::consumer_lifecycle`]). Every worker of an application
+    /// uses the same consumer name; different applications use different names.
+    EnhancedFanOut {
+        /// The stream consumer's name (1-128 characters of `a-z A-Z 0-9 _ . -`).
+        consumer_name: String,
+    },
+}
+
+/// Who registers and deregisters the enhanced fan-out consumer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsumerLifecycle {
+    /// Registered by the source if it does not exist; deregistered by a graceful stop of the last
+    /// worker reading the stream, if this process registered it (Flink's `JOB_MANAGED`).
+    #[default]
+    Managed,
+    /// Created and deleted by someone else (infrastructure as code): the source only describes it
+    /// and fails at connect if it does not exist.
+    SelfManaged,
+}
+
+/// Enhanced fan-out settings; used when [`KinesisConfig::reader`] is
+/// [`ReaderType::EnhancedFanOut`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FanOutConfig {
+    /// Who registers and deregisters the consumer.
+    pub consumer_lifecycle: ConsumerLifecycle,
+    /// How long `connect` waits for the consumer to become `ACTIVE` (ms).
+    pub consumer_active_timeout_ms: u64,
+    /// A subscription is renewed (from exactly where it got to) after this long (ms), before the
+    /// service ends it at 5 minutes. At most 300 000.
+    pub renew_subscription_after_ms: u64,
+    /// A subscription that delivered no event (not even an empty one) for this long is taken to
+    /// be stuck and renewed (ms).
+    pub event_timeout_ms: u64,
+    /// While a subscription delivers only empty events, check at most this often whether the
+    /// shard was closed and is read to its end (ms) — for sources whose events never carry
+    /// `ChildShards` (kinesis-local). On AWS the event with `ChildShards` ends the shard first.
+    pub end_check_interval_ms: u64,
+}
+
+impl FanOutConfig {
+    /// Default lifecycle: managed by the source.
+    pub const DEFAULT_CONSUMER_LIFECYCLE: ConsumerLifecycle = ConsumerLifecycle::Managed;
+    /// Default wait for `ACTIVE` (registration takes seconds on AWS).
+    pub const DEFAULT_CONSUMER_ACTIVE_TIMEOUT_MS: u64 = 60_000;
+    /// Default subscription renewal: 4 min 30 s, before the service's 5-minute expiry.
+    pub const DEFAULT_RENEW_SUBSCRIPTION_AFTER_MS: u64 = 270_000;
+    /// Default event watchdog (the KCL's limit between responses is 60 s too).
+    pub const DEFAULT_EVENT_TIMEOUT_MS: u64 = 60_000;
+    /// Default end check interval.
+    pub const DEFAULT_END_CHECK_INTERVAL_MS: u64 = 10_000;
+    /// The service ends every subscription after 5 minutes.
+    pub const SUBSCRIPTION_LIFETIME_MS: u64 = 300_000;
+}
+
+impl Default for FanOutConfig {
+    fn default() -> Self {
+        Self {
+            consumer_lifecycle: Self::DEFAULT_CONSUMER_LIFECYCLE,
+            consumer_active_timeout_ms: Self::DEFAULT_CONSUMER_ACTIVE_TIMEOUT_MS,
+            renew_subscription_after_ms: Self::DEFAULT_RENEW_SUBSCRIPTION_AFTER_MS,
+            event_timeout_ms: Self::DEFAULT_EVENT_TIMEOUT_MS,
+            end_check_interval_ms: Self::DEFAULT_END_CHECK_INTERVAL_MS,
+        }
+    }
+}
 
 /// How to read one Kinesis stream.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -64,6 +159,10 @@ pub struct KinesisConfig {
     pub replay_max_attempts: u32,
     /// First backoff after a throttled replay call (ms); doubles per attempt, capped at 5 s.
     pub replay_backoff_ms: u64,
+    /// How live records are read: polling (default) or enhanced fan-out.
+    pub reader: ReaderType,
+    /// Enhanced fan-out settings (used with [`ReaderType::EnhancedFanOut`]).
+    pub fan_out: FanOutConfig,
 }
 
 impl KinesisConfig {
@@ -118,14 +217,55 @@ impl KinesisConfig {
         if self.replay_max_attempts == 0 {
             return Err(ConfigError::new("replay_max_attempts", "must be at least 1"));
         }
+        if let ReaderType::EnhancedFanOut { consumer_name } = &self.reader
+            && (consumer_name.is_empty()
+                || consumer_name.len() > 128
+                || !consumer_name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)))
+        {
+            return Err(ConfigError::new(
+                "reader.enhanced_fan_out.consumer_name",
+                format!(
+                    "{consumer_name:?} is not a stream consumer name (1-128 characters of a-z, A-Z, 0-9, '_', '.', '-')"
+                ),
+            ));
+        }
+        let fan_out = &self.fan_out;
+        if !(1..=FanOutConfig::SUBSCRIPTION_LIFETIME_MS).contains(&fan_out.renew_subscription_after_ms) {
+            return Err(ConfigError::new(
+                "fan_out.renew_subscription_after_ms",
+                format!(
+                    "{} is outside 1..=300000: subscriptions end after 5 minutes, renew them before",
+                    fan_out.renew_subscription_after_ms
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("fan_out.consumer_active_timeout_ms", fan_out.consumer_active_timeout_ms),
+            ("fan_out.event_timeout_ms", fan_out.event_timeout_ms),
+            ("fan_out.end_check_interval_ms", fan_out.end_check_interval_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(field, "must be at least 1 ms"));
+            }
+        }
         self.aws.validate()
     }
 
     fn pacing(&self) -> ReadPacing {
-        ReadPacing {
-            min_read_interval_ms: self.min_read_interval_ms,
-            idle_interval_ms: self.idle_interval_ms,
-            max_records_per_read: self.max_records_per_read,
+        match self.reader {
+            ReaderType::Polling => ReadPacing {
+                min_read_interval_ms: self.min_read_interval_ms,
+                idle_interval_ms: self.idle_interval_ms,
+                max_records_per_read: self.max_records_per_read,
+            },
+            // Records are pushed: a read waits for the next event itself.
+            ReaderType::EnhancedFanOut { .. } => ReadPacing {
+                min_read_interval_ms: 0,
+                idle_interval_ms: 0,
+                max_records_per_read: self.max_records_per_read,
+            },
         }
     }
 }
@@ -141,6 +281,8 @@ impl Default for KinesisConfig {
             max_bytes_per_second_per_shard: Self::DEFAULT_MAX_BYTES_PER_SECOND_PER_SHARD,
             replay_max_attempts: Self::DEFAULT_REPLAY_MAX_ATTEMPTS,
             replay_backoff_ms: Self::DEFAULT_REPLAY_BACKOFF_MS,
+            reader: ReaderType::Polling,
+            fan_out: FanOutConfig::default(),
         }
     }
 }
@@ -178,6 +320,32 @@ pub enum KinesisError {
         /// What failed.
         detail: String,
     },
+    /// The enhanced fan-out consumer does not exist and is self-managed.
+    #[error(
+        "stream consumer {consumer:?} of stream {stream:?} does not exist and `fan_out.consumer_lifecycle` is \
+         `self_managed`; register it (`aws kinesis register-stream-consumer`) or use the `managed` lifecycle"
+    )]
+    ConsumerNotFound {
+        /// The consumer name.
+        consumer: String,
+        /// The stream name.
+        stream: String,
+    },
+    /// The enhanced fan-out consumer did not become `ACTIVE` in time.
+    #[error(
+        "stream consumer {consumer:?} of stream {stream:?} is still {status} after {waited_ms} ms; raise \
+         `fan_out.consumer_active_timeout_ms`, or check it with `aws kinesis describe-stream-consumer`"
+    )]
+    ConsumerNotActive {
+        /// The consumer name.
+        consumer: String,
+        /// The stream name.
+        stream: String,
+        /// Its last status.
+        status: String,
+        /// How long `connect` waited.
+        waited_ms: u64,
+    },
     /// Kinesis answered with an error.
     #[error(transparent)]
     Source(#[from] SourceError),
@@ -208,6 +376,17 @@ pub struct KinesisMetrics {
     pub replay_get_records_calls: u64,
     /// Time calls waited for their shard's read budget (ms).
     pub budget_wait_ms: u64,
+    /// `SubscribeToShard` calls (enhanced fan-out; opening, renewing and resubscribing).
+    pub subscriptions: u64,
+    /// Subscriptions renewed before their expiry, or ended by the service and continued.
+    pub subscription_renewals: u64,
+    /// Subscriptions that failed (the call or its event stream, throttles included) or went
+    /// silent for the event timeout.
+    pub subscription_errors: u64,
+    /// Events subscriptions delivered (empty ones included).
+    pub fan_out_events: u64,
+    /// Checks whether an idle subscribed shard was closed and read to its end.
+    pub fan_out_end_checks: u64,
 }
 
 #[derive(Debug, Default)]
@@ -223,6 +402,11 @@ struct MetricsCells {
     replay_records: AtomicU64,
     replay_get_records_calls: AtomicU64,
     budget_wait_ms: AtomicU64,
+    subscriptions: AtomicU64,
+    subscription_renewals: AtomicU64,
+    subscription_errors: AtomicU64,
+    fan_out_events: AtomicU64,
+    fan_out_end_checks: AtomicU64,
 }
 
 fn bump(cell: &AtomicU64, by: u64) {
@@ -242,6 +426,8 @@ struct Inner {
     config: KinesisConfig,
     budget: ReadBudget,
     metrics: MetricsCells,
+    /// The stream consumer of an enhanced fan-out reader.
+    consumer: Option<Arc<FanOutConsumer>>,
 }
 
 impl fmt::Debug for KinesisSource {
@@ -267,8 +453,8 @@ impl KinesisSource {
         let region = sdk.region().map_or_else(|| "(none)".to_owned(), ToString::to_string);
         let endpoint = config.aws.endpoint_of("kinesis", &sdk);
         let request = client.describe_stream_summary().stream_name(&config.stream_name);
-        match block_on(request.send()) {
-            Ok(_) => {}
+        let summary = match block_on(request.send()) {
+            Ok(out) => out.stream_description_summary,
             Err(e @ (SdkError::DispatchFailure(_) | SdkError::TimeoutError(_))) => {
                 return Err(KinesisError::Unreachable {
                     endpoint,
@@ -284,7 +470,23 @@ impl KinesisSource {
                 });
             }
             Err(e) => return Err(classify(&e, "DescribeStreamSummary").into()),
-        }
+        };
+        let consumer = match &config.reader {
+            ReaderType::Polling => None,
+            ReaderType::EnhancedFanOut { consumer_name } => {
+                let stream_arn = summary.map(|s| s.stream_arn).unwrap_or_default();
+                let consumer = FanOutConsumer::new(
+                    consumer_name.clone(),
+                    stream_arn,
+                    config.fan_out.consumer_lifecycle,
+                    Duration::from_millis(config.fan_out.consumer_active_timeout_ms),
+                );
+                consumer
+                    .resolve(&client)
+                    .map_err(|e| e.into_kinesis_error(consumer_name, &config.stream_name))?;
+                Some(Arc::new(consumer))
+            }
+        };
         let budget = ReadBudget::new(
             Duration::from_millis(config.min_read_interval_ms),
             config.max_bytes_per_second_per_shard,
@@ -296,6 +498,7 @@ impl KinesisSource {
                 config,
                 budget,
                 metrics: MetricsCells::default(),
+                consumer,
             }),
         })
     }
@@ -316,12 +519,62 @@ impl KinesisSource {
             replay_records: get(&m.replay_records),
             replay_get_records_calls: get(&m.replay_get_records_calls),
             budget_wait_ms: get(&m.budget_wait_ms),
+            subscriptions: get(&m.subscriptions),
+            subscription_renewals: get(&m.subscription_renewals),
+            subscription_errors: get(&m.subscription_errors),
+            fan_out_events: get(&m.fan_out_events),
+            fan_out_end_checks: get(&m.fan_out_end_checks),
         }
     }
 
     /// The configuration the source was connected with.
     pub fn config(&self) -> &KinesisConfig {
         &self.inner.config
+    }
+
+    /// Deregisters the enhanced fan-out consumer if this source registered it (a graceful stop
+    /// of the last worker does this through [`Source::release`]). Returns whether it did.
+    ///
+    /// # Errors
+    /// What Kinesis said.
+    pub fn deregister_consumer(&self) -> Result<bool, SourceError> {
+        match &self.inner.consumer {
+            Some(consumer) => consumer.deregister_if_registered_here(&self.inner.client),
+            None => Ok(false),
+        }
+    }
+}
+
+/// Where an iterator (or a fan-out subscription) for `start` begins: its type, sequence number
+/// and timestamp.
+///
+/// A position inside a KPL aggregate shares its sequence number with the aggregate's other
+/// sub-records, so both `AtPosition` and `AfterPosition` begin `AT_SEQUENCE_NUMBER` and the
+/// reader drops what lies before (at) the position. An `AfterPosition` whose sub-sequence number
+/// is `u64::MAX` — "after everything of this sequence number", a fan-out continuation sequence
+/// number — begins `AFTER_SEQUENCE_NUMBER`.
+pub(crate) fn iterator_start(
+    start: &StartingPosition,
+) -> (
+    aws_sdk_kinesis::types::ShardIteratorType,
+    Option<String>,
+    Option<aws_sdk_kinesis::primitives::DateTime>,
+) {
+    use aws_sdk_kinesis::types::ShardIteratorType as T;
+    match start {
+        StartingPosition::TrimHorizon => (T::TrimHorizon, None, None),
+        StartingPosition::Latest => (T::Latest, None, None),
+        StartingPosition::AtTimestamp(ms) => (
+            T::AtTimestamp,
+            None,
+            Some(aws_sdk_kinesis::primitives::DateTime::from_millis(*ms)),
+        ),
+        StartingPosition::AfterPosition(p) if p.sub_sequence == u64::MAX => {
+            (T::AfterSequenceNumber, Some(p.sequence.to_string()), None)
+        }
+        StartingPosition::AtPosition(p) | StartingPosition::AfterPosition(p) => {
+            (T::AtSequenceNumber, Some(p.sequence.to_string()), None)
+        }
     }
 }
 
@@ -350,24 +603,15 @@ where
 impl Inner {
     /// `GetShardIterator` of the given type.
     fn shard_iterator(&self, shard_id: &str, start: &StartingPosition) -> Result<String, SourceError> {
-        use aws_sdk_kinesis::types::ShardIteratorType as T;
+        let (kind, sequence, timestamp) = iterator_start(start);
         let request = self
             .client
             .get_shard_iterator()
             .stream_name(&*self.stream)
-            .shard_id(shard_id);
-        let request = match start {
-            StartingPosition::TrimHorizon => request.shard_iterator_type(T::TrimHorizon),
-            StartingPosition::Latest => request.shard_iterator_type(T::Latest),
-            StartingPosition::AtTimestamp(ms) => request
-                .shard_iterator_type(T::AtTimestamp)
-                .timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(*ms)),
-            // Inside an aggregate the remaining sub-records share the sequence number, so both
-            // start at it and the reader drops what lies at or before the position.
-            StartingPosition::AtPosition(p) | StartingPosition::AfterPosition(p) => request
-                .shard_iterator_type(T::AtSequenceNumber)
-                .starting_sequence_number(p.sequence.to_string()),
-        };
+            .shard_id(shard_id)
+            .shard_iterator_type(kind)
+            .set_starting_sequence_number(sequence)
+            .set_timestamp(timestamp);
         bump(&self.metrics.shard_iterators_requested, 1);
         match block_on(request.send()) {
             Ok(out) => out.shard_iterator.ok_or_else(|| SourceError::Unavailable {
@@ -444,11 +688,26 @@ impl Source for KinesisSource {
     }
 
     fn open_reader(&self, shard_id: &str, start: &StartingPosition) -> Result<Box<dyn ShardReader>, SourceError> {
-        Ok(Box::new(reader::KinesisShardReader::open(
-            self.inner.clone(),
-            shard_id,
-            start,
-        )?))
+        Ok(match &self.inner.consumer {
+            None => Box::new(reader::KinesisShardReader::open(self.inner.clone(), shard_id, start)?),
+            Some(consumer) => Box::new(fan_out::FanOutShardReader::open(
+                self.inner.clone(),
+                consumer.clone(),
+                shard_id,
+                start,
+            )?),
+        })
+    }
+
+    fn release(&self, how: &SourceRelease<'_>) {
+        let Some(consumer) = &self.inner.consumer else { return };
+        if !(how.mode == StopMode::Graceful && consumer.registered_here() && how.is_last_reader()) {
+            return;
+        }
+        if let Err(e) = consumer.deregister_if_registered_here(&self.inner.client) {
+            tracing::warn!(stream = %self.inner.stream, consumer = consumer.name(), error = %e,
+                "could not deregister the enhanced fan-out consumer; deregister it by hand");
+        }
     }
 }
 

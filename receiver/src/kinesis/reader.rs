@@ -56,17 +56,42 @@ impl Inner {
                 return Err(error);
             }
         };
-        let mut bytes = 0usize;
-        let mut records = Vec::with_capacity(out.records.len());
-        for record in &out.records {
-            bytes += record.data.as_ref().len();
-        }
         let kinesis_records = out.records.len();
-        for record in out.records {
+        let (records, bytes) = self.user_records(shard, out.records)?;
+        self.budget.charge(shard, started, bytes);
+        bump(&self.metrics.kinesis_records_read, kinesis_records as u64);
+        bump(&self.metrics.bytes_read, bytes as u64);
+        let children = match (&out.child_shards, &out.next_shard_iterator) {
+            (Some(children), _) if !children.is_empty() => {
+                Some(children.iter().map(|c| Arc::from(c.shard_id())).collect())
+            }
+            (_, None) => Some(Vec::new()),
+            _ => None,
+        };
+        Ok(Page {
+            records,
+            next_iterator: out.next_shard_iterator,
+            children,
+            millis_behind_latest: out.millis_behind_latest,
+            kinesis_records,
+        })
+    }
+
+    /// Kinesis records of `shard` as user records (KPL aggregates de-aggregated, sub-record `i`
+    /// of the record with sequence number `s` at position `(s, i)`), with their payload bytes.
+    /// Polling pages and enhanced fan-out events both come through here.
+    pub(super) fn user_records(
+        &self,
+        shard: &Arc<str>,
+        kinesis_records: Vec<aws_sdk_kinesis::types::Record>,
+    ) -> Result<(Vec<Record>, usize), SourceError> {
+        let bytes = kinesis_records.iter().map(|r| r.data.as_ref().len()).sum();
+        let mut records = Vec::with_capacity(kinesis_records.len());
+        for record in kinesis_records {
             let sequence = SequenceNumber::parse(&record.sequence_number).map_err(|e| {
                 SourceError::Invalid(format!(
-                    "GetRecords on {}/{shard} returned sequence number {:?}: {e}",
-                    self.stream, record.sequence_number
+                    "Kinesis returned sequence number {:?} on {}/{shard}: {e}",
+                    record.sequence_number, self.stream
                 ))
             })?;
             let arrival = record
@@ -102,27 +127,11 @@ impl Inner {
                 data,
             });
         }
-        self.budget.charge(shard, started, bytes);
-        bump(&self.metrics.kinesis_records_read, kinesis_records as u64);
-        bump(&self.metrics.bytes_read, bytes as u64);
-        let children = match (&out.child_shards, &out.next_shard_iterator) {
-            (Some(children), _) if !children.is_empty() => {
-                Some(children.iter().map(|c| Arc::from(c.shard_id())).collect())
-            }
-            (_, None) => Some(Vec::new()),
-            _ => None,
-        };
-        Ok(Page {
-            records,
-            next_iterator: out.next_shard_iterator,
-            children,
-            millis_behind_latest: out.millis_behind_latest,
-            kinesis_records,
-        })
+        Ok((records, bytes))
     }
 
     /// The children of a closed shard from `ListShards`, for a shard end without `ChildShards`.
-    fn children_of(&self, shard: &str) -> Result<Vec<Arc<str>>, SourceError> {
+    pub(super) fn children_of(&self, shard: &str) -> Result<Vec<Arc<str>>, SourceError> {
         Ok(self
             .list_shards()?
             .into_iter()
@@ -134,7 +143,7 @@ impl Inner {
 
 /// Which records at the start of a reader were already delivered.
 #[derive(Debug, Clone)]
-enum Skip {
+pub(super) enum Skip {
     Nothing,
     /// Drop positions `< p` (`AtPosition`).
     Before(Position),
@@ -143,11 +152,32 @@ enum Skip {
 }
 
 impl Skip {
+    /// What a reader opened at `start` drops: it starts at the position's sequence number, so
+    /// the sub-records of an aggregate before (or at) the position come back too.
+    pub(super) fn from_start(start: &StartingPosition) -> Self {
+        match start {
+            StartingPosition::AtPosition(p) => Skip::Before(p.clone()),
+            StartingPosition::AfterPosition(p) => Skip::UpTo(p.clone()),
+            _ => Skip::Nothing,
+        }
+    }
+
     fn keeps(&self, p: &Position) -> bool {
         match self {
             Skip::Nothing => true,
             Skip::Before(from) => p >= from,
             Skip::UpTo(after) => p > after,
+        }
+    }
+
+    /// Drops the records at the start of `records` that were already delivered.
+    pub(super) fn apply(&mut self, records: &mut Vec<Record>) {
+        if !matches!(self, Skip::Nothing) {
+            records.retain(|r| self.keeps(&r.position));
+            if !records.is_empty() {
+                // Positions ascend: past the starting position, nothing more to drop.
+                *self = Skip::Nothing;
+            }
         }
     }
 }
@@ -163,16 +193,11 @@ pub(super) struct KinesisShardReader {
 impl KinesisShardReader {
     pub(super) fn open(inner: Arc<Inner>, shard_id: &str, start: &StartingPosition) -> Result<Self, SourceError> {
         let iterator = inner.shard_iterator(shard_id, start)?;
-        let skip = match start {
-            StartingPosition::AtPosition(p) => Skip::Before(p.clone()),
-            StartingPosition::AfterPosition(p) => Skip::UpTo(p.clone()),
-            _ => Skip::Nothing,
-        };
         Ok(Self {
             shard: Arc::from(shard_id),
             inner,
             iterator: Some(iterator),
-            skip,
+            skip: Skip::from_start(start),
             ended: false,
         })
     }
@@ -202,13 +227,7 @@ impl ShardReader for KinesisShardReader {
             }
         };
         let mut records = page.records;
-        if !matches!(self.skip, Skip::Nothing) {
-            records.retain(|r| self.skip.keeps(&r.position));
-            if !records.is_empty() {
-                // Positions ascend: past the starting position, nothing more to drop.
-                self.skip = Skip::Nothing;
-            }
-        }
+        self.skip.apply(&mut records);
         let end_of_shard = match page.children {
             Some(children) if children.is_empty() => Some(self.inner.children_of(&self.shard)?),
             other => other,
@@ -219,6 +238,7 @@ impl ShardReader for KinesisShardReader {
             records,
             end_of_shard,
             millis_behind_latest: page.millis_behind_latest,
+            timed_out: false,
         })
     }
 }

@@ -148,6 +148,7 @@ impl ShardReader for LocalShardReader {
                 records: self.take(max_records),
                 end_of_shard: None,
                 millis_behind_latest: None,
+                timed_out: false,
             });
         }
         // At the tail: if the metadata says the shard is closed, the producer flushed all of its
@@ -163,6 +164,7 @@ impl ShardReader for LocalShardReader {
                 records: self.take(max_records),
                 end_of_shard: None,
                 millis_behind_latest: None,
+                timed_out: false,
             });
         }
         self.ended = true;
@@ -176,6 +178,7 @@ impl ShardReader for LocalShardReader {
             records: Vec::new(),
             end_of_shard: Some(children),
             millis_behind_latest: None,
+            timed_out: false,
         })
     }
 }

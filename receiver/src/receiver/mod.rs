@@ -42,10 +42,11 @@ use self::metrics::MetricsCells;
 use self::progress::ShardProgressTable;
 use crate::block_generator::{BlockGenerator, BlockHandler, GeneratorError};
 use crate::config_error::ConfigError;
+use crate::lease::{Checkpoint, LeaseKind};
 use crate::lease::{LeaseError, LeaseStore, WorkerDirectory};
 use crate::rate_limiter::RateLimiter;
 use crate::signal::{MAX_REAL_WAIT, StopSignal, Wake};
-use crate::source::{Source, SourceError};
+use crate::source::{Source, SourceError, SourceRelease};
 use crate::stop_mode::StopMode;
 
 /// Why a receiver failed, or could not start or stop.
@@ -254,6 +255,8 @@ pub struct Receiver {
     core: Arc<Core>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
     started: AtomicBool,
+    /// [`Source::release`] was called.
+    released: AtomicBool,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -318,6 +321,7 @@ impl Receiver {
             core: Arc::new(core),
             supervisor: Mutex::new(None),
             started: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         })
     }
 
@@ -413,10 +417,37 @@ impl Receiver {
             Some(handle) => drop(handle.join()),
             None => self.core.set_state(ReceiverState::Stopped),
         }
+        self.release_source(mode);
         match self.core.stop_error.lock().expect("stop error slot").take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Tells the source this receiver is done with it ([`Source::release`]), once. After a
+    /// graceful stop it is the last reader unless another worker holds a lease of the stream
+    /// or (engine mode) another worker of the application is alive.
+    fn release_source(&self, mode: StopMode) {
+        if self.released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let core = &self.core;
+        let last_reader = || {
+            let me = core.worker_id.as_str();
+            let others_hold = core.leases.list_leases().map_or(true, |leases| {
+                leases.iter().any(|l| {
+                    l.kind == LeaseKind::Shard
+                        && l.checkpoint != Checkpoint::ShardEnd
+                        && l.lease_owner.as_deref().is_some_and(|owner| owner != me)
+                })
+            });
+            let others_live = core
+                .workers
+                .as_ref()
+                .is_some_and(|directory| directory.live_workers().iter().any(|w| w != me));
+            !others_hold && !others_live
+        };
+        self.core.source.release(&SourceRelease::new(mode, &last_reader));
     }
 
     /// Sets the current rate limit in records/s (`None`: back to the configured `max_rate`).

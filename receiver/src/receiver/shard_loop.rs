@@ -73,6 +73,11 @@ pub(crate) fn run(
                 last_read_ms = Some(clock.now_ms());
                 let limit = core.rate.records_per_read(pacing.max_records_per_read);
                 match r.read(limit) {
+                    Ok(batch) if batch.timed_out && batch.records.is_empty() && batch.end_of_shard.is_none() => {
+                        // A push-based reader between events: neither progress nor the end.
+                        backoff = 0;
+                        continue;
+                    }
                     Ok(batch) => {
                         backoff = 0;
                         core.metrics.lag(shard, batch.millis_behind_latest);
@@ -101,7 +106,14 @@ pub(crate) fn run(
                         }
                         continue;
                     }
-                    Err(e) => e,
+                    Err(e) => {
+                        if !matches!(e, SourceError::Throttled(_))
+                            && let Some(resume) = r.resume_position()
+                        {
+                            start = resume;
+                        }
+                        e
+                    }
                 }
             }
         };

@@ -396,6 +396,7 @@ impl ShardReader for MemoryReader {
             records,
             end_of_shard,
             millis_behind_latest: None,
+            timed_out: false,
         })
     }
 }

@@ -21,6 +21,8 @@
 //! shows both exactly-once and each partition key's order across shard splits and merges.
 //!
 //! `--reader fan-out` reads by enhanced fan-out (`SubscribeToShard`) instead of polling.
+//! `--streams a,b` (or `--streams-file`, re-read while running) reads several streams in one
+//! application, with KCL multi-stream lease keys.
 //!
 //! Several workers (on several machines) share the stream's shards through the lease table and
 //! write one output: give each a `--worker-id` and point all of them at the same `--checkpoint`
@@ -42,7 +44,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use sluice::engine::{KinesisInput, StreamingContext};
 use sluice::operators::bench_data;
-use sluice::receiver::kinesis::{KinesisConfig, KinesisProducer, ReaderType};
+use sluice::receiver::SourceError;
+use sluice::receiver::kinesis::{KinesisConfig, KinesisProducer, ReaderType, StreamList};
 use sluice::receiver::{AwsSettings, InitialPosition, ReceiverConfig};
 
 /// Count words in a Kinesis stream, exactly once, across crashes.
@@ -108,6 +111,14 @@ struct Args {
     /// Minimum time between `GetRecords` calls per shard (ms; the service allows 5/s).
     #[arg(long, default_value_t = 200)]
     read_interval_ms: u64,
+    /// Read several streams in one application (KCL multi-stream mode), comma-separated,
+    /// instead of `--stream`.
+    #[arg(long, value_delimiter = ',')]
+    streams: Vec<String>,
+    /// Like `--streams`, from a file with one stream name per line, read again at every lease
+    /// scan: edit it to add or remove streams while the application runs.
+    #[arg(long, conflicts_with = "streams")]
+    streams_file: Option<PathBuf>,
     /// How live records are read: `polling` (`GetRecords`) or `fan-out` (enhanced fan-out:
     /// `SubscribeToShard` through a registered stream consumer, 2 MB/s per shard of its own).
     #[arg(long, value_enum, default_value = "polling")]
@@ -156,6 +167,18 @@ enum Pipeline {
 enum Start {
     TrimHorizon,
     Latest,
+}
+
+/// The stream names in `file`, one per line (blank lines and `#` comments skipped).
+fn read_stream_list(file: &std::path::Path) -> Result<Vec<String>, SourceError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| SourceError::Invalid(format!("cannot read the stream list {}: {e}", file.display())))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
 }
 
 fn load(config: &KinesisConfig, lines: usize, shards: u32) -> anyhow::Result<()> {
@@ -219,8 +242,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
         builder = builder.metrics_addr(addr);
     }
     let ctx = builder.build()?;
-    let mut input = KinesisInput::new(&args.stream, &args.app);
-    input.kinesis = kinesis;
+    let mut input = if let Some(file) = args.streams_file.clone() {
+        KinesisInput::multi_stream(StreamList::new(move || read_stream_list(&file)), &args.app)
+    } else if !args.streams.is_empty() {
+        KinesisInput::multi_stream(args.streams.clone(), &args.app)
+    } else {
+        KinesisInput::new(&args.stream, &args.app)
+    };
+    input.kinesis = KinesisConfig {
+        stream_name: input.kinesis.stream_name.clone(),
+        ..kinesis
+    };
     input.receiver = ReceiverConfig {
         block_interval_ms: args.block_ms,
         checkpoint_interval_ms: args.checkpoint_ms,

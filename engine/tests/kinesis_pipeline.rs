@@ -207,6 +207,50 @@ fn kinesis_word_count_by_enhanced_fan_out_equals_the_reference() {
     producer.delete_stream().unwrap();
 }
 
+/// One application over two streams (KCL multi-stream mode) through `kinesis_stream`: the
+/// totals equal the reference over both streams' lines.
+#[test]
+fn kinesis_word_count_over_two_streams_equals_the_reference() {
+    let (lines_a, lines_b) = (
+        bench_data::zipf_lines(800, 300, 9),
+        bench_data::zipf_lines(700, 300, 10),
+    );
+    let (config_a, config_b) = (kinesis_config("ms-wc-a"), kinesis_config("ms-wc-b"));
+    let producers = [fill_stream(&config_a, &lines_a), fill_stream(&config_b, &lines_b)];
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = StreamingContext::builder()
+        .batch_interval(Duration::from_millis(300))
+        .data_dir(dir.path())
+        .executor_threads(2)
+        .build()
+        .unwrap();
+    let moto = std::env::var("SLUICE_MOTO_ENDPOINT")
+        .expect("SLUICE_MOTO_ENDPOINT is not set: run through `scripts/with-emulators cargo test ...`");
+    let mut input = KinesisInput::multi_stream(
+        vec![config_a.stream_name.clone(), config_b.stream_name.clone()],
+        format!("{}-app", config_a.stream_name),
+    );
+    input.kinesis = KinesisConfig {
+        stream_name: input.kinesis.stream_name.clone(),
+        ..config_a.clone()
+    };
+    input.kinesis.aws.dynamodb_endpoint = Some(moto);
+    input.receiver = ReceiverConfig {
+        block_interval_ms: 50,
+        ..ReceiverConfig::default()
+    };
+    let totals = word_count(&ctx.kinesis_stream(input).unwrap());
+    ctx.start().unwrap();
+    let drained = ctx.await_drained(DRAIN_TIMEOUT).unwrap();
+    ctx.stop(StopMode::Graceful).unwrap();
+    assert!(drained, "the streams were not drained");
+    let all: Vec<String> = lines_a.iter().chain(&lines_b).cloned().collect();
+    assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&all));
+    for producer in producers {
+        producer.delete_stream().unwrap();
+    }
+}
+
 #[test]
 fn lost_blocks_are_replayed_exactly_from_kinesis() {
     let lines = bench_data::zipf_lines(1_500, 300, 6);

@@ -57,7 +57,7 @@ pub use block_generator::{
 pub use config_error::ConfigError;
 pub use lease::{
     Checkpoint, Lease, LeaseError, LeaseFence, LeaseKind, LeaseStore, LocalLeaseStore, WORKER_LEASE_PREFIX,
-    WorkerDirectory, WorkerRegistry, WorkerScan, WorkerStatus, worker_lease_key,
+    WorkerDirectory, WorkerRegistry, WorkerScan, WorkerStatus, split_multi_stream_key, worker_lease_key,
 };
 #[cfg(feature = "kinesis")]
 pub use lease::{DynamoConnectError, DynamoLeaseMetrics, DynamoLeaseOptions, DynamoLeaseStore};

@@ -232,6 +232,15 @@ pub trait Source: Replay + fmt::Debug {
     /// # Errors
     /// [`SourceError::UnknownShard`], [`SourceError::DataExpired`] when the position is trimmed.
     fn open_reader(&self, shard_id: &str, start: &StartingPosition) -> Result<Box<dyn ShardReader>, SourceError>;
+    /// Whether the shard belongs to a stream the application no longer reads (a stream removed
+    /// from a multi-stream application's list). A receiver stops reading a retired shard,
+    /// checkpoints it at exactly what it stored, releases its lease and takes no lease of it;
+    /// the lease stays in the table, so the shard resumes there if its stream comes back. The
+    /// default: no shard is ever retired.
+    fn is_retired(&self, shard_id: &str) -> bool {
+        let _ = shard_id;
+        false
+    }
     /// Called once by a receiver of this source after it stopped for good (every reader it
     /// opened is dropped). A source that acquired something for its readers on the service —
     /// an enhanced fan-out consumer it registered — gives it back here when `how` allows. Must

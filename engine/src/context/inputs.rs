@@ -101,6 +101,12 @@ pub struct KinesisInput {
     pub leases: sluice_receiver::DynamoLeaseOptions,
     /// Blocks, checkpoints, leases, initial position.
     pub receiver: ReceiverConfig,
+    /// Several streams in one application (KCL multi-stream mode): when set, every stream the
+    /// list names is read — the list is asked again at every lease scan, so streams can be added
+    /// and removed at run time — and `kinesis.stream_name` is only the label block ranges carry.
+    /// Lease keys are then `account:stream:creationEpoch:shardId`. See
+    /// [`KinesisInput::multi_stream`].
+    pub streams: Option<sluice_receiver::kinesis::StreamList>,
 }
 
 #[cfg(feature = "kinesis")]
@@ -112,6 +118,20 @@ impl KinesisInput {
             application_name: application_name.into(),
             leases: sluice_receiver::DynamoLeaseOptions::default(),
             receiver: ReceiverConfig::default(),
+            streams: None,
+        }
+    }
+
+    /// An input over every stream `streams` names, for application `application_name` (the
+    /// lease table; also the label of the input's block ranges), defaults elsewhere.
+    pub fn multi_stream(
+        streams: impl Into<sluice_receiver::kinesis::StreamList>,
+        application_name: impl Into<String>,
+    ) -> Self {
+        let application_name = application_name.into();
+        Self {
+            streams: Some(streams.into()),
+            ..Self::new(application_name.clone(), application_name)
         }
     }
 }
@@ -128,9 +148,15 @@ impl StreamingContext {
     /// # Errors
     /// [`Error::Kinesis`], [`Error::LeaseTable`], [`Error::Config`].
     pub fn kinesis_stream(&self, input: KinesisInput) -> Result<DStream<Bytes>> {
-        let source = sluice_receiver::kinesis::KinesisSource::connect(input.kinesis.clone())?;
+        let source: Arc<dyn Source> = match &input.streams {
+            None => Arc::new(sluice_receiver::kinesis::KinesisSource::connect(input.kinesis.clone())?),
+            Some(streams) => Arc::new(sluice_receiver::kinesis::MultiStreamSource::connect(
+                input.kinesis.clone(),
+                streams.clone(),
+            )?),
+        };
         let leases =
             sluice_receiver::DynamoLeaseStore::connect(&input.kinesis.aws, &input.application_name, input.leases)?;
-        self.source_stream_with_leases(Arc::new(source), Arc::new(leases), input.receiver)
+        self.source_stream_with_leases(source, Arc::new(leases), input.receiver)
     }
 }

@@ -16,7 +16,10 @@
 //!   the live reader to failure.
 //!
 //! - [`ReaderType::EnhancedFanOut`] reads live records through a registered stream consumer's
-//!   `SubscribeToShard` subscriptions instead ([`fan_out`]); replay stays on `GetRecords`.
+//!   `SubscribeToShard` subscriptions instead (`fan_out.rs`); replay stays on `GetRecords`.
+//! - [`MultiStreamSource`] reads several streams as one source for one application, with KCL
+//!   multi-stream lease keys (`account:stream:creationEpoch:shardId`) and a stream list that may
+//!   change at run time.
 //!
 //! SDK calls run on the crate's shared runtime; the SDK's own retries are off so that every
 //! throttle is seen, counted and paced here.
@@ -25,6 +28,7 @@ mod budget;
 mod counters;
 mod fan_out;
 pub mod kpl;
+mod multi_stream;
 mod producer;
 mod reader;
 mod replay;
@@ -40,10 +44,12 @@ use sluice_blockstore::{Record, Replay, ReplayError, SequenceNumber, SequenceNum
 
 use self::budget::ReadBudget;
 use self::fan_out::FanOutConsumer;
+pub use self::multi_stream::{MultiStreamSource, StreamList, StreamListProvider};
 pub use self::producer::KinesisProducer;
 use crate::ConfigError;
 use crate::StopMode;
 use crate::aws::{AwsSettings, block_on};
+pub use crate::lease::split_multi_stream_key;
 use crate::source::{ReadPacing, ShardInfo, ShardReader, Source, SourceError, SourceRelease, StartingPosition};
 
 /// How a Kinesis source reads live records. Replay of a lost block always uses `GetRecords`.
@@ -428,6 +434,8 @@ struct Inner {
     metrics: MetricsCells,
     /// The stream consumer of an enhanced fan-out reader.
     consumer: Option<Arc<FanOutConsumer>>,
+    /// `account:stream:creationEpoch`, KCL's multi-stream identifier of the stream.
+    identifier: String,
 }
 
 impl fmt::Debug for KinesisSource {
@@ -471,6 +479,7 @@ impl KinesisSource {
             }
             Err(e) => return Err(classify(&e, "DescribeStreamSummary").into()),
         };
+        let identifier = stream_identifier(&config.stream_name, summary.as_ref());
         let consumer = match &config.reader {
             ReaderType::Polling => None,
             ReaderType::EnhancedFanOut { consumer_name } => {
@@ -499,6 +508,7 @@ impl KinesisSource {
                 budget,
                 metrics: MetricsCells::default(),
                 consumer,
+                identifier,
             }),
         })
     }
@@ -532,6 +542,12 @@ impl KinesisSource {
         &self.inner.config
     }
 
+    /// The stream as KCL's multi-stream mode names it: `account:stream:creationEpoch` (the
+    /// account from the stream's ARN, the creation time in seconds since the epoch).
+    pub fn stream_identifier(&self) -> &str {
+        &self.inner.identifier
+    }
+
     /// Deregisters the enhanced fan-out consumer if this source registered it (a graceful stop
     /// of the last worker does this through [`Source::release`]). Returns whether it did.
     ///
@@ -543,6 +559,16 @@ impl KinesisSource {
             None => Ok(false),
         }
     }
+}
+
+/// `account:stream:creationEpoch` from a `DescribeStreamSummary` answer.
+fn stream_identifier(stream: &str, summary: Option<&aws_sdk_kinesis::types::StreamDescriptionSummary>) -> String {
+    let account = summary
+        .and_then(|s| s.stream_arn.split(':').nth(4))
+        .filter(|a| !a.is_empty())
+        .unwrap_or("000000000000");
+    let epoch = summary.map_or(0, |s| s.stream_creation_timestamp.secs());
+    format!("{account}:{stream}:{epoch}")
 }
 
 /// Where an iterator (or a fan-out subscription) for `start` begins: its type, sequence number

@@ -582,6 +582,21 @@ fn write_lease(item: &mut Item, lease: &Lease) {
         "ownerSwitchesSinceCheckpoint".into(),
         number(lease.owner_switches_since_checkpoint),
     );
+    // A multi-stream lease (`account:stream:epoch:shardId`) is stored as KCL's
+    // `MultiStreamLease`: the stream identifier in `streamName`, the shard in `shardId`, and
+    // parents and children as plain shard ids of the same stream.
+    let stream = match (lease.kind, crate::lease::split_multi_stream_key(&lease.lease_key)) {
+        (LeaseKind::Shard, Some((stream, shard))) => {
+            item.insert("streamName".into(), AttributeValue::S(stream.to_owned()));
+            item.insert("shardId".into(), AttributeValue::S(shard.to_owned()));
+            Some(format!("{stream}:"))
+        }
+        _ => None,
+    };
+    let plain = |id: &String| match &stream {
+        Some(prefix) => id.strip_prefix(prefix.as_str()).unwrap_or(id).to_owned(),
+        None => id.clone(),
+    };
     // DynamoDB rejects empty sets: an empty set is an absent attribute.
     for (name, set) in [
         ("parentShardId", &lease.parent_shard_ids),
@@ -590,7 +605,7 @@ fn write_lease(item: &mut Item, lease: &Lease) {
         if set.is_empty() {
             item.remove(name);
         } else {
-            item.insert(name.into(), AttributeValue::Ss(set.iter().cloned().collect()));
+            item.insert(name.into(), AttributeValue::Ss(set.iter().map(plain).collect()));
         }
     }
     if let Some((start, end)) = lease.hash_key_range {
@@ -624,10 +639,21 @@ fn from_item(item: &Item) -> Result<Lease, LeaseError> {
                 .ok_or_else(|| corrupt(&format!("{name} is not a non-negative number"))),
         }
     };
+    // Parents and children of a multi-stream lease are stored as plain shard ids of its stream.
+    let stream_prefix = s("streamName")
+        .filter(|stream| key.starts_with(&format!("{stream}:")))
+        .map(|stream| format!("{stream}:"));
     let set = |name: &str| -> BTreeSet<String> {
         item.get(name)
             .and_then(|v| v.as_ss().ok())
-            .map(|v| v.iter().cloned().collect())
+            .map(|v| {
+                v.iter()
+                    .map(|id| match &stream_prefix {
+                        Some(prefix) if !id.starts_with(prefix.as_str()) => format!("{prefix}{id}"),
+                        _ => id.clone(),
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     };
     if key.is_empty() {
@@ -682,6 +708,32 @@ mod tests {
         lease.lease_owner = None;
         write_lease(&mut item, &lease);
         assert!(!item.contains_key("leaseOwner"));
+    }
+
+    #[test]
+    fn multi_stream_leases_are_stored_like_kcl_multi_stream_leases() {
+        let stream = "123456789012:clicks:1700000000";
+        let mut lease = Lease::new(format!("{stream}:shardId-000000000003"), Checkpoint::TrimHorizon);
+        lease.parent_shard_ids.insert(format!("{stream}:shardId-000000000001"));
+        lease.child_shard_ids.insert(format!("{stream}:shardId-000000000007"));
+        let mut item = Item::new();
+        write_lease(&mut item, &lease);
+        let s = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
+        assert_eq!(
+            s("leaseKey").as_deref(),
+            Some("123456789012:clicks:1700000000:shardId-000000000003")
+        );
+        assert_eq!(s("streamName").as_deref(), Some(stream));
+        assert_eq!(s("shardId").as_deref(), Some("shardId-000000000003"));
+        assert_eq!(
+            item.get("parentShardId").and_then(|v| v.as_ss().ok()).unwrap(),
+            &vec!["shardId-000000000001".to_owned()]
+        );
+        assert_eq!(from_item(&item).unwrap(), lease);
+        // A plain lease gets neither attribute.
+        let mut item = Item::new();
+        write_lease(&mut item, &Lease::new("shardId-000000000003", Checkpoint::TrimHorizon));
+        assert!(!item.contains_key("streamName") && !item.contains_key("shardId"));
     }
 
     #[test]

@@ -38,6 +38,24 @@ pub use dynamodb::{DynamoConnectError, DynamoLeaseMetrics, DynamoLeaseOptions, D
 pub use local::LocalLeaseStore;
 pub use workers::{WORKER_LEASE_PREFIX, WorkerDirectory, WorkerRegistry, WorkerScan, WorkerStatus, worker_lease_key};
 
+/// Splits a KCL multi-stream lease key `account:stream:creationEpoch:shardId` into the stream
+/// identifier (`account:stream:creationEpoch`) and the shard id; `None` for any other key (a
+/// plain shard id, a worker lease).
+///
+/// ```
+/// use sluice_receiver::split_multi_stream_key;
+/// assert_eq!(
+///     split_multi_stream_key("123456789012:clicks:1700000000:shardId-000000000001"),
+///     Some(("123456789012:clicks:1700000000", "shardId-000000000001"))
+/// );
+/// assert_eq!(split_multi_stream_key("shardId-000000000001"), None);
+/// ```
+pub fn split_multi_stream_key(key: &str) -> Option<(&str, &str)> {
+    let (identifier, shard) = key.rsplit_once(':')?;
+    let parts: Vec<&str> = identifier.split(':').collect();
+    (parts.len() == 3 && parts.iter().all(|p| !p.is_empty()) && !shard.is_empty()).then_some((identifier, shard))
+}
+
 /// How far a shard has been processed: a position, or one of the KCL sentinels.
 ///
 /// Ordered like KCL's `ExtendedSequenceNumber`: `AtTimestamp < TrimHorizon < Latest <` every

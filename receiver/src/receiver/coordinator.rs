@@ -195,6 +195,7 @@ impl Coordinator<'_> {
         }
         self.adopt_requested(now)?;
         self.take(&table, now)?;
+        self.retire();
         self.first_pass = false;
         self.need_scan = false;
         self.next_scan_ms = now.saturating_add(self.core.config.lease_taker_interval_ms as i64);
@@ -245,7 +246,10 @@ impl Coordinator<'_> {
                 .get(&l.lease_key)
                 .is_some_and(|o| o.since_ms == i64::MIN || now.saturating_sub(o.since_ms) > failover)
         };
-        let active: Vec<&Lease> = table.iter().filter(|l| l.checkpoint != Checkpoint::ShardEnd).collect();
+        let active: Vec<&Lease> = table
+            .iter()
+            .filter(|l| l.checkpoint != Checkpoint::ShardEnd && !self.core.source.is_retired(&l.lease_key))
+            .collect();
         let available = |l: &&Lease| -> bool {
             if self.held.contains_key(l.lease_key.as_str()) {
                 return false;
@@ -315,6 +319,26 @@ impl Coordinator<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Hands back the held leases of retired shards ([`Source::is_retired`](crate::Source::is_retired):
+    /// a stream removed from a multi-stream application): like a lease above the share, each is
+    /// read to a stop, checkpointed at exactly its last stored position and released.
+    fn retire(&mut self) {
+        let retired: Vec<Arc<str>> = self
+            .held
+            .iter()
+            .filter(|(key, h)| !h.releasing && h.ended.is_none() && self.core.source.is_retired(key))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in retired {
+            tracing::info!(shard = %key, "the shard's stream is no longer read; releasing its lease");
+            let held = self.held.get_mut(&key).expect("held");
+            held.releasing = true;
+            if let Some(running) = &held.running {
+                running.signal.stop();
+            }
+        }
     }
 
     /// Engine mode: hands back the leases held above `target` (the share of the live workers),

@@ -2,8 +2,8 @@
 //! `SLUICE_KINESIS_ENDPOINT`), with the fault proxy for what the emulator cannot do:
 //!
 //! - every record once and in key order while subscriptions are renewed before their expiry,
-//!   ended by the "service" mid-stream (forced expiry) and broken by an exception event
-//!   mid-stream — all injected by the proxy into the real event streams;
+//!   ended by the "service" mid-stream (forced expiry), broken by an exception event mid-stream
+//!   and gone silent — all done by the proxy to the real event streams;
 //! - two consumers of one stream each see every record, and neither polls;
 //! - shard end from a `ChildShards` event (recorded: kinesis-local never sends one) and, without
 //!   it, from the closed-shard check; the receiver through split and merge;
@@ -123,15 +123,18 @@ fn assert_every_record_once_in_key_order(handler: &RecordingHandler, keys: u32, 
 }
 
 #[test]
-fn every_record_once_through_renewals_forced_expiry_and_errors_mid_stream() {
+fn every_record_once_through_renewals_forced_expiry_errors_and_silence_mid_stream() {
     let base = polling("efo-faults");
     let producer = KinesisProducer::new(&base).unwrap();
-    producer.create_stream(2).unwrap();
-    // Every SubscribeToShard goes through the proxy. In turn: ended by the "service" after two
-    // events (the 5-minute expiry, early), broken by an exception after two events, left alone.
-    let subscriptions = Arc::new(AtomicU64::new(0));
+    // One shard: one subscription at a time, so each fault meets exactly one stream.
+    producer.create_stream(1).unwrap();
+    // Every SubscribeToShard goes through the proxy, which does to the real event streams, one
+    // after the other: end one after two events (the service's 5-minute expiry, early), break
+    // one with an exception after two events, let one go silent after two events (a "zombie"
+    // subscription: the event timeout must notice), then leave them alone.
+    let phase = Arc::new(AtomicU64::new(0));
     let proxy = {
-        let subscriptions = subscriptions.clone();
+        let phase = phase.clone();
         FaultProxy::start_with_streams(
             &endpoint(),
             |_| None,
@@ -139,7 +142,7 @@ fn every_record_once_through_renewals_forced_expiry_and_errors_mid_stream() {
                 if request.operation() != "SubscribeToShard" {
                     return None;
                 }
-                match subscriptions.fetch_add(1, Ordering::SeqCst) % 3 {
+                match phase.load(Ordering::SeqCst) {
                     0 => Some(StreamFault::EndAfter { messages: 2 }),
                     1 => Some(StreamFault::InjectAfter {
                         messages: 2,
@@ -152,6 +155,7 @@ fn every_record_once_through_renewals_forced_expiry_and_errors_mid_stream() {
                             br#"{"message":"injected by the fault proxy"}"#,
                         ),
                     }),
+                    2 => Some(StreamFault::StallAfter { messages: 2 }),
                     _ => None,
                 }
             },
@@ -160,8 +164,10 @@ fn every_record_once_through_renewals_forced_expiry_and_errors_mid_stream() {
     };
     let mut config = fan_out(&base, &unique("faults"));
     config.aws.kinesis_endpoint = Some(proxy.url());
-    // Renewed before "expiry" every 2.5 s as well.
-    config.fan_out.renew_subscription_after_ms = 2_500;
+    // Renewed before "expiry" every 4.5 s as well; silent for 1.8 s is stuck (kinesis-local
+    // sends an event every second).
+    config.fan_out.renew_subscription_after_ms = 4_500;
+    config.fan_out.event_timeout_ms = 1_800;
     let source = Arc::new(KinesisSource::connect(config).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let handler = Arc::new(RecordingHandler::new());
@@ -169,12 +175,23 @@ fn every_record_once_through_renewals_forced_expiry_and_errors_mid_stream() {
     receiver.start().unwrap();
 
     // Records keep arriving while subscriptions come and go.
-    let (keys, waves, per_wave) = (8, 8, 10);
+    let (keys, waves, per_wave) = (8, 6, 10);
     for wave in 0..waves {
         producer
             .put(&keyed(keys, wave * per_wave, (wave + 1) * per_wave))
             .unwrap();
-        std::thread::sleep(Duration::from_millis(700));
+        let cut = phase.load(Ordering::SeqCst);
+        if cut < 3 {
+            // Wait until the proxy did this phase's harm to a stream, then go on to the next.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while proxy.streams_cut() <= cut {
+                assert!(Instant::now() < deadline, "the proxy never applied fault {cut}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            phase.store(cut + 1, Ordering::SeqCst);
+        } else {
+            std::thread::sleep(Duration::from_millis(700));
+        }
     }
     let all = wait_stored(&handler, (keys * waves * per_wave) as usize);
     // Nothing more may arrive (a duplicate after a resubscription would).
@@ -184,18 +201,14 @@ fn every_record_once_through_renewals_forced_expiry_and_errors_mid_stream() {
     assert_every_record_once_in_key_order(&handler, keys, waves * per_wave);
 
     let m = source.metrics();
-    eprintln!(
-        "{m:?}; streams cut by the proxy: {}; receiver: {:?}",
-        proxy.streams_cut(),
-        receiver.metrics()
-    );
-    assert!(
-        proxy.streams_cut() >= 2,
-        "the proxy cut {} streams",
-        proxy.streams_cut()
-    );
+    eprintln!("{m:?}; receiver: {:?}", receiver.metrics());
+    assert_eq!(proxy.streams_cut(), 3);
+    // The expiry and the renewals continue in new subscriptions; the exception and the silence
+    // are errors; ResourceInUse while the previous subscription closes is a throttle the shard
+    // loop backs off from.
     assert!(m.subscription_renewals >= 1, "{m:?}");
-    assert!(m.subscription_errors >= 1, "{m:?}");
+    assert_eq!(m.silent_subscriptions, 1, "{m:?}");
+    assert!(m.subscription_errors >= m.throttles + 2, "{m:?}");
     assert!(m.subscriptions >= 4, "{m:?}");
     assert_eq!(m.get_records_calls, 0, "an enhanced fan-out reader polled: {m:?}");
     producer.delete_stream().unwrap();

@@ -75,6 +75,11 @@ impl KinesisMetrics {
                 self.subscription_errors,
             ),
             NamedCounter::new(
+                "silent_subscriptions",
+                "Fan-out subscriptions that went silent for the event timeout and were replaced.",
+                self.silent_subscriptions,
+            ),
+            NamedCounter::new(
                 "fan_out_events",
                 "Events fan-out subscriptions delivered (empty ones included).",
                 self.fan_out_events,

@@ -255,7 +255,9 @@ struct Subscription {
     events: Option<tokio::sync::mpsc::Receiver<Delivery>>,
     pump: tokio::task::JoinHandle<()>,
     opened: Instant,
-    last_event: Instant,
+    /// Time spent waiting for an event since the last one arrived — only while the loop asks
+    /// for records, so a loop held up by backpressure does not look like a silent subscription.
+    waited_for_event: Duration,
 }
 
 impl Subscription {
@@ -449,12 +451,11 @@ impl FanOutShardReader {
         });
         tracing::debug!(stream = %self.inner.stream, shard = %self.shard, ?position, "subscribed");
         self.skip = Skip::from_start(&position);
-        let now = Instant::now();
         self.subscription = Some(Subscription {
             events: Some(rx),
             pump,
-            opened: now,
-            last_event: now,
+            opened: Instant::now(),
+            waited_for_event: Duration::ZERO,
         });
         Ok(())
     }
@@ -579,10 +580,11 @@ impl ShardReader for FanOutShardReader {
                 // Before the service's 5-minute expiry, at an event boundary.
                 bump(&self.inner.metrics.subscription_renewals, 1);
                 self.subscription = None;
-            } else if subscription.last_event.elapsed() >= event_timeout {
+            } else if subscription.waited_for_event >= event_timeout {
                 tracing::warn!(stream = %self.inner.stream, shard = %self.shard, timeout_ms = settings.event_timeout_ms,
                     "no event from the subscription within the event timeout; subscribing again");
                 bump(&self.inner.metrics.subscription_errors, 1);
+                bump(&self.inner.metrics.silent_subscriptions, 1);
                 self.subscription = None;
             }
         }
@@ -590,13 +592,15 @@ impl ShardReader for FanOutShardReader {
             self.subscribe()?;
         }
         let subscription = self.subscription.as_mut().expect("subscribed");
+        let waiting = Instant::now();
         let Some(delivery) = subscription.next(EVENT_WAIT) else {
+            subscription.waited_for_event += waiting.elapsed();
             return Ok(ReadBatch {
                 timed_out: true,
                 ..ReadBatch::default()
             });
         };
-        subscription.last_event = Instant::now();
+        subscription.waited_for_event = Duration::ZERO;
         match delivery {
             Delivery::Event(event) => self.on_event(event, max_records),
             Delivery::Completed => {

@@ -389,6 +389,8 @@ pub struct KinesisMetrics {
     /// Subscriptions that failed (the call or its event stream, throttles included) or went
     /// silent for the event timeout.
     pub subscription_errors: u64,
+    /// Subscriptions that went silent (no event for the event timeout) and were replaced.
+    pub silent_subscriptions: u64,
     /// Events subscriptions delivered (empty ones included).
     pub fan_out_events: u64,
     /// Checks whether an idle subscribed shard was closed and read to its end.
@@ -411,6 +413,7 @@ struct MetricsCells {
     subscriptions: AtomicU64,
     subscription_renewals: AtomicU64,
     subscription_errors: AtomicU64,
+    silent_subscriptions: AtomicU64,
     fan_out_events: AtomicU64,
     fan_out_end_checks: AtomicU64,
 }
@@ -532,6 +535,7 @@ impl KinesisSource {
             subscriptions: get(&m.subscriptions),
             subscription_renewals: get(&m.subscription_renewals),
             subscription_errors: get(&m.subscription_errors),
+            silent_subscriptions: get(&m.silent_subscriptions),
             fan_out_events: get(&m.fan_out_events),
             fan_out_end_checks: get(&m.fan_out_end_checks),
         }

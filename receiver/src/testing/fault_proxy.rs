@@ -87,6 +87,12 @@ pub enum StreamFault {
         /// What is sent instead of the rest of the stream.
         frames: Vec<u8>,
     },
+    /// Pass `messages` messages through, then send nothing more while keeping the connection
+    /// open until the client closes it: a silent ("zombie") subscription.
+    StallAfter {
+        /// Messages passed through first.
+        messages: usize,
+    },
 }
 
 type Rule = dyn Fn(&FaultRequest<'_>) -> Option<FaultResponse> + Send + Sync;
@@ -371,10 +377,11 @@ fn relay_event_stream(
     client: &mut TcpStream,
     fault: Option<StreamFault>,
 ) -> io::Result<()> {
-    let (limit, frames) = match fault {
-        None => (usize::MAX, None),
-        Some(StreamFault::EndAfter { messages }) => (messages, None),
-        Some(StreamFault::InjectAfter { messages, frames }) => (messages, Some(frames)),
+    let (limit, frames, stall) = match fault {
+        None => (usize::MAX, None, false),
+        Some(StreamFault::EndAfter { messages }) => (messages, None, false),
+        Some(StreamFault::InjectAfter { messages, frames }) => (messages, Some(frames), false),
+        Some(StreamFault::StallAfter { messages }) => (messages, None, true),
     };
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
@@ -401,6 +408,12 @@ fn relay_event_stream(
         buffer.extend_from_slice(&chunk[..n]);
     }
     state.streams_cut.fetch_add(1, Ordering::SeqCst);
+    if stall {
+        // The client sends nothing after its request: this returns when it closes the socket.
+        let mut byte = [0u8; 1];
+        while client.read(&mut byte)? > 0 {}
+        return Ok(());
+    }
     if let Some(frames) = frames {
         client.write_all(&frames)?;
     }

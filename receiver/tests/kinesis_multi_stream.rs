@@ -21,8 +21,8 @@ use sluice_receiver::kinesis::{
 };
 use sluice_receiver::testing::RecordingHandler;
 use sluice_receiver::{
-    AwsSettings, DynamoLeaseOptions, DynamoLeaseStore, LeaseKind, LeaseStore, Receiver, ReceiverConfig, SourceError,
-    WorkerDirectory, WorkerStatus, split_multi_stream_key,
+    AwsSettings, DynamoLeaseOptions, DynamoLeaseStore, Lease, LeaseKind, LeaseStore, Receiver, ReceiverConfig,
+    SourceError, WorkerDirectory, WorkerStatus, split_multi_stream_key,
 };
 use sluice_receiver::{Source, StopMode};
 
@@ -267,15 +267,22 @@ fn one_application_reads_several_streams_added_and_removed_at_run_time() {
     list.0.lock().unwrap().push(c.clone());
     wait("the new stream read", Duration::from_secs(30), || stored(&c) == 80);
     list.0.lock().unwrap().retain(|s| *s != b);
+    let b_leases = || -> Vec<Lease> {
+        table
+            .list_leases()
+            .unwrap()
+            .into_iter()
+            .filter(|l| l.kind == LeaseKind::Shard && l.lease_key.contains(&format!(":{b}:")))
+            .collect()
+    };
+    // A worker drops a shard from its status just before its release reaches the table, so wait
+    // for both.
     wait("the removed stream's leases released", Duration::from_secs(30), || {
-        !owned_per_stream(&w1).contains_key(&b) && !owned_per_stream(&w2).contains_key(&b)
+        !owned_per_stream(&w1).contains_key(&b)
+            && !owned_per_stream(&w2).contains_key(&b)
+            && b_leases().iter().all(|l| l.lease_owner.is_none())
     });
-    let b_leases: Vec<_> = table
-        .list_leases()
-        .unwrap()
-        .into_iter()
-        .filter(|l| l.kind == LeaseKind::Shard && l.lease_key.contains(&format!(":{b}:")))
-        .collect();
+    let b_leases = b_leases();
     assert_eq!(b_leases.len(), 2, "the removed stream's leases stay in the table");
     assert!(b_leases.iter().all(|l| l.lease_owner.is_none()), "{b_leases:?}");
     put(&producers[&b], &b, 30, 50);

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The path of a built example. Integration tests live in `target/<profile>/deps`; cargo builds
-/// examples into `target/<profile>/examples` before running tests.
+/// examples into `target/<profile>/examples` before running tests — but not when the run picks
+/// targets (`cargo test --test NAME`): then an example built earlier is used as it is, possibly
+/// stale. Run `cargo build --all-features --examples` first in that case.
 pub fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();

@@ -412,12 +412,13 @@ pub fn count_words(
 ) -> anyhow::Result<TopWords> {
     let counts = lines.flat_map(words).count_by_value();
     counts.save_parquet(output)?;
-    let totals =
-        counts
-            .map(|(w, c)| (Word(w), c))
-            .update_state_by_key(|_word: &Word, new: Vec<u64>, old: Option<u64>| {
-                Some(old.unwrap_or(0) + new.iter().sum::<u64>())
-            });
+    // A word is a slice of the block it was read from: a key kept in the state would keep that
+    // whole block in memory for as long as the word stays, so the state owns a copy of its bytes.
+    let totals = counts
+        .map(|(w, c)| (Word(Bytes::copy_from_slice(&w)), c))
+        .update_state_by_key(|_word: &Word, new: Vec<u64>, old: Option<u64>| {
+            Some(old.unwrap_or(0) + new.iter().sum::<u64>())
+        });
     let latest_top: TopWords = Arc::default();
     let keep = latest_top.clone();
     totals.foreach_batch(move |_time, mut all| {

@@ -46,6 +46,7 @@ mod bench {
                 "test", "test", None, None, "bench",
             ))
             .endpoint_url(endpoint)
+            .http_client(sluice::receiver::aws_http_client())
             .build();
         aws_sdk_kinesis::Client::from_conf(config)
     }

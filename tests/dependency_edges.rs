@@ -143,3 +143,42 @@ fn the_first_build_has_an_http_server_but_no_http_client() {
         );
     }
 }
+
+/// With every feature (Kinesis, `DynamoDB`, S3) the build has one TLS provider: `ring`, which
+/// `object_store`'s S3 client needs for its signing; the AWS SDK uses its rustls client on `ring`
+/// too (`sluice_receiver::aws_http_client`) instead of its default one on `aws-lc-rs`, C code
+/// built with cmake.
+#[test]
+fn the_aws_build_has_one_tls_provider() {
+    let output = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--workspace",
+            "--all-features",
+            "-e",
+            "normal,build,dev",
+            "--prefix",
+            "none",
+            "--offline",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    assert!(
+        output.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tree = String::from_utf8(output.stdout).expect("UTF-8 tree");
+    let crates: std::collections::BTreeSet<&str> = tree.lines().filter_map(|line| line.split(' ').next()).collect();
+    assert!(
+        crates.contains("aws-sdk-kinesis") && crates.contains("ring"),
+        "not the tree expected: {tree}"
+    );
+    for second in ["aws-lc-rs", "aws-lc-sys", "openssl", "native-tls", "s2n-tls"] {
+        assert!(
+            !crates.contains(second),
+            "a second TLS provider, {second}: see `cargo tree --workspace --all-features -i {second}`"
+        );
+    }
+}

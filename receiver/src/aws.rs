@@ -93,7 +93,9 @@ impl AwsSettings {
                 self.operation_timeout_ms.unwrap_or(Self::DEFAULT_OPERATION_TIMEOUT_MS),
             ))
             .build();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(timeouts);
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .timeout_config(timeouts)
+            .http_client(http_client());
         if let Some(region) = &self.region {
             loader = loader.region(Region::new(region.clone()));
         }
@@ -203,6 +205,18 @@ where
     });
     rx.recv()
         .expect("an AWS call panicked on the runtime (see the panic message above)")
+}
+
+/// The HTTPS client of every AWS SDK client Sluice builds: the SDK's hyper client on rustls with
+/// `ring`, the one TLS provider of a build with the `kinesis` feature (`object_store`'s S3 client
+/// needs `ring` too; the SDK's default client would add `aws-lc-rs`). An SDK client configured
+/// by hand (a test's raw `DynamoDB` client) needs it as well: without it the SDK has no HTTP client.
+#[must_use]
+pub fn http_client() -> aws_sdk_kinesis::config::SharedHttpClient {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https()
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ mod stop_mode;
 pub mod testing;
 
 #[cfg(feature = "kinesis")]
-pub use aws::AwsSettings;
+pub use aws::{AwsSettings, http_client as aws_http_client};
 /// The AWS SDK for Kinesis this crate is built with, for code that needs the bare client next to
 /// the [`kinesis`] source (the Kinesis benchmark measures the emulator's raw `GetRecords` rate
 /// with it). Re-exported so that such code needs no dependency of its own on the SDK — a

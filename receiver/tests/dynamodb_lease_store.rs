@@ -58,6 +58,7 @@ fn raw_client() -> aws_sdk_dynamodb::Client {
             "test", "test", None, None, "test",
         ))
         .endpoint_url(moto())
+        .http_client(sluice_receiver::aws_http_client())
         .build();
     aws_sdk_dynamodb::Client::from_conf(config)
 }

@@ -323,6 +323,7 @@ fn raw_item(table: &str, key: &str) -> HashMap<String, AttributeValue> {
                 "test", "test", None, None, "test",
             ))
             .endpoint_url(env("SLUICE_MOTO_ENDPOINT"))
+            .http_client(sluice_receiver::aws_http_client())
             .build(),
     );
     let runtime = tokio::runtime::Builder::new_current_thread()

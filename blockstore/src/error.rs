@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::{BlockId, StorageLevel};
+use crate::{BlockId, Domain, ErrorClass, StorageLevel};
 
 /// Errors of the block store, its tiers, blocks and their codec.
 ///
@@ -94,18 +94,28 @@ impl Error {
     /// Corrupt copies, configuration and URL errors, unsupported levels and oversized blocks are
     /// not retryable.
     pub fn is_retryable(&self) -> bool {
+        self.class().is_retryable()
+    }
+
+    /// Where the error comes from and whether it is retryable (see [`Error::is_retryable`]).
+    pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Io { .. } | Error::Runtime { .. } => true,
-            Error::ObjectStore { source, .. } => !matches!(
-                source,
+            Error::Io { .. } | Error::Runtime { .. } => ErrorClass::transient(Domain::Storage),
+            Error::ObjectStore { source, .. } => match source {
                 object_store::Error::NotSupported { .. }
-                    | object_store::Error::NotImplemented
-                    | object_store::Error::InvalidPath { .. }
-                    | object_store::Error::UnknownConfigurationKey { .. }
-                    | object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-            ),
-            _ => false,
+                | object_store::Error::NotImplemented
+                | object_store::Error::InvalidPath { .. }
+                | object_store::Error::UnknownConfigurationKey { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. } => ErrorClass::permanent(Domain::Config),
+                _ => ErrorClass::transient(Domain::Storage),
+            },
+            Error::Corrupt { .. } | Error::Arrow(_) => ErrorClass::permanent(Domain::Corrupt),
+            Error::InvalidBlockId { .. }
+            | Error::Config { .. }
+            | Error::InvalidUrl { .. }
+            | Error::UnsupportedStorageLevel { .. }
+            | Error::TooLargeForMemory { .. } => ErrorClass::permanent(Domain::Config),
         }
     }
 

@@ -38,6 +38,7 @@ mod block;
 mod clock;
 mod disk_tier;
 mod error;
+mod error_class;
 mod level;
 mod memory_tier;
 mod object_location;
@@ -59,6 +60,7 @@ pub use block::{Block, BlockId, BlockMeta, block_schema};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use disk_tier::{DiskSync, DiskTier};
 pub use error::{Error, Result};
+pub use error_class::{Domain, ErrorClass};
 pub use level::{ParseStorageLevelError, StorageLevel};
 pub use memory_tier::{EvictedBlock, MemoryTier, TooLargeForMemory};
 pub use object_location::{

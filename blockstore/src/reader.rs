@@ -181,7 +181,19 @@ impl ReadError {
     /// Whether reading again later may succeed (only after a [`ReadError::RetryTimeout`]: the
     /// source was throttling or unavailable).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ReadError::RetryTimeout { .. })
+        self.class().is_retryable()
+    }
+
+    /// Where the error comes from and whether it is retryable (see [`ReadError::is_retryable`]).
+    pub fn class(&self) -> crate::ErrorClass {
+        use crate::{Domain, ErrorClass};
+        match self {
+            ReadError::RetryTimeout { .. } => ErrorClass::transient(Domain::Source),
+            ReadError::DataExpired { .. } => ErrorClass::permanent(Domain::DataLoss),
+            ReadError::ReplayFailed { source, .. } => ErrorClass::permanent(source.class().domain),
+            ReadError::RecordCountMismatch { .. } => ErrorClass::permanent(Domain::Corrupt),
+            ReadError::Rebuild { source, .. } => ErrorClass::permanent(source.class().domain),
+        }
     }
 
     /// The last replay error, if the failure came from the source.

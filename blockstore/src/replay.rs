@@ -86,6 +86,17 @@ pub enum ReplayError {
 impl ReplayError {
     /// Whether retrying the same replay may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ReplayError::Throttled(_) | ReplayError::Unavailable { .. })
+        self.class().is_retryable()
+    }
+
+    /// Where the error comes from and whether it is retryable.
+    pub fn class(&self) -> crate::ErrorClass {
+        use crate::{Domain, ErrorClass};
+        match self {
+            ReplayError::Throttled(_) | ReplayError::Unavailable { .. } => ErrorClass::transient(Domain::Source),
+            ReplayError::DataExpired { .. } => ErrorClass::permanent(Domain::DataLoss),
+            ReplayError::CountMismatch { .. } => ErrorClass::permanent(Domain::Corrupt),
+            ReplayError::UnknownShard { .. } | ReplayError::Rejected { .. } => ErrorClass::permanent(Domain::Source),
+        }
     }
 }

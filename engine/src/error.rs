@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use sluice_blockstore::{Domain, ErrorClass};
+
 /// The error type user functions return (output functions, fallible operators): any error, or a
 /// `String`/`&str` message.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -170,11 +172,38 @@ pub enum Error {
 impl Error {
     /// Whether retrying the same operation may succeed.
     pub fn is_retryable(&self) -> bool {
+        self.class().is_retryable()
+    }
+
+    /// Where the error comes from and whether retrying may succeed: the cause's class for
+    /// errors that wrap one, else the variant's own. One classification for every crate's errors
+    /// ([`sluice_blockstore::ErrorClass`]), so a policy can match on the domain
+    /// (`Domain::DataLoss`, `Domain::UserCode`, …) whatever layer the error came through.
+    pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Io { .. } | Error::ObjectStore { .. } => true,
-            Error::BlockStore(e) => e.is_retryable(),
-            Error::Lease(e) => e.is_retryable(),
-            _ => false,
+            Error::Io { .. } | Error::ObjectStore { .. } => ErrorClass::transient(Domain::Storage),
+            Error::BlockStore(e) => e.class(),
+            Error::Lease(e) => e.class(),
+            Error::LocalLog(e) => e.class(),
+            Error::Receiver { source, .. } => source.class(),
+            Error::Stopped(cause) => cause.class(),
+            Error::Job(job) => ErrorClass::permanent(job.error.class().domain),
+            Error::DataLost { .. } => ErrorClass::permanent(Domain::DataLoss),
+            Error::Output { .. } => ErrorClass::permanent(Domain::UserCode),
+            Error::CorruptMetadata { .. } => ErrorClass::permanent(Domain::Corrupt),
+            Error::Config { .. } | Error::MetricsServer { .. } => ErrorClass::permanent(Domain::Config),
+            // A create-only write lost to another writer: writing the same file again loses again.
+            Error::AlreadyExists { .. } => ErrorClass::permanent(Domain::Storage),
+            Error::Fenced { .. } => ErrorClass::permanent(Domain::Lease),
+            Error::Started { .. } | Error::NotStarted | Error::StopTimeout { .. } | Error::Stopping => {
+                ErrorClass::permanent(Domain::Lifecycle)
+            }
+            #[cfg(feature = "kinesis")]
+            Error::Kinesis(_) => ErrorClass::permanent(Domain::Source),
+            #[cfg(feature = "kinesis")]
+            Error::LeaseTable(_) => ErrorClass::permanent(Domain::Lease),
+            Error::Sink { .. } => ErrorClass::permanent(Domain::Storage),
+            Error::Internal(_) => ErrorClass::permanent(Domain::Internal),
         }
     }
 }

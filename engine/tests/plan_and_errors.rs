@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use sluice_blockstore::{Clock, ManualClock};
+use sluice_blockstore::{Clock, Domain, ErrorClass, ManualClock};
 use sluice_engine::{Error, FailurePolicy, StopMode, StreamingContext, TaskError, Window};
 use sluice_operators::bench_data;
 use sluice_receiver::local_log::{LocalLog, RetentionPolicy, StreamConfig};
@@ -174,6 +174,11 @@ fn a_state_update_that_always_fails_stops_the_stream_under_either_policy() {
         let Error::Stopped(cause) = &err else { panic!("{err}") };
         let Error::Job(job) = &**cause else { panic!("{cause}") };
         assert_eq!(job.attempts, 2, "{policy:?}: max_task_attempts applies to the update");
+        assert_eq!(
+            err.class(),
+            ErrorClass::permanent(Domain::UserCode),
+            "a panic is the user's code; retried, then final"
+        );
         assert!(
             matches!(&job.error, TaskError::Panicked { message } if message.contains("a bug")),
             "{job}"
@@ -260,6 +265,9 @@ fn data_gone_from_the_source_stops_the_stream_with_data_lost() {
         std::error::Error::source(&err).is_some(),
         "the cause is kept as the source"
     );
+    // One classification across crates: the reader's DataExpired, the task's BlockUnavailable and
+    // the engine's DataLost all say the same.
+    assert_eq!(err.class(), ErrorClass::permanent(Domain::DataLoss));
 }
 
 #[test]

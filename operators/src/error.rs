@@ -66,7 +66,18 @@ impl Error {
     /// Object-store failures are treated as transient (network, throttling); everything else is a
     /// bug or bad data that a retry would hit again.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::ObjectStore { .. } | Error::Runtime { .. })
+        self.class().is_retryable()
+    }
+
+    /// Where the error comes from and whether it is retryable.
+    pub fn class(&self) -> sluice_blockstore::ErrorClass {
+        use sluice_blockstore::{Domain, ErrorClass};
+        match self {
+            Error::ObjectStore { .. } | Error::Runtime { .. } => ErrorClass::transient(Domain::Storage),
+            Error::InvalidLocation { .. } | Error::InvalidWriter { .. } => ErrorClass::permanent(Domain::Config),
+            Error::Corrupt { .. } => ErrorClass::permanent(Domain::Corrupt),
+            Error::Parquet { .. } | Error::Arrow { .. } => ErrorClass::permanent(Domain::Internal),
+        }
     }
 }
 

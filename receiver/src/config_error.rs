@@ -20,6 +20,11 @@ impl ConfigError {
 
     /// Configuration errors never go away by retrying.
     pub fn is_retryable(&self) -> bool {
-        false
+        self.class().is_retryable()
+    }
+
+    /// [`Domain::Config`](sluice_blockstore::Domain::Config), never retryable.
+    pub fn class(&self) -> sluice_blockstore::ErrorClass {
+        sluice_blockstore::ErrorClass::permanent(sluice_blockstore::Domain::Config)
     }
 }

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use sluice_blockstore::{Position, Record, Replay, SequenceNumber, StorageLevel};
+use sluice_blockstore::{Domain, ErrorClass, Position, Record, Replay, SequenceNumber, StorageLevel};
 
 use crate::stop_mode::StopMode;
 
@@ -153,10 +153,20 @@ pub enum SourceError {
 impl SourceError {
     /// Whether retrying (after a backoff, reopening the reader if needed) may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            SourceError::Throttled(_) | SourceError::IteratorExpired(_) | SourceError::Unavailable { .. }
-        )
+        self.class().is_retryable()
+    }
+
+    /// Where the error comes from and whether it is retryable.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SourceError::Throttled(_) | SourceError::IteratorExpired(_) | SourceError::Unavailable { .. } => {
+                ErrorClass::transient(Domain::Source)
+            }
+            SourceError::DataExpired { .. } => ErrorClass::permanent(Domain::DataLoss),
+            SourceError::UnknownShard { .. } => ErrorClass::permanent(Domain::Source),
+            SourceError::Invalid(_) => ErrorClass::permanent(Domain::Config),
+            SourceError::Corrupt { .. } => ErrorClass::permanent(Domain::Corrupt),
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use sluice_blockstore::{BlockId, ReadError, Record};
+use sluice_blockstore::{BlockId, Domain, ErrorClass, ReadError, Record};
 use sluice_operators::shuffle::{CombineMap, Combiner, shuffle};
 
 use super::cache::MapSizeHint;
@@ -77,10 +77,22 @@ impl TaskError {
 
     /// Whether another attempt may succeed.
     pub fn is_retryable(&self) -> bool {
+        self.class().is_retryable()
+    }
+
+    /// Where the error comes from and whether another attempt may succeed: a panic may be
+    /// transient (retried, then isolated per record); a block that cannot be read is retried
+    /// unless its data is lost; a rejected record stays rejected.
+    pub fn class(&self) -> ErrorClass {
         match self {
-            TaskError::Panicked { .. } => true,
-            TaskError::BlockUnavailable { source, .. } => !source.is_data_lost(),
-            TaskError::UnknownInput { .. } | TaskError::Rejected { .. } | TaskError::Cancelled => false,
+            TaskError::Panicked { .. } => ErrorClass::transient(Domain::UserCode),
+            TaskError::BlockUnavailable { source, .. } if source.is_data_lost() => {
+                ErrorClass::permanent(Domain::DataLoss)
+            }
+            TaskError::BlockUnavailable { source, .. } => ErrorClass::transient(source.class().domain),
+            TaskError::Rejected { .. } => ErrorClass::permanent(Domain::UserCode),
+            TaskError::UnknownInput { .. } => ErrorClass::permanent(Domain::Internal),
+            TaskError::Cancelled => ErrorClass::permanent(Domain::Lifecycle),
         }
     }
 }

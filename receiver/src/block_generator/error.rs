@@ -51,12 +51,18 @@ pub enum GeneratorError {
 impl GeneratorError {
     /// Whether restarting the receiver (re-reading from the last stored positions) may succeed.
     pub fn is_retryable(&self) -> bool {
+        self.class().is_retryable()
+    }
+
+    /// Where the error comes from and whether it is retryable.
+    pub fn class(&self) -> sluice_blockstore::ErrorClass {
+        use sluice_blockstore::{Domain, ErrorClass};
         match self {
-            GeneratorError::StoreFailed { source, .. } => source.is_retryable(),
-            GeneratorError::Spawn { .. } => true,
-            GeneratorError::Stopped { .. }
-            | GeneratorError::BuildFailed { .. }
-            | GeneratorError::InvalidBatch { .. } => false,
+            GeneratorError::StoreFailed { source, .. } => source.class(),
+            GeneratorError::Spawn { .. } => ErrorClass::transient(Domain::Internal),
+            GeneratorError::Stopped { .. } => ErrorClass::permanent(Domain::Lifecycle),
+            GeneratorError::BuildFailed { .. } => ErrorClass::permanent(Domain::Internal),
+            GeneratorError::InvalidBatch { .. } => ErrorClass::permanent(Domain::Config),
         }
     }
 }

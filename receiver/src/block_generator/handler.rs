@@ -63,6 +63,17 @@ impl HandlerError {
         self.retryable
     }
 
+    /// [`Domain::Storage`](sluice_blockstore::Domain::Storage) (storing a block), with the
+    /// handler's retry hint.
+    pub fn class(&self) -> sluice_blockstore::ErrorClass {
+        use sluice_blockstore::{Domain, ErrorClass};
+        if self.retryable {
+            ErrorClass::transient(Domain::Storage)
+        } else {
+            ErrorClass::permanent(Domain::Storage)
+        }
+    }
+
     /// The message.
     pub fn message(&self) -> &str {
         &self.message

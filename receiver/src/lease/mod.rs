@@ -293,10 +293,21 @@ pub enum LeaseError {
 impl LeaseError {
     /// Whether retrying the same call may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            LeaseError::Throttled { .. } | LeaseError::Io { .. } | LeaseError::Unavailable { .. }
-        )
+        self.class().is_retryable()
+    }
+
+    /// Where the error comes from and whether it is retryable.
+    pub fn class(&self) -> sluice_blockstore::ErrorClass {
+        use sluice_blockstore::{Domain, ErrorClass};
+        match self {
+            LeaseError::Throttled { .. } | LeaseError::Io { .. } | LeaseError::Unavailable { .. } => {
+                ErrorClass::transient(Domain::Lease)
+            }
+            LeaseError::ConditionFailed { .. }
+            | LeaseError::NotFound { .. }
+            | LeaseError::CheckpointRegression { .. } => ErrorClass::permanent(Domain::Lease),
+            LeaseError::Corrupt { .. } => ErrorClass::permanent(Domain::Corrupt),
+        }
     }
 
     /// Whether this means the caller no longer holds the lease (it must stop processing the

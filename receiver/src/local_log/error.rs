@@ -76,7 +76,23 @@ pub enum LocalLogError {
 impl LocalLogError {
     /// Whether retrying the same call may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, LocalLogError::Io { .. } | LocalLogError::WriterLocked { .. })
+        self.class().is_retryable()
+    }
+
+    /// Where the error comes from and whether it is retryable.
+    pub fn class(&self) -> sluice_blockstore::ErrorClass {
+        use sluice_blockstore::{Domain, ErrorClass};
+        match self {
+            LocalLogError::Io { .. } => ErrorClass::transient(Domain::Storage),
+            // Another process holds the writer lock; it may let go.
+            LocalLogError::WriterLocked { .. } => ErrorClass::transient(Domain::Lifecycle),
+            LocalLogError::Meta { .. } => ErrorClass::permanent(Domain::Corrupt),
+            LocalLogError::StreamExists { .. }
+            | LocalLogError::UnknownStream { .. }
+            | LocalLogError::UnknownShard { .. }
+            | LocalLogError::ShardClosed { .. }
+            | LocalLogError::Invalid(_) => ErrorClass::permanent(Domain::Config),
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -86,12 +86,19 @@ impl ReceiverError {
     /// Whether restarting the receiver may succeed (it is restarted after `restart_delay_ms`);
     /// otherwise the receiver gives up and reports [`ReceiverStatus::failed`].
     pub fn is_retryable(&self) -> bool {
+        self.class().is_retryable()
+    }
+
+    /// Where the error comes from and whether it is retryable (its cause's class).
+    pub fn class(&self) -> sluice_blockstore::ErrorClass {
+        use sluice_blockstore::{Domain, ErrorClass};
         match self {
-            ReceiverError::Source { source, .. } => source.is_retryable(),
-            ReceiverError::Lease(e) => e.is_retryable(),
-            ReceiverError::Generator(e) => e.is_retryable(),
-            ReceiverError::Spawn { .. } => true,
-            ReceiverError::Config(_) | ReceiverError::AlreadyStarted => false,
+            ReceiverError::Source { source, .. } => source.class(),
+            ReceiverError::Lease(e) => e.class(),
+            ReceiverError::Generator(e) => e.class(),
+            ReceiverError::Config(e) => e.class(),
+            ReceiverError::Spawn { .. } => ErrorClass::transient(Domain::Internal),
+            ReceiverError::AlreadyStarted => ErrorClass::permanent(Domain::Lifecycle),
         }
     }
 }

@@ -16,11 +16,10 @@ use sluice_receiver::{
     AwsSettings, Checkpoint, DynamoConnectError, DynamoLeaseOptions, DynamoLeaseStore, Lease, LeaseError, LeaseStore,
 };
 
+mod emulators;
+
 fn moto() -> String {
-    std::env::var("SLUICE_MOTO_ENDPOINT").expect(
-        "SLUICE_MOTO_ENDPOINT is not set: run the DynamoDB tests through `scripts/with-emulators cargo test ...` \
-         (or `scripts/test`), which starts moto",
-    )
+    emulators::env("SLUICE_MOTO_ENDPOINT")
 }
 
 fn settings(endpoint: &str) -> AwsSettings {

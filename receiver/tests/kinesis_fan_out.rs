@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_blockstore::SystemClock;
@@ -23,27 +23,15 @@ use sluice_receiver::kinesis::{
 use sluice_receiver::testing::{FaultProxy, RecordingHandler, StreamFault, event_stream_message};
 use sluice_receiver::{AwsSettings, LocalLeaseStore, Receiver, ReceiverConfig, Source, StartingPosition, StopMode};
 
-fn endpoint() -> String {
-    std::env::var("SLUICE_KINESIS_ENDPOINT").expect(
-        "SLUICE_KINESIS_ENDPOINT is not set: run the Kinesis tests through `scripts/with-emulators cargo test ...` \
-         (or `scripts/test`), which starts kinesis-local",
-    )
-}
+mod emulators;
 
-fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
+use emulators::{kinesis_endpoint, unique};
 
 /// A polling configuration for a new stream (the producer's, and the base of the others).
 fn polling(prefix: &str) -> KinesisConfig {
     KinesisConfig {
         aws: AwsSettings {
-            kinesis_endpoint: Some(endpoint()),
+            kinesis_endpoint: Some(kinesis_endpoint()),
             ..AwsSettings::default()
         },
         min_read_interval_ms: 20,
@@ -136,7 +124,7 @@ fn every_record_once_through_renewals_forced_expiry_errors_and_silence_mid_strea
     let proxy = {
         let phase = phase.clone();
         FaultProxy::start_with_streams(
-            &endpoint(),
+            &kinesis_endpoint(),
             |_| None,
             move |request| {
                 if request.operation() != "SubscribeToShard" {
@@ -305,7 +293,7 @@ fn a_closed_shard_ends_on_child_shards_in_the_event_or_on_the_end_check() {
     );
     let parent_in_body = format!(r#""ShardId":"{parent}""#);
     let proxy = FaultProxy::start_with_streams(
-        &endpoint(),
+        &kinesis_endpoint(),
         |_| None,
         move |request| {
             (request.operation() == "SubscribeToShard" && request.body_text().contains(&parent_in_body)).then(|| {

@@ -10,7 +10,6 @@
 #![cfg(feature = "kinesis")]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,20 +25,9 @@ use sluice_receiver::{
 };
 use sluice_receiver::{Source, StopMode};
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run through `scripts/with-emulators cargo test ...` (or `scripts/test`)")
-    })
-}
+mod emulators;
 
-fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
+use emulators::{env, unique};
 
 fn config(stream: &str) -> KinesisConfig {
     KinesisConfig {

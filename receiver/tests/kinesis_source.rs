@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,24 +15,16 @@ use sluice_receiver::kinesis::{KinesisConfig, KinesisError, KinesisProducer, Kin
 use sluice_receiver::testing::RecordingHandler;
 use sluice_receiver::{AwsSettings, LocalLeaseStore, Receiver, ReceiverConfig, Source, StartingPosition, StopMode};
 
-fn endpoint() -> String {
-    std::env::var("SLUICE_KINESIS_ENDPOINT").expect(
-        "SLUICE_KINESIS_ENDPOINT is not set: run the Kinesis tests through `scripts/with-emulators cargo test ...` \
-         (or `scripts/test`), which starts kinesis-local",
-    )
-}
+mod emulators;
+
+use emulators::{kinesis_endpoint, unique};
 
 /// A configuration for a new stream name, fast pacing for the emulator.
 fn config(prefix: &str) -> KinesisConfig {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let name = format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
+    let name = unique(prefix);
     KinesisConfig {
         aws: AwsSettings {
-            kinesis_endpoint: Some(endpoint()),
+            kinesis_endpoint: Some(kinesis_endpoint()),
             ..AwsSettings::default()
         },
         min_read_interval_ms: 20,
@@ -427,7 +418,7 @@ fn replay_of_a_trimmed_range_is_data_expired() {
     let page = format!(
         r#"{{"Records":[{{"SequenceNumber":"{later}","Data":"a2VwdA==","PartitionKey":"k","ApproximateArrivalTimestamp":1.7E9}}],"NextShardIterator":"x","MillisBehindLatest":0}}"#
     );
-    let proxy = FaultProxy::start(&endpoint(), move |request| {
+    let proxy = FaultProxy::start(&kinesis_endpoint(), move |request| {
         (request.operation() == "GetRecords").then(|| FaultResponse {
             status: 200,
             content_type: "application/x-amz-json-1.1".into(),

@@ -7,7 +7,7 @@
 #![cfg(feature = "kinesis")]
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,20 +19,9 @@ use sluice_receiver::{
     LocalLeaseStore, Receiver, ReceiverConfig, ReceiverStatus, StopMode,
 };
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run through `scripts/with-emulators cargo test ...` (or `scripts/test`)")
-    })
-}
+mod emulators;
 
-fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
+use emulators::{env, unique};
 
 fn kinesis_config(endpoint: String, stream: &str) -> KinesisConfig {
     KinesisConfig {

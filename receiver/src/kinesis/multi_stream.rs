@@ -151,6 +151,18 @@ impl fmt::Debug for MultiStreamSource {
 }
 
 impl MultiStreamSource {
+    /// Every stream's source, as the table holds them now (the lock is not held while they are
+    /// used).
+    fn sources(&self) -> Vec<KinesisSource> {
+        self.streams
+            .lock()
+            .expect("streams lock")
+            .by_identifier
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Connects to every stream `provider` lists now (each with `template`'s settings and its
     /// own name), so a missing stream or bad settings fail here. `template.stream_name` is the
     /// label block ranges carry (the engine uses the application name); it must be a valid
@@ -284,14 +296,7 @@ impl Source for MultiStreamSource {
     /// stream deleted from Kinesis leaves the sum, so a counter can fall then (a reset to a
     /// monitor); a stream only removed from the list keeps counting in.
     fn counters(&self) -> Vec<crate::NamedCounter> {
-        let streams: Vec<KinesisSource> = self
-            .streams
-            .lock()
-            .expect("streams lock")
-            .by_identifier
-            .values()
-            .cloned()
-            .collect();
+        let streams = self.sources();
         let mut sum = KinesisMetrics::default().counters();
         for stream in &streams {
             for (total, counter) in sum.iter_mut().zip(stream.counters()) {
@@ -349,14 +354,7 @@ impl Source for MultiStreamSource {
     }
 
     fn release(&self, how: &SourceRelease<'_>) {
-        let streams: Vec<KinesisSource> = self
-            .streams
-            .lock()
-            .expect("streams lock")
-            .by_identifier
-            .values()
-            .cloned()
-            .collect();
+        let streams = self.sources();
         for stream in streams {
             stream.release(how);
         }

@@ -1,0 +1,34 @@
+//! What the Kinesis and `DynamoDB` tests share: the emulators' addresses (given by
+//! `scripts/with-emulators`, a missing one fails loudly) and names no other test uses.
+
+#![allow(dead_code, reason = "each test binary uses its own subset")]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// An address `scripts/with-emulators` exports (`SLUICE_KINESIS_ENDPOINT`, `SLUICE_MOTO_ENDPOINT`).
+///
+/// # Panics
+/// When it is not set: the test is not run through the script that starts the emulators.
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the Kinesis and DynamoDB tests through `scripts/with-emulators cargo test ...` \
+             (or `scripts/test`), which starts kinesis-local and moto"
+        )
+    })
+}
+
+/// kinesis-local's plain-HTTP endpoint.
+pub fn kinesis_endpoint() -> String {
+    env("SLUICE_KINESIS_ENDPOINT")
+}
+
+/// `prefix` made unique to this process and call (stream, table and consumer names).
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}

@@ -205,6 +205,11 @@ fn a_permanent_store_failure_fails_the_receiver_without_advancing_checkpoints() 
         !source.is_retryable() && source.message().contains("permanent"),
         "{source}"
     );
+    assert_eq!(
+        failed.class(),
+        sluice_blockstore::ErrorClass::permanent(sluice_blockstore::Domain::Storage),
+        "the receiver's failure has its handler's class"
+    );
     assert!(!status.caught_up);
     assert_eq!(h.leases.list_leases().unwrap()[0].checkpoint, Checkpoint::TrimHorizon);
     receiver.stop(StopMode::Graceful).unwrap();

@@ -308,7 +308,7 @@ impl BlockHandler for Handler {
     fn store_block(&self, block: Block) -> Result<(), HandlerError> {
         self.blocks
             .store_and_log(&block)
-            .map_err(|e| HandlerError::with_source(e.to_string(), e.is_retryable(), e))
+            .map_err(|e| HandlerError::with_source(e.to_string(), e.class(), e))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The seam between a generator and whoever stores its blocks.
 
-use sluice_blockstore::Block;
+use sluice_blockstore::{Block, Domain, ErrorClass};
 
 /// Where sealed blocks go: the engine stores them and makes their metadata durable.
 ///
@@ -30,48 +30,49 @@ pub trait BlockHandler: Send + Sync {
 #[error("{message}")]
 pub struct HandlerError {
     message: String,
-    retryable: bool,
+    class: ErrorClass,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl HandlerError {
-    /// An error with a message and whether retrying the same block may succeed.
+    /// A storage error ([`Domain::Storage`]) with a message and whether retrying the same block
+    /// may succeed.
     pub fn new(message: impl Into<String>, retryable: bool) -> Self {
+        let class = if retryable {
+            ErrorClass::transient(Domain::Storage)
+        } else {
+            ErrorClass::permanent(Domain::Storage)
+        };
         Self {
             message: message.into(),
-            retryable,
+            class,
             source: None,
         }
     }
 
-    /// An error wrapping its cause.
+    /// An error wrapping its cause, with the cause's class (so a corrupt copy or a stopping
+    /// context keeps its domain through the generator and the receiver).
     pub fn with_source(
         message: impl Into<String>,
-        retryable: bool,
+        class: ErrorClass,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
         Self {
             message: message.into(),
-            retryable,
+            class,
             source: Some(source.into()),
         }
     }
 
     /// Whether storing the same block again may succeed.
     pub fn is_retryable(&self) -> bool {
-        self.retryable
+        self.class.is_retryable()
     }
 
-    /// [`Domain::Storage`](sluice_blockstore::Domain::Storage) (storing a block), with the
-    /// handler's retry hint.
-    pub fn class(&self) -> sluice_blockstore::ErrorClass {
-        use sluice_blockstore::{Domain, ErrorClass};
-        if self.retryable {
-            ErrorClass::transient(Domain::Storage)
-        } else {
-            ErrorClass::permanent(Domain::Storage)
-        }
+    /// Where the failure comes from and whether it is retryable.
+    pub fn class(&self) -> ErrorClass {
+        self.class
     }
 
     /// The message.
@@ -81,10 +82,10 @@ impl HandlerError {
 }
 
 impl PartialEq for HandlerError {
-    /// Equal message and retry hint (the source is not compared: errors rarely implement
+    /// Equal message and class (the source is not compared: errors rarely implement
     /// `PartialEq`). Lets generator phases that hold a failure be compared.
     fn eq(&self, other: &Self) -> bool {
-        self.message == other.message && self.retryable == other.retryable
+        self.message == other.message && self.class == other.class
     }
 }
 

@@ -1,6 +1,8 @@
 //! [`LocalLogError`]: why a local-log operation failed.
 
+use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::SourceError;
 
@@ -12,6 +14,11 @@ pub type Result<T, E = LocalLogError> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum LocalLogError {
     /// A file-system call failed. Retryable when the cause is transient (disk full, EINTR).
+    ///
+    /// From [`Producer::put`](super::Producer::put), `put_aggregated` and `flush`: the records
+    /// of the failed call were not appended and nothing torn is left in the segment; records
+    /// acknowledged earlier and not yet written stay buffered, so retrying the call writes each
+    /// of them once.
     #[error("local log I/O on {}: {source}", path.display())]
     Io {
         /// The file or directory involved.
@@ -68,6 +75,28 @@ pub enum LocalLogError {
         /// The lock file.
         lock_path: PathBuf,
     },
+    /// A producer's write could not be undone (a segment's fsync failed, or truncating a write
+    /// that failed part-way failed), so the state of the segment on disk is unknown and the
+    /// producer refuses every later call. Records acknowledged since its last successful flush may
+    /// or may not be on disk. Not retryable on this producer: drop it and open a new one, which
+    /// truncates a torn tail as it opens, then read the shard's tail to see what was kept.
+    #[error(
+        "the producer of stream {stream} is unusable: {cause} on {}: {source}; records acknowledged \
+         since its last successful flush may be lost. Drop it and open a new producer (opening \
+         truncates a torn tail), then read the shard's tail to see what was kept",
+        path.display()
+    )]
+    ProducerPoisoned {
+        /// Stream name.
+        stream: String,
+        /// The segment file.
+        path: PathBuf,
+        /// The step that failed.
+        cause: PoisonCause,
+        /// The I/O error of that step (shared: every later call returns it again).
+        #[source]
+        source: Arc<std::io::Error>,
+    },
     /// Invalid argument (bad name, bad hash key, non-adjacent merge, empty aggregate…). Not retryable.
     #[error("invalid local log request: {0}")]
     Invalid(String),
@@ -87,6 +116,8 @@ impl LocalLogError {
             // Another process holds the writer lock; it may let go.
             LocalLogError::WriterLocked { .. } => ErrorClass::transient(Domain::Lifecycle),
             LocalLogError::Meta { .. } => ErrorClass::permanent(Domain::Corrupt),
+            // Only a new producer can go on.
+            LocalLogError::ProducerPoisoned { .. } => ErrorClass::permanent(Domain::Storage),
             LocalLogError::StreamExists { .. }
             | LocalLogError::UnknownStream { .. }
             | LocalLogError::UnknownShard { .. }
@@ -100,6 +131,27 @@ impl LocalLogError {
             path: path.into(),
             source,
         }
+    }
+}
+
+/// Which step left a producer unusable ([`LocalLogError::ProducerPoisoned`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoisonCause {
+    /// `fsync` of a segment failed. The kernel may have dropped the written pages and marked them
+    /// clean, so a second fsync could succeed without the data being on disk.
+    SyncFailed,
+    /// A write failed part-way and truncating its torn bytes off the segment failed too: writing
+    /// on would leave a torn frame in the middle of the segment.
+    TruncateFailed,
+}
+
+impl fmt::Display for PoisonCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PoisonCause::SyncFailed => "fsync failed",
+            PoisonCause::TruncateFailed => "truncating a write that failed part-way failed",
+        })
     }
 }
 

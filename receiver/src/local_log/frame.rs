@@ -341,6 +341,22 @@ pub(crate) fn decode_frame(buf: &Bytes) -> FrameRead {
     }
 }
 
+/// The length of the whole frames at the start of `bytes`, which must begin at a frame boundary
+/// of frames this process encoded (the producer's write buffer). A write that failed part-way
+/// wrote a prefix of the buffer: the frames inside it stay on disk, the rest is cut off.
+pub(crate) fn whole_frames_len(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(header) = bytes.get(at..at + FRAME_HEADER_LEN) {
+        let body_len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        let end = at + FRAME_HEADER_LEN + body_len;
+        if end > bytes.len() {
+            break;
+        }
+        at = end;
+    }
+    at
+}
+
 /// Scans a whole segment file, calling `visit(frame)` for each valid frame; returns the offset
 /// just past the last valid frame and whether a torn tail follows it.
 pub(crate) fn scan_segment(file: &mut File, mut visit: impl FnMut(Frame)) -> io::Result<(u64, bool)> {
@@ -472,6 +488,20 @@ mod tests {
             |r| out.push(r),
         );
         out
+    }
+
+    #[test]
+    fn whole_frames_len_stops_before_a_cut_frame() {
+        let mut buf = Vec::new();
+        let mut ends = vec![0];
+        for (i, data) in [&b"a"[..], &[7; 300][..], b""].into_iter().enumerate() {
+            encode_frame(&mut buf, i as u128, 5, false, &[("k", data)]);
+            ends.push(buf.len());
+        }
+        for cut in 0..=buf.len() {
+            let expected = *ends.iter().rfind(|&&end| end <= cut).unwrap();
+            assert_eq!(whole_frames_len(&buf[..cut]), expected, "cut at {cut}");
+        }
     }
 
     #[test]

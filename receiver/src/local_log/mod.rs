@@ -49,7 +49,9 @@
 //! # Crash safety and concurrency
 //! One producer per stream (an exclusive `flock` on `.writer.lock`). It buffers frames in memory
 //! and writes them on [`Producer::flush`] (which also fsyncs) or when the buffer fills; readers see
-//! what has been written. When a producer opens it scans the newest segment of each open shard and
+//! what has been written. A write that fails part-way is truncated back to its last whole frame
+//! and the failed call appends nothing (see [`Producer`]'s "Failed writes"; a failed fsync poisons
+//! the producer). When a producer opens it scans the newest segment of each open shard and
 //! truncates a torn tail (partial frame or CRC mismatch). Readers, possibly in other processes,
 //! re-scan segment tails on every read and stop without error at the first incomplete frame, which
 //! may still be being written. Before a shard is closed (split/merge) its data is flushed, so a
@@ -76,7 +78,7 @@ use std::sync::Arc;
 
 use sluice_blockstore::{Record, Replay, ReplayError, SequenceNumberRange, SequenceNumberRanges};
 
-pub use error::{LocalLogError, Result};
+pub use error::{LocalLogError, PoisonCause, Result};
 pub use meta::RetentionPolicy;
 pub use producer::{DEFAULT_WRITE_BUFFER_BYTES, Producer, RetentionReport, hash_key};
 pub use reader::LocalShardReader;

@@ -1,7 +1,7 @@
 //! [`Producer`]: the single writer of a local-log stream.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use md5::{Digest, Md5};
 use sluice_blockstore::{Position, SharedClock};
 
 use super::LocalStream;
-use super::error::{LocalLogError, Result};
+use super::error::{LocalLogError, PoisonCause, Result};
 use super::frame::{self, SHARD_INDEX_SPACE, SequenceText, sequence_of};
 use super::meta::{RetentionPolicy, ShardMeta, StreamMeta, shard_id_of, sync_dir};
 use super::segment::{SegmentFile, list_segments, segment_name};
@@ -43,39 +43,120 @@ struct ShardWriter {
     next_counter: u128,
     /// The open segment file and its path; `None` until the first write after open or a roll.
     file: Option<(File, PathBuf)>,
-    /// Bytes of the current segment (written plus buffered).
+    /// Bytes of the current segment (written plus buffered); the file holds
+    /// `segment_len - buffer.len()` bytes, all whole frames.
     segment_len: u64,
+    /// Encoded frames not yet written, whole frames only.
     buffer: Vec<u8>,
+    /// Whether bytes were written since the last fsync.
     dirty: bool,
     /// Formats the sequence numbers `put` returns (consecutive, so mostly one digit changes).
     sequences: SequenceText,
 }
 
+/// A write or fsync that left the segment in a state the producer cannot undo: it must not write
+/// again ([`LocalLogError::ProducerPoisoned`]).
+#[derive(Debug, Clone)]
+struct Poison {
+    path: PathBuf,
+    cause: PoisonCause,
+    source: Arc<io::Error>,
+}
+
+impl Poison {
+    fn error(&self, stream: &str) -> LocalLogError {
+        LocalLogError::ProducerPoisoned {
+            stream: stream.to_owned(),
+            path: self.path.clone(),
+            cause: self.cause,
+            source: Arc::clone(&self.source),
+        }
+    }
+}
+
+/// Why a [`ShardWriter`] call failed.
+#[derive(Debug)]
+enum WriteFailure {
+    /// The call failed and left the segment holding whole frames only; every frame it did not
+    /// write is still buffered.
+    Undone(LocalLogError),
+    /// The segment's state is unknown.
+    Poisoned(Poison),
+}
+
+impl From<LocalLogError> for WriteFailure {
+    fn from(error: LocalLogError) -> Self {
+        WriteFailure::Undone(error)
+    }
+}
+
 impl ShardWriter {
-    fn write_buffer(&mut self) -> Result<()> {
+    /// Writes the buffer to the segment.
+    ///
+    /// A write that fails part-way (disk full, EIO, file size limit) keeps the whole frames it
+    /// wrote (a reader may have read them already) and truncates the torn rest off the file, so
+    /// the segment never holds a torn frame that later writes would follow; the frames not written
+    /// stay buffered for the next call.
+    fn write_buffer(&mut self) -> Result<(), WriteFailure> {
         if self.buffer.is_empty() {
             return Ok(());
         }
         let (file, path) = self.file.as_mut().expect("a buffered frame always has a segment");
-        file.write_all(&self.buffer).map_err(|e| LocalLogError::io(&*path, e))?;
-        self.buffer.clear();
-        self.dirty = true;
-        Ok(())
+        let mut written = 0;
+        let error = loop {
+            match file.write(&self.buffer[written..]) {
+                Ok(0) => break io::Error::from(io::ErrorKind::WriteZero),
+                Ok(n) => {
+                    written += n;
+                    if written == self.buffer.len() {
+                        self.buffer.clear();
+                        self.dirty = true;
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break e,
+            }
+        };
+        let kept = frame::whole_frames_len(&self.buffer[..written]);
+        let file_len = self.segment_len - self.buffer.len() as u64 + kept as u64;
+        // Truncate even when `written` ends on a frame boundary: a failed `write` may have
+        // written bytes it did not report. The file is opened for appending, so the next write
+        // lands at the new end.
+        if let Err(truncate) = file.set_len(file_len) {
+            tracing::error!(segment = %path.display(), %error, %truncate, "cannot truncate a torn write");
+            return Err(WriteFailure::Poisoned(Poison {
+                path: path.clone(),
+                cause: PoisonCause::TruncateFailed,
+                source: Arc::new(truncate),
+            }));
+        }
+        self.buffer.drain(..kept);
+        self.dirty |= kept > 0;
+        Err(WriteFailure::Undone(LocalLogError::io(&*path, error)))
     }
 
-    fn sync(&mut self) -> Result<()> {
+    /// Writes the buffer and fsyncs what was written since the last fsync.
+    fn sync(&mut self) -> Result<(), WriteFailure> {
         self.write_buffer()?;
         if self.dirty
             && let Some((file, path)) = &self.file
         {
-            file.sync_data().map_err(|e| LocalLogError::io(path, e))?;
+            if let Err(e) = file.sync_data() {
+                return Err(WriteFailure::Poisoned(Poison {
+                    path: path.clone(),
+                    cause: PoisonCause::SyncFailed,
+                    source: Arc::new(e),
+                }));
+            }
             self.dirty = false;
         }
         Ok(())
     }
 
-    /// Starts a new segment whose first record has `first_body`.
-    fn roll(&mut self, first_body: u128) -> Result<()> {
+    /// Starts a new segment whose first record has `first_body`. On failure the writer still
+    /// writes the old segment.
+    fn roll(&mut self, first_body: u128) -> Result<(), WriteFailure> {
         self.sync()?;
         fs::create_dir_all(&self.dir).map_err(|e| LocalLogError::io(&self.dir, e))?;
         let path = self.dir.join(segment_name(first_body));
@@ -97,6 +178,15 @@ impl ShardWriter {
 /// Frames are buffered per shard and written when the buffer fills or on [`Producer::flush`],
 /// which also fsyncs; readers see a record once it is written. Dropping the producer writes the
 /// buffers without fsync and releases the lock; call [`Producer::flush`] to make data durable.
+///
+/// # Failed writes
+/// An `Err` from [`Producer::put`], [`Producer::put_aggregated`] or [`Producer::flush`] means the
+/// records of that call were not appended: a write that failed part-way is truncated back to the
+/// last whole frame, the failed record gives back its sequence number, and records acknowledged
+/// earlier but not yet written stay buffered, so retrying writes each record exactly once. When
+/// that cannot be guaranteed (an fsync failed, or the truncation failed) the producer is poisoned:
+/// that call and every later one return [`LocalLogError::ProducerPoisoned`], dropping it writes
+/// nothing, and a new producer must be opened (it truncates a torn tail as it opens).
 #[derive(Debug)]
 pub struct Producer {
     stream: LocalStream,
@@ -105,6 +195,8 @@ pub struct Producer {
     /// One per open shard.
     writers: Vec<ShardWriter>,
     buffer_limit: usize,
+    /// Set when a write or fsync could not be undone; every later call fails with it.
+    poisoned: Option<Poison>,
     _lock: FileLock,
 }
 
@@ -139,6 +231,7 @@ impl Producer {
             clock,
             writers,
             buffer_limit: DEFAULT_WRITE_BUFFER_BYTES,
+            poisoned: None,
             _lock: lock,
         })
     }
@@ -146,6 +239,26 @@ impl Producer {
     /// The stream this producer writes.
     pub fn stream(&self) -> &LocalStream {
         &self.stream
+    }
+
+    /// Fails with [`LocalLogError::ProducerPoisoned`] once a write could not be undone.
+    fn check_usable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(poison) => Err(poison.error(self.stream.name())),
+            None => Ok(()),
+        }
+    }
+
+    /// The error to return for `failure`, poisoning the producer when it cannot be undone.
+    fn failed(&mut self, failure: WriteFailure) -> LocalLogError {
+        match failure {
+            WriteFailure::Undone(error) => error,
+            WriteFailure::Poisoned(poison) => {
+                let error = poison.error(self.stream.name());
+                self.poisoned = Some(poison);
+                error
+            }
+        }
     }
 
     /// The writer of the open shard whose hash range holds `partition_key`.
@@ -175,21 +288,34 @@ impl Producer {
                 return Err(LocalLogError::Invalid("partition key or data too large".into()));
             }
         }
+        self.check_usable()?;
         let writer = self.writer_for(partition_key)?;
         let arrival = self.clock.now_ms();
         let segment_bytes = self.meta.segment_bytes;
         let buffer_limit = self.buffer_limit;
         let writer = &mut self.writers[writer];
         let body = writer.next_counter * SHARD_INDEX_SPACE + u128::from(writer.index);
-        let len = frame::frame_len(sub_records) as u64;
-        if writer.file.is_none() || (writer.segment_len > 0 && writer.segment_len + len > segment_bytes) {
-            writer.roll(body)?;
+        let len = frame::frame_len(sub_records);
+        let rolls =
+            writer.file.is_none() || (writer.segment_len > 0 && writer.segment_len + len as u64 > segment_bytes);
+        if rolls && let Err(failure) = writer.roll(body) {
+            return Err(self.failed(failure));
         }
         frame::encode_frame(&mut writer.buffer, body, arrival, aggregated, sub_records);
-        writer.segment_len += len;
+        writer.segment_len += len as u64;
         writer.next_counter += 1;
-        if writer.buffer.len() >= buffer_limit {
-            writer.write_buffer()?;
+        if writer.buffer.len() >= buffer_limit
+            && let Err(failure) = writer.write_buffer()
+        {
+            if matches!(failure, WriteFailure::Undone(_)) {
+                // This record's frame is the last one buffered and was not written whole (the
+                // write failed before the end of the buffer): take it back out, so the failed
+                // put appends nothing and the next put reuses its sequence number.
+                writer.buffer.truncate(writer.buffer.len() - len);
+                writer.segment_len -= len as u64;
+                writer.next_counter -= 1;
+            }
+            return Err(self.failed(failure));
         }
         Ok(Position::plain(writer.sequences.sequence(body)))
     }
@@ -197,7 +323,10 @@ impl Producer {
     /// Appends one record to the shard whose hash range holds MD5(`partition_key`).
     ///
     /// # Errors
-    /// [`LocalLogError::Invalid`] for a key longer than 65535 bytes; I/O errors.
+    /// [`LocalLogError::Invalid`] for a key longer than 65535 bytes; [`LocalLogError::Io`] when
+    /// writing the buffer failed: the record was not appended (retrying appends it once) and
+    /// records acknowledged earlier stay buffered; [`LocalLogError::ProducerPoisoned`] when a
+    /// write could not be undone (see [`Producer`]'s "Failed writes").
     pub fn put(&mut self, partition_key: &str, data: impl AsRef<[u8]>) -> Result<Position> {
         self.append(partition_key, false, &[(partition_key, data)])
     }
@@ -228,10 +357,16 @@ impl Producer {
     /// Writes every buffered frame and fsyncs the segments written since the last flush.
     ///
     /// # Errors
-    /// I/O errors; the data may then be partly written (readers and reopen handle torn tails).
+    /// [`LocalLogError::Io`] when a write failed: the frames written whole stay, nothing torn is
+    /// left, and the rest stays buffered for the next flush (which writes each record once);
+    /// [`LocalLogError::ProducerPoisoned`] when an fsync failed or a torn write could not be
+    /// truncated (see [`Producer`]'s "Failed writes").
     pub fn flush(&mut self) -> Result<()> {
-        for writer in &mut self.writers {
-            writer.sync()?;
+        self.check_usable()?;
+        for i in 0..self.writers.len() {
+            if let Err(failure) = self.writers[i].sync() {
+                return Err(self.failed(failure));
+            }
         }
         Ok(())
     }
@@ -359,6 +494,7 @@ impl Producer {
     /// # Errors
     /// [`LocalLogError::Invalid`] for a non-positive age; I/O errors.
     pub fn set_retention(&mut self, policy: RetentionPolicy) -> Result<()> {
+        self.check_usable()?;
         if policy.max_age_ms.is_some_and(|age| age <= 0) {
             return Err(LocalLogError::Invalid("max_age_ms must be positive".into()));
         }
@@ -434,10 +570,19 @@ impl Producer {
 
 impl Drop for Producer {
     fn drop(&mut self) {
+        if let Some(poison) = &self.poisoned {
+            // The segments' state is unknown: writing on could leave a torn frame mid-segment.
+            let error = poison.error(self.stream.name());
+            tracing::error!(%error, "poisoned local log producer dropped; its unwritten records are lost");
+            return;
+        }
         for writer in &mut self.writers {
-            if let Err(error) = writer.write_buffer() {
-                tracing::error!(%error, "local log producer dropped with unwritten records");
-            }
+            let error = match writer.write_buffer() {
+                Ok(()) => continue,
+                Err(WriteFailure::Undone(error)) => error,
+                Err(WriteFailure::Poisoned(poison)) => poison.error(self.stream.name()),
+            };
+            tracing::error!(%error, "local log producer dropped with unwritten records");
         }
     }
 }
@@ -496,4 +641,56 @@ fn recover_shard(stream: &LocalStream, shard: &ShardMeta) -> Result<ShardWriter>
         break;
     }
     Ok(writer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local_log::LocalLog;
+    use crate::{Source, StartingPosition};
+
+    #[test]
+    fn a_torn_write_that_cannot_be_truncated_poisons_the_producer() {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = LocalLog::open(dir.path()).unwrap().create_stream("s", 1).unwrap();
+        let mut producer = stream.producer().unwrap();
+        for i in 0..3 {
+            producer.put("k", format!("kept-{i}")).unwrap();
+        }
+        producer.flush().unwrap();
+        producer.put("k", "buffered").unwrap();
+        // A read-only handle on the segment: the write fails, and so does the truncation.
+        let (file, path) = producer.writers[0].file.take().unwrap();
+        let len = file.metadata().unwrap().len();
+        producer.writers[0].file = Some((File::open(&path).unwrap(), path.clone()));
+
+        let error = producer.flush().unwrap_err();
+        assert!(
+            matches!(
+                error,
+                LocalLogError::ProducerPoisoned {
+                    cause: PoisonCause::TruncateFailed,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(!error.is_retryable());
+        for error in [producer.put("k", "refused").unwrap_err(), producer.flush().unwrap_err()] {
+            assert!(matches!(error, LocalLogError::ProducerPoisoned { .. }), "{error}");
+        }
+        // Even with a writable segment again, dropping a poisoned producer writes nothing.
+        producer.writers[0].file = Some((OpenOptions::new().append(true).open(&path).unwrap(), path.clone()));
+        drop(producer);
+        assert_eq!(fs::metadata(&path).unwrap().len(), len);
+
+        let mut producer = stream.producer().unwrap();
+        producer.put("k", "reopened").unwrap();
+        producer.flush().unwrap();
+        let mut reader = stream
+            .open_reader("shardId-000000000000", &StartingPosition::TrimHorizon)
+            .unwrap();
+        let data: Vec<_> = reader.read(10).unwrap().records.into_iter().map(|r| r.data).collect();
+        assert_eq!(data, ["kept-0", "kept-1", "kept-2", "reopened"].map(str::as_bytes));
+    }
 }

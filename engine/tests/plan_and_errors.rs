@@ -316,3 +316,57 @@ fn an_output_function_that_panics_once_is_retried_and_one_that_keeps_panicking_s
         "{cause}"
     );
 }
+
+/// `flat_map_count_by_value` (keys borrowed from the line, copied once per task) counts what
+/// `flat_map` + `count_by_value` count, batch by batch; a line whose closure panics after it
+/// emitted some of its words is retried, then isolated to the dead-letter sink, and none of its
+/// words is counted — the partial map of a failed attempt is discarded, not merged.
+#[test]
+fn flat_map_count_by_value_counts_as_flat_map_then_count_and_discards_a_failed_attempt() {
+    use sluice_engine::testing::TestHarness;
+
+    let h = TestHarness::with_builder(|b| b.failure_policy(FailurePolicy::DeadLetter).max_task_attempts(2)).unwrap();
+    let lines = h.input().unwrap();
+    let attempts = Arc::new(AtomicU64::new(0));
+    let seen = attempts.clone();
+    let fused = lines.flat_map_count_by_value(move |line: &Bytes, emit| {
+        for word in line.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty()) {
+            emit(word);
+            if word == b"boom" {
+                seen.fetch_add(1, SeqCst);
+                panic!("a bug on this line, after some of its words were counted");
+            }
+        }
+    });
+    let fused = h
+        .collect(&fused.map(|(w, c)| (String::from_utf8(w.into_vec()).unwrap(), c)))
+        .unwrap();
+    let plain = lines
+        .filter(|line| !line.windows(4).any(|w| w == b"boom"))
+        .flat_map(|line| {
+            String::from_utf8(line.to_vec())
+                .unwrap()
+                .split_ascii_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .count_by_value();
+    let plain = h.collect(&plain).unwrap();
+    h.start().unwrap();
+    let corpus = bench_data::zipf_lines(300, 40, 7);
+    let mut dead_letters = 0;
+    for (i, batch) in corpus.chunks(100).enumerate() {
+        let mut batch = batch.to_vec();
+        if i == 1 {
+            batch[50] = "x y boom z".to_owned();
+        }
+        h.push(batch);
+        dead_letters += h.run_batch().unwrap().dead_letters;
+    }
+    assert_eq!(fused.sorted_batches(), plain.sorted_batches());
+    assert_eq!(fused.sorted_batches().len(), 3);
+    assert_eq!(dead_letters, 1, "the bad line alone is dead-lettered");
+    // Two attempts of the whole block, then the line alone.
+    assert_eq!(attempts.load(SeqCst), 3);
+    h.stop().unwrap();
+}

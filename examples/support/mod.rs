@@ -382,23 +382,9 @@ impl<'de> Deserialize<'de> for Word {
     }
 }
 
-/// Splits a line into words (ASCII whitespace), as zero-copy slices of the line.
-#[allow(clippy::needless_pass_by_value)] // `flat_map` hands each line over by value
-pub fn words(line: Bytes) -> impl Iterator<Item = Bytes> {
-    let mut start = 0;
-    let mut out = Vec::new();
-    for (i, b) in line.iter().enumerate() {
-        if b.is_ascii_whitespace() {
-            if i > start {
-                out.push(line.slice(start..i));
-            }
-            start = i + 1;
-        }
-    }
-    if line.len() > start {
-        out.push(line.slice(start..));
-    }
-    out.into_iter()
+/// Splits a line into words (ASCII whitespace), borrowed from the line.
+pub fn words(line: &[u8]) -> impl Iterator<Item = &[u8]> {
+    line.split(u8::is_ascii_whitespace).filter(|word| !word.is_empty())
 }
 
 /// Word count over `lines`: per-batch counts as Parquet under `output` (a path or a URL; the
@@ -410,15 +396,13 @@ pub fn count_words(
     output: &str,
     top: usize,
 ) -> anyhow::Result<TopWords> {
-    let counts = lines.flat_map(words).count_by_value();
+    // Words are looked up as slices of their line and copied once per task when new: no
+    // allocation or reference count per word, and no key keeps its block in memory.
+    let counts = lines.flat_map_count_by_value(|line: &Bytes, emit| words(line).for_each(emit));
     counts.save_parquet(output)?;
-    // A word is a slice of the block it was read from: a key kept in the state would keep that
-    // whole block in memory for as long as the word stays, so the state owns a copy of its bytes.
-    let totals = counts
-        .map(|(w, c)| (Word(Bytes::copy_from_slice(&w)), c))
-        .update_state_by_key(|_word: &Word, new: Vec<u64>, old: Option<u64>| {
-            Some(old.unwrap_or(0) + new.iter().sum::<u64>())
-        });
+    let totals = counts.map(|(w, c)| (Word(Bytes::from(w)), c)).update_state_by_key(
+        |_word: &Word, new: Vec<u64>, old: Option<u64>| Some(old.unwrap_or(0) + new.iter().sum::<u64>()),
+    );
     let latest_top: TopWords = Arc::default();
     let keep = latest_top.clone();
     totals.foreach_batch(move |_time, mut all| {

@@ -39,6 +39,7 @@
 //! assert_eq!(counts, [("a", 3), ("b", 1)]);
 //! ```
 
+use std::borrow::Borrow;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, Hash};
 use std::marker::PhantomData;
@@ -138,6 +139,32 @@ impl<V: Send> Combiner<V> for Group<V> {
     }
 }
 
+/// A key that a map-side combine looks up in its borrowed form and owns only when a task first
+/// sees it: `flat_map_reduce_by_key`'s keys borrow from their element (a word of a line), so a
+/// repeated key costs a hash lookup and no allocation or reference count, and each distinct key is
+/// copied once per task. The owned keys are compact boxes (16 bytes), so a task's map stays as
+/// small as a hand-written `&str`-keyed one, and they hold no slice of the block they came from.
+pub trait BorrowedKey: Hash + Eq {
+    /// The key the map keeps (its `Hash` and `Eq` agree with the borrowed form's).
+    type Owned: Borrow<Self> + Hash + Eq + Clone + Send + Sync + 'static;
+    /// An owned copy of the key.
+    fn to_owned_key(&self) -> Self::Owned;
+}
+
+impl BorrowedKey for [u8] {
+    type Owned = Box<[u8]>;
+    fn to_owned_key(&self) -> Box<[u8]> {
+        self.into()
+    }
+}
+
+impl BorrowedKey for str {
+    type Owned = Box<str>;
+    fn to_owned_key(&self) -> Box<str> {
+        self.into()
+    }
+}
+
 /// Per-key accumulators of one task or one shuffle partition.
 ///
 /// Each accumulator sits in an `Option` slot so a combine can move it out and back in without a
@@ -199,6 +226,38 @@ impl<K: Hash + Eq, A> CombineMap<K, A> {
             Entry::Vacant(slot) => {
                 slot.insert(Some(combiner.create(value)));
             }
+        }
+    }
+
+    /// [`add`](Self::add) with a borrowed key: looks `key` up as it is and copies it
+    /// ([`BorrowedKey::to_owned_key`]) only when it is new to this map.
+    ///
+    /// ```
+    /// use sluice_operators::shuffle::{CombineMap, Reduce};
+    ///
+    /// let sum = Reduce(|a: u64, b: u64| a + b);
+    /// let line = b"to be or not to be".to_vec();
+    /// let mut map: CombineMap<Box<[u8]>, u64> = CombineMap::new();
+    /// for word in line.split(|b| *b == b' ') {
+    ///     map.add_borrowed(word, 1, &sum);
+    /// }
+    /// assert_eq!(map.len(), 4);
+    /// assert_eq!(map.get(&Box::from(&b"be"[..])), Some(&2));
+    /// ```
+    ///
+    /// # Panics
+    /// If an earlier combine on this map panicked (the map must be discarded then).
+    pub fn add_borrowed<Q, V, C>(&mut self, key: &Q, value: V, combiner: &C)
+    where
+        Q: BorrowedKey<Owned = K> + ?Sized,
+        K: Borrow<Q>,
+        C: Combiner<V, Acc = A>,
+    {
+        if let Some(slot) = self.slots.get_mut(key) {
+            let acc = slot.take().expect(FILLED);
+            *slot = Some(combiner.add(acc, value));
+        } else {
+            self.slots.insert(key.to_owned_key(), Some(combiner.create(value)));
         }
     }
 
@@ -375,6 +434,21 @@ mod tests {
         assert!(caught.is_err());
         let reused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| map.get(&"k").copied()));
         assert!(reused.is_err(), "an emptied slot must not pass for a value");
+    }
+
+    #[test]
+    fn borrowed_and_owned_keys_meet_in_one_map() {
+        let sum = Reduce(|a: u64, b: u64| a + b);
+        let mut map: CombineMap<Box<str>, u64> = CombineMap::new();
+        let line = String::from("a b a c a");
+        for word in line.split(' ') {
+            map.add_borrowed(word, 1, &sum);
+        }
+        map.add(Box::from("b"), 10, &sum);
+        let merged = shuffle(vec![map], 2, &sum);
+        let mut counts: Vec<(Box<str>, u64)> = merged.into_iter().flatten().collect();
+        counts.sort_unstable();
+        assert_eq!(counts, [("a".into(), 3), ("b".into(), 11), ("c".into(), 1)]);
     }
 
     proptest! {

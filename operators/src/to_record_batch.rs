@@ -109,6 +109,30 @@ impl ToRecordBatch for (Bytes, u64) {
     }
 }
 
+impl ToRecordBatch for (Box<[u8]>, u64) {
+    fn schema() -> SchemaRef {
+        binary_key_value_schema(DataType::UInt64)
+    }
+
+    fn to_record_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let keys: BinaryArray = rows.iter().map(|(k, _)| Some(&k[..])).collect();
+        let values: UInt64Array = rows.iter().map(|(_, v)| Some(*v)).collect();
+        build(Self::schema(), vec![Arc::new(keys), Arc::new(values)])
+    }
+}
+
+impl ToRecordBatch for (Box<str>, u64) {
+    fn schema() -> SchemaRef {
+        key_value_schema(DataType::UInt64)
+    }
+
+    fn to_record_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let keys: StringArray = rows.iter().map(|(k, _)| Some(&**k)).collect();
+        let values: UInt64Array = rows.iter().map(|(_, v)| Some(*v)).collect();
+        build(Self::schema(), vec![Arc::new(keys), Arc::new(values)])
+    }
+}
+
 impl ToRecordBatch for String {
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![Field::new("value", DataType::Utf8, false)]))
@@ -135,6 +159,16 @@ mod tests {
         assert_eq!(words.schema(), <(Bytes, u64)>::schema());
         let keys = words.column(0).as_any().downcast_ref::<BinaryArray>().unwrap();
         assert_eq!((keys.value(0), keys.value(1)), (&b"caf\xe9"[..], &b"caf\xe8"[..]));
+        let boxed = <(Box<[u8]>, u64)>::to_record_batch(&[(Box::from(&b"caf\xe9"[..]), 2)]).unwrap();
+        assert_eq!(
+            boxed.schema(),
+            words.schema(),
+            "boxed and Bytes keys write the same column"
+        );
+        let keys = boxed.column(0).as_any().downcast_ref::<BinaryArray>().unwrap();
+        assert_eq!(keys.value(0), &b"caf\xe9"[..]);
+        let text = <(Box<str>, u64)>::to_record_batch(&[(Box::from("x"), 3)]).unwrap();
+        assert_eq!(text.schema(), <(String, u64)>::schema());
     }
 
     #[test]

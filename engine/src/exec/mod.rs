@@ -30,4 +30,4 @@ pub(crate) use dead_letters::{RecordCursor, reject};
 pub(crate) use node::{BatchEnv, BatchHistory, InstanceId, Node, OWN_INSTANCE, ReadBlock, Scope};
 pub use node::{Data, Key, TrackedBlock};
 pub use runner::{DeadLetter, FailurePolicy, JobError, TaskError};
-pub(crate) use runner::{StageRunner, combine_by_key};
+pub(crate) use runner::{StageRunner, combine_by_key, combine_with};

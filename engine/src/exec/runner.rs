@@ -375,6 +375,22 @@ pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
     partitions: usize,
     keys_hint: &MapSizeHint,
 ) -> Result<Vec<CombineMap<K, C::Acc>>, JobError> {
+    combine_with(env, parent, combiner, partitions, keys_hint, &|(k, v), map| {
+        map.add(k, v, combiner);
+    })
+}
+
+/// [`combine_by_key`] over any parent: `fold` puts each element's pairs into its task's map
+/// (`flat_map_reduce_by_key` looks keys up by a borrowed form with
+/// [`CombineMap::add_borrowed`]).
+pub(crate) fn combine_with<T: Data, K: Key, V: Data, C: Combiner<V>>(
+    env: &BatchEnv,
+    parent: &dyn Node<T>,
+    combiner: &C,
+    partitions: usize,
+    keys_hint: &MapSizeHint,
+    fold: &(impl Fn(T, &mut CombineMap<K, C::Acc>) + Sync),
+) -> Result<Vec<CombineMap<K, C::Acc>>, JobError> {
     parent.prepare(env)?;
     let maps = env.runner.run(
         env,
@@ -383,7 +399,7 @@ pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
         &|acc: &mut CombineMap<K, C::Acc>, more| acc.merge_map(more, combiner),
         &|p| parent.source_block(env, p),
         &|p, scope, acc: &mut CombineMap<K, C::Acc>| {
-            parent.compute(env, scope, p, &mut |(k, v)| acc.add(k, v, combiner))?;
+            parent.compute(env, scope, p, &mut |x| fold(x, acc))?;
             keys_hint.observe(acc.len());
             Ok(())
         },

@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use sluice_blockstore::Block;
-use sluice_operators::shuffle::Reduce;
+use sluice_operators::shuffle::{BorrowedKey, Reduce};
 
 use super::GraphBuilder;
 use crate::exec::{
     BatchEnv, Data, InstanceId, JobError, Key, MapSizeHint, Node, RecordCursor, Scope, StageCache, TaskError,
-    TrackedBlock, combine_by_key, reject,
+    TrackedBlock, combine_by_key, combine_with, reject,
 };
 use crate::{BatchTime, BoxError};
 
@@ -412,6 +412,65 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
     }
 }
 
+type PairsFn<T, Q, V> = dyn Fn(&T, &mut dyn FnMut(&Q, V)) + Send + Sync;
+
+/// `flat_map_reduce_by_key`: the map side looks each emitted key up in its borrowed form and
+/// copies it once per task when it is new ([`BorrowedKey`]), then a hash shuffle as
+/// `reduce_by_key`.
+struct FlatMapReduceNode<T, Q: BorrowedKey + ?Sized, V> {
+    parent: Arc<dyn Node<T>>,
+    pairs: Arc<PairsFn<T, Q, V>>,
+    reduce: Arc<dyn Fn(V, V) -> V + Send + Sync>,
+    partitions: usize,
+    keys_hint: MapSizeHint,
+    cache: StageCache<(Q::Owned, V)>,
+}
+
+impl<T: Data, Q: BorrowedKey + ?Sized + 'static, V: Data + Clone> Node<(Q::Owned, V)> for FlatMapReduceNode<T, Q, V> {
+    fn num_partitions(&self, env: &BatchEnv) -> usize {
+        self.cache.num_partitions(env)
+    }
+    fn active(&self, env: &BatchEnv) -> bool {
+        self.parent.active(env)
+    }
+    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
+        if self.cache.get(env).is_some() {
+            return Ok(());
+        }
+        let reduce = Reduce(&*self.reduce);
+        let pairs = &*self.pairs;
+        let merged = combine_with(
+            env,
+            &*self.parent,
+            &reduce,
+            self.partitions,
+            &self.keys_hint,
+            &|x, map| {
+                pairs(&x, &mut |key, value| map.add_borrowed(key, value, &reduce));
+            },
+        )?;
+        self.cache
+            .put(env, merged.into_iter().map(|m| m.into_iter().collect()).collect());
+        Ok(())
+    }
+    fn compute(
+        &self,
+        env: &BatchEnv,
+        _scope: Scope<'_>,
+        p: usize,
+        emit: Emit<'_, (Q::Owned, V)>,
+    ) -> Result<(), TaskError> {
+        self.cache.emit(env, p, emit)
+    }
+    fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
+        None
+    }
+    fn forget(&self, instance: InstanceId, time_ms: i64) {
+        self.cache.forget_up_to(instance, time_ms);
+        self.parent.forget(instance, time_ms);
+    }
+}
+
 impl<T: Data> DStream<T> {
     fn narrow<O: Data>(&self, f: impl Fn(T, Emit<'_, O>) + Send + Sync + 'static) -> DStream<O> {
         DStream {
@@ -460,6 +519,89 @@ impl<T: Data> DStream<T> {
         f: impl Fn(T) -> I + Send + Sync + 'static,
     ) -> DStream<O> {
         self.narrow(move |x, emit| f(x).into_iter().for_each(&mut *emit))
+    }
+
+    /// `flat_map` then [`reduce_by_key`](DStream::reduce_by_key), fused, with keys that borrow
+    /// from their element: `pairs` is given each element by reference and emits `(key, value)`
+    /// pairs whose keys may be slices of it (`&[u8]`, `&str`). The map side looks a key up as it
+    /// is and copies it only the first time a task sees it, so a repeated key costs one hash
+    /// lookup — no allocation, no reference count, no intermediate collection — and the result
+    /// holds no slice of an input block. Keys come out owned: `Box<[u8]>` for `[u8]`, `Box<str>`
+    /// for `str`. `reduce` must be associative and commutative, as for `reduce_by_key`.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # let h = TestHarness::new()?;
+    /// let lines = h.input()?;
+    /// let sums = lines.flat_map_reduce_by_key(
+    ///     |line: &bytes::Bytes, emit| {
+    ///         for pair in line.split(|b| *b == b' ') {
+    ///             let (key, value) = pair.split_at(1);
+    ///             emit(key, value.len() as u64);
+    ///         }
+    ///     },
+    ///     |a, b| a + b,
+    /// );
+    /// let sums = h.collect(&sums)?;
+    /// h.start()?;
+    /// h.push(["a12 b1", "a123"]);
+    /// h.run_batch()?;
+    /// let expected: Vec<(Box<[u8]>, u64)> = vec![(b"a".as_slice().into(), 5), (b"b".as_slice().into(), 1)];
+    /// assert_eq!(sums.sorted_batches(), vec![expected]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
+    pub fn flat_map_reduce_by_key<Q, V>(
+        &self,
+        pairs: impl Fn(&T, &mut dyn FnMut(&Q, V)) + Send + Sync + 'static,
+        reduce: impl Fn(V, V) -> V + Send + Sync + 'static,
+    ) -> DStream<(Q::Owned, V)>
+    where
+        Q: BorrowedKey + ?Sized + 'static,
+        V: Data + Clone,
+    {
+        DStream {
+            node: Arc::new(FlatMapReduceNode {
+                parent: self.node.clone(),
+                pairs: Arc::new(pairs),
+                reduce: Arc::new(reduce),
+                partitions: self.graph.default_partitions(),
+                keys_hint: MapSizeHint::default(),
+                cache: StageCache::default(),
+            }),
+            graph: self.graph.clone(),
+        }
+    }
+
+    /// `flat_map` then [`count_by_value`](DStream::count_by_value), fused, with keys that borrow
+    /// from their element (see [`flat_map_reduce_by_key`](Self::flat_map_reduce_by_key)): word
+    /// count without a `Bytes` or `String` per word.
+    ///
+    /// ```
+    /// # use sluice_engine::testing::TestHarness;
+    /// # let h = TestHarness::new()?;
+    /// let lines = h.input()?;
+    /// let counts = lines.flat_map_count_by_value(|line: &bytes::Bytes, emit| {
+    ///     line.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty()).for_each(emit);
+    /// });
+    /// let counts = h.collect(&counts)?;
+    /// h.start()?;
+    /// h.push(["to be or", "not to be"]);
+    /// h.run_batch()?;
+    /// let words: Vec<(String, u64)> = counts.sorted_batches()[0]
+    ///     .iter()
+    ///     .map(|(w, c)| (String::from_utf8_lossy(w).into_owned(), *c))
+    ///     .collect();
+    /// assert_eq!(words, [("be".into(), 2), ("not".into(), 1), ("or".into(), 1), ("to".into(), 2)]);
+    /// # Ok::<(), sluice_engine::Error>(())
+    /// ```
+    pub fn flat_map_count_by_value<Q>(
+        &self,
+        keys: impl Fn(&T, &mut dyn FnMut(&Q)) + Send + Sync + 'static,
+    ) -> DStream<(Q::Owned, u64)>
+    where
+        Q: BorrowedKey + ?Sized + 'static,
+    {
+        self.flat_map_reduce_by_key(move |x, emit| keys(x, &mut |key| emit(key, 1)), |a, b| a + b)
     }
 
     /// Keeps the elements for which `f` is true.

@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use sluice_blockstore::Block;
-use sluice_operators::shuffle::{BorrowedKey, Reduce};
+use sluice_operators::shuffle::{BorrowedKey, CombineMap, Reduce};
 
 use super::GraphBuilder;
 use crate::exec::{
     BatchEnv, Data, InstanceId, JobError, Key, MapSizeHint, Node, RecordCursor, Scope, StageCache, TaskError,
-    TrackedBlock, combine_by_key, combine_with, reject,
+    TrackedBlock, combine_with, reject,
 };
 use crate::{BatchTime, BoxError};
 
@@ -369,64 +369,44 @@ impl<T: Data> Node<T> for UnionNode<T> {
     }
 }
 
-/// `reduce_by_key`: map-side combine in the fused stage below, then a hash shuffle.
-struct ReduceByKeyNode<K, V> {
-    parent: Arc<dyn Node<(K, V)>>,
-    reduce: Arc<dyn Fn(V, V) -> V + Send + Sync>,
+/// The reduce function of a keyed stage, as its map side's combiner.
+type ReduceFn<V> = dyn Fn(V, V) -> V + Send + Sync;
+/// How a keyed stage folds one element of its parent into its task's map.
+type FoldFn<T, K, V> = dyn Fn(T, &mut CombineMap<K, V>, &Reduce<&ReduceFn<V>>) + Send + Sync;
+
+/// `reduce_by_key` and `flat_map_reduce_by_key`: map-side combine in the fused stage below (each
+/// element folded into its task's map by `fold`), then a hash shuffle.
+struct ReduceByKeyNode<T, K, V> {
+    parent: Arc<dyn Node<T>>,
+    fold: Arc<FoldFn<T, K, V>>,
+    reduce: Arc<ReduceFn<V>>,
     partitions: usize,
     keys_hint: MapSizeHint,
     cache: StageCache<(K, V)>,
 }
 
-impl<K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<K, V> {
-    fn num_partitions(&self, env: &BatchEnv) -> usize {
-        self.cache.num_partitions(env)
-    }
-    fn active(&self, env: &BatchEnv) -> bool {
-        self.parent.active(env)
-    }
-    fn prepare(&self, env: &BatchEnv) -> Result<(), JobError> {
-        if self.cache.get(env).is_some() {
-            return Ok(());
+impl<T: Data, K: Key, V: Data + Clone> ReduceByKeyNode<T, K, V> {
+    fn stream(
+        parent: &DStream<T>,
+        fold: Arc<FoldFn<T, K, V>>,
+        reduce: Arc<ReduceFn<V>>,
+        partitions: usize,
+    ) -> DStream<(K, V)> {
+        DStream {
+            node: Arc::new(ReduceByKeyNode {
+                parent: parent.node.clone(),
+                fold,
+                reduce,
+                partitions: partitions.max(1),
+                keys_hint: MapSizeHint::default(),
+                cache: StageCache::default(),
+            }),
+            graph: parent.graph.clone(),
         }
-        let merged = combine_by_key(
-            env,
-            &*self.parent,
-            &Reduce(&*self.reduce),
-            self.partitions,
-            &self.keys_hint,
-        )?;
-        self.cache
-            .put(env, merged.into_iter().map(|m| m.into_iter().collect()).collect());
-        Ok(())
-    }
-    fn compute(&self, env: &BatchEnv, _scope: Scope<'_>, p: usize, emit: Emit<'_, (K, V)>) -> Result<(), TaskError> {
-        self.cache.emit(env, p, emit)
-    }
-    fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
-        None
-    }
-    fn forget(&self, instance: InstanceId, time_ms: i64) {
-        self.cache.forget_up_to(instance, time_ms);
-        self.parent.forget(instance, time_ms);
     }
 }
 
-type PairsFn<T, Q, V> = dyn Fn(&T, &mut dyn FnMut(&Q, V)) + Send + Sync;
-
-/// `flat_map_reduce_by_key`: the map side looks each emitted key up in its borrowed form and
-/// copies it once per task when it is new ([`BorrowedKey`]), then a hash shuffle as
-/// `reduce_by_key`.
-struct FlatMapReduceNode<T, Q: BorrowedKey + ?Sized, V> {
-    parent: Arc<dyn Node<T>>,
-    pairs: Arc<PairsFn<T, Q, V>>,
-    reduce: Arc<dyn Fn(V, V) -> V + Send + Sync>,
-    partitions: usize,
-    keys_hint: MapSizeHint,
-    cache: StageCache<(Q::Owned, V)>,
-}
-
-impl<T: Data, Q: BorrowedKey + ?Sized + 'static, V: Data + Clone> Node<(Q::Owned, V)> for FlatMapReduceNode<T, Q, V> {
+impl<T: Data, K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<T, K, V> {
     fn num_partitions(&self, env: &BatchEnv) -> usize {
         self.cache.num_partitions(env)
     }
@@ -438,28 +418,20 @@ impl<T: Data, Q: BorrowedKey + ?Sized + 'static, V: Data + Clone> Node<(Q::Owned
             return Ok(());
         }
         let reduce = Reduce(&*self.reduce);
-        let pairs = &*self.pairs;
+        let fold = &*self.fold;
         let merged = combine_with(
             env,
             &*self.parent,
             &reduce,
             self.partitions,
             &self.keys_hint,
-            &|x, map| {
-                pairs(&x, &mut |key, value| map.add_borrowed(key, value, &reduce));
-            },
+            &|x, map| fold(x, map, &reduce),
         )?;
         self.cache
             .put(env, merged.into_iter().map(|m| m.into_iter().collect()).collect());
         Ok(())
     }
-    fn compute(
-        &self,
-        env: &BatchEnv,
-        _scope: Scope<'_>,
-        p: usize,
-        emit: Emit<'_, (Q::Owned, V)>,
-    ) -> Result<(), TaskError> {
+    fn compute(&self, env: &BatchEnv, _scope: Scope<'_>, p: usize, emit: Emit<'_, (K, V)>) -> Result<(), TaskError> {
         self.cache.emit(env, p, emit)
     }
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
@@ -559,17 +531,10 @@ impl<T: Data> DStream<T> {
         Q: BorrowedKey + ?Sized + 'static,
         V: Data + Clone,
     {
-        DStream {
-            node: Arc::new(FlatMapReduceNode {
-                parent: self.node.clone(),
-                pairs: Arc::new(pairs),
-                reduce: Arc::new(reduce),
-                partitions: self.graph.default_partitions(),
-                keys_hint: MapSizeHint::default(),
-                cache: StageCache::default(),
-            }),
-            graph: self.graph.clone(),
-        }
+        let fold = move |x: T, map: &mut CombineMap<Q::Owned, V>, reduce: &Reduce<&ReduceFn<V>>| {
+            pairs(&x, &mut |key, value| map.add_borrowed(key, value, reduce));
+        };
+        ReduceByKeyNode::stream(self, Arc::new(fold), Arc::new(reduce), self.graph.default_partitions())
     }
 
     /// `flat_map` then [`count_by_value`](DStream::count_by_value), fused, with keys that borrow
@@ -916,16 +881,10 @@ impl<K: Key, V: Data + Clone> DStream<(K, V)> {
         reduce: impl Fn(V, V) -> V + Send + Sync + 'static,
         partitions: usize,
     ) -> DStream<(K, V)> {
-        DStream {
-            node: Arc::new(ReduceByKeyNode {
-                parent: self.node.clone(),
-                reduce: Arc::new(reduce),
-                partitions: partitions.max(1),
-                keys_hint: MapSizeHint::default(),
-                cache: StageCache::default(),
-            }),
-            graph: self.graph.clone(),
-        }
+        let fold = |(key, value): (K, V), map: &mut CombineMap<K, V>, reduce: &Reduce<&ReduceFn<V>>| {
+            map.add(key, value, reduce);
+        };
+        ReduceByKeyNode::stream(self, Arc::new(fold), Arc::new(reduce), partitions)
     }
 }
 

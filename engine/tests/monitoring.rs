@@ -195,6 +195,14 @@ fn metrics_move_while_a_word_count_runs_and_match_the_snapshot() {
         snapshot.blocks_stored as f64
     );
     assert_eq!(
+        value(&done, "sluice_ingest_gate_waits_total"),
+        snapshot.ingest_gate_waits as f64
+    );
+    assert_eq!(
+        value(&done, "sluice_ingest_gate_wait_seconds_total"),
+        snapshot.ingest_gate_wait_micros as f64 / 1e6
+    );
+    assert_eq!(
         value(&done, "sluice_block_store_blocks_stored_total"),
         snapshot.blocks_stored as f64
     );

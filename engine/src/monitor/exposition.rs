@@ -150,6 +150,16 @@ fn engine(out: &mut Out<'_>, status: &StreamingStatus) -> fmt::Result {
         m.blocks_stored,
     )?;
     out.counter(
+        "sluice_ingest_gate_waits",
+        "Blocks that waited for the memory budget (the ingest gate) before they were stored; the receivers stand still meanwhile.",
+        m.ingest_gate_waits,
+    )?;
+    out.counter_seconds(
+        "sluice_ingest_gate_wait_seconds",
+        "Time blocks waited for the memory budget.",
+        m.ingest_gate_wait_micros as f64 / 1e6,
+    )?;
+    out.counter(
         "sluice_blocks_replayed",
         "Blocks rebuilt by replaying their sequence-number ranges from the source (no valid stored copy).",
         m.blocks_replayed,

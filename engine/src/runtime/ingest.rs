@@ -194,9 +194,13 @@ impl EngineBlocks {
             .get(&block.id().input_id)
             .copied()
             .unwrap_or_default();
-        self.gate
+        let waited = self
+            .gate
             .admit(block.id(), block.memory_size() as u64)
             .map_err(|_closed| Error::Stopping)?;
+        if !waited.is_zero() {
+            self.metrics.ingest_gate_waited(waited);
+        }
         let stored = self
             .store
             .put(block, level)

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use sluice_blockstore::BlockId;
 
@@ -47,10 +48,13 @@ impl IngestGate {
     }
 
     /// Waits until a block of `bytes` fits within the budget (or nothing else is pending), then
-    /// counts it as pending.
-    pub(crate) fn admit(&self, id: BlockId, bytes: u64) -> Result<(), GateClosed> {
+    /// counts it as pending. Returns how long it waited (zero when the block fitted at once): the
+    /// time ingest stood still for the memory budget.
+    pub(crate) fn admit(&self, id: BlockId, bytes: u64) -> Result<Duration, GateClosed> {
         let mut state = self.state.lock().expect("ingest gate");
+        let mut waited_since = None;
         while !state.closed && state.pending_bytes > 0 && state.pending_bytes + bytes > self.budget_bytes {
+            waited_since.get_or_insert_with(Instant::now);
             state = self.changed.wait(state).expect("ingest gate");
         }
         if state.closed {
@@ -59,7 +63,7 @@ impl IngestGate {
         if state.pending.insert(id, bytes).is_none() {
             state.pending_bytes += bytes;
         }
-        Ok(())
+        Ok(waited_since.map_or(Duration::ZERO, |since| since.elapsed()))
     }
 
     /// Releases blocks processed by a completed batch (or never stored after all).
@@ -94,7 +98,6 @@ impl IngestGate {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Duration;
 
     use super::*;
 
@@ -109,8 +112,12 @@ mod tests {
     #[test]
     fn admits_within_the_budget_and_waits_beyond_it() {
         let gate = Arc::new(IngestGate::new(100));
-        gate.admit(id(1), 60).unwrap();
-        gate.admit(id(2), 40).unwrap();
+        assert_eq!(gate.admit(id(1), 60).unwrap(), Duration::ZERO);
+        assert_eq!(
+            gate.admit(id(2), 40).unwrap(),
+            Duration::ZERO,
+            "a block that fits does not wait"
+        );
         let waiting = {
             let gate = gate.clone();
             std::thread::spawn(move || gate.admit(id(3), 30))
@@ -118,7 +125,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiting.is_finished(), "over the budget: it waits");
         gate.release([id(1)]);
-        waiting.join().unwrap().unwrap();
+        let waited = waiting.join().unwrap().unwrap();
+        assert!(waited >= Duration::from_millis(50), "it reports its wait: {waited:?}");
         assert_eq!(gate.pending_bytes(), 70);
     }
 

@@ -253,6 +253,8 @@ pub struct Metrics {
     pub(crate) blocks_replayed: AtomicU64,
     pub(crate) records_replayed: AtomicU64,
     pub(crate) replay_micros: AtomicU64,
+    pub(crate) ingest_gate_waits: AtomicU64,
+    pub(crate) ingest_gate_wait_micros: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
     pub(crate) dead_letters_by_stage: Mutex<BTreeMap<String, u64>>,
     pub(crate) task_attempts: AtomicU64,
@@ -290,6 +292,14 @@ pub struct MetricsSnapshot {
     /// Time spent reading the blocks that were replayed, in microseconds (monotonic):
     /// `records_replayed / replay_micros` is the replay rate.
     pub replay_micros: u64,
+    /// Blocks that waited for the memory budget before they were stored: the ingest gate admits
+    /// at most `memory_budget_bytes` of blocks no completed batch has processed, and the receivers
+    /// stand still meanwhile.
+    pub ingest_gate_waits: u64,
+    /// Time those blocks waited, in microseconds. A large share of the run means ingest is bound
+    /// by the memory budget and the batch interval, not by the source or the CPU: a larger
+    /// budget or a shorter batch interval lets more records in per batch.
+    pub ingest_gate_wait_micros: u64,
     /// Records sent to the dead-letter sink (each bad record once per batch, however many
     /// stages read it).
     pub dead_letters: u64,
@@ -343,6 +353,12 @@ impl Metrics {
         }
         .fetch_add(1, Relaxed);
         push_bounded(&self.recent_health, RECENT_HEALTH_EVENTS, event.clone());
+    }
+
+    pub(crate) fn ingest_gate_waited(&self, waited: std::time::Duration) {
+        self.ingest_gate_waits.fetch_add(1, Relaxed);
+        self.ingest_gate_wait_micros
+            .fetch_add(u64::try_from(waited.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
 
     pub(crate) fn record_replay(&self, replay: ReplayInfo, micros: u64) {
@@ -448,6 +464,8 @@ impl Metrics {
             blocks_replayed: self.blocks_replayed.load(Relaxed),
             records_replayed: self.records_replayed.load(Relaxed),
             replay_micros: self.replay_micros.load(Relaxed),
+            ingest_gate_waits: self.ingest_gate_waits.load(Relaxed),
+            ingest_gate_wait_micros: self.ingest_gate_wait_micros.load(Relaxed),
             dead_letters: self.dead_letters.load(Relaxed),
             dead_letters_by_stage: self.dead_letters_by_stage.lock().expect("metrics").clone(),
             task_attempts: self.task_attempts.load(Relaxed),

@@ -125,14 +125,11 @@ pub struct Block {
 /// The schema metadata key of the sequence numbers' common prefix.
 const SEQUENCE_PREFIX: &str = "sluice.sequence_prefix";
 
-static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+/// A block schema's fields, with the shard and sequence columns of one layout.
+fn layout(shard: DataType, sequence: &str) -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new(
-            "shard_id",
-            DataType::Dictionary(Box::new(DataType::UInt16), Box::new(DataType::Utf8)),
-            false,
-        ),
-        Field::new("sequence_suffix", DataType::Utf8, false),
+        Field::new("shard_id", shard, false),
+        Field::new(sequence, DataType::Utf8, false),
         Field::new("sub_sequence", DataType::UInt64, false),
         Field::new("partition_key", DataType::Utf8, false),
         Field::new(
@@ -142,23 +139,17 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         ),
         Field::new("data", DataType::Binary, false),
     ]))
+}
+
+static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    layout(
+        DataType::Dictionary(Box::new(DataType::UInt16), Box::new(DataType::Utf8)),
+        "sequence_suffix",
+    )
 });
 
 /// The first layout: a shard id and a whole sequence number per record. Read, never written.
-static SCHEMA_V1: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("shard_id", DataType::Utf8, false),
-        Field::new("sequence_number", DataType::Utf8, false),
-        Field::new("sub_sequence", DataType::UInt64, false),
-        Field::new("partition_key", DataType::Utf8, false),
-        Field::new(
-            "approximate_arrival",
-            DataType::Timestamp(TimeUnit::Millisecond, None),
-            false,
-        ),
-        Field::new("data", DataType::Binary, false),
-    ]))
-});
+static SCHEMA_V1: LazyLock<SchemaRef> = LazyLock::new(|| layout(DataType::Utf8, "sequence_number"));
 
 /// The Arrow schema of a block's payload (its fields; each block's schema also carries its
 /// sequence prefix as metadata).
@@ -538,23 +529,7 @@ mod tests {
                 data: Bytes::from(format!("record number {i}")),
             })
             .collect();
-        let ranges = SequenceNumberRanges::from(SequenceNumberRange {
-            stream: "s".into(),
-            shard_id: "shard-0".into(),
-            from: records[0].position.clone(),
-            to: records[n - 1].position.clone(),
-            record_count: n as u64,
-        });
-        Block::from_records(
-            BlockId {
-                input_id: 1,
-                run_id: 7,
-                seq: 3,
-            },
-            ranges,
-            &records,
-        )
-        .unwrap()
+        block_of(&records)
     }
 
     #[test]
@@ -588,6 +563,7 @@ mod tests {
             .collect()
     }
 
+    /// A block of `records`, its range from the first record's to the last's.
     fn block_of(records: &[Record]) -> Block {
         let ranges = SequenceNumberRanges::from(SequenceNumberRange {
             stream: "s".into(),

@@ -61,15 +61,33 @@ fn build(schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<RecordBatch> {
     })
 }
 
+/// Rows of a text key and a count.
+fn text_counts<K: AsRef<str>>(rows: &[(K, u64)]) -> Result<RecordBatch> {
+    let keys: StringArray = rows.iter().map(|(k, _)| Some(k.as_ref())).collect();
+    let values: UInt64Array = rows.iter().map(|(_, v)| Some(*v)).collect();
+    build(
+        key_value_schema(DataType::UInt64),
+        vec![Arc::new(keys), Arc::new(values)],
+    )
+}
+
+/// Rows of a byte-string key and a count.
+fn binary_counts<K: AsRef<[u8]>>(rows: &[(K, u64)]) -> Result<RecordBatch> {
+    let keys: BinaryArray = rows.iter().map(|(k, _)| Some(k.as_ref())).collect();
+    let values: UInt64Array = rows.iter().map(|(_, v)| Some(*v)).collect();
+    build(
+        binary_key_value_schema(DataType::UInt64),
+        vec![Arc::new(keys), Arc::new(values)],
+    )
+}
+
 impl ToRecordBatch for (String, u64) {
     fn schema() -> SchemaRef {
         key_value_schema(DataType::UInt64)
     }
 
     fn to_record_batch(rows: &[Self]) -> Result<RecordBatch> {
-        let keys: StringArray = rows.iter().map(|(k, _)| Some(k.as_str())).collect();
-        let values: UInt64Array = rows.iter().map(|(_, v)| Some(*v)).collect();
-        build(Self::schema(), vec![Arc::new(keys), Arc::new(values)])
+        text_counts(rows)
     }
 }
 
@@ -91,33 +109,7 @@ impl ToRecordBatch for (Arc<str>, u64) {
     }
 
     fn to_record_batch(rows: &[Self]) -> Result<RecordBatch> {
-        let keys: StringArray = rows.iter().map(|(k, _)| Some(&**k)).collect();
-        let values: UInt64Array = rows.iter().map(|(_, v)| Some(*v)).collect();
-        build(Self::schema(), vec![Arc::new(keys), Arc::new(values)])
-    }
-}
-
-impl ToRecordBatch for (Bytes, u64) {
-    fn schema() -> SchemaRef {
-        binary_key_value_schema(DataType::UInt64)
-    }
-
-    fn to_record_batch(rows: &[Self]) -> Result<RecordBatch> {
-        let keys: BinaryArray = rows.iter().map(|(k, _)| Some(&k[..])).collect();
-        let values: UInt64Array = rows.iter().map(|(_, v)| Some(*v)).collect();
-        build(Self::schema(), vec![Arc::new(keys), Arc::new(values)])
-    }
-}
-
-impl ToRecordBatch for (Box<[u8]>, u64) {
-    fn schema() -> SchemaRef {
-        binary_key_value_schema(DataType::UInt64)
-    }
-
-    fn to_record_batch(rows: &[Self]) -> Result<RecordBatch> {
-        let keys: BinaryArray = rows.iter().map(|(k, _)| Some(&k[..])).collect();
-        let values: UInt64Array = rows.iter().map(|(_, v)| Some(*v)).collect();
-        build(Self::schema(), vec![Arc::new(keys), Arc::new(values)])
+        text_counts(rows)
     }
 }
 
@@ -127,9 +119,27 @@ impl ToRecordBatch for (Box<str>, u64) {
     }
 
     fn to_record_batch(rows: &[Self]) -> Result<RecordBatch> {
-        let keys: StringArray = rows.iter().map(|(k, _)| Some(&**k)).collect();
-        let values: UInt64Array = rows.iter().map(|(_, v)| Some(*v)).collect();
-        build(Self::schema(), vec![Arc::new(keys), Arc::new(values)])
+        text_counts(rows)
+    }
+}
+
+impl ToRecordBatch for (Bytes, u64) {
+    fn schema() -> SchemaRef {
+        binary_key_value_schema(DataType::UInt64)
+    }
+
+    fn to_record_batch(rows: &[Self]) -> Result<RecordBatch> {
+        binary_counts(rows)
+    }
+}
+
+impl ToRecordBatch for (Box<[u8]>, u64) {
+    fn schema() -> SchemaRef {
+        binary_key_value_schema(DataType::UInt64)
+    }
+
+    fn to_record_batch(rows: &[Self]) -> Result<RecordBatch> {
+        binary_counts(rows)
     }
 }
 

@@ -117,7 +117,7 @@ fn engine_batch(log: &Path, data: &Path, lines: usize, threads: usize) -> (Durat
         ..ReceiverConfig::default()
     };
     let stream = ctx.local_log_stream(log, STREAM, config).unwrap();
-    let distinct = Arc::new(Mutex::new(HashMap::<Box<[u8]>, u64>::new()));
+    let distinct = Arc::new(Mutex::new(HashMap::<sluice::operators::ByteKey, u64>::new()));
     let keep = distinct.clone();
     stream
         .flat_map_count_by_value(|line: &Bytes, emit| support::words(line).for_each(emit))

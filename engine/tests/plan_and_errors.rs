@@ -339,7 +339,7 @@ fn flat_map_count_by_value_counts_as_flat_map_then_count_and_discards_a_failed_a
         }
     });
     let fused = h
-        .collect(&fused.map(|(w, c)| (String::from_utf8(w.into_vec()).unwrap(), c)))
+        .collect(&fused.map(|(w, c)| (String::from_utf8(w.to_vec()).unwrap(), c)))
         .unwrap();
     let plain = lines
         .filter(|line| !line.windows(4).any(|w| w == b"boom"))

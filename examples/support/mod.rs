@@ -400,9 +400,11 @@ pub fn count_words(
     // allocation or reference count per word, and no key keeps its block in memory.
     let counts = lines.flat_map_count_by_value(|line: &Bytes, emit| words(line).for_each(emit));
     counts.save_parquet(output)?;
-    let totals = counts.map(|(w, c)| (Word(Bytes::from(w)), c)).update_state_by_key(
-        |_word: &Word, new: Vec<u64>, old: Option<u64>| Some(old.unwrap_or(0) + new.iter().sum::<u64>()),
-    );
+    let totals = counts
+        .map(|(w, c)| (Word(Bytes::copy_from_slice(&w)), c))
+        .update_state_by_key(|_word: &Word, new: Vec<u64>, old: Option<u64>| {
+            Some(old.unwrap_or(0) + new.iter().sum::<u64>())
+        });
     let latest_top: TopWords = Arc::default();
     let keep = latest_top.clone();
     totals.foreach_batch(move |_time, mut all| {

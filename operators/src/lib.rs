@@ -13,6 +13,7 @@
 //!   last, re-runs replace only their writer's files), which is what makes Parquet output
 //!   exactly-once, with several workers writing to one location;
 //! - [`ToRecordBatch`]: how row types become Arrow;
+//! - [`ByteKey`]: the byte-string key of a borrowed-key combine, inline when short;
 //! - [`DeadLetterSink`] and [`DeadLetterRow`]: records that failed processing, with their error;
 //! - [`bench_data`]: the deterministic Zipf text generator shared by examples, tests and benches.
 //!
@@ -21,6 +22,7 @@
 
 mod batch_dir;
 pub mod bench_data;
+mod byte_key;
 mod dead_letter;
 mod error;
 mod parquet_sink;
@@ -29,6 +31,7 @@ pub mod state;
 mod to_record_batch;
 pub mod window;
 
+pub use byte_key::ByteKey;
 pub use dead_letter::{DeadLetterRow, DeadLetterSink, dead_letter_schema, dead_letters_to_record_batch};
 pub use error::{Error, Result};
 pub use parquet_sink::{

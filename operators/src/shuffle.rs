@@ -142,8 +142,9 @@ impl<V: Send> Combiner<V> for Group<V> {
 /// A key that a map-side combine looks up in its borrowed form and owns only when a task first
 /// sees it: `flat_map_reduce_by_key`'s keys borrow from their element (a word of a line), so a
 /// repeated key costs a hash lookup and no allocation or reference count, and each distinct key is
-/// copied once per task. The owned keys are compact boxes (16 bytes), so a task's map stays as
-/// small as a hand-written `&str`-keyed one, and they hold no slice of the block they came from.
+/// copied once per task. The owned keys hold no slice of the block they came from: a
+/// [`ByteKey`](crate::ByteKey) for `[u8]` (short keys inline in the map's slot, so a hit compares
+/// bytes without following a pointer), a `Box<str>` for `str`.
 pub trait BorrowedKey: Hash + Eq {
     /// The key the map keeps (its `Hash` and `Eq` agree with the borrowed form's).
     type Owned: Borrow<Self> + Hash + Eq + Clone + Send + Sync + 'static;
@@ -152,8 +153,8 @@ pub trait BorrowedKey: Hash + Eq {
 }
 
 impl BorrowedKey for [u8] {
-    type Owned = Box<[u8]>;
-    fn to_owned_key(&self) -> Box<[u8]> {
+    type Owned = crate::ByteKey;
+    fn to_owned_key(&self) -> crate::ByteKey {
         self.into()
     }
 }
@@ -237,12 +238,12 @@ impl<K: Hash + Eq, A> CombineMap<K, A> {
     ///
     /// let sum = Reduce(|a: u64, b: u64| a + b);
     /// let line = b"to be or not to be".to_vec();
-    /// let mut map: CombineMap<Box<[u8]>, u64> = CombineMap::new();
+    /// let mut map: CombineMap<sluice_operators::ByteKey, u64> = CombineMap::new();
     /// for word in line.split(|b| *b == b' ') {
     ///     map.add_borrowed(word, 1, &sum);
     /// }
     /// assert_eq!(map.len(), 4);
-    /// assert_eq!(map.get(&Box::from(&b"be"[..])), Some(&2));
+    /// assert_eq!(map.get(&b"be"[..].into()), Some(&2));
     /// ```
     ///
     /// # Panics

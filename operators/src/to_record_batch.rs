@@ -133,7 +133,7 @@ impl ToRecordBatch for (Bytes, u64) {
     }
 }
 
-impl ToRecordBatch for (Box<[u8]>, u64) {
+impl ToRecordBatch for (crate::ByteKey, u64) {
     fn schema() -> SchemaRef {
         binary_key_value_schema(DataType::UInt64)
     }
@@ -169,7 +169,7 @@ mod tests {
         assert_eq!(words.schema(), <(Bytes, u64)>::schema());
         let keys = words.column(0).as_any().downcast_ref::<BinaryArray>().unwrap();
         assert_eq!((keys.value(0), keys.value(1)), (&b"caf\xe9"[..], &b"caf\xe8"[..]));
-        let boxed = <(Box<[u8]>, u64)>::to_record_batch(&[(Box::from(&b"caf\xe9"[..]), 2)]).unwrap();
+        let boxed = <(crate::ByteKey, u64)>::to_record_batch(&[(b"caf\xe9"[..].into(), 2)]).unwrap();
         assert_eq!(
             boxed.schema(),
             words.schema(),

@@ -498,7 +498,7 @@ impl<T: Data> DStream<T> {
     /// pairs whose keys may be slices of it (`&[u8]`, `&str`). The map side looks a key up as it
     /// is and copies it only the first time a task sees it, so a repeated key costs one hash
     /// lookup — no allocation, no reference count, no intermediate collection — and the result
-    /// holds no slice of an input block. Keys come out owned: `Box<[u8]>` for `[u8]`, `Box<str>`
+    /// holds no slice of an input block. Keys come out owned: a [`ByteKey`](sluice_operators::ByteKey) for `[u8]` (inline up to 22 bytes), `Box<str>`
     /// for `str`. `reduce` must be associative and commutative, as for `reduce_by_key`.
     ///
     /// ```
@@ -518,7 +518,7 @@ impl<T: Data> DStream<T> {
     /// h.start()?;
     /// h.push(["a12 b1", "a123"]);
     /// h.run_batch()?;
-    /// let expected: Vec<(Box<[u8]>, u64)> = vec![(b"a".as_slice().into(), 5), (b"b".as_slice().into(), 1)];
+    /// let expected: Vec<(sluice_operators::ByteKey, u64)> = vec![(b"a"[..].into(), 5), (b"b"[..].into(), 1)];
     /// assert_eq!(sums.sorted_batches(), vec![expected]);
     /// # Ok::<(), sluice_engine::Error>(())
     /// ```

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 use sluice::engine::{BatchInfo, DStream, StopMode, StreamingContext};
+use sluice::operators::ByteKey;
 use sluice::receiver::local_log::LocalLog;
 
 /// Logs to stderr, `warn` and above unless `RUST_LOG` says otherwise.
@@ -322,65 +323,7 @@ pub fn load_once(load: &LogLoad<'_>, corpus: impl FnOnce() -> Vec<String>) -> an
 }
 
 /// The latest top words with their totals, updated after every batch.
-pub type TopWords = Arc<Mutex<Vec<(Word, u64)>>>;
-
-/// A word: its bytes as they were in the input, UTF-8 or not. Two words are the same when their
-/// bytes are, so a Latin-1 `caf\xe9` and `caf\xe8` stay two words (converting them to `String`
-/// would turn both into `caf\u{fffd}` and merge their counts).
-///
-/// It is serialized (in the state snapshots) as a string when it is UTF-8 and as bytes when it
-/// is not, so snapshots of text stay as small as they were with `String` keys.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Word(pub Bytes);
-
-impl fmt::Display for Word {
-    /// UTF-8 as it is; each byte of an invalid sequence as `\xNN`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for chunk in self.0.utf8_chunks() {
-            f.write_str(chunk.valid())?;
-            for b in chunk.invalid() {
-                write!(f, "\\x{b:02X}")?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Serialize for Word {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match std::str::from_utf8(&self.0) {
-            Ok(text) => serializer.serialize_str(text),
-            Err(_) => serializer.serialize_bytes(&self.0),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Word {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct WordVisitor;
-        impl<'de> serde::de::Visitor<'de> for WordVisitor {
-            type Value = Word;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a word as a string or as bytes")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Word, E> {
-                Ok(Word(Bytes::copy_from_slice(v.as_bytes())))
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Word, E> {
-                Ok(Word(Bytes::copy_from_slice(v)))
-            }
-            // serde_json writes bytes as an array of numbers.
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Word, A::Error> {
-                let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-                while let Some(b) = seq.next_element::<u8>()? {
-                    bytes.push(b);
-                }
-                Ok(Word(Bytes::from(bytes)))
-            }
-        }
-        deserializer.deserialize_any(WordVisitor)
-    }
-}
+pub type TopWords = Arc<Mutex<Vec<(ByteKey, u64)>>>;
 
 /// Splits a line into words (ASCII whitespace), borrowed from the line.
 pub fn words(line: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -400,11 +343,9 @@ pub fn count_words(
     // allocation or reference count per word, and no key keeps its block in memory.
     let counts = lines.flat_map_count_by_value(|line: &Bytes, emit| words(line).for_each(emit));
     counts.save_parquet(output)?;
-    let totals = counts
-        .map(|(w, c)| (Word(Bytes::copy_from_slice(&w)), c))
-        .update_state_by_key(|_word: &Word, new: Vec<u64>, old: Option<u64>| {
-            Some(old.unwrap_or(0) + new.iter().sum::<u64>())
-        });
+    let totals = counts.update_state_by_key(|_word: &ByteKey, new: Vec<u64>, old: Option<u64>| {
+        Some(old.unwrap_or(0) + new.iter().sum::<u64>())
+    });
     let latest_top: TopWords = Arc::default();
     let keep = latest_top.clone();
     totals.foreach_batch(move |_time, mut all| {
@@ -443,7 +384,7 @@ pub fn run(
     ctx: &StreamingContext,
     follow: bool,
     timeout: Duration,
-    latest_top: &Mutex<Vec<(Word, u64)>>,
+    latest_top: &Mutex<Vec<(ByteKey, u64)>>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     ctx.start()?;

@@ -15,7 +15,10 @@ const INLINE: usize = 22;
 ///
 /// `flat_map_count_by_value` and `flat_map_reduce_by_key` with `[u8]` keys produce it. It
 /// hashes, compares and orders exactly as the `[u8]` it holds (so a map of `ByteKey` is looked up
-/// by `&[u8]`), dereferences to `[u8]`, and serializes as bytes.
+/// by `&[u8]`) and dereferences to `[u8]`. Two keys are the same when their bytes are: a Latin-1
+/// `caf\xe9` and `caf\xe8` stay two keys (converting them to `String` would merge them). It
+/// serializes as a string when it is UTF-8 and as bytes when not, so JSON state snapshots of text
+/// stay as small as with `String` keys; it displays as UTF-8 with each invalid byte as `\xNN`.
 ///
 /// ```
 /// use sluice_operators::ByteKey;
@@ -26,6 +29,7 @@ const INLINE: usize = 22;
 /// assert_eq!(long.len(), 34);
 /// assert!(short > long, "ordered as the bytes are");
 /// assert_eq!(format!("{short:?}"), r#"b"word""#);
+/// assert_eq!(ByteKey::from(&b"caf\xe9"[..]).to_string(), "caf\\xE9");
 /// ```
 #[derive(Clone)]
 pub struct ByteKey(Repr);
@@ -114,9 +118,25 @@ impl fmt::Debug for ByteKey {
     }
 }
 
+impl fmt::Display for ByteKey {
+    /// UTF-8 as it is; each byte of an invalid sequence as `\xNN`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for chunk in self.as_bytes().utf8_chunks() {
+            f.write_str(chunk.valid())?;
+            for b in chunk.invalid() {
+                write!(f, "\\x{b:02X}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl serde::Serialize for ByteKey {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(self.as_bytes())
+        match std::str::from_utf8(self.as_bytes()) {
+            Ok(text) => serializer.serialize_str(text),
+            Err(_) => serializer.serialize_bytes(self.as_bytes()),
+        }
     }
 }
 
@@ -126,7 +146,7 @@ impl<'de> serde::Deserialize<'de> for ByteKey {
         impl<'de> serde::de::Visitor<'de> for Visitor {
             type Value = ByteKey;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a byte string")
+                f.write_str("a key as a string or as bytes")
             }
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteKey, E> {
                 Ok(ByteKey::from(v))
@@ -134,6 +154,7 @@ impl<'de> serde::Deserialize<'de> for ByteKey {
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteKey, E> {
                 Ok(ByteKey::from(v.as_bytes()))
             }
+            // serde_json writes bytes as an array of numbers.
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ByteKey, A::Error> {
                 let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0));
                 while let Some(b) = seq.next_element::<u8>()? {
@@ -142,7 +163,7 @@ impl<'de> serde::Deserialize<'de> for ByteKey {
                 Ok(ByteKey::from(&bytes[..]))
             }
         }
-        deserializer.deserialize_bytes(Visitor)
+        deserializer.deserialize_any(Visitor)
     }
 }
 

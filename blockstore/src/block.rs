@@ -96,7 +96,7 @@ pub struct BlockMeta {
 /// The prefix that every sequence number of the block shares is the schema's
 /// `sluice.sequence_prefix` metadata: consecutive sequence numbers of a shard differ only in their
 /// last digits, so a 56-digit number costs a few bytes instead of 60 (with the shard's id once
-/// per block, a 100-byte record takes ~150 bytes of block instead of ~215, and the store's memory
+/// per block, a 100-byte record takes ~140 bytes of block instead of ~215, and the store's memory
 /// budget holds that many more records). Blocks written with the first layout (`shard_id` as
 /// `Utf8`, whole numbers in a `sequence_number` column) are still read.
 ///

@@ -30,6 +30,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -77,10 +78,11 @@ fn load(dir: &Path, lines: &[String]) -> Duration {
     let log = LocalLog::open(dir).unwrap();
     let stream = log.create_stream(STREAM, 2).unwrap();
     let mut producer = stream.producer().unwrap();
+    let mut key = String::new();
     for (i, line) in lines.iter().enumerate() {
-        producer
-            .put(&(i + 1).to_string(), Bytes::copy_from_slice(line.as_bytes()))
-            .unwrap();
+        key.clear();
+        write!(key, "{}", i + 1).unwrap();
+        producer.put(&key, line.as_bytes()).unwrap();
     }
     producer.flush().unwrap();
     start.elapsed()

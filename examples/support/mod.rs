@@ -3,6 +3,7 @@
 
 use std::backtrace::BacktraceStatus;
 use std::fmt;
+use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -456,10 +457,15 @@ fn fill_log(log_dir: &Path, load: &LogLoad<'_>, corpus: impl FnOnce() -> Vec<Str
     let log = LocalLog::open(log_dir).context("open local log")?;
     let stream = log.create_stream(load.stream, load.shards).context("create stream")?;
     let mut producer = stream.producer().context("open producer")?;
+    // One key buffer for every line, and the line's bytes straight from the caller's buffer: the
+    // producer copies them into its frame anyway.
     let mut n: u64 = 0;
+    let mut key = String::new();
     let mut put = |line: &[u8]| -> anyhow::Result<()> {
         n += 1;
-        producer.put(&n.to_string(), Bytes::copy_from_slice(line))?;
+        key.clear();
+        write!(key, "{n}")?;
+        producer.put(&key, line)?;
         Ok(())
     };
     let mut inputs = Vec::new();

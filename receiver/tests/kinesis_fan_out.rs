@@ -21,24 +21,15 @@ use sluice_receiver::kinesis::{
     ConsumerLifecycle, FanOutConfig, KinesisConfig, KinesisError, KinesisProducer, KinesisSource, ReaderType,
 };
 use sluice_receiver::testing::{FaultProxy, RecordingHandler, StreamFault, event_stream_message};
-use sluice_receiver::{AwsSettings, LocalLeaseStore, Receiver, ReceiverConfig, Source, StartingPosition, StopMode};
+use sluice_receiver::{LocalLeaseStore, Receiver, ReceiverConfig, Source, StartingPosition, StopMode};
 
 mod emulators;
 
-use emulators::{kinesis_endpoint, unique};
+use emulators::{kinesis_config, kinesis_endpoint, unique};
 
 /// A polling configuration for a new stream (the producer's, and the base of the others).
 fn polling(prefix: &str) -> KinesisConfig {
-    KinesisConfig {
-        aws: AwsSettings {
-            kinesis_endpoint: Some(kinesis_endpoint()),
-            ..AwsSettings::default()
-        },
-        min_read_interval_ms: 20,
-        idle_interval_ms: 50,
-        replay_backoff_ms: 20,
-        ..KinesisConfig::new(unique(prefix))
-    }
+    kinesis_config(kinesis_endpoint(), unique(prefix))
 }
 
 /// The same stream read through enhanced fan-out with `consumer`, checking for a closed shard's

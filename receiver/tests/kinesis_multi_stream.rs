@@ -20,26 +20,17 @@ use sluice_receiver::kinesis::{
 };
 use sluice_receiver::testing::RecordingHandler;
 use sluice_receiver::{
-    AwsSettings, DynamoLeaseOptions, DynamoLeaseStore, Lease, LeaseKind, LeaseStore, Receiver, ReceiverConfig,
-    SourceError, WorkerDirectory, WorkerStatus, split_multi_stream_key,
+    DynamoLeaseOptions, DynamoLeaseStore, Lease, LeaseKind, LeaseStore, Receiver, ReceiverConfig, SourceError,
+    WorkerDirectory, WorkerStatus, split_multi_stream_key,
 };
 use sluice_receiver::{Source, StopMode};
 
 mod emulators;
 
-use emulators::{env, unique};
+use emulators::{env, kinesis_config, kinesis_endpoint, unique, with_moto};
 
 fn config(stream: &str) -> KinesisConfig {
-    KinesisConfig {
-        aws: AwsSettings {
-            kinesis_endpoint: Some(env("SLUICE_KINESIS_ENDPOINT")),
-            dynamodb_endpoint: Some(env("SLUICE_MOTO_ENDPOINT")),
-            ..AwsSettings::default()
-        },
-        min_read_interval_ms: 20,
-        idle_interval_ms: 50,
-        ..KinesisConfig::new(stream)
-    }
+    with_moto(kinesis_config(kinesis_endpoint(), stream))
 }
 
 /// Both workers registered and alive: shards are shared by handing back, never stolen.

@@ -13,25 +13,15 @@ use bytes::Bytes;
 use sluice_blockstore::{Record, Replay, ReplayError, SequenceNumberRange, SequenceNumberRanges, SystemClock};
 use sluice_receiver::kinesis::{KinesisConfig, KinesisError, KinesisProducer, KinesisSource};
 use sluice_receiver::testing::RecordingHandler;
-use sluice_receiver::{AwsSettings, LocalLeaseStore, Receiver, ReceiverConfig, Source, StartingPosition, StopMode};
+use sluice_receiver::{LocalLeaseStore, Receiver, ReceiverConfig, Source, StartingPosition, StopMode};
 
 mod emulators;
 
-use emulators::{kinesis_endpoint, unique};
+use emulators::{kinesis_config, kinesis_endpoint, unique};
 
 /// A configuration for a new stream name, fast pacing for the emulator.
 fn config(prefix: &str) -> KinesisConfig {
-    let name = unique(prefix);
-    KinesisConfig {
-        aws: AwsSettings {
-            kinesis_endpoint: Some(kinesis_endpoint()),
-            ..AwsSettings::default()
-        },
-        min_read_interval_ms: 20,
-        idle_interval_ms: 50,
-        replay_backoff_ms: 20,
-        ..KinesisConfig::new(name)
-    }
+    kinesis_config(kinesis_endpoint(), unique(prefix))
 }
 
 /// Creates a stream with `shards` shards and connects a source to it.

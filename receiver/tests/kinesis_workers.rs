@@ -12,29 +12,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_blockstore::{Block, SystemClock};
-use sluice_receiver::kinesis::{KinesisConfig, KinesisProducer, KinesisSource};
+use sluice_receiver::kinesis::{KinesisProducer, KinesisSource};
 use sluice_receiver::testing::{FaultProxy, FaultResponse, RecordingHandler};
 use sluice_receiver::{
-    AwsSettings, Checkpoint, DynamoLeaseOptions, DynamoLeaseStore, Lease, LeaseError, LeaseFence, LeaseStore,
-    LocalLeaseStore, Receiver, ReceiverConfig, ReceiverStatus, StopMode,
+    Checkpoint, DynamoLeaseOptions, DynamoLeaseStore, Lease, LeaseError, LeaseFence, LeaseStore, LocalLeaseStore,
+    Receiver, ReceiverConfig, ReceiverStatus, StopMode,
 };
 
 mod emulators;
 
-use emulators::{env, unique};
-
-fn kinesis_config(endpoint: String, stream: &str) -> KinesisConfig {
-    KinesisConfig {
-        aws: AwsSettings {
-            kinesis_endpoint: Some(endpoint),
-            dynamodb_endpoint: Some(env("SLUICE_MOTO_ENDPOINT")),
-            ..AwsSettings::default()
-        },
-        min_read_interval_ms: 20,
-        idle_interval_ms: 50,
-        ..KinesisConfig::new(stream)
-    }
-}
+use emulators::{env, kinesis_config, unique, with_moto};
 
 /// A lease store that can be cut off (every call fails as if the table were unreachable) and
 /// that records every checkpoint it lets through, with the writer.
@@ -159,7 +146,7 @@ fn owned(status: &ReceiverStatus) -> usize {
 #[test]
 fn two_workers_balance_fail_over_and_fence_the_zombie() {
     let stream = unique("workers");
-    let config = kinesis_config(env("SLUICE_KINESIS_ENDPOINT"), &stream);
+    let config = with_moto(kinesis_config(env("SLUICE_KINESIS_ENDPOINT"), &stream));
     let producer = KinesisProducer::new(&config).unwrap();
     producer.create_stream(4).unwrap();
     let source = Arc::new(KinesisSource::connect(config.clone()).unwrap());
@@ -287,7 +274,7 @@ fn throttled_reads_and_expired_iterators_lose_nothing_and_are_counted() {
     })
     .unwrap();
     let stream = unique("faults");
-    let config = kinesis_config(proxy.url(), &stream);
+    let config = with_moto(kinesis_config(proxy.url(), &stream));
     let producer = KinesisProducer::new(&config).unwrap();
     producer.create_stream(2).unwrap();
     let records: Vec<(String, Vec<u8>)> = (0..300)

@@ -5,6 +5,9 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use sluice_receiver::AwsSettings;
+use sluice_receiver::kinesis::KinesisConfig;
+
 /// An address `scripts/with-emulators` exports (`SLUICE_KINESIS_ENDPOINT`, `SLUICE_MOTO_ENDPOINT`).
 ///
 /// # Panics
@@ -31,4 +34,26 @@ pub fn unique(prefix: &str) -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A configuration of `stream` on the Kinesis at `kinesis_endpoint`, paced for the emulator
+/// (20 ms between reads, 50 ms when idle, 20 ms replay backoff). Tests that keep leases in
+/// `DynamoDB` add [`with_moto`].
+pub fn kinesis_config(kinesis_endpoint: String, stream: impl Into<String>) -> KinesisConfig {
+    KinesisConfig {
+        aws: AwsSettings {
+            kinesis_endpoint: Some(kinesis_endpoint),
+            ..AwsSettings::default()
+        },
+        min_read_interval_ms: 20,
+        idle_interval_ms: 50,
+        replay_backoff_ms: 20,
+        ..KinesisConfig::new(stream)
+    }
+}
+
+/// `config` with its `DynamoDB` at moto.
+pub fn with_moto(mut config: KinesisConfig) -> KinesisConfig {
+    config.aws.dynamodb_endpoint = Some(env("SLUICE_MOTO_ENDPOINT"));
+    config
 }

@@ -43,6 +43,22 @@ fn kinesis_config(prefix: &str) -> KinesisConfig {
     }
 }
 
+/// The pipelines' context: 300 ms batches, two executor threads.
+fn context(dir: &std::path::Path) -> StreamingContext {
+    StreamingContext::builder()
+        .batch_interval(Duration::from_millis(300))
+        .data_dir(dir)
+        .executor_threads(2)
+        .build()
+        .unwrap()
+}
+
+/// moto's endpoint (lease tables), exported by `scripts/with-emulators`.
+fn moto_endpoint() -> String {
+    std::env::var("SLUICE_MOTO_ENDPOINT")
+        .expect("SLUICE_MOTO_ENDPOINT is not set: run through `scripts/with-emulators cargo test ...`")
+}
+
 /// Creates a 2-shard stream holding `lines`: the first third as KPL aggregates of 10 lines, the
 /// rest as plain records.
 fn fill_stream(config: &KinesisConfig, lines: &[String]) -> KinesisProducer {
@@ -84,12 +100,7 @@ fn run(lines: &[String], delete_blocks: bool, fan_out: bool) -> (HashMap<String,
     }
     let source = KinesisSource::connect(config).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_millis(300))
-        .data_dir(dir.path())
-        .executor_threads(2)
-        .build()
-        .unwrap();
+    let ctx = context(dir.path());
     let receiver = ReceiverConfig {
         block_interval_ms: 50,
         // Small blocks: block boundaries fall inside aggregates.
@@ -99,8 +110,7 @@ fn run(lines: &[String], delete_blocks: bool, fan_out: bool) -> (HashMap<String,
     let stream = if delete_blocks {
         ctx.source_stream(Arc::new(source.clone()), receiver).unwrap()
     } else {
-        let moto = std::env::var("SLUICE_MOTO_ENDPOINT")
-            .expect("SLUICE_MOTO_ENDPOINT is not set: run through `scripts/with-emulators cargo test ...`");
+        let moto = moto_endpoint();
         let mut input = KinesisInput::new(source.stream_name(), format!("{}-app", source.stream_name()));
         input.kinesis = source.config().clone();
         input.kinesis.aws.dynamodb_endpoint = Some(moto);
@@ -177,14 +187,8 @@ fn kinesis_word_count_by_enhanced_fan_out_equals_the_reference() {
     };
     assert!(!registered());
     let dir = tempfile::tempdir().unwrap();
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_millis(300))
-        .data_dir(dir.path())
-        .executor_threads(2)
-        .build()
-        .unwrap();
-    let moto = std::env::var("SLUICE_MOTO_ENDPOINT")
-        .expect("SLUICE_MOTO_ENDPOINT is not set: run through `scripts/with-emulators cargo test ...`");
+    let ctx = context(dir.path());
+    let moto = moto_endpoint();
     let mut input = KinesisInput::new(&config.stream_name, format!("{}-app", config.stream_name));
     input.kinesis = fan_out.clone();
     input.kinesis.aws.dynamodb_endpoint = Some(moto);
@@ -218,14 +222,8 @@ fn kinesis_word_count_over_two_streams_equals_the_reference() {
     let (config_a, config_b) = (kinesis_config("ms-wc-a"), kinesis_config("ms-wc-b"));
     let producers = [fill_stream(&config_a, &lines_a), fill_stream(&config_b, &lines_b)];
     let dir = tempfile::tempdir().unwrap();
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_millis(300))
-        .data_dir(dir.path())
-        .executor_threads(2)
-        .build()
-        .unwrap();
-    let moto = std::env::var("SLUICE_MOTO_ENDPOINT")
-        .expect("SLUICE_MOTO_ENDPOINT is not set: run through `scripts/with-emulators cargo test ...`");
+    let ctx = context(dir.path());
+    let moto = moto_endpoint();
     let mut input = KinesisInput::multi_stream(
         vec![config_a.stream_name.clone(), config_b.stream_name.clone()],
         format!("{}-app", config_a.stream_name),

@@ -346,6 +346,7 @@ impl Block {
         let arrival = self.batch.column(4).as_primitive::<TimestampMillisecondType>();
         let data = self.data();
         let mut last_shard: Option<Arc<str>> = None;
+        let prefix = self.sequence_prefix();
         let mut text = String::new();
         (0..self.len())
             .map(|i| {
@@ -359,7 +360,7 @@ impl Block {
                 };
                 Ok(Record {
                     shard_id,
-                    position: Position::new(self.sequence_at(i, &mut text)?, sub.value(i)),
+                    position: Position::new(self.sequence_at(i, prefix, &mut text)?, sub.value(i)),
                     partition_key: Arc::from(key.value(i)),
                     approximate_arrival_ms: arrival.value(i),
                     data: Bytes::copy_from_slice(data.value(i)),
@@ -380,14 +381,17 @@ impl Block {
         }
     }
 
-    /// The sequence number of record `i`, assembled in `text` (either layout).
-    fn sequence_at(&self, i: usize, text: &mut String) -> Result<SequenceNumber> {
-        let prefix = self
-            .batch
+    /// The prefix every sequence number of the block shares ("" for the first layout).
+    fn sequence_prefix(&self) -> &str {
+        self.batch
             .schema_ref()
             .metadata()
             .get(SEQUENCE_PREFIX)
-            .map_or("", String::as_str);
+            .map_or("", String::as_str)
+    }
+
+    /// The sequence number of record `i` with the block's `prefix`, assembled in `text`.
+    fn sequence_at(&self, i: usize, prefix: &str, text: &mut String) -> Result<SequenceNumber> {
         text.clear();
         text.push_str(prefix);
         text.push_str(self.batch.column(1).as_string::<i32>().value(i));
@@ -414,7 +418,10 @@ impl Block {
         let arrival = self.batch.column(4).as_primitive::<TimestampMillisecondType>();
         Ok(Record {
             shard_id: Arc::from(self.shard_at(index)),
-            position: Position::new(self.sequence_at(index, &mut String::new())?, sub.value(index)),
+            position: Position::new(
+                self.sequence_at(index, self.sequence_prefix(), &mut String::new())?,
+                sub.value(index),
+            ),
             partition_key: Arc::from(self.partition_keys().value(index)),
             approximate_arrival_ms: arrival.value(index),
             data: Bytes::copy_from_slice(self.data().value(index)),

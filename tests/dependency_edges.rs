@@ -26,17 +26,9 @@ fn allowed(from: &str) -> &'static [&'static str] {
 
 #[test]
 fn workspace_crates_only_have_allowed_edges() {
-    let output = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run cargo metadata");
-    assert!(
-        output.status.success(),
-        "cargo metadata failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let meta: serde_json::Value = serde_json::from_slice(&output.stdout).expect("metadata JSON");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&cargo(&["metadata", "--format-version", "1", "--no-deps", "--offline"]))
+            .expect("metadata JSON");
     let mut edges: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for package in meta["packages"].as_array().expect("packages") {
         let name = package["name"].as_str().expect("name").to_owned();
@@ -88,17 +80,33 @@ const NOT_IN_THE_FIRST_BUILD: [&str; 11] = [
 /// edge kinds, one line per crate (or crate feature) and no indentation.
 fn first_build_tree(extra: &str) -> String {
     let edges = format!("normal,build,dev{extra}");
+    String::from_utf8(cargo(&[
+        "tree",
+        "-p",
+        "sluice",
+        "-e",
+        &edges,
+        "--prefix",
+        "none",
+        "--offline",
+    ]))
+    .expect("UTF-8 tree")
+}
+
+/// The standard output of `cargo ARGS` in this workspace; panics with its stderr if it fails.
+fn cargo(args: &[&str]) -> Vec<u8> {
     let output = Command::new(env!("CARGO"))
-        .args(["tree", "-p", "sluice", "-e", &edges, "--prefix", "none", "--offline"])
+        .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
-        .expect("run cargo tree");
+        .unwrap_or_else(|e| panic!("run cargo {}: {e}", args.join(" ")));
     assert!(
         output.status.success(),
-        "cargo tree failed: {}",
+        "cargo {} failed: {}",
+        args.join(" "),
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8(output.stdout).expect("UTF-8 tree")
+    output.stdout
 }
 
 /// `cargo run --release --example word_count` (the README's first command) builds the facade with
@@ -150,26 +158,17 @@ fn the_first_build_has_an_http_server_but_no_http_client() {
 /// built with cmake.
 #[test]
 fn the_aws_build_has_one_tls_provider() {
-    let output = Command::new(env!("CARGO"))
-        .args([
-            "tree",
-            "--workspace",
-            "--all-features",
-            "-e",
-            "normal,build,dev",
-            "--prefix",
-            "none",
-            "--offline",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run cargo tree");
-    assert!(
-        output.status.success(),
-        "cargo tree failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let tree = String::from_utf8(output.stdout).expect("UTF-8 tree");
+    let tree = String::from_utf8(cargo(&[
+        "tree",
+        "--workspace",
+        "--all-features",
+        "-e",
+        "normal,build,dev",
+        "--prefix",
+        "none",
+        "--offline",
+    ]))
+    .expect("UTF-8 tree");
     let crates: std::collections::BTreeSet<&str> = tree.lines().filter_map(|line| line.split(' ').next()).collect();
     assert!(
         crates.contains("aws-sdk-kinesis") && crates.contains("ring"),

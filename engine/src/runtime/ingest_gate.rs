@@ -30,6 +30,8 @@ pub(crate) struct IngestGate {
 struct GateState {
     pending: HashMap<BlockId, u64>,
     pending_bytes: u64,
+    /// Blocks waiting in `admit`.
+    waiting: usize,
     closed: bool,
 }
 
@@ -54,8 +56,14 @@ impl IngestGate {
         let mut state = self.state.lock().expect("ingest gate");
         let mut waited_since = None;
         while !state.closed && state.pending_bytes > 0 && state.pending_bytes + bytes > self.budget_bytes {
-            waited_since.get_or_insert_with(Instant::now);
+            if waited_since.is_none() {
+                waited_since = Some(Instant::now());
+                state.waiting += 1;
+            }
             state = self.changed.wait(state).expect("ingest gate");
+        }
+        if waited_since.is_some() {
+            state.waiting -= 1;
         }
         if state.closed {
             return Err(GateClosed);
@@ -86,6 +94,12 @@ impl IngestGate {
     pub(crate) fn close(&self) {
         self.state.lock().expect("ingest gate").closed = true;
         self.changed.notify_all();
+    }
+
+    /// Blocks waiting to be admitted.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.state.lock().expect("ingest gate").waiting
     }
 
     /// Bytes of blocks admitted and not yet released.
@@ -122,11 +136,17 @@ mod tests {
             let gate = gate.clone();
             std::thread::spawn(move || gate.admit(id(3), 30))
         };
-        std::thread::sleep(Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.waiting() == 0 {
+            assert!(Instant::now() < deadline, "the third block never waited");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
         assert!(!waiting.is_finished(), "over the budget: it waits");
         gate.release([id(1)]);
         let waited = waiting.join().unwrap().unwrap();
-        assert!(waited >= Duration::from_millis(50), "it reports its wait: {waited:?}");
+        assert!(!waited.is_zero(), "a block that waited reports its wait");
+        assert_eq!(gate.waiting(), 0);
         assert_eq!(gate.pending_bytes(), 70);
     }
 

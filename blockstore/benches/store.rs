@@ -93,7 +93,9 @@ fn benches(c: &mut Criterion, f: &Fixture) {
     group.bench_function("decode", |b| {
         b.iter(|| Block::decode(black_box(f.encoded.clone())).expect("decode"));
     });
-    group.bench_function("crc32c", |b| b.iter(|| crc32c::crc32c(black_box(&f.encoded))));
+    group.bench_function("crc32c", |b| {
+        b.iter(|| sluice_blockstore::crc32c(black_box(&f.encoded)));
+    });
     group.bench_function("memory_tier_put+get", |b| {
         b.iter(|| memory_put_get(&f.memory, black_box(&f.block)));
     });
@@ -157,7 +159,7 @@ fn comparison_table(f: &Fixture) {
         (
             "  crc32c (one pass)",
             median(n, || {
-                black_box(crc32c::crc32c(&f.encoded));
+                black_box(sluice_blockstore::crc32c(&f.encoded));
             }),
             "memcpy",
             median(n, || drop(black_box(memcpy(&f.encoded)))),

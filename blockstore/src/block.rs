@@ -455,7 +455,7 @@ impl Block {
             writer.finish()?;
         }
         let mut buf = out.into_inner();
-        let crc = crc32c::crc32c(&buf);
+        let crc = crate::crc32c(&buf);
         buf.put_u32_le(crc);
         Ok(buf.freeze())
     }
@@ -472,7 +472,7 @@ impl Block {
         }
         let body_len = bytes.len() - 4;
         let stored = u32::from_le_bytes(bytes[body_len..].try_into().expect("4 bytes"));
-        let actual = crc32c::crc32c(&bytes[..body_len]);
+        let actual = crate::crc32c(&bytes[..body_len]);
         if stored != actual {
             return Err(corrupt(format!(
                 "CRC32C mismatch: stored {stored:08x}, computed {actual:08x}"

@@ -23,8 +23,9 @@
 //! is what lets the store bound memory (evict, spill, or drop `MEMORY_ONLY` blocks), treat a
 //! corrupt copy exactly like a missing one, and survive a restart with nothing but the ranges in
 //! the engine's metadata log. What the store guarantees in return is that it never returns wrong
-//! bytes (every stored copy carries a CRC32C) and that a `put` returns only once the durable
-//! copies its level names exist, so the engine may log the block and advance checkpoints.
+//! bytes (every stored copy carries a CRC-32C, [`crc32c`], the project's one checksum) and that a
+//! `put` returns only once the durable copies its level names exist, so the engine may log the
+//! block and advance checkpoints.
 //!
 //! The API is synchronous: receivers and rayon task threads call it directly. The replica tier
 //! owns a small tokio runtime for `object_store` and never leaves threads behind.
@@ -35,6 +36,7 @@
 //! `testing`).
 
 mod block;
+mod checksum;
 mod clock;
 mod disk_tier;
 mod error;
@@ -57,6 +59,7 @@ mod tier;
 pub mod testing;
 
 pub use block::{Block, BlockId, BlockMeta, block_schema};
+pub use checksum::crc32c;
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use disk_tier::{DiskSync, DiskTier};
 pub use error::{Error, Result};

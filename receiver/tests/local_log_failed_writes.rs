@@ -145,7 +145,7 @@ fn assert_whole_frames(stream: &LocalStream) {
             let body = bytes
                 .get(at + 8..at + 8 + body_len)
                 .unwrap_or_else(|| panic!("{path}: cut frame at {at} of {}", bytes.len()));
-            assert_eq!(crc32c::crc32c(body), crc, "{path}: torn frame at {at}");
+            assert_eq!(sluice_blockstore::crc32c(body), crc, "{path}: torn frame at {at}");
             at += 8 + body_len;
         }
     }

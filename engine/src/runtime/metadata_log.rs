@@ -126,7 +126,7 @@ struct Cursor {
 
 fn frame(events: &[LogEvent]) -> Result<Vec<u8>> {
     let mut body = serde_json::to_vec(events).map_err(|e| Error::Internal(format!("encode log events: {e}")))?;
-    let crc = crc32c::crc32c(&body);
+    let crc = sluice_blockstore::crc32c(&body);
     body.extend_from_slice(&crc.to_le_bytes());
     Ok(body)
 }
@@ -141,7 +141,7 @@ fn unframe(name: &str, bytes: &[u8]) -> Result<Vec<LogEvent>> {
     }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-    if crc32c::crc32c(body) != stored {
+    if sluice_blockstore::crc32c(body) != stored {
         return Err(corrupt("CRC-32C mismatch".into()));
     }
     serde_json::from_slice(body).map_err(|e| corrupt(format!("bad JSON: {e}")))

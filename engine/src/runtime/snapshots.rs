@@ -48,7 +48,7 @@ pub(crate) fn snapshot_all(
     let dir = state_dir(checkpoint);
     for (index, op) in ops.iter().enumerate() {
         if let Some((kind, mut bytes)) = op.snapshot(instance, time_ms)? {
-            let crc = crc32c::crc32c(&bytes);
+            let crc = sluice_blockstore::crc32c(&bytes);
             bytes.extend_from_slice(&crc.to_le_bytes());
             dir.put_replace(&file_name(time_ms, index, kind), &bytes)?;
         }
@@ -65,7 +65,7 @@ fn read_checked(dir: &CheckpointStore, name: String) -> Result<Vec<u8>> {
         });
     }
     let crc = bytes.split_off(bytes.len() - 4);
-    if crc32c::crc32c(&bytes) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+    if sluice_blockstore::crc32c(&bytes) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
         return Err(Error::CorruptMetadata {
             file: name,
             detail: "CRC-32C mismatch".into(),

@@ -61,7 +61,7 @@ pub fn put(dir: &Path, stream: &str, mut lines: impl BufRead, key_mode: KeyMode)
         }
         key.clear();
         match key_mode {
-            KeyMode::LineHash => write!(key, "{:08x}", crc32c::crc32c(&line)),
+            KeyMode::LineHash => write!(key, "{:08x}", sluice_blockstore::crc32c(&line)),
             KeyMode::Counter => write!(key, "{count}"),
         }
         .expect("formatting into a String cannot fail");

@@ -259,7 +259,7 @@ pub(crate) fn encode_frame<K: AsRef<[u8]>, D: AsRef<[u8]>>(
         out.extend_from_slice(data);
     }
     let body_len = out.len() - start - FRAME_HEADER_LEN;
-    let crc = crc32c::crc32c(&out[start + FRAME_HEADER_LEN..]);
+    let crc = sluice_blockstore::crc32c(&out[start + FRAME_HEADER_LEN..]);
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
@@ -325,7 +325,7 @@ pub(crate) fn decode_frame(buf: &Bytes) -> FrameRead {
         return FrameRead::Incomplete;
     }
     let body = &buf[FRAME_HEADER_LEN..len];
-    if crc32c::crc32c(body) != crc {
+    if sluice_blockstore::crc32c(body) != crc {
         return FrameRead::Corrupt;
     }
     match check_body(body) {

@@ -107,7 +107,7 @@ pub struct BlockMeta {
 /// meta_len: u32 LE      length of the JSON BlockMeta that follows
 /// meta: JSON            BlockMeta (id, ranges, num_records, num_bytes)
 /// padding               zeros up to a 64-byte boundary, so Arrow buffers stay aligned
-/// Arrow IPC stream      schema message + one record batch + end-of-stream marker
+/// Arrow IPC stream      schema, shard-id dictionary, one record batch, end-of-stream marker
 /// crc32c: u32 LE        CRC-32C (Castagnoli) of every byte before it
 /// ```
 ///
@@ -438,23 +438,12 @@ impl Block {
             detail: format!("cannot encode block meta: {e}"),
         })?;
         let header_len = (MAGIC.len() + 4 + meta.len()).next_multiple_of(ALIGNMENT);
-        // Room for the Arrow buffers, their 64-byte padding and the IPC messages: growing a
-        // multi-megabyte buffer would copy it.
-        let payload_hint = self.batch.get_array_memory_size() + 16 * 1024;
-        let mut out = BytesMut::with_capacity(header_len + payload_hint + 4).writer();
-        {
-            let buf = out.get_mut();
-            buf.put_slice(MAGIC);
-            buf.put_u32_le(meta.len() as u32);
-            buf.put_slice(&meta);
-            buf.resize(header_len, 0);
-        }
-        {
-            let mut writer = arrow_ipc::writer::StreamWriter::try_new(&mut out, &self.batch.schema())?;
-            writer.write(&self.batch)?;
-            writer.finish()?;
-        }
-        let mut buf = out.into_inner();
+        let mut buf = BytesMut::new();
+        buf.put_slice(MAGIC);
+        buf.put_u32_le(meta.len() as u32);
+        buf.put_slice(&meta);
+        buf.resize(header_len, 0);
+        crate::ipc_stream::write_stream(&self.batch, &mut buf, 4)?;
         let crc = crate::crc32c(&buf);
         buf.put_u32_le(crc);
         Ok(buf.freeze())

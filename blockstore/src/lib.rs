@@ -41,6 +41,7 @@ mod clock;
 mod disk_tier;
 mod error;
 mod error_class;
+mod ipc_stream;
 mod level;
 mod memory_tier;
 mod object_location;

@@ -189,6 +189,43 @@ fn graceful_stop_processes_every_received_record() {
 }
 
 #[test]
+fn a_stop_does_not_wait_out_a_long_batch_interval() {
+    // Every record is stored long before the first ten-minute batch is due. A graceful stop runs
+    // the last batch at once instead of at its time, and an immediate one returns without it; both
+    // well inside the stop timeout (a stop that slept until the next batch time timed out here).
+    let lines = bench_data::zipf_lines(2_000, 100, 21);
+    for mode in [StopMode::Graceful, StopMode::Immediate] {
+        let dir = tempfile::tempdir().unwrap();
+        fill_log(&dir.path().join("log"), &lines, 2);
+        let ctx = StreamingContext::builder()
+            .batch_interval(Duration::from_secs(600))
+            .data_dir(dir.path().join("data"))
+            .executor_threads(2)
+            .graceful_stop_timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let stream = ctx
+            .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(20))
+            .unwrap();
+        let totals = word_count(&stream);
+        ctx.start().unwrap();
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        while ctx.metrics().records_stored < lines.len() as u64 {
+            assert!(std::time::Instant::now() < deadline, "records not stored");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ctx.stop(mode).unwrap();
+        let counted: u64 = totals.lock().unwrap().values().sum();
+        match mode {
+            StopMode::Graceful => {
+                assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
+            }
+            StopMode::Immediate => assert_eq!(counted, 0, "no batch was due"),
+        }
+    }
+}
+
+#[test]
 fn lost_blocks_are_rebuilt_by_replay_with_identical_results() {
     let lines = bench_data::zipf_lines(5_000, 300, 13);
     let dir = tempfile::tempdir().unwrap();

@@ -221,7 +221,8 @@ impl StreamingContext {
     /// what they buffered), processes every logged block, checkpoints and releases leases, within
     /// the graceful-stop timeout; [`StopMode::Immediate`] finishes only the batch in progress. Past the
     /// timeout the batch in progress is abandoned between records (it is logged and re-runs after
-    /// a restart).
+    /// a restart). Neither waits for the next batch time: a graceful stop runs its last batch (the
+    /// next batch's time, holding every block left) as soon as the receivers are stopped.
     ///
     /// # Errors
     /// [`Error::StopTimeout`] if the stop did not finish in time (what was not processed is still

@@ -5,6 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::membership::{Adoption, Phase};
 use super::metrics::{self, BatchInfo, RecoveryKind};
@@ -12,6 +13,9 @@ use super::rate_estimator::PidRateEstimator;
 use super::{LogRuntime, Runtime, snapshots};
 use crate::exec::OWN_INSTANCE;
 use crate::{BatchTime, Error, Result};
+
+/// The longest the generator waits in real time before it re-reads the clock.
+const MAX_REAL_WAIT: Duration = Duration::from_millis(5);
 
 /// Cuts and runs batches on its own thread until the runtime stops.
 pub(crate) struct JobGenerator {
@@ -87,7 +91,7 @@ impl JobGenerator {
                 // Receivers are stopped (stop() stops them first), so nothing new can arrive.
                 return self.rt.finish(None);
             }
-            self.rt.clock.sleep_until(next);
+            self.wait_for_batch_time(next);
             if self.rt.stop_requested.load(Ordering::SeqCst) {
                 return self.rt.finish(None);
             }
@@ -100,6 +104,29 @@ impl JobGenerator {
             if next + self.rt.interval_ms <= now {
                 next = now / self.rt.interval_ms * self.rt.interval_ms;
             }
+        }
+    }
+
+    /// Waits until the clock reads `time_ms`, or until `stop()` asks for a stop or a drain: a stop
+    /// must not wait out a long batch interval, and a drain runs the last batch at once (the
+    /// receivers are stopped by then, so it holds every block there will be). `stop()` announces
+    /// both on `status_changed`; the wait also re-reads the clock every [`MAX_REAL_WAIT`], so an
+    /// injected clock that a test moves is seen to move (it cannot wake this thread itself), and a
+    /// wake-up lost between the check and the wait costs at most that.
+    fn wait_for_batch_time(&self, time_ms: i64) {
+        let mut status = self.rt.status.lock().expect("status");
+        while !self.rt.stop_requested.load(Ordering::SeqCst) && !self.rt.drain_requested.load(Ordering::SeqCst) {
+            let now = self.rt.clock.now_ms();
+            if now >= time_ms {
+                return;
+            }
+            let remaining = Duration::from_millis(u64::try_from(time_ms - now).unwrap_or(0));
+            status = self
+                .rt
+                .status_changed
+                .wait_timeout(status, remaining.min(MAX_REAL_WAIT))
+                .expect("status")
+                .0;
         }
     }
 

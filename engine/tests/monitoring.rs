@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_blockstore::{Clock, ManualClock};
@@ -371,6 +371,52 @@ fn a_bad_metrics_address_in_a_config_file_is_a_clear_error() {
 /// run recovers them: the status shows that recovery, the blocks it replayed (their copies died
 /// with the first run) and their ranges, while the server stayed up during the first run's stop.
 #[test]
+fn the_status_page_shows_a_stop_in_progress_until_its_batch_finishes() {
+    // A graceful stop drains, an immediate one stops after the batch in progress; the page stays
+    // up and says which until the batch it waits for is done.
+    for (mode, state) in [(StopMode::Graceful, "draining"), (StopMode::Immediate, "stopping")] {
+        let lines = bench_data::zipf_lines(500, 50, 3);
+        let dir = tempfile::tempdir().unwrap();
+        fill_log(&dir.path().join("log"), &lines, 1);
+        let ctx = monitored_context(&dir.path().join("data"), WORKER);
+        let stream = ctx
+            .local_log_stream(&dir.path().join("log"), STREAM, paced_receiver_config())
+            .unwrap();
+        // The first batch with records holds its output until the test has seen the page.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let (entered, entered_rx) = std::sync::mpsc::channel::<()>();
+        let entered = Mutex::new(entered);
+        stream
+            .foreach_batch(move |_, lines| {
+                if !lines.is_empty() {
+                    let _ = entered.lock().unwrap().send(());
+                    let _ = released.lock().unwrap().recv();
+                }
+                Ok(())
+            })
+            .unwrap();
+        ctx.start().unwrap();
+        let addr = ctx.metrics_addr().unwrap();
+        entered_rx.recv_timeout(DRAIN_TIMEOUT).expect("a batch with records");
+        std::thread::scope(|scope| {
+            let stopping = scope.spawn(|| ctx.stop(mode));
+            wait_until(state, || {
+                let (_, _, body) = http(addr, "GET", "/api/status");
+                let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+                (status["state"] == state).then_some(())
+            });
+            drop(release);
+            stopping.join().unwrap().unwrap();
+        });
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "the page goes with the stopped context"
+        );
+    }
+}
+
+#[test]
 fn a_restart_with_unfinished_work_shows_as_the_last_recovery_with_its_replays() {
     let lines = bench_data::zipf_lines(3_000, 200, 5);
     let dir = tempfile::tempdir().unwrap();
@@ -395,7 +441,6 @@ fn a_restart_with_unfinished_work_shows_as_the_last_recovery_with_its_replays() 
         .unwrap();
     let _first_totals = word_count(&stream);
     first.start().unwrap();
-    let addr = first.metrics_addr().unwrap();
     // Blocks are sealed as the clock moves; the first batch is due at 2,000.
     wait_until("every record in a stored block", || {
         if clock.now_ms() < 1_900 {
@@ -408,19 +453,8 @@ fn a_restart_with_unfinished_work_shows_as_the_last_recovery_with_its_replays() 
         first.status().unwrap().recovery.is_none(),
         "a fresh log has nothing to recover"
     );
-    let stopper = std::thread::scope(|scope| {
-        let stopping = scope.spawn(|| first.stop(StopMode::Immediate));
-        // The page stays up while the stop waits for the job generator…
-        wait_until("the status to say stopping", || {
-            let (_, _, body) = http(addr, "GET", "/api/status");
-            let status: serde_json::Value = serde_json::from_str(&body).unwrap();
-            (status["state"] == "stopping").then_some(())
-        });
-        // …which wakes at the batch time, sees the stop and runs no batch.
-        clock.advance_ms(2_000 - clock.now_ms());
-        stopping.join().unwrap()
-    });
-    stopper.unwrap();
+    // Before the first batch time: the job generator sees the stop and runs no batch.
+    first.stop(StopMode::Immediate).unwrap();
     assert_eq!(first.metrics().batches_completed, 0, "no batch ran in the first run");
     let logged = first.metrics().blocks_stored;
     assert!(logged > 0);

@@ -43,6 +43,7 @@ enum Repr {
 impl ByteKey {
     /// The key's bytes.
     #[must_use]
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         match &self.0 {
             Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
@@ -52,6 +53,7 @@ impl ByteKey {
 }
 
 impl From<&[u8]> for ByteKey {
+    #[inline]
     fn from(key: &[u8]) -> Self {
         if key.len() <= INLINE {
             let mut bytes = [0; INLINE];
@@ -68,18 +70,21 @@ impl From<&[u8]> for ByteKey {
 
 impl Deref for ByteKey {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
         self.as_bytes()
     }
 }
 
 impl AsRef<[u8]> for ByteKey {
+    #[inline]
     fn as_ref(&self) -> &[u8] {
         self.as_bytes()
     }
 }
 
 impl Borrow<[u8]> for ByteKey {
+    #[inline]
     fn borrow(&self) -> &[u8] {
         self.as_bytes()
     }
@@ -87,12 +92,14 @@ impl Borrow<[u8]> for ByteKey {
 
 impl Hash for ByteKey {
     /// As the `[u8]` it holds: `Borrow<[u8]>` requires it.
+    #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.as_bytes().hash(state);
     }
 }
 
 impl PartialEq for ByteKey {
+    #[inline]
     fn eq(&self, other: &Self) -> bool {
         self.as_bytes() == other.as_bytes()
     }

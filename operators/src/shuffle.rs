@@ -142,7 +142,7 @@ impl<V: Send> Combiner<V> for Group<V> {
 /// A key that a map-side combine looks up in its borrowed form and owns only when a task first
 /// sees it: `flat_map_reduce_by_key`'s keys borrow from their element (a word of a line), so a
 /// repeated key costs a hash lookup and no allocation or reference count, and each distinct key is
-/// copied once per task. The owned keys hold no slice of the block they came from: a
+/// copied once per map. The owned keys hold no slice of the block they came from: a
 /// [`ByteKey`](crate::ByteKey) for `[u8]` (short keys inline in the map's slot, so a hit compares
 /// bytes without following a pointer), a `Box<str>` for `str`.
 pub trait BorrowedKey: Hash + Eq {
@@ -154,6 +154,7 @@ pub trait BorrowedKey: Hash + Eq {
 
 impl BorrowedKey for [u8] {
     type Owned = crate::ByteKey;
+    #[inline]
     fn to_owned_key(&self) -> crate::ByteKey {
         self.into()
     }

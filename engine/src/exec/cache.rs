@@ -59,10 +59,10 @@ impl<T: Clone> StageCache<T> {
     }
 }
 
-/// How many keys a keyed stage's map-side maps have been holding: a new task's map starts with
+/// How many keys a keyed stage's map-side maps have been holding: a new chunk's map starts with
 /// that much room instead of growing from empty (rehashing its way up costs about as much as the
-/// lookups). A moving average over finished tasks, so one outsized block does not make every
-/// later map large.
+/// lookups). A moving average over finished tasks (each observes its chunk's map so far), so one
+/// outsized block does not make every later map large.
 #[derive(Debug, Default)]
 pub(crate) struct MapSizeHint(std::sync::atomic::AtomicUsize);
 

@@ -161,6 +161,43 @@ pub(crate) const PANIC_STAGE: &str = "panic";
 
 type Task<'t, A> = dyn Fn(usize, Scope<'_>, &mut A) -> Result<(), TaskError> + Sync + 't;
 
+/// What every task of one stage shares (see [`StageRunner::run`]).
+struct Stage<'s, A> {
+    env: &'s BatchEnv,
+    new_acc: &'s (dyn Fn() -> A + Sync),
+    /// The accumulator of one record of the per-record fallback.
+    new_one: &'s (dyn Fn() -> A + Sync),
+    merge: &'s (dyn Fn(&mut A, A) + Sync),
+    source: &'s (dyn Fn(usize) -> Option<TrackedBlock> + Sync),
+    task: &'s Task<'s, A>,
+}
+
+/// One rayon split's partitions in [`StageRunner::run_chunked`]: the accumulator they share so
+/// far (`open`, holding the partitions `in_open`), and before it, in partition order, the
+/// accumulators of partitions that had to run on their own after a failure.
+struct Chunk<A> {
+    done: Vec<A>,
+    open: Option<A>,
+    in_open: Vec<usize>,
+}
+
+impl<A> Default for Chunk<A> {
+    fn default() -> Self {
+        Self {
+            done: Vec::new(),
+            open: None,
+            in_open: Vec::new(),
+        }
+    }
+}
+
+impl<A> Chunk<A> {
+    fn finish(mut self) -> Vec<A> {
+        self.done.extend(self.open);
+        self.done
+    }
+}
+
 fn run_guarded<A>(task: &Task<'_, A>, p: usize, scope: Scope<'_>, acc: &mut A) -> Result<(), TaskError> {
     match catch_unwind(AssertUnwindSafe(|| task(p, scope, acc))) {
         Ok(result) => result,
@@ -182,50 +219,160 @@ impl StageRunner {
         source: &(dyn Fn(usize) -> Option<TrackedBlock> + Sync),
         task: &Task<'_, A>,
     ) -> Result<Vec<A>, JobError> {
-        use std::sync::atomic::Ordering::Relaxed;
+        let stage = Stage {
+            env,
+            new_acc,
+            new_one: new_acc,
+            merge,
+            source,
+            task,
+        };
         self.pool.install(|| {
             (0..partitions)
                 .into_par_iter()
-                .map(|p| {
-                    let mut attempts = 0;
-                    let error = loop {
-                        if self.is_cancelled() {
-                            break TaskError::Cancelled;
-                        }
-                        attempts += 1;
-                        self.tasks.fetch_add(1, Relaxed);
-                        let mut acc = new_acc();
-                        let cursor = RecordCursor::default();
-                        let scope = Scope {
-                            cursor: Some(&cursor),
-                            ..Scope::default()
-                        };
-                        match run_guarded(task, p, scope, &mut acc) {
-                            Ok(()) => return Ok(acc),
-                            Err(e) => {
-                                self.task_failures.fetch_add(1, Relaxed);
-                                tracing::warn!(batch = env.time_ms, partition = p, attempt = attempts, error = %e, "task failed");
-                                if attempts >= self.max_attempts || !e.is_retryable() {
-                                    break e;
-                                }
-                                self.task_retries.fetch_add(1, Relaxed);
-                            }
-                        }
-                    };
-                    let job_error = JobError { time: env.batch_time(), partition: p, attempts, error };
-                    if self.policy != FailurePolicy::DeadLetter || !job_error.error.is_retryable() {
-                        return Err(job_error);
-                    }
-                    let Some(block) = source(p) else { return Err(job_error) };
-                    self.isolate_records(env, p, attempts, &block, new_acc, merge, task)
-                        .map_err(|error| match error {
-                            // The block could not be read again: report the original failure.
-                            TaskError::BlockUnavailable { .. } if error.is_retryable() => job_error,
-                            error => JobError { error, ..job_error },
-                        })
-                })
+                .map(|p| self.run_partition(&stage, p, None))
                 .collect()
         })
+    }
+
+    /// [`run`](Self::run) for a stage whose accumulators are merged afterwards in any grouping (a
+    /// keyed stage's map side): consecutive partitions share one accumulator per rayon split — a
+    /// worker's chunk of the stage — as the hand-written per-thread map does, so a map-side map is
+    /// built once per chunk instead of once per block and the shuffle merges a few maps instead of
+    /// one per block. Returns the chunks' accumulators in partition order.
+    ///
+    /// A task that fails leaves its chunk's accumulator half-updated: the accumulator is dropped,
+    /// the chunk's earlier partitions run again each on its own (their output must not be lost
+    /// nor counted twice; dead letters are kept once per record), and the failed partition goes on
+    /// as in [`run`](Self::run), its first attempt counted — so a failure costs at most one
+    /// chunk's recomputation, and retries, the failure policy and the per-record fallback are
+    /// those of every task. `new_one` makes the accumulator of one record in the per-record
+    /// fallback (an empty map, where a chunk's map starts at the size chunks have been reaching).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_chunked<A: Send>(
+        &self,
+        env: &BatchEnv,
+        partitions: usize,
+        new_acc: &(dyn Fn() -> A + Sync),
+        new_one: &(dyn Fn() -> A + Sync),
+        merge: &(dyn Fn(&mut A, A) + Sync),
+        source: &(dyn Fn(usize) -> Option<TrackedBlock> + Sync),
+        task: &Task<'_, A>,
+    ) -> Result<Vec<A>, JobError> {
+        let stage = Stage {
+            env,
+            new_acc,
+            new_one,
+            merge,
+            source,
+            task,
+        };
+        let chunks: Vec<Vec<A>> = self.pool.install(|| {
+            (0..partitions)
+                .into_par_iter()
+                .fold(
+                    || Ok(Chunk::default()),
+                    |chunk: Result<Chunk<A>, JobError>, p| {
+                        chunk.and_then(|chunk| self.fold_partition(&stage, chunk, p))
+                    },
+                )
+                .map(|chunk| chunk.map(Chunk::finish))
+                .collect::<Result<_, _>>()
+        })?;
+        Ok(chunks.into_iter().flatten().collect())
+    }
+
+    /// Runs partition `p` into its chunk's shared accumulator (see [`run_chunked`](Self::run_chunked)).
+    fn fold_partition<A: Send>(
+        &self,
+        stage: &Stage<'_, A>,
+        mut chunk: Chunk<A>,
+        p: usize,
+    ) -> Result<Chunk<A>, JobError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.is_cancelled() {
+            return self.run_partition(stage, p, None).map(|_| chunk);
+        }
+        self.tasks.fetch_add(1, Relaxed);
+        let acc = chunk.open.get_or_insert_with(stage.new_acc);
+        let cursor = RecordCursor::default();
+        let scope = Scope {
+            cursor: Some(&cursor),
+            ..Scope::default()
+        };
+        match run_guarded(stage.task, p, scope, acc) {
+            Ok(()) => chunk.in_open.push(p),
+            Err(e) => {
+                self.task_failures.fetch_add(1, Relaxed);
+                tracing::warn!(batch = stage.env.time_ms, partition = p, attempt = 1, error = %e, "task failed");
+                chunk.open = None;
+                for q in std::mem::take(&mut chunk.in_open) {
+                    chunk.done.push(self.run_partition(stage, q, None)?);
+                }
+                chunk.done.push(self.run_partition(stage, p, Some((1, e)))?);
+            }
+        }
+        Ok(chunk)
+    }
+
+    /// One partition's task with a fresh accumulator: retried up to `max_attempts` (counting the
+    /// `failed` attempt already made, if any), then the failure policy.
+    fn run_partition<A>(
+        &self,
+        stage: &Stage<'_, A>,
+        p: usize,
+        failed: Option<(u32, TaskError)>,
+    ) -> Result<A, JobError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let env = stage.env;
+        let mut attempts = 0;
+        let mut failed = failed;
+        let error = loop {
+            if let Some((made, e)) = failed.take() {
+                attempts = made;
+                if attempts >= self.max_attempts || !e.is_retryable() {
+                    break e;
+                }
+                self.task_retries.fetch_add(1, Relaxed);
+            }
+            if self.is_cancelled() {
+                break TaskError::Cancelled;
+            }
+            attempts += 1;
+            self.tasks.fetch_add(1, Relaxed);
+            let mut acc = (stage.new_acc)();
+            let cursor = RecordCursor::default();
+            let scope = Scope {
+                cursor: Some(&cursor),
+                ..Scope::default()
+            };
+            match run_guarded(stage.task, p, scope, &mut acc) {
+                Ok(()) => return Ok(acc),
+                Err(e) => {
+                    self.task_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(batch = env.time_ms, partition = p, attempt = attempts, error = %e, "task failed");
+                    failed = Some((attempts, e));
+                }
+            }
+        };
+        let job_error = JobError {
+            time: env.batch_time(),
+            partition: p,
+            attempts,
+            error,
+        };
+        if self.policy != FailurePolicy::DeadLetter || !job_error.error.is_retryable() {
+            return Err(job_error);
+        }
+        let Some(block) = (stage.source)(p) else {
+            return Err(job_error);
+        };
+        self.isolate_records(env, p, attempts, &block, stage)
+            .map_err(|error| match error {
+                // The block could not be read again: report the original failure.
+                TaskError::BlockUnavailable { .. } if error.is_retryable() => job_error,
+                error => JobError { error, ..job_error },
+            })
     }
 
     /// Whether a graceful stop ran out of time (tasks give up between records).
@@ -236,33 +383,30 @@ impl StageRunner {
     /// The per-record fallback of a partition whose task kept panicking: its block is read once
     /// and each record runs alone over it (linear in the block's size); the records that still
     /// panic go to the batch's dead letters, the others are merged.
-    #[allow(clippy::too_many_arguments)]
     fn isolate_records<A>(
         &self,
         env: &BatchEnv,
         p: usize,
         attempts: u32,
         block: &TrackedBlock,
-        new_acc: &(dyn Fn() -> A + Sync),
-        merge: &(dyn Fn(&mut A, A) + Sync),
-        task: &Task<'_, A>,
+        stage: &Stage<'_, A>,
     ) -> Result<A, TaskError> {
         let block = Arc::new(env.blocks.read(block)?);
         let cursor = RecordCursor::default();
-        let mut acc = new_acc();
+        let mut acc = (stage.new_acc)();
         let mut failed = 0usize;
         for i in 0..block.len() {
             if self.is_cancelled() {
                 return Err(TaskError::Cancelled);
             }
-            let mut one = new_acc();
+            let mut one = (stage.new_one)();
             let scope = Scope {
                 only_record: Some(i),
                 block: Some(&block),
                 cursor: Some(&cursor),
             };
-            match run_guarded(task, p, scope, &mut one) {
-                Ok(()) => merge(&mut acc, one),
+            match run_guarded(stage.task, p, scope, &mut one) {
+                Ok(()) => (stage.merge)(&mut acc, one),
                 Err(TaskError::Panicked { message }) => {
                     let record = block.record(i).map_err(|e| TaskError::Panicked {
                         message: format!("internal: cannot rebuild record {i} of block {}: {e}", block.id()),
@@ -366,7 +510,8 @@ impl StageRunner {
 
 /// The map side and the shuffle of a keyed stage: the fused chain below runs as tasks (with the
 /// runner's retries and failure policy) that fold their records straight into a
-/// [`CombineMap`], then the maps are hash-shuffled into `partitions`. The kernels are
+/// [`CombineMap`] shared by a worker's consecutive tasks ([`StageRunner::run_chunked`]), then the
+/// maps are hash-shuffled into `partitions`. The kernels are
 /// `sluice_operators::shuffle`; this only runs them.
 pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
     env: &BatchEnv,
@@ -380,7 +525,7 @@ pub(crate) fn combine_by_key<K: Key, V: Data, C: Combiner<V>>(
     })
 }
 
-/// [`combine_by_key`] over any parent: `fold` puts each element's pairs into its task's map
+/// [`combine_by_key`] over any parent: `fold` puts each element's pairs into its chunk's map
 /// (`flat_map_reduce_by_key` looks keys up by a borrowed form with
 /// [`CombineMap::add_borrowed`]).
 pub(crate) fn combine_with<T: Data, K: Key, V: Data, C: Combiner<V>>(
@@ -392,10 +537,11 @@ pub(crate) fn combine_with<T: Data, K: Key, V: Data, C: Combiner<V>>(
     fold: &(impl Fn(T, &mut CombineMap<K, C::Acc>) + Sync),
 ) -> Result<Vec<CombineMap<K, C::Acc>>, JobError> {
     parent.prepare(env)?;
-    let maps = env.runner.run(
+    let maps = env.runner.run_chunked(
         env,
         parent.num_partitions(env),
         &|| CombineMap::with_capacity(keys_hint.get()),
+        &CombineMap::new,
         &|acc: &mut CombineMap<K, C::Acc>, more| acc.merge_map(more, combiner),
         &|p| parent.source_block(env, p),
         &|p, scope, acc: &mut CombineMap<K, C::Acc>| {

@@ -291,7 +291,12 @@ impl StageRunner {
     ) -> Result<Chunk<A>, JobError> {
         use std::sync::atomic::Ordering::Relaxed;
         if self.is_cancelled() {
-            return self.run_partition(stage, p, None).map(|_| chunk);
+            return Err(JobError {
+                time: stage.env.batch_time(),
+                partition: p,
+                attempts: 0,
+                error: TaskError::Cancelled,
+            });
         }
         self.tasks.fetch_add(1, Relaxed);
         let acc = chunk.open.get_or_insert_with(stage.new_acc);

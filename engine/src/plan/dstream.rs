@@ -372,13 +372,13 @@ impl<T: Data> Node<T> for UnionNode<T> {
 
 /// The reduce function of a keyed stage, as its map side's combiner.
 type ReduceFn<V> = dyn Fn(V, V) -> V + Send + Sync;
-/// How a keyed stage folds one element of its parent into its task's map. Each fold calls its
+/// How a keyed stage folds one element of its parent into its chunk's map. Each fold calls its
 /// operator's own combine function, not the stage's `dyn` [`ReduceFn`]: per key that is a call the
 /// compiler inlines (`a + b`) instead of an indirect one.
 type FoldFn<T, K, V> = dyn Fn(T, &mut CombineMap<K, V>) + Send + Sync;
 
 /// `reduce_by_key` and `flat_map_reduce_by_key`: map-side combine in the fused stage below (each
-/// element folded into its task's map by `fold`), then a hash shuffle.
+/// element folded into its chunk's map by `fold`), then a hash shuffle.
 struct ReduceByKeyNode<T, K, V> {
     parent: Arc<dyn Node<T>>,
     fold: Arc<FoldFn<T, K, V>>,

@@ -44,7 +44,7 @@ use rustc_hash::FxHashMap;
 use sluice::engine::{BackpressureConfig, BatchInfo, StopMode, StreamingContext};
 use sluice::operators::bench_data;
 use sluice::receiver::ReceiverConfig;
-use sluice::receiver::local_log::LocalLog;
+use sluice::receiver::local_log::{LocalLog, spread_hash_key};
 
 const STREAM: &str = "lines";
 
@@ -121,7 +121,9 @@ fn load(dir: &Path, lines: &[String]) -> Duration {
     for (i, line) in lines.iter().enumerate() {
         key.clear();
         write!(key, "{}", i + 1).unwrap();
-        producer.put(&key, line.as_bytes()).unwrap();
+        producer
+            .put_with_hash_key(&key, spread_hash_key(i as u64 + 1), line.as_bytes())
+            .unwrap();
     }
     producer.flush().unwrap();
     start.elapsed()

@@ -16,7 +16,7 @@ use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 use sluice::engine::{BatchInfo, DStream, StopMode, StreamingContext};
 use sluice::operators::ByteKey;
-use sluice::receiver::local_log::LocalLog;
+use sluice::receiver::local_log::{LocalLog, spread_hash_key};
 
 /// Logs to stderr, `warn` and above unless `RUST_LOG` says otherwise.
 pub fn init_tracing() {
@@ -458,14 +458,15 @@ fn fill_log(log_dir: &Path, load: &LogLoad<'_>, corpus: impl FnOnce() -> Vec<Str
     let stream = log.create_stream(load.stream, load.shards).context("create stream")?;
     let mut producer = stream.producer().context("open producer")?;
     // One key buffer for every line, and the line's bytes straight from the caller's buffer: the
-    // producer copies them into its frame anyway.
+    // producer copies them into its frame anyway. The key is the line's number; an explicit hash
+    // key spread from it picks the shard (no MD5 per line).
     let mut n: u64 = 0;
     let mut key = String::new();
     let mut put = |line: &[u8]| -> anyhow::Result<()> {
         n += 1;
         key.clear();
         write!(key, "{n}")?;
-        producer.put(&key, line)?;
+        producer.put_with_hash_key(&key, spread_hash_key(n), line)?;
         Ok(())
     };
     let mut inputs = Vec::new();

@@ -33,9 +33,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use sluice_blockstore::{Position, Record, Replay, SequenceNumberRange, SequenceNumberRanges};
-use sluice_receiver::local_log::{LocalLog, LocalStream, cli};
+use sluice_receiver::local_log::{LocalLog, LocalStream, cli, spread_hash_key};
 use sluice_receiver::{Source, StartingPosition};
 
 const BENCH_RECORDS: usize = 1_000_000;
@@ -352,11 +351,20 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
 /// The loop of `examples/word_count.rs`'s `load`, over one file.
 #[inline(never)] // a frame of its own in profiles
 fn example_load(stream: &LocalStream, file: &Path) -> BenchResult {
+    use std::fmt::Write as _;
     let mut producer = stream.producer()?;
+    let mut reader = std::io::BufReader::new(File::open(file)?);
+    let (mut line, mut key) = (Vec::new(), String::new());
     let mut n: u64 = 0;
-    for line in std::io::BufReader::new(File::open(file)?).lines() {
+    while reader.read_until(b'\n', &mut line)? > 0 {
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
         n += 1;
-        producer.put(&n.to_string(), Bytes::copy_from_slice(line?.as_bytes()))?;
+        key.clear();
+        write!(key, "{n}")?;
+        producer.put_with_hash_key(&key, spread_hash_key(n), &line)?;
+        line.clear();
     }
     producer.flush()?;
     Ok(())

@@ -394,6 +394,49 @@ fn reader_in_another_instance_sees_appends_and_latest_skips_old() {
     assert!(!read_shard(&other, shard, &StartingPosition::AtTimestamp(ts)).is_empty());
 }
 
+/// An explicit hash key picks the shard whatever the partition key hashes to; the partition key
+/// is stored as given. Counter keys spread by `spread_hash_key` fill every shard evenly, the way
+/// `sluice log put` and the word-count example load them.
+#[test]
+fn an_explicit_hash_key_picks_the_shard_and_spread_keys_fill_every_shard_evenly() {
+    use sluice_receiver::local_log::spread_hash_key;
+    let dir = tempfile::tempdir().unwrap();
+    let stream = LocalLog::open(dir.path())
+        .unwrap()
+        .create_stream("explicit", 4)
+        .unwrap();
+    let shards = stream.list_shards().unwrap();
+    let mut producer = stream.producer().unwrap();
+    // The same partition key to each shard in turn, by its range's start (its MD5 would have sent
+    // all four to one shard).
+    for shard in &shards {
+        producer
+            .put_with_hash_key("same key", shard.hash_key_range.0, shard.shard_id.as_bytes())
+            .unwrap();
+    }
+    let per_shard = 4_000;
+    for n in 0..per_shard * 4 {
+        producer
+            .put_with_hash_key(&n.to_string(), spread_hash_key(n), "spread")
+            .unwrap();
+    }
+    producer.flush().unwrap();
+    for shard in &shards {
+        let records = read_shard(&stream, &shard.shard_id, &StartingPosition::TrimHorizon);
+        assert_eq!(&*records[0].partition_key, "same key");
+        assert_eq!(&records[0].data[..], shard.shard_id.as_bytes());
+        let (lo, hi) = shard.hash_key_range;
+        assert!((lo..=hi).contains(&spread_hash_key(records[1].partition_key.parse().unwrap())));
+        let spread = records.len() as u64 - 1;
+        assert!(
+            spread.abs_diff(per_shard) <= per_shard / 50,
+            "{}: {spread} of {} records",
+            shard.shard_id,
+            per_shard * 4
+        );
+    }
+}
+
 #[test]
 fn cli_commands_round_trip() {
     use sluice_receiver::local_log::cli;

@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 use std::io::BufRead;
 use std::path::Path;
 
-use super::LocalLog;
 use super::error::{LocalLogError, Result};
+use super::{LocalLog, spread_hash_key};
 
 /// How `put` derives each line's partition key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,7 +13,9 @@ use super::error::{LocalLogError, Result};
 pub enum KeyMode {
     /// The CRC32C of the line, in hex: equal lines go to the same shard.
     LineHash,
-    /// A running counter: lines spread round the shards.
+    /// A running counter: lines spread evenly over the shards by an explicit hash key per line
+    /// ([`spread_hash_key`](super::spread_hash_key) of the counter) instead of the MD5 of the
+    /// counter's text.
     Counter,
 }
 
@@ -65,7 +67,10 @@ pub fn put(dir: &Path, stream: &str, mut lines: impl BufRead, key_mode: KeyMode)
             KeyMode::Counter => write!(key, "{count}"),
         }
         .expect("formatting into a String cannot fail");
-        producer.put(&key, &line)?;
+        match key_mode {
+            KeyMode::LineHash => producer.put(&key, &line)?,
+            KeyMode::Counter => producer.put_with_hash_key(&key, spread_hash_key(count), &line)?,
+        };
         count += 1;
     }
     producer.flush()?;

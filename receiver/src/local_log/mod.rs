@@ -80,7 +80,7 @@ use sluice_blockstore::{Record, Replay, ReplayError, SequenceNumberRange, Sequen
 
 pub use error::{LocalLogError, PoisonCause, Result};
 pub use meta::RetentionPolicy;
-pub use producer::{DEFAULT_WRITE_BUFFER_BYTES, Producer, RetentionReport, hash_key};
+pub use producer::{DEFAULT_WRITE_BUFFER_BYTES, Producer, RetentionReport, hash_key, spread_hash_key};
 pub use reader::LocalShardReader;
 
 use frame::{RecordDecoder, position_key};

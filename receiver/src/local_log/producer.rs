@@ -205,6 +205,23 @@ pub fn hash_key(partition_key: &str) -> u128 {
     u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into())
 }
 
+/// An explicit hash key for the `n`-th record of a bulk load whose keys are only counters:
+/// consecutive `n` land far apart (`n` times the odd integer nearest `2^128 / φ`, Fibonacci
+/// hashing), so records spread evenly over any split of the hash key space, as MD5 of the
+/// counters would spread them, without an MD5 per record. For
+/// [`Producer::put_with_hash_key`].
+///
+/// ```
+/// use sluice_receiver::local_log::spread_hash_key;
+/// let upper_half = (0..1_000).filter(|n| spread_hash_key(*n) > u128::MAX / 2).count();
+/// assert!((490..=510).contains(&upper_half));
+/// ```
+#[must_use]
+pub fn spread_hash_key(n: u64) -> u128 {
+    const GOLDEN: u128 = 0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835;
+    u128::from(n).wrapping_mul(GOLDEN)
+}
+
 fn lock_writer(stream: &LocalStream) -> Result<FileLock> {
     let path = stream.dir().join(LOCK_FILE);
     match FileLock::try_exclusive(&path) {
@@ -261,8 +278,9 @@ impl Producer {
         }
     }
 
-    /// The writer of the open shard whose hash range holds `partition_key`.
-    fn writer_for(&self, partition_key: &str) -> Result<usize> {
+    /// The writer of the open shard whose hash range holds `explicit_hash_key`, or else the MD5
+    /// of `partition_key`.
+    fn writer_for(&self, partition_key: &str, explicit_hash_key: Option<u128>) -> Result<usize> {
         if let [only] = &self.writers[..]
             && only.hash_start == 0
             && only.hash_end == u128::MAX
@@ -270,7 +288,7 @@ impl Producer {
             // Every hash key lands in the one open shard: skip the MD5.
             return Ok(0);
         }
-        let key = hash_key(partition_key);
+        let key = explicit_hash_key.unwrap_or_else(|| hash_key(partition_key));
         self.writers
             .iter()
             .position(|w| w.hash_start <= key && key <= w.hash_end)
@@ -280,6 +298,7 @@ impl Producer {
     fn append<K: AsRef<[u8]>, D: AsRef<[u8]>>(
         &mut self,
         partition_key: &str,
+        explicit_hash_key: Option<u128>,
         aggregated: bool,
         sub_records: &[(K, D)],
     ) -> Result<Position> {
@@ -289,7 +308,7 @@ impl Producer {
             }
         }
         self.check_usable()?;
-        let writer = self.writer_for(partition_key)?;
+        let writer = self.writer_for(partition_key, explicit_hash_key)?;
         let arrival = self.clock.now_ms();
         let segment_bytes = self.meta.segment_bytes;
         let buffer_limit = self.buffer_limit;
@@ -328,7 +347,34 @@ impl Producer {
     /// records acknowledged earlier stay buffered; [`LocalLogError::ProducerPoisoned`] when a
     /// write could not be undone (see [`Producer`]'s "Failed writes").
     pub fn put(&mut self, partition_key: &str, data: impl AsRef<[u8]>) -> Result<Position> {
-        self.append(partition_key, false, &[(partition_key, data)])
+        self.append(partition_key, None, false, &[(partition_key, data)])
+    }
+
+    /// [`put`](Self::put) to the shard whose hash range holds `explicit_hash_key` (Kinesis'
+    /// `ExplicitHashKey`): the partition key is stored with the record but not hashed. Records
+    /// that must stay in order share a hash key, as they would share a partition key; a bulk load
+    /// keyed by a counter can spread its records with [`spread_hash_key`] and skip the MD5.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// use sluice_receiver::local_log::LocalLog;
+    /// let stream = LocalLog::open(dir.path())?.create_stream("s", 2)?;
+    /// let mut producer = stream.producer()?;
+    /// let low = producer.put_with_hash_key("any key", 0, b"to the first shard")?;
+    /// let high = producer.put_with_hash_key("any key", u128::MAX, b"to the second")?;
+    /// assert_ne!(low.sequence, high.sequence);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`put`](Self::put).
+    pub fn put_with_hash_key(
+        &mut self,
+        partition_key: &str,
+        explicit_hash_key: u128,
+        data: impl AsRef<[u8]>,
+    ) -> Result<Position> {
+        self.append(partition_key, Some(explicit_hash_key), false, &[(partition_key, data)])
     }
 
     /// Appends one stored record holding several user records (KPL-style aggregation): they share
@@ -348,7 +394,7 @@ impl Producer {
             .iter()
             .map(|(k, d)| (k.as_ref().as_bytes(), d.as_ref()))
             .collect();
-        let position = self.append(&first_key, true, &subs)?;
+        let position = self.append(&first_key, None, true, &subs)?;
         Ok((0..records.len() as u64)
             .map(|i| Position::new(position.sequence.clone(), i))
             .collect())

@@ -122,7 +122,7 @@ fn load(dir: &Path, lines: &[String]) -> Duration {
         key.clear();
         write!(key, "{}", i + 1).unwrap();
         producer
-            .put_with_hash_key(&key, spread_hash_key(i as u64 + 1), line.as_bytes())
+            .append(&key, Some(spread_hash_key(i as u64 + 1)), line.as_bytes())
             .unwrap();
     }
     producer.flush().unwrap();

@@ -459,14 +459,14 @@ fn fill_log(log_dir: &Path, load: &LogLoad<'_>, corpus: impl FnOnce() -> Vec<Str
     let mut producer = stream.producer().context("open producer")?;
     // One key buffer for every line, and the line's bytes straight from the caller's buffer: the
     // producer copies them into its frame anyway. The key is the line's number; an explicit hash
-    // key spread from it picks the shard (no MD5 per line).
+    // key spread from it picks the shard (no MD5 per line), and no position is returned.
     let mut n: u64 = 0;
     let mut key = String::new();
     let mut put = |line: &[u8]| -> anyhow::Result<()> {
         n += 1;
         key.clear();
         write!(key, "{n}")?;
-        producer.put_with_hash_key(&key, spread_hash_key(n), line)?;
+        producer.append(&key, Some(spread_hash_key(n)), line)?;
         Ok(())
     };
     let mut inputs = Vec::new();

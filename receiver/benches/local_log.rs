@@ -363,7 +363,7 @@ fn example_load(stream: &LocalStream, file: &Path) -> BenchResult {
         n += 1;
         key.clear();
         write!(key, "{n}")?;
-        producer.put_with_hash_key(&key, spread_hash_key(n), &line)?;
+        producer.append(&key, Some(spread_hash_key(n)), &line)?;
         line.clear();
     }
     producer.flush()?;

@@ -437,6 +437,39 @@ fn an_explicit_hash_key_picks_the_shard_and_spread_keys_fill_every_shard_evenly(
     }
 }
 
+/// `append` writes the frame `put` would and only skips returning its position: the records read
+/// back in order with their keys and data, and a `put` after them gets the position that follows.
+#[test]
+fn append_writes_what_put_would_without_returning_the_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = LocalLog::open(dir.path()).unwrap().create_stream("append", 1).unwrap();
+    let mut producer = stream.producer().unwrap();
+    let first = producer.put("k0", "zero").unwrap();
+    for i in 1..=3 {
+        producer.append(&format!("k{i}"), None, format!("line {i}")).unwrap();
+    }
+    producer.append("k4", Some(7), "line 4").unwrap();
+    let last = producer.put("k5", "five").unwrap();
+    producer.flush().unwrap();
+    let shard = &stream.list_shards().unwrap()[0].shard_id;
+    let records = read_shard(&stream, shard, &StartingPosition::TrimHorizon);
+    let read: Vec<(&str, &[u8])> = records.iter().map(|r| (&*r.partition_key, &r.data[..])).collect();
+    assert_eq!(
+        read,
+        [
+            ("k0", &b"zero"[..]),
+            ("k1", b"line 1"),
+            ("k2", b"line 2"),
+            ("k3", b"line 3"),
+            ("k4", b"line 4"),
+            ("k5", b"five")
+        ]
+    );
+    assert_eq!(records[0].position, first);
+    assert_eq!(records[5].position, last);
+    assert!(records.windows(2).all(|w| w[0].position < w[1].position));
+}
+
 #[test]
 fn cli_commands_round_trip() {
     use sluice_receiver::local_log::cli;

@@ -67,10 +67,11 @@ pub fn put(dir: &Path, stream: &str, mut lines: impl BufRead, key_mode: KeyMode)
             KeyMode::Counter => write!(key, "{count}"),
         }
         .expect("formatting into a String cannot fail");
-        match key_mode {
-            KeyMode::LineHash => producer.put(&key, &line)?,
-            KeyMode::Counter => producer.put_with_hash_key(&key, spread_hash_key(count), &line)?,
+        let hash_key = match key_mode {
+            KeyMode::LineHash => None,
+            KeyMode::Counter => Some(spread_hash_key(count)),
         };
+        producer.append(&key, hash_key, &line)?;
         count += 1;
     }
     producer.flush()?;

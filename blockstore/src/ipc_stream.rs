@@ -262,8 +262,9 @@ mod tests {
     }
 
     #[test]
-    fn copies_each_buffer_once_where_arrow_gathers() {
-        // Same messages, smaller body (empty validity buffers): never larger than StreamWriter's.
+    fn never_larger_than_arrows_stream() {
+        // Same messages, smaller body (empty validity buffers). That each buffer is copied once
+        // is the codec benchmark's to show (`docs/blockstore.md`, "Benchmarks").
         let batch = batch();
         let mut ours = BytesMut::new();
         write_stream(&batch, &mut ours, 0).expect("write");

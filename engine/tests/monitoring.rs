@@ -367,13 +367,10 @@ fn a_bad_metrics_address_in_a_config_file_is_a_clear_error() {
     assert_eq!(ok.metrics_addr, Some("[::1]:9898".parse().unwrap()));
 }
 
-/// The first run logs blocks but stops (non-graceful) before any batch takes them; the second
-/// run recovers them: the status shows that recovery, the blocks it replayed (their copies died
-/// with the first run) and their ranges, while the server stayed up during the first run's stop.
+/// A graceful stop drains, an immediate one stops after the batch in progress; the page stays up
+/// and says which until the batch it waits for is done, and goes with the stopped context.
 #[test]
 fn the_status_page_shows_a_stop_in_progress_until_its_batch_finishes() {
-    // A graceful stop drains, an immediate one stops after the batch in progress; the page stays
-    // up and says which until the batch it waits for is done.
     for (mode, state) in [(StopMode::Graceful, "draining"), (StopMode::Immediate, "stopping")] {
         let lines = bench_data::zipf_lines(500, 50, 3);
         let dir = tempfile::tempdir().unwrap();
@@ -416,6 +413,9 @@ fn the_status_page_shows_a_stop_in_progress_until_its_batch_finishes() {
     }
 }
 
+/// The first run logs blocks but stops (non-graceful) before any batch takes them; the second
+/// run recovers them: the status shows that recovery, the blocks it replayed (their copies died
+/// with the first run) and their ranges.
 #[test]
 fn a_restart_with_unfinished_work_shows_as_the_last_recovery_with_its_replays() {
     let lines = bench_data::zipf_lines(3_000, 200, 5);

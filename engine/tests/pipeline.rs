@@ -12,7 +12,7 @@ use sluice_operators::bench_data;
 
 mod support;
 
-use support::{DRAIN_TIMEOUT, STREAM, context, fill_log, receiver_config, word_count, words};
+use support::{DRAIN_TIMEOUT, STREAM, await_stored, context, fill_log, receiver_config, word_count, words};
 
 /// Word count whose totals (state) are captured after every batch.
 #[test]
@@ -209,11 +209,7 @@ fn a_stop_does_not_wait_out_a_long_batch_interval() {
             .unwrap();
         let totals = word_count(&stream);
         ctx.start().unwrap();
-        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
-        while ctx.metrics().records_stored < lines.len() as u64 {
-            assert!(std::time::Instant::now() < deadline, "records not stored");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        await_stored(&ctx, lines.len());
         ctx.stop(mode).unwrap();
         let counted: u64 = totals.lock().unwrap().values().sum();
         match mode {

@@ -16,7 +16,7 @@ use sluice_receiver::local_log::{LocalLog, RetentionPolicy, StreamConfig};
 
 mod support;
 
-use support::{DRAIN_TIMEOUT, STREAM, context, fill_log, receiver_config, word_count, words};
+use support::{DRAIN_TIMEOUT, STREAM, await_stored, context, fill_log, receiver_config, word_count, words};
 
 #[test]
 fn inputs_and_outputs_cannot_be_added_after_start() {
@@ -421,11 +421,7 @@ fn a_failed_task_in_a_shared_map_side_map_recomputes_its_chunk_exactly() {
         })
         .unwrap();
     ctx.start().unwrap();
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while ctx.metrics().records_stored < lines.len() as u64 {
-        assert!(Instant::now() < deadline, "records not stored");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    await_stored(&ctx, lines.len());
     // No batch is due for ten minutes: the graceful stop runs the one batch with every block.
     ctx.stop(StopMode::Graceful).unwrap();
     let metrics = ctx.metrics();

@@ -82,6 +82,16 @@ pub fn receiver_config(block_ms: u64) -> ReceiverConfig {
     }
 }
 
+/// Waits until the receivers of `ctx` have stored `records` records (at most [`DRAIN_TIMEOUT`]):
+/// with a batch interval longer than the test, a stop then runs one batch holding all of them.
+pub fn await_stored(ctx: &StreamingContext, records: usize) {
+    let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+    while ctx.metrics().records_stored < records as u64 {
+        assert!(std::time::Instant::now() < deadline, "records not stored");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Word count whose totals (state) are captured after every batch.
 pub fn word_count(lines: &DStream<Bytes>) -> Arc<Mutex<HashMap<String, u64>>> {
     let totals =

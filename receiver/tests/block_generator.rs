@@ -3,12 +3,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use proptest::prelude::*;
 use sluice_blockstore::{Block, ManualClock, Position, Record, SequenceNumber};
 use sluice_receiver::testing::RecordingHandler;
-use sluice_receiver::{BlockGenerator, BlockGeneratorConfig, StopMode};
+use sluice_receiver::{BlockGenerator, BlockGeneratorConfig, GeneratorMetrics, StopMode};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -172,13 +173,15 @@ fn a_stalled_store_blocks_producers_with_bounded_memory() {
         queue_capacity: 2,
         ..BlockGeneratorConfig::default()
     };
+    let metrics = Arc::new(GeneratorMetrics::default());
     let generator = BlockGenerator::builder(config, "stream", handler.clone(), clock)
+        .metrics(metrics.clone())
         .start()
         .unwrap();
     let producers = 3;
     let per_producer = 500;
     let record_bytes = shard_records("shard-0", 1, |_| 20)[0].memory_bytes();
-    let (blocked, stats) = std::thread::scope(|scope| {
+    let (blocked, stats, waits, waits_later) = std::thread::scope(|scope| {
         for p in 0..producers {
             let generator = &generator;
             scope.spawn(move || {
@@ -200,11 +203,20 @@ fn a_stalled_store_blocks_producers_with_bounded_memory() {
             stats = s.clone();
             s.waiting_producers == producers && s.queued_blocks == 2 && s.storing
         });
+        // Blocked producers sleep until there is room: none wakes another (they once woke each
+        // other in turn, each wake counted as a new wait, for as long as the store stalled).
+        let waits = metrics.producer_waits.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(100));
+        let waits_later = metrics.producer_waits.load(Ordering::Relaxed);
         // Release the producers before asserting, so a failed assertion cannot hang the scope.
         handler.resume();
-        (blocked, stats)
+        (blocked, stats, waits, waits_later)
     });
     assert!(blocked, "every producer blocks: {stats:?}");
+    assert_eq!(
+        waits_later, waits,
+        "blocked producers stay asleep while the store stalls"
+    );
     let bound = generator.memory_bound_bytes();
     assert_eq!(bound, (2 + 2) * 4_000);
     assert!(stats.buffered_bytes <= bound, "{} > {bound}", stats.buffered_bytes);

@@ -93,6 +93,7 @@ impl BlockGeneratorBuilder {
             metrics: self.metrics,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
+            room: Condvar::new(),
             adding: StopSignal::new(),
             timer: StopSignal::new(),
             abort: StopSignal::new(),

@@ -130,7 +130,15 @@ struct Shared {
     metrics: Arc<GeneratorMetrics>,
     records_hint: usize,
     state: Mutex<State>,
+    /// Any change the pusher, a draining stop or an observer ([`BlockGenerator::wait_for`]) may
+    /// be waiting for.
     changed: Condvar,
+    /// Room in the sealed queue, or a phase change: what a blocked producer waits for. Kept apart
+    /// from `changed` so that producers do not wake each other: a producer that finds the queue
+    /// still full changes nothing a producer waits for, and two of them on one condition variable
+    /// woke each other in turn for as long as the store stalled (two shard threads spent a third
+    /// of their CPU on it while a batch held the memory budget).
+    room: Condvar,
     /// Stopped when adding stops (interrupts rate-limit waits).
     adding: StopSignal,
     /// Stops the timer thread.
@@ -343,6 +351,7 @@ impl Shared {
         let total = records.len();
         let limits = self.limits();
         let mut state = self.state.lock().expect("generator lock");
+        let mut waited = false;
         loop {
             if state.phase != Phase::Active {
                 return Err(Self::refusal(&state, total - records.len()));
@@ -355,12 +364,17 @@ impl Shared {
                 }
                 return Ok(());
             }
-            // The open block is full: seal it, or wait for the pusher to make room.
+            // The open block is full: seal it, or wait for the pusher to make room. One wait
+            // counted (and announced to observers) however often the producer wakes before there
+            // is room: another producer may take the room first.
             if !self.try_seal(&mut state) {
                 state.waiting_producers += 1;
-                self.metrics.producer_waits.fetch_add(1, Ordering::Relaxed);
-                self.changed.notify_all();
-                state = self.changed.wait(state).expect("generator lock");
+                if !waited {
+                    waited = true;
+                    self.metrics.producer_waits.fetch_add(1, Ordering::Relaxed);
+                    self.changed.notify_all();
+                }
+                state = self.room.wait(state).expect("generator lock");
                 state.waiting_producers -= 1;
             }
         }
@@ -383,13 +397,22 @@ impl Shared {
 
     /// Seals the open block into the queue; `false` if the queue is full.
     fn try_seal(&self, state: &mut MutexGuard<'_, State>) -> bool {
+        let queued = state.buffer.queued_blocks();
         let sealed = state.buffer.seal(self.limits(), self.records_hint, || BlockId {
             input_id: self.input_id,
             run_id: self.run_id,
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
         });
-        self.changed.notify_all();
+        if state.buffer.queued_blocks() > queued {
+            self.changed.notify_all();
+        }
         sealed
+    }
+
+    /// Wakes every waiter: the phase changed or the buffer was discarded.
+    fn notify_everyone(&self) {
+        self.changed.notify_all();
+        self.room.notify_all();
     }
 
     fn run_timer(&self) {
@@ -416,7 +439,7 @@ impl Shared {
                 let mut state = self.state.lock().expect("generator lock");
                 loop {
                     if let Some(sealed) = state.buffer.pop() {
-                        self.changed.notify_all();
+                        self.notify_everyone();
                         break sealed;
                     }
                     match state.phase {
@@ -504,7 +527,7 @@ impl Shared {
             let mut state = self.state.lock().expect("generator lock");
             state.phase = Phase::Failed(error);
             state.buffer.discard();
-            self.changed.notify_all();
+            self.notify_everyone();
         }
         self.adding.stop();
         self.abort.stop();
@@ -518,7 +541,7 @@ impl Shared {
                 state.phase = Phase::Stopped;
             }
             state.buffer.discard();
-            self.changed.notify_all();
+            self.notify_everyone();
         }
         self.adding.stop();
         self.abort.stop();
@@ -531,7 +554,7 @@ impl Shared {
             if state.phase == Phase::Active {
                 state.phase = Phase::Closing;
             }
-            self.changed.notify_all();
+            self.notify_everyone();
         }
         self.adding.stop();
         self.timer.stop();
@@ -547,14 +570,14 @@ impl Shared {
             if state.phase == Phase::Closing {
                 state.phase = Phase::Draining;
             }
-            self.changed.notify_all();
+            self.notify_everyone();
         }
         let _ = pusher.join();
         let mut state = self.state.lock().expect("generator lock");
         if state.phase == Phase::Draining {
             state.phase = Phase::Stopped;
         }
-        self.changed.notify_all();
+        self.notify_everyone();
     }
 }
 

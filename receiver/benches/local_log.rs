@@ -9,9 +9,11 @@
 //! section).
 //!
 //! **log** (target 4), for two shapes — one shard and one partition key; two shards and a distinct
-//! key per record (what the word-count example writes):
-//! - *append*: `Producer::put` of every record, then `flush` (write + fsync), against a raw
-//!   sequential `write_all` of the same payload bytes in 1 MiB slices + `fsync` to a new file;
+//! key per record (what the word-count example writes) — and two ways of writing:
+//! - *put* / *append*: `Producer::put` (a stored record each, its position returned) or
+//!   `Producer::append` (aggregated, as bulk loads write) of every record, then `flush` (write +
+//!   fsync), against a raw sequential `write_all` of the same payload bytes in 1 MiB slices +
+//!   `fsync` to a new file;
 //! - *read shard*: every shard read from `TrimHorizon` to its tail with `LocalShardReader::read`,
 //!   and *replay*: `Replay::replay` of each shard's whole range, against a raw sequential read of
 //!   the raw file into memory (1 MiB buffers, all kept, as the log's records keep theirs); all from
@@ -22,8 +24,8 @@
 //! word-count example's `load` (copied here, since examples cannot be benched), against a raw
 //! `write_all` + `fsync` of the file's bytes.
 //!
-//! Ratios are payload rates (user bytes; the log also writes a 44-byte frame header and the key per
-//! record). Every read is checked against what was written: each record's payload must be exactly
+//! Ratios are payload rates (user bytes; the log also writes the key per record and a 37-byte frame
+//! header per stored record, one per `put` and one per up to 64 KiB of `append`s). Every read is checked against what was written: each record's payload must be exactly
 //! the one put, and every record must come back exactly once.
 
 use std::fmt::Write as _;
@@ -33,7 +35,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_blockstore::{Position, Record, Replay, SequenceNumberRange, SequenceNumberRanges};
+use sluice_blockstore::{Record, Replay, SequenceNumberRange, SequenceNumberRanges};
 use sluice_receiver::local_log::{LocalLog, LocalStream, cli, spread_hash_key};
 use sluice_receiver::{Source, StartingPosition};
 
@@ -137,24 +139,20 @@ const SHAPES: [Shape; 2] = [
     },
 ];
 
-/// Puts every record and flushes; returns the elapsed time and the range each shard received.
+/// How the log section writes its records.
+#[derive(Clone, Copy)]
+enum Api {
+    /// `Producer::put`: a stored record each, its position returned.
+    Put,
+    /// `Producer::append`: aggregated, no position returned.
+    Append,
+}
+
+/// Writes every record and flushes; returns the elapsed time.
 #[inline(never)] // a frame of its own in profiles
-fn log_append(
-    stream: &LocalStream,
-    corpus: &[u8],
-    records: usize,
-    shape: Shape,
-) -> BenchResult<(Duration, Vec<SequenceNumberRange>)> {
+fn log_append(stream: &LocalStream, corpus: &[u8], records: usize, shape: Shape, api: Api) -> BenchResult<Duration> {
     let mut producer = stream.producer()?;
     let mut key = String::new();
-    let mut lasts: Vec<Option<Position>> = vec![None; shape.shards as usize];
-    let mut firsts: Vec<Option<Position>> = vec![None; shape.shards as usize];
-    let mut counts = vec![0u64; shape.shards as usize];
-    let shard_of = |p: &Position| -> usize {
-        // The low six digits of a local-log sequence number are the shard index.
-        let s = p.sequence.as_str();
-        s[s.len() - 6..].parse().expect("shard index digits")
-    };
     let start = Instant::now();
     for i in 0..records {
         let k = if shape.distinct_keys {
@@ -164,27 +162,13 @@ fn log_append(
         } else {
             "k"
         };
-        let position = producer.put(k, record_payload(corpus, i))?;
-        let s = shard_of(&position);
-        firsts[s].get_or_insert_with(|| position.clone());
-        lasts[s] = Some(position);
-        counts[s] += 1;
-    }
-    producer.flush()?;
-    let elapsed = start.elapsed();
-    let mut ranges = Vec::new();
-    for (s, shard) in stream.list_shards()?.into_iter().enumerate() {
-        if let (Some(from), Some(to)) = (firsts[s].take(), lasts[s].take()) {
-            ranges.push(SequenceNumberRange {
-                stream: Arc::from(stream.name()),
-                shard_id: shard.shard_id,
-                from,
-                to,
-                record_count: counts[s],
-            });
+        match api {
+            Api::Put => drop(producer.put(k, record_payload(corpus, i))?),
+            Api::Append => producer.append(k, None, record_payload(corpus, i))?,
         }
     }
-    Ok((elapsed, ranges))
+    producer.flush()?;
+    Ok(start.elapsed())
 }
 
 /// Checks that `records` hold every payload exactly once and nothing else.
@@ -210,13 +194,20 @@ fn check_records<'a>(records: impl Iterator<Item = &'a Record>, corpus: &[u8], t
     assert_eq!(n, total, "{what}: records missing");
 }
 
-/// Reads every shard from `TrimHorizon` to its tail.
+/// Reads every shard from `TrimHorizon` to its tail; returns the elapsed time and the range of
+/// each shard (for the replay).
 #[inline(never)] // a frame of its own in profiles
-fn log_read_shards(stream: &LocalStream, corpus: &[u8], total: usize) -> BenchResult<Duration> {
+fn log_read_shards(
+    stream: &LocalStream,
+    corpus: &[u8],
+    total: usize,
+) -> BenchResult<(Duration, Vec<SequenceNumberRange>)> {
     let start = Instant::now();
     let mut all: Vec<Vec<Record>> = Vec::new();
+    let mut pages_per_shard = Vec::new();
     for shard in stream.list_shards()? {
         let mut reader = stream.open_reader(&shard.shard_id, &StartingPosition::TrimHorizon)?;
+        let first_page = all.len();
         loop {
             let batch = reader.read(READ_PAGE)?;
             if batch.records.is_empty() {
@@ -224,10 +215,29 @@ fn log_read_shards(stream: &LocalStream, corpus: &[u8], total: usize) -> BenchRe
             }
             all.push(batch.records);
         }
+        pages_per_shard.push((shard.shard_id, first_page..all.len()));
     }
     let elapsed = start.elapsed();
     check_records(all.iter().flatten(), corpus, total, "read shard");
-    Ok(elapsed)
+    let ranges = pages_per_shard
+        .into_iter()
+        .filter(|(_, pages)| !pages.is_empty())
+        .map(|(shard_id, pages)| {
+            let records = &all[pages];
+            SequenceNumberRange {
+                stream: Arc::from(stream.name()),
+                shard_id,
+                from: records[0][0].position.clone(),
+                to: records[records.len() - 1]
+                    .last()
+                    .expect("pages are not empty")
+                    .position
+                    .clone(),
+                record_count: records.iter().map(Vec::len).sum::<usize>() as u64,
+            }
+        })
+        .collect();
+    Ok((elapsed, ranges))
 }
 
 /// Replays each shard's whole range.
@@ -264,7 +274,7 @@ fn print_rows(title: &str, rows: &[Row]) {
     let mib_s = |bytes: usize, d: Duration| bytes as f64 / 1_048_576.0 / d.as_secs_f64();
     println!("\n{title}");
     println!(
-        "{:<42} {:<16} {:>10} {:>10} {:>7} {:>5}  ratios of each run",
+        "{:<52} {:<16} {:>10} {:>10} {:>7} {:>5}  ratios of each run",
         "case", "baseline", "base MiB/s", "log MiB/s", "ratio", "aim"
     );
     for row in rows {
@@ -276,7 +286,7 @@ fn print_rows(title: &str, rows: &[Row]) {
             .map(|(b, l)| format!("{:.2}", b.as_secs_f64() / l.as_secs_f64()))
             .collect();
         println!(
-            "{:<42} {:<16} {:>10.0} {:>10.0} {:>6.2}x {:>4.2}x  {}",
+            "{:<52} {:<16} {:>10.0} {:>10.0} {:>6.2}x {:>4.2}x  {}",
             row.name,
             row.baseline,
             mib_s(row.bytes, base),
@@ -295,7 +305,8 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
     let shards_only = std::env::var("SLUICE_BENCH_SHARDS")
         .ok()
         .and_then(|v| v.parse::<u32>().ok());
-    for shape in SHAPES.into_iter().filter(|s| shards_only.is_none_or(|n| n == s.shards)) {
+    let shapes = SHAPES.into_iter().filter(|s| shards_only.is_none_or(|n| n == s.shards));
+    for (shape, api) in shapes.flat_map(|shape| [(shape, Api::Put), (shape, Api::Append)]) {
         let mut raw_w = Vec::new();
         let mut raw_r = Vec::new();
         let mut append = Vec::new();
@@ -305,16 +316,20 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
             let log_dir = dir.join(format!("log-{run}"));
             raw_w.push(raw_write(&raw_path, &corpus)?);
             let stream = LocalLog::open(&log_dir)?.create_stream("bench", shape.shards)?;
-            let (elapsed, ranges) = log_append(&stream, &corpus, records, shape)?;
-            append.push(elapsed);
+            append.push(log_append(&stream, &corpus, records, shape, api)?);
             raw_r.push(raw_read(&raw_path, &corpus)?);
-            read.push(log_read_shards(&stream, &corpus, records)?);
+            let (elapsed, ranges) = log_read_shards(&stream, &corpus, records)?;
+            read.push(elapsed);
             replay.push(log_replay(&stream, &ranges, &corpus, records)?);
             std::fs::remove_dir_all(&log_dir)?;
         }
         let bytes = records * RECORD_BYTES;
+        let (written_by, shape) = match api {
+            Api::Put => ("put", shape.name.to_owned()),
+            Api::Append => ("append", format!("{}, appended", shape.name)),
+        };
         rows.push(Row {
-            name: format!("append + flush ({})", shape.name),
+            name: format!("{written_by} + flush ({shape})"),
             baseline: "write + fsync",
             base: raw_w.clone(),
             log: append,
@@ -322,7 +337,7 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
             aim: 0.5,
         });
         rows.push(Row {
-            name: format!("read shards ({})", shape.name),
+            name: format!("read shards ({shape})"),
             baseline: "read 1 MiB bufs",
             base: raw_r.clone(),
             log: read,
@@ -330,7 +345,7 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
             aim: 0.5,
         });
         rows.push(Row {
-            name: format!("replay ranges ({})", shape.name),
+            name: format!("replay ranges ({shape})"),
             baseline: "read 1 MiB bufs",
             base: raw_r,
             log: replay,

@@ -440,7 +440,7 @@ fn an_explicit_hash_key_picks_the_shard_and_spread_keys_fill_every_shard_evenly(
 /// `append` writes the frame `put` would and only skips returning its position: the records read
 /// back in order with their keys and data, and a `put` after them gets the position that follows.
 #[test]
-fn append_writes_what_put_would_without_returning_the_position() {
+fn appends_between_puts_share_one_aggregated_record_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let stream = LocalLog::open(dir.path()).unwrap().create_stream("append", 1).unwrap();
     let mut producer = stream.producer().unwrap();
@@ -468,6 +468,88 @@ fn append_writes_what_put_would_without_returning_the_position() {
     assert_eq!(records[0].position, first);
     assert_eq!(records[5].position, last);
     assert!(records.windows(2).all(|w| w[0].position < w[1].position));
+    // The four appends (the explicit hash key picks the one shard as well) are one stored record
+    // between the puts' two.
+    let aggregate = &records[1].position.sequence;
+    assert!(records[1..5].iter().all(|r| &r.position.sequence == aggregate));
+    let subs: Vec<u64> = records[1..5].iter().map(|r| r.position.sub_sequence).collect();
+    assert_eq!(subs, [0, 1, 2, 3]);
+    assert!(first.sequence < *aggregate && *aggregate < last.sequence);
+}
+
+/// A bulk load through `append`: aggregates of at most 64 KiB per shard, read, started and
+/// replayed from positions inside them exactly like any other record; arrival times never go
+/// back, so a timestamp start misses nothing.
+#[test]
+fn appended_records_are_read_started_and_replayed_inside_their_aggregates() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000));
+    let stream = LocalLog::open(dir.path()).unwrap().create_stream("bulk", 2).unwrap();
+    let mut producer = stream.producer_with_clock(clock.clone()).unwrap();
+    let n = 3_000u64;
+    for i in 0..n {
+        clock.advance_ms(1);
+        let data = format!("{i:06}-{}", "x".repeat(93));
+        producer
+            .append(
+                &i.to_string(),
+                Some(sluice_receiver::local_log::spread_hash_key(i)),
+                data,
+            )
+            .unwrap();
+    }
+    producer.flush().unwrap();
+    let mut total = 0;
+    for shard in stream.list_shards().unwrap() {
+        let shard = &*shard.shard_id;
+        let all = read_shard(&stream, shard, &StartingPosition::TrimHorizon);
+        total += all.len();
+        assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+        assert!(
+            all.windows(2)
+                .all(|w| w[0].approximate_arrival_ms <= w[1].approximate_arrival_ms)
+        );
+        // ~110 encoded bytes per record: at most ~595 to a 64 KiB aggregate.
+        let mut per_aggregate: HashMap<String, usize> = HashMap::new();
+        for r in &all {
+            *per_aggregate.entry(r.position.sequence.to_string()).or_default() += 1;
+        }
+        assert!(per_aggregate.len() >= 2, "{shard}: {} aggregates", per_aggregate.len());
+        assert!(per_aggregate.values().all(|&count| count <= 600), "{per_aggregate:?}");
+        // Positions inside aggregates: the first record past the first aggregate's middle, and
+        // one near the end of the next.
+        let i = all.iter().position(|r| r.position.sub_sequence == 100).unwrap();
+        let j = all.len() - 3;
+        assert!(all[j].position.sub_sequence > 0);
+        let after = read_shard(
+            &stream,
+            shard,
+            &StartingPosition::AfterPosition(all[i].position.clone()),
+        );
+        assert_eq!(after, all[i + 1..]);
+        let at = read_shard(&stream, shard, &StartingPosition::AtPosition(all[j].position.clone()));
+        assert_eq!(at, all[j..]);
+        let replayed = stream
+            .replay(&range(
+                &stream,
+                shard,
+                &all[i].position,
+                &all[j].position,
+                (j - i + 1) as u64,
+            ))
+            .unwrap();
+        assert_eq!(replayed, all[i..=j]);
+        // Record `k` was appended at 1_001 + k: no record says it arrived before that, and a
+        // start at that time keeps record `k` and everything after it.
+        let appended_at = |r: &Record| 1_001 + std::str::from_utf8(&r.data[..6]).unwrap().parse::<i64>().unwrap();
+        assert!(all.iter().all(|r| r.approximate_arrival_ms >= appended_at(r)));
+        let from_time = read_shard(&stream, shard, &StartingPosition::AtTimestamp(appended_at(&all[j])));
+        assert!(
+            from_time.ends_with(&all[j..]),
+            "a timestamp start keeps every later record"
+        );
+    }
+    assert_eq!(total as u64, n);
 }
 
 #[test]

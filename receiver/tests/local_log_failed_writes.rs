@@ -1,9 +1,9 @@
 //! A local-log producer whose segment write fails part-way, for real: each test re-runs this test
 //! binary as a child process under a file-size limit (`RLIMIT_FSIZE`) with `SIGXFSZ` ignored, so
-//! the kernel writes up to the limit, then `write` returns `EFBIG`. The child puts records until a
-//! put fails, lifts the limit and goes on; the parent then checks the log it left: every
-//! acknowledged record exactly once and in order, the failed one only if the child retried it,
-//! and segments made of whole frames only.
+//! the kernel writes up to the limit, then `write` returns `EFBIG`. The child puts (or appends)
+//! records until one fails, lifts the limit and goes on; the parent then checks the log it left:
+//! every acknowledged record exactly once and in order, the failed one only if the child retried
+//! it, and segments made of whole frames only.
 #![cfg(unix)]
 
 use std::path::Path;
@@ -11,7 +11,7 @@ use std::process::Command;
 
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 use sluice_blockstore::Record;
-use sluice_receiver::local_log::{LocalLog, LocalLogError, LocalStream};
+use sluice_receiver::local_log::{LocalLog, LocalLogError, LocalStream, Producer};
 use sluice_receiver::{Source, StartingPosition};
 
 /// Set in the child process: the log directory it writes.
@@ -26,6 +26,15 @@ const FILE_SIZE_LIMIT: u64 = 1_500_000;
 /// Records put after the limit is lifted.
 const PUTS_AFTER: usize = 5;
 
+/// How the child writes its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// `Producer::put`: a frame per record, each position printed.
+    Put,
+    /// `Producer::append` of records this many bytes long, aggregated into shared frames.
+    Append(usize),
+}
+
 /// What the child does with the put that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Caller {
@@ -35,10 +44,28 @@ enum Caller {
     GivesUp,
 }
 
-fn data(i: usize) -> Vec<u8> {
+fn data(i: usize, len: usize) -> Vec<u8> {
     let mut data = format!("record-{i:05}-").into_bytes();
-    data.resize(DATA_BYTES, b'a' + (i % 26) as u8);
+    data.resize(len, b'a' + (i % 26) as u8);
     data
+}
+
+impl Api {
+    fn data_len(self) -> usize {
+        match self {
+            Api::Put => DATA_BYTES,
+            Api::Append(len) => len,
+        }
+    }
+
+    /// Writes record `i`; its sequence number when the call returns one.
+    fn write(self, producer: &mut Producer, i: usize) -> Result<String, LocalLogError> {
+        let data = data(i, self.data_len());
+        match self {
+            Api::Put => producer.put("key", data).map(|p| p.sequence.to_string()),
+            Api::Append(_) => producer.append("key", None, data).map(|()| "-".to_owned()),
+        }
+    }
 }
 
 /// Runs `test` (this test's name) in a child process writing `dir`, with `SIGXFSZ` ignored:
@@ -74,16 +101,16 @@ fn set_file_size_limit(limit: Option<u64>) {
     .unwrap();
 }
 
-/// The child: puts records until the file-size limit fails one, handles it as `caller` does,
-/// lifts the limit, puts [`PUTS_AFTER`] more and flushes. Prints `acked <i> <sequence>` for every
-/// record acknowledged, in order.
-fn child(dir: &Path, caller: Caller) {
+/// The child: writes records until the file-size limit fails one, handles it as `caller` does,
+/// lifts the limit, writes [`PUTS_AFTER`] more and flushes. Prints `acked <i> <sequence>` (`-`
+/// for an append) for every record acknowledged, in order.
+fn child(dir: &Path, caller: Caller, api: Api) {
     let stream = LocalLog::open(dir).unwrap().stream(STREAM).unwrap();
     let mut producer = stream.producer().unwrap();
     let mut acked = Vec::new();
     set_file_size_limit(Some(FILE_SIZE_LIMIT));
-    let failed = (0..200)
-        .find(|&i| match producer.put("key", data(i)) {
+    let failed = (0..1_000)
+        .find(|&i| match api.write(&mut producer, i) {
             Ok(position) => {
                 acked.push((i, position));
                 false
@@ -108,11 +135,12 @@ fn child(dir: &Path, caller: Caller) {
         Caller::GivesUp => failed + 1,
     };
     for i in next..next + PUTS_AFTER {
-        acked.push((i, producer.put("key", data(i)).unwrap()));
+        acked.push((i, api.write(&mut producer, i).unwrap()));
     }
     producer.flush().unwrap();
-    for (i, position) in &acked {
-        println!("acked {i} {}", position.sequence);
+    println!("failed {failed}");
+    for (i, sequence) in &acked {
+        println!("acked {i} {sequence}");
     }
 }
 
@@ -152,9 +180,11 @@ fn assert_whole_frames(stream: &LocalStream) {
 }
 
 /// Runs the child for `test` and checks the log it left, then that a new producer appends to it.
-fn failed_write_is_undone(test: &str, caller: Caller) {
+/// Returns the records read back before that and the record that failed (`None` in the child).
+fn failed_write_is_undone(test: &str, caller: Caller, api: Api) -> Option<(Vec<Record>, usize)> {
     if let Some(child_dir) = std::env::var_os(CHILD_ENV) {
-        return child(Path::new(&child_dir), caller);
+        child(Path::new(&child_dir), caller, api);
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let stream = LocalLog::open(dir.path()).unwrap().create_stream(STREAM, 1).unwrap();
@@ -169,6 +199,10 @@ fn failed_write_is_undone(test: &str, caller: Caller) {
         })
         .collect();
     assert!(!acked.is_empty(), "the child printed no records:\n{stdout}");
+    let failed: usize = stdout
+        .lines()
+        .find_map(|line| line.split_once("failed ").map(|(_, i)| i.parse().unwrap()))
+        .unwrap();
 
     assert_whole_frames(&stream);
     let records = read_all(&stream);
@@ -176,22 +210,28 @@ fn failed_write_is_undone(test: &str, caller: Caller) {
         .iter()
         .map(|r| {
             let i = std::str::from_utf8(&r.data[7..12]).unwrap().parse().unwrap();
-            assert_eq!(r.data, data(i), "record {i}");
-            (i, r.position.sequence.to_string())
+            assert_eq!(r.data, data(i, api.data_len()), "record {i}");
+            let sequence = match api {
+                Api::Put => r.position.sequence.to_string(),
+                Api::Append(_) => "-".to_owned(),
+            };
+            (i, sequence)
         })
         .collect();
+    assert!(records.windows(2).all(|w| w[0].position < w[1].position));
     assert_eq!(
         read, acked,
         "the log must hold the acknowledged records, once each, in order"
     );
-    let failed = acked.windows(2).find(|w| w[1].0 != w[0].0 + 1).map(|w| w[0].0 + 1);
+    let gap = acked.windows(2).find(|w| w[1].0 != w[0].0 + 1).map(|w| w[0].0 + 1);
+    let expected_gap = (caller == Caller::GivesUp).then_some(failed);
     assert_eq!(
-        failed.is_some(),
-        caller == Caller::GivesUp,
-        "only a caller that gives up leaves a gap: {failed:?}"
+        gap, expected_gap,
+        "only a caller that gives up leaves a gap, where it gave up"
     );
 
     // A new producer finds nothing torn to cut and appends after the last record.
+    let written = records;
     let mut producer = stream.producer().unwrap();
     producer.put("key", b"after reopen").unwrap();
     producer.flush().unwrap();
@@ -200,6 +240,7 @@ fn failed_write_is_undone(test: &str, caller: Caller) {
     assert_eq!(records.len(), acked.len() + 1);
     assert_eq!(&records.last().unwrap().data[..], b"after reopen");
     assert_whole_frames(&stream);
+    Some((written, failed))
 }
 
 #[test]
@@ -207,6 +248,7 @@ fn a_put_retried_after_a_write_fails_part_way_is_appended_once() {
     failed_write_is_undone(
         "a_put_retried_after_a_write_fails_part_way_is_appended_once",
         Caller::Retries,
+        Api::Put,
     );
 }
 
@@ -215,5 +257,55 @@ fn a_put_given_up_after_a_write_fails_part_way_is_not_appended() {
     failed_write_is_undone(
         "a_put_given_up_after_a_write_fails_part_way_is_not_appended",
         Caller::GivesUp,
+        Api::Put,
+    );
+}
+
+/// Whether record `i` shares its stored (aggregated) record with record `i - 1`.
+fn shares_aggregate_with_previous(records: &[Record], i: usize) -> bool {
+    let at = records
+        .iter()
+        .position(|r| r.data.starts_with(format!("record-{i:05}-").as_bytes()))
+        .unwrap();
+    at > 0 && records[at - 1].position.sequence == records[at].position.sequence
+}
+
+/// Appends of 40 kB records: an aggregate holds one (two exceed its 64 KiB), so the failed append
+/// takes its whole aggregate back out, with its sequence number.
+#[test]
+fn an_append_given_up_after_a_write_fails_part_way_is_not_appended() {
+    let Some((records, failed)) = failed_write_is_undone(
+        "an_append_given_up_after_a_write_fails_part_way_is_not_appended",
+        Caller::GivesUp,
+        Api::Append(DATA_BYTES),
+    ) else {
+        return;
+    };
+    assert!(
+        records.iter().all(|r| r.position.sub_sequence == 0),
+        "one record per aggregate"
+    );
+    assert!(!shares_aggregate_with_previous(&records, failed + 1));
+}
+
+/// Appends of 10 kB records, six to an aggregate: the failed append comes out of an aggregate that
+/// keeps the records before it (rewritten with one record fewer when the next flush completes it),
+/// and the retry appends it once, after them.
+#[test]
+fn an_append_retried_after_a_write_fails_part_way_is_appended_once() {
+    let Some((records, failed)) = failed_write_is_undone(
+        "an_append_retried_after_a_write_fails_part_way_is_appended_once",
+        Caller::Retries,
+        Api::Append(10_000),
+    ) else {
+        return;
+    };
+    assert!(
+        records.iter().any(|r| r.position.sub_sequence == 5),
+        "six records per aggregate"
+    );
+    assert!(
+        shares_aggregate_with_previous(&records, failed - 1),
+        "record {failed} failed inside an aggregate, behind records that stay in it"
     );
 }

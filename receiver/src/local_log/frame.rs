@@ -245,32 +245,61 @@ pub(crate) fn encode_frame<K: AsRef<[u8]>, D: AsRef<[u8]>>(
     sub_records: &[(K, D)],
 ) {
     let start = out.len();
+    begin_frame(out, sequence_body, aggregated);
+    for (key, data) in sub_records {
+        push_sub_record(out, key.as_ref(), data.as_ref());
+    }
+    finish_frame(&mut out[start..], arrival_ms, sub_records.len() as u32);
+}
+
+/// Bytes a frame holds before its sub-records (header and fixed part of the body).
+pub(crate) const FRAME_FIXED_LEN: usize = FRAME_HEADER_LEN + BODY_FIXED_LEN;
+
+/// Starts a frame at the end of `out`: its header and the fixed part of its body, with the
+/// length, CRC, arrival time and sub-record count left for [`finish_frame`] once the
+/// sub-records ([`push_sub_record`]) follow.
+pub(crate) fn begin_frame(out: &mut Vec<u8>, sequence_body: u128, aggregated: bool) {
     out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
     out.extend_from_slice(&sequence_body.to_le_bytes());
-    out.extend_from_slice(&arrival_ms.to_le_bytes());
+    out.extend_from_slice(&[0; 8]);
     out.push(if aggregated { FLAG_AGGREGATED } else { 0 });
-    out.extend_from_slice(&(sub_records.len() as u32).to_le_bytes());
-    for (key, data) in sub_records {
-        let key = key.as_ref();
-        let data = data.as_ref();
-        out.extend_from_slice(&(key.len() as u16).to_le_bytes());
-        out.extend_from_slice(key);
-        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        out.extend_from_slice(data);
-    }
-    let body_len = out.len() - start - FRAME_HEADER_LEN;
-    let crc = sluice_blockstore::crc32c(&out[start + FRAME_HEADER_LEN..]);
-    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+}
+
+/// Appends one sub-record to the frame being built at the end of `out`; its encoded length is
+/// [`sub_record_len`].
+pub(crate) fn push_sub_record(out: &mut Vec<u8>, key: &[u8], data: &[u8]) {
+    out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(data);
+}
+
+/// The encoded length of one sub-record.
+pub(crate) fn sub_record_len(key: &[u8], data: &[u8]) -> usize {
+    2 + key.len() + 4 + data.len()
+}
+
+/// Completes `frame` (a whole frame, from its header to its last sub-record, as [`begin_frame`]
+/// and [`push_sub_record`] left it): arrival time, sub-record count, body length and CRC.
+/// Completing it again (after more sub-records, or fewer) rewrites all four.
+pub(crate) fn finish_frame(frame: &mut [u8], arrival_ms: i64, count: u32) {
+    const ARRIVAL: usize = FRAME_HEADER_LEN + 16;
+    const COUNT: usize = ARRIVAL + 8 + 1;
+    frame[ARRIVAL..ARRIVAL + 8].copy_from_slice(&arrival_ms.to_le_bytes());
+    frame[COUNT..COUNT + 4].copy_from_slice(&count.to_le_bytes());
+    let body_len = frame.len() - FRAME_HEADER_LEN;
+    let crc = sluice_blockstore::crc32c(&frame[FRAME_HEADER_LEN..]);
+    frame[..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The encoded length of a frame holding these sub-records.
 pub(crate) fn frame_len<K: AsRef<[u8]>, D: AsRef<[u8]>>(sub_records: &[(K, D)]) -> usize {
-    FRAME_HEADER_LEN
-        + BODY_FIXED_LEN
+    FRAME_FIXED_LEN
         + sub_records
             .iter()
-            .map(|(k, d)| 2 + k.as_ref().len() + 4 + d.as_ref().len())
+            .map(|(k, d)| sub_record_len(k.as_ref(), d.as_ref()))
             .sum::<usize>()
 }
 

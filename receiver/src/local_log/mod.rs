@@ -35,7 +35,9 @@
 //!   u32  sub-record count n (1 for a plain record)
 //!   n × { u16 key_len, key (UTF-8), u32 data_len, data }
 //! ```
-//! Sub-record `i` of a frame has position `(sequence, i)`.
+//! Sub-record `i` of a frame has position `(sequence, i)`. [`Producer::put`] writes a plain
+//! frame per record; [`Producer::append`] (bulk loads) aggregates a shard's consecutive records
+//! into frames of up to 64 KiB, as the KPL does.
 //!
 //! # Reading
 //! Segments are read in chunks of 1 MiB (a larger frame gets a buffer of its own size) and a

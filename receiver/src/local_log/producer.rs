@@ -18,6 +18,11 @@ use crate::file_lock::FileLock;
 /// Frames are buffered in memory up to this many bytes per shard before they are written.
 pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 
+/// The largest frame `append` grows one aggregate to, header included (the KPL's default
+/// aggregate is 50 KiB), unless its first record alone is larger: its records share one frame
+/// header, CRC and sequence number, and a reader decodes them as slices of one buffer.
+const AGGREGATE_MAX_BYTES: usize = 64 * 1024;
+
 /// Name of the writer lock file inside the stream directory.
 const LOCK_FILE: &str = ".writer.lock";
 
@@ -52,6 +57,19 @@ struct ShardWriter {
     dirty: bool,
     /// Formats the sequence numbers `put` returns (consecutive, so mostly one digit changes).
     sequences: SequenceText,
+    /// The aggregated frame [`Producer::append`] is filling at the end of `buffer`, completed
+    /// before anything else is encoded or written.
+    open: Option<OpenAggregate>,
+    /// Stamps an aggregate's arrival time when it is completed.
+    clock: SharedClock,
+}
+
+/// An aggregated frame still taking records: where it starts in the writer's buffer and how many
+/// sub-records it holds.
+#[derive(Debug, Clone, Copy)]
+struct OpenAggregate {
+    start: usize,
+    count: u32,
 }
 
 /// A write or fsync that left the segment in a state the producer cannot undo: it must not write
@@ -91,6 +109,54 @@ impl From<LocalLogError> for WriteFailure {
 }
 
 impl ShardWriter {
+    fn new(shard: &ShardMeta, dir: PathBuf, clock: SharedClock) -> Self {
+        Self {
+            shard_id: Arc::clone(&shard.shard_id),
+            index: shard.index,
+            hash_start: shard.hash_start,
+            hash_end: shard.hash_end,
+            dir,
+            next_counter: shard.starting_counter,
+            file: None,
+            segment_len: 0,
+            buffer: Vec::new(),
+            dirty: false,
+            sequences: SequenceText::default(),
+            open: None,
+            clock,
+        }
+    }
+
+    /// Completes the open aggregate, if any. Its arrival time is now, when it is handed to the
+    /// segment (as Kinesis stamps an aggregated record when it accepts it), so no record in it
+    /// arrived later than it says: a reader starting at a timestamp misses none of them.
+    fn close_aggregate(&mut self) {
+        if let Some(open) = self.open.take() {
+            frame::finish_frame(&mut self.buffer[open.start..], self.clock.now_ms(), open.count);
+        }
+    }
+
+    /// After a write of the buffer failed and left it whole: takes the last record `append`
+    /// added (`sub_len` bytes) back out of the aggregate ending the buffer (`count` records,
+    /// `aggregate_len` bytes), so the failed call appends nothing; an aggregate left empty goes
+    /// too and gives back its sequence number. The rest of the aggregate takes records again.
+    fn take_back_last_record(&mut self, count: u32, aggregate_len: usize, sub_len: usize) {
+        // The write did not reach the end of the buffer, so the aggregate is still all there.
+        let start = self.buffer.len() - aggregate_len;
+        if count == 1 {
+            self.buffer.truncate(start);
+            self.segment_len -= aggregate_len as u64;
+            self.next_counter -= 1;
+        } else {
+            self.buffer.truncate(self.buffer.len() - sub_len);
+            self.segment_len -= sub_len as u64;
+            self.open = Some(OpenAggregate {
+                start,
+                count: count - 1,
+            });
+        }
+    }
+
     /// Writes the buffer to the segment.
     ///
     /// A write that fails part-way (disk full, EIO, file size limit) keeps the whole frames it
@@ -98,6 +164,7 @@ impl ShardWriter {
     /// the segment never holds a torn frame that later writes would follow; the frames not written
     /// stay buffered for the next call.
     fn write_buffer(&mut self) -> Result<(), WriteFailure> {
+        self.close_aggregate();
         if self.buffer.is_empty() {
             return Ok(());
         }
@@ -180,9 +247,10 @@ impl ShardWriter {
 /// buffers without fsync and releases the lock; call [`Producer::flush`] to make data durable.
 ///
 /// # Failed writes
-/// An `Err` from [`Producer::put`], [`Producer::put_aggregated`] or [`Producer::flush`] means the
-/// records of that call were not appended: a write that failed part-way is truncated back to the
-/// last whole frame, the failed record gives back its sequence number, and records acknowledged
+/// An `Err` from [`Producer::put`], [`Producer::append`], [`Producer::put_aggregated`] or
+/// [`Producer::flush`] means the records of that call were not appended: a write that failed
+/// part-way is truncated back to the last whole frame, the failed record gives back its sequence
+/// number (or its place in an aggregate), and records acknowledged
 /// earlier but not yet written stay buffered, so retrying writes each record exactly once. When
 /// that cannot be guaranteed (an fsync failed, or the truncation failed) the producer is poisoned:
 /// that call and every later one return [`LocalLogError::ProducerPoisoned`], dropping it writes
@@ -240,7 +308,7 @@ impl Producer {
         let meta = stream.load_meta()?;
         let mut writers = Vec::new();
         for shard in meta.shards.iter().filter(|s| s.ending_sequence.is_none()) {
-            writers.push(recover_shard(&stream, shard)?);
+            writers.push(recover_shard(&stream, shard, clock.clone())?);
         }
         Ok(Self {
             stream,
@@ -305,9 +373,7 @@ impl Producer {
         sub_records: &[(K, D)],
     ) -> Result<(usize, u128)> {
         for (key, data) in sub_records {
-            if key.as_ref().len() > usize::from(u16::MAX) || data.as_ref().len() > frame::MAX_FRAME_BODY / 2 {
-                return Err(LocalLogError::Invalid("partition key or data too large".into()));
-            }
+            check_record_size(key.as_ref(), data.as_ref())?;
         }
         self.check_usable()?;
         let index = self.writer_for(partition_key, explicit_hash_key)?;
@@ -315,6 +381,8 @@ impl Producer {
         let segment_bytes = self.meta.segment_bytes;
         let buffer_limit = self.buffer_limit;
         let writer = &mut self.writers[index];
+        // Frames follow their sequence numbers: an aggregate `append` opened comes first.
+        writer.close_aggregate();
         let body = writer.next_counter * SHARD_INDEX_SPACE + u128::from(writer.index);
         let len = frame::frame_len(sub_records);
         let rolls =
@@ -387,10 +455,15 @@ impl Producer {
     }
 
     /// [`put`](Self::put), or with `Some` hash key [`put_with_hash_key`](Self::put_with_hash_key),
-    /// for bulk loads that never read a record's position: the same frame, the same durability
-    /// (nothing is durable before [`flush`](Self::flush)), without formatting the 56-digit
-    /// sequence number it would return (a third of an append once no MD5 is needed). `sluice log
-    /// put` and the word-count example load this way.
+    /// for bulk loads that never read a record's position, aggregated as the KPL aggregates: the
+    /// records appended to a shard one after another, until it is written (the buffer fills, a
+    /// [`flush`](Self::flush)) or reaches 64 KiB, are stored as one aggregated record. They share
+    /// its sequence number and arrival time, and take sub-sequence numbers `0, 1, …` in order — as
+    /// [`put_aggregated`](Self::put_aggregated)'s records do, and as a Kinesis consumer sees a KPL
+    /// producer's. Per record, that saves the frame header and CRC on disk and a sequence number
+    /// on every read. Durability is the same (nothing is durable before a flush), and order within
+    /// a shard is kept: a [`put`](Self::put) completes the open aggregate before its own record.
+    /// `sluice log put` and the word-count example load this way.
     ///
     /// ```
     /// # let dir = tempfile::tempdir()?;
@@ -405,15 +478,58 @@ impl Producer {
     /// ```
     ///
     /// # Errors
-    /// As [`put`](Self::put).
+    /// As [`put`](Self::put): on an `Err` this record was not appended (the aggregate gives it
+    /// back) and the records appended before it stay buffered.
     pub fn append(
         &mut self,
         partition_key: &str,
         explicit_hash_key: Option<u128>,
         data: impl AsRef<[u8]>,
     ) -> Result<()> {
-        self.append_frame(partition_key, explicit_hash_key, false, &[(partition_key, data)])
-            .map(drop)
+        let (key, data) = (partition_key.as_bytes(), data.as_ref());
+        check_record_size(key, data)?;
+        self.check_usable()?;
+        let index = self.writer_for(partition_key, explicit_hash_key)?;
+        let segment_bytes = self.meta.segment_bytes;
+        let buffer_limit = self.buffer_limit;
+        let writer = &mut self.writers[index];
+        let sub_len = frame::sub_record_len(key, data);
+        if let Some(open) = writer.open
+            && (writer.buffer.len() - open.start + sub_len > AGGREGATE_MAX_BYTES
+                || writer.segment_len + sub_len as u64 > segment_bytes)
+        {
+            writer.close_aggregate();
+        }
+        if writer.open.is_none() {
+            let body = writer.next_counter * SHARD_INDEX_SPACE + u128::from(writer.index);
+            let len = (frame::FRAME_FIXED_LEN + sub_len) as u64;
+            let rolls = writer.file.is_none() || (writer.segment_len > 0 && writer.segment_len + len > segment_bytes);
+            if rolls && let Err(failure) = writer.roll(body) {
+                return Err(self.failed(failure));
+            }
+            writer.open = Some(OpenAggregate {
+                start: writer.buffer.len(),
+                count: 0,
+            });
+            frame::begin_frame(&mut writer.buffer, body, true);
+            writer.segment_len += frame::FRAME_FIXED_LEN as u64;
+            writer.next_counter += 1;
+        }
+        frame::push_sub_record(&mut writer.buffer, key, data);
+        writer.segment_len += sub_len as u64;
+        let open = writer.open.as_mut().expect("opened above");
+        open.count += 1;
+        let open = *open;
+        if writer.buffer.len() >= buffer_limit {
+            let aggregate_len = writer.buffer.len() - open.start;
+            if let Err(failure) = writer.write_buffer() {
+                if matches!(failure, WriteFailure::Undone(_)) {
+                    writer.take_back_last_record(open.count, aggregate_len, sub_len);
+                }
+                return Err(self.failed(failure));
+            }
+        }
+        Ok(())
     }
 
     /// Appends one stored record holding several user records (KPL-style aggregation): they share
@@ -498,19 +614,11 @@ impl Producer {
             child.starting_counter = starting_counter;
             child.parents = parents.to_vec();
             ids.push(Arc::clone(&child.shard_id));
-            self.writers.push(ShardWriter {
-                shard_id: Arc::clone(&child.shard_id),
-                index: child.index,
-                hash_start: child.hash_start,
-                hash_end: child.hash_end,
-                dir: self.stream.shard_dir(&child.shard_id),
-                next_counter: starting_counter,
-                file: None,
-                segment_len: 0,
-                buffer: Vec::new(),
-                dirty: false,
-                sequences: SequenceText::default(),
-            });
+            self.writers.push(ShardWriter::new(
+                child,
+                self.stream.shard_dir(&child.shard_id),
+                self.clock.clone(),
+            ));
             self.meta.shards.push(child.clone());
         }
         self.meta.store(self.stream.dir())?;
@@ -673,6 +781,14 @@ impl Drop for Producer {
     }
 }
 
+/// Refuses a record the frame format cannot hold.
+fn check_record_size(key: &[u8], data: &[u8]) -> Result<()> {
+    if key.len() > usize::from(u16::MAX) || data.len() > frame::MAX_FRAME_BODY / 2 {
+        return Err(LocalLogError::Invalid("partition key or data too large".into()));
+    }
+    Ok(())
+}
+
 /// The newest arrival time in a segment (`None` when it holds no whole frame).
 fn newest_arrival(segment: &SegmentFile) -> Result<Option<i64>> {
     let mut file = File::open(&segment.path).map_err(|e| LocalLogError::io(&segment.path, e))?;
@@ -685,22 +801,10 @@ fn newest_arrival(segment: &SegmentFile) -> Result<Option<i64>> {
 }
 
 /// Finds where an open shard's data ends, truncating a torn tail, and opens it for appends.
-fn recover_shard(stream: &LocalStream, shard: &ShardMeta) -> Result<ShardWriter> {
+fn recover_shard(stream: &LocalStream, shard: &ShardMeta, clock: SharedClock) -> Result<ShardWriter> {
     let dir = stream.shard_dir(&shard.shard_id);
     let mut segments = list_segments(&dir)?;
-    let mut writer = ShardWriter {
-        shard_id: Arc::clone(&shard.shard_id),
-        index: shard.index,
-        hash_start: shard.hash_start,
-        hash_end: shard.hash_end,
-        dir,
-        next_counter: shard.starting_counter,
-        file: None,
-        segment_len: 0,
-        buffer: Vec::new(),
-        dirty: false,
-        sequences: SequenceText::default(),
-    };
+    let mut writer = ShardWriter::new(shard, dir, clock);
     while let Some(last) = segments.pop() {
         let mut file = OpenOptions::new()
             .read(true)

@@ -6,19 +6,16 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
 
-use std::collections::HashMap;
-
-use arrow_array::builder::{BinaryBuilder, StringBuilder, TimestampMillisecondBuilder, UInt16Builder, UInt64Builder};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{TimestampMillisecondType, UInt16Type, UInt64Type};
-use arrow_array::{Array, ArrayRef, BinaryArray, DictionaryArray, RecordBatch, StringArray};
+use arrow_array::{Array, BinaryArray, RecordBatch, StringArray};
 use arrow_buffer::Buffer;
 use arrow_data::ArrayData;
-use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Position, Record, Result, SequenceNumber, SequenceNumberRanges};
+use crate::{BlockBuilder, BlockCapacity, Error, Position, Record, Result, SequenceNumber, SequenceNumberRanges};
 
 const MAGIC: &[u8; 8] = b"SLUICEB1";
 const ALIGNMENT: usize = 64;
@@ -123,7 +120,7 @@ pub struct Block {
 }
 
 /// The schema metadata key of the sequence numbers' common prefix.
-const SEQUENCE_PREFIX: &str = "sluice.sequence_prefix";
+pub(crate) const SEQUENCE_PREFIX_KEY: &str = "sluice.sequence_prefix";
 
 /// A block schema's fields, with the shard and sequence columns of one layout.
 fn layout(shard: DataType, sequence: &str) -> SchemaRef {
@@ -193,50 +190,26 @@ impl Block {
             .iter()
             .map(|r| r.position.sequence.as_str().len() - prefix_len)
             .sum();
-        // Records come in runs of one shard, and a block holds few shards: a linear search.
-        let mut shards: Vec<&Arc<str>> = Vec::new();
-        let mut shard_keys = UInt16Builder::with_capacity(n);
-        let mut seq = StringBuilder::with_capacity(n, suffix_len);
-        let mut sub = UInt64Builder::with_capacity(n);
-        let mut key = StringBuilder::with_capacity(n, key_len);
-        let mut arrival = TimestampMillisecondBuilder::with_capacity(n);
-        let mut data = BinaryBuilder::with_capacity(n, data_len);
-        let mut last = 0;
+        let mut builder = BlockBuilder::new(
+            prefix,
+            BlockCapacity {
+                records: n,
+                sequence_suffix_bytes: suffix_len,
+                key_bytes: key_len,
+                data_bytes: data_len,
+            },
+        );
         for r in records {
-            let same = |s: &&Arc<str>| Arc::ptr_eq(s, &r.shard_id) || **s == r.shard_id;
-            if !shards.get(last).is_some_and(same) {
-                last = shards.iter().position(same).unwrap_or_else(|| {
-                    shards.push(&r.shard_id);
-                    shards.len() - 1
-                });
-            }
-            shard_keys.append_value(u16::try_from(last).map_err(|_| ArrowError::DictionaryKeyOverflowError)?);
-            seq.append_value(&r.position.sequence.as_str()[prefix_len..]);
-            sub.append_value(r.position.sub_sequence);
-            key.append_value(&r.partition_key);
-            arrival.append_value(r.approximate_arrival_ms);
-            data.append_value(&r.data);
+            builder.push(
+                &r.shard_id,
+                &r.position.sequence.as_str().as_bytes()[prefix_len..],
+                r.position.sub_sequence,
+                r.partition_key.as_bytes(),
+                r.approximate_arrival_ms,
+                &r.data,
+            )?;
         }
-        let shard_names = StringArray::from_iter_values(shards.iter().map(|s| &***s));
-        let shard = DictionaryArray::<UInt16Type>::try_new(shard_keys.finish(), Arc::new(shard_names))?;
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(shard),
-            Arc::new(seq.finish()),
-            Arc::new(sub.finish()),
-            Arc::new(key.finish()),
-            Arc::new(arrival.finish()),
-            Arc::new(data.finish()),
-        ];
-        let schema = Schema::new(block_schema().fields().clone())
-            .with_metadata(HashMap::from([(SEQUENCE_PREFIX.to_owned(), prefix.to_owned())]));
-        let batch = RecordBatch::try_new(Arc::new(schema), columns)?;
-        let meta = BlockMeta {
-            id,
-            ranges,
-            num_records: n as u64,
-            num_bytes: (data_len + key_len) as u64,
-        };
-        Ok(Self { meta, batch })
+        builder.finish(id, ranges)
     }
 
     /// Wraps an existing batch; the batch must have [`block_schema`].
@@ -386,7 +359,7 @@ impl Block {
         self.batch
             .schema_ref()
             .metadata()
-            .get(SEQUENCE_PREFIX)
+            .get(SEQUENCE_PREFIX_KEY)
             .map_or("", String::as_str)
     }
 
@@ -514,6 +487,7 @@ impl Block {
 mod tests {
     use super::*;
     use crate::SequenceNumberRange;
+    use arrow_array::ArrayRef;
 
     pub(crate) fn sample(n: usize) -> Block {
         let records: Vec<Record> = (0..n)

@@ -36,6 +36,7 @@
 //! `testing`).
 
 mod block;
+mod block_builder;
 mod checksum;
 mod clock;
 mod disk_tier;
@@ -60,6 +61,7 @@ mod tier;
 pub mod testing;
 
 pub use block::{Block, BlockId, BlockMeta, block_schema};
+pub use block_builder::{BlockBuilder, BlockCapacity};
 pub use checksum::crc32c;
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use disk_tier::{DiskSync, DiskTier};

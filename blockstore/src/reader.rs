@@ -403,8 +403,15 @@ impl BlockReader {
         loop {
             attempts += 1;
             Counters::incr(&self.store.counters.replay_attempts);
-            let error = match self.replay.replay(&meta.ranges) {
-                Ok(records) => return Self::rebuild(meta, &records),
+            let error = match self.replay.replay_block(meta.id, &meta.ranges) {
+                Ok(block) => return Self::check_rebuilt(meta, block),
+                Err(ReplayError::Rebuild(source)) => {
+                    return Err(ReadError::Rebuild {
+                        id: meta.id,
+                        ranges: meta.ranges.clone(),
+                        source: *source,
+                    });
+                }
                 Err(e) => e,
             };
             let id = meta.id;
@@ -443,20 +450,17 @@ impl BlockReader {
         }
     }
 
-    fn rebuild(meta: &BlockMeta, records: &[crate::Record]) -> Result<Block, ReadError> {
-        if records.len() as u64 != meta.num_records {
+    /// The replayed block, if it holds as many records as the lost one did.
+    fn check_rebuilt(meta: &BlockMeta, block: Block) -> Result<Block, ReadError> {
+        if block.len() as u64 != meta.num_records {
             return Err(ReadError::RecordCountMismatch {
                 id: meta.id,
                 ranges: meta.ranges.clone(),
                 expected: meta.num_records,
-                found: records.len() as u64,
+                found: block.len() as u64,
             });
         }
-        Block::from_records(meta.id, meta.ranges.clone(), records).map_err(|source| ReadError::Rebuild {
-            id: meta.id,
-            ranges: meta.ranges.clone(),
-            source,
-        })
+        Ok(block)
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::{Record, SequenceNumberRange, SequenceNumberRanges};
+use crate::{Block, BlockId, Record, SequenceNumberRange, SequenceNumberRanges};
 
 /// Re-reads exactly the records of a set of ranges from the source they came from.
 ///
@@ -27,6 +27,19 @@ pub trait Replay: Send + Sync + fmt::Debug {
     /// # Errors
     /// See the contract above.
     fn replay(&self, ranges: &SequenceNumberRanges) -> Result<Vec<Record>, ReplayError>;
+
+    /// Re-reads the records of `ranges` as the block `id` — what a lost block is rebuilt as —
+    /// under the same contract as [`replay`](Self::replay). The default builds
+    /// [`Block::from_records`] from `replay`'s records; a source that can decode its storage
+    /// straight into a [`BlockBuilder`](crate::BlockBuilder) skips the [`Record`] per record.
+    ///
+    /// # Errors
+    /// As [`replay`](Self::replay); [`ReplayError::Rebuild`] if the records cannot be built into
+    /// a block.
+    fn replay_block(&self, id: BlockId, ranges: &SequenceNumberRanges) -> Result<Block, ReplayError> {
+        let records = self.replay(ranges)?;
+        Block::from_records(id, ranges.clone(), &records).map_err(|e| ReplayError::Rebuild(Box::new(e)))
+    }
 }
 
 /// Why a replay failed.
@@ -72,6 +85,10 @@ pub enum ReplayError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// The records replayed could not be built into a block (more shards than a block holds, a
+    /// partition key that is not UTF-8). Not retryable.
+    #[error("the replayed records could not be built into a block: {0}")]
+    Rebuild(#[source] Box<crate::Error>),
     /// A transient failure (network, I/O). Retryable.
     #[error("source temporarily unavailable: {detail}")]
     Unavailable {
@@ -95,7 +112,7 @@ impl ReplayError {
         match self {
             ReplayError::Throttled(_) | ReplayError::Unavailable { .. } => ErrorClass::transient(Domain::Source),
             ReplayError::DataExpired { .. } => ErrorClass::permanent(Domain::DataLoss),
-            ReplayError::CountMismatch { .. } => ErrorClass::permanent(Domain::Corrupt),
+            ReplayError::CountMismatch { .. } | ReplayError::Rebuild(_) => ErrorClass::permanent(Domain::Corrupt),
             ReplayError::UnknownShard { .. } | ReplayError::Rejected { .. } => ErrorClass::permanent(Domain::Source),
         }
     }

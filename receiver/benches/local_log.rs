@@ -15,9 +15,10 @@
 //!   fsync), against a raw sequential `write_all` of the same payload bytes in 1 MiB slices +
 //!   `fsync` to a new file;
 //! - *read shard*: every shard read from `TrimHorizon` to its tail with `LocalShardReader::read`,
-//!   and *replay*: `Replay::replay` of each shard's whole range, against a raw sequential read of
-//!   the raw file into memory (1 MiB buffers, all kept, as the log's records keep theirs); all from
-//!   the page cache, since the files were just written.
+//!   *replay*: `Replay::replay` of each shard's whole range, and *replay into a block*:
+//!   `Replay::replay_block` of the same, as a lost block is rebuilt, against a raw sequential read
+//!   of the raw file into memory (1 MiB buffers, all kept, as the log's records keep theirs); all
+//!   from the page cache, since the files were just written.
 //!
 //! **load** (target 5): a text file of the same records, one per line, loaded into a two-shard
 //! stream by `local_log::cli::put` (what `sluice log put FILE` runs) and by the loop of the
@@ -35,7 +36,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_blockstore::{Record, Replay, SequenceNumberRange, SequenceNumberRanges};
+use sluice_blockstore::{BlockId, Record, Replay, SequenceNumberRange, SequenceNumberRanges};
 use sluice_receiver::local_log::{LocalLog, LocalStream, cli, spread_hash_key};
 use sluice_receiver::{Source, StartingPosition};
 
@@ -171,12 +172,12 @@ fn log_append(stream: &LocalStream, corpus: &[u8], records: usize, shape: Shape,
     Ok(start.elapsed())
 }
 
-/// Checks that `records` hold every payload exactly once and nothing else.
-fn check_records<'a>(records: impl Iterator<Item = &'a Record>, corpus: &[u8], total: usize, what: &str) {
+/// Checks that `payloads` are every payload exactly once and nothing else.
+fn check_payloads<'a>(payloads: impl Iterator<Item = &'a [u8]>, corpus: &[u8], total: usize, what: &str) {
     let mut seen = vec![false; total];
     let mut n = 0;
-    for record in records {
-        let index: usize = std::str::from_utf8(&record.data[..10])
+    for data in payloads {
+        let index: usize = std::str::from_utf8(&data[..10])
             .ok()
             .and_then(|d| d.parse().ok())
             .unwrap_or_else(|| panic!("{what}: a record that was never written"));
@@ -185,7 +186,7 @@ fn check_records<'a>(records: impl Iterator<Item = &'a Record>, corpus: &[u8], t
             "{what}: record {index} twice or out of range"
         );
         assert!(
-            record.data == record_payload(corpus, index),
+            data == record_payload(corpus, index),
             "{what}: record {index} differs from what was written"
         );
         seen[index] = true;
@@ -218,7 +219,7 @@ fn log_read_shards(
         pages_per_shard.push((shard.shard_id, first_page..all.len()));
     }
     let elapsed = start.elapsed();
-    check_records(all.iter().flatten(), corpus, total, "read shard");
+    check_payloads(all.iter().flatten().map(|r| &r.data[..]), corpus, total, "read shard");
     let ranges = pages_per_shard
         .into_iter()
         .filter(|(_, pages)| !pages.is_empty())
@@ -252,7 +253,38 @@ fn log_replay(
     let start = Instant::now();
     let records = stream.replay(&ranges)?;
     let elapsed = start.elapsed();
-    check_records(records.iter(), corpus, total, "replay");
+    check_payloads(records.iter().map(|r| &r.data[..]), corpus, total, "replay");
+    Ok(elapsed)
+}
+
+/// Replays each shard's whole range as one block, the way a lost block is rebuilt
+/// (`Replay::replay_block`: frames decoded straight into the block's columns).
+#[inline(never)] // a frame of its own in profiles
+fn log_replay_block(
+    stream: &LocalStream,
+    ranges: &[SequenceNumberRange],
+    corpus: &[u8],
+    total: usize,
+) -> BenchResult<Duration> {
+    let mut elapsed = Duration::ZERO;
+    let mut blocks = Vec::new();
+    for (seq, range) in ranges.iter().enumerate() {
+        let id = BlockId {
+            input_id: 0,
+            run_id: 0,
+            seq: seq as u64,
+        };
+        let start = Instant::now();
+        let block = stream.replay_block(id, &SequenceNumberRanges::from(range.clone()))?;
+        elapsed += start.elapsed();
+        blocks.push(block);
+    }
+    check_payloads(
+        blocks.iter().flat_map(|b| b.data().iter().flatten()),
+        corpus,
+        total,
+        "replay block",
+    );
     Ok(elapsed)
 }
 
@@ -312,6 +344,7 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
         let mut append = Vec::new();
         let mut read = Vec::new();
         let mut replay = Vec::new();
+        let mut replay_block = Vec::new();
         for run in 0..repeats {
             let log_dir = dir.join(format!("log-{run}"));
             raw_w.push(raw_write(&raw_path, &corpus)?);
@@ -321,6 +354,7 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
             let (elapsed, ranges) = log_read_shards(&stream, &corpus, records)?;
             read.push(elapsed);
             replay.push(log_replay(&stream, &ranges, &corpus, records)?);
+            replay_block.push(log_replay_block(&stream, &ranges, &corpus, records)?);
             std::fs::remove_dir_all(&log_dir)?;
         }
         let bytes = records * RECORD_BYTES;
@@ -347,8 +381,16 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
         rows.push(Row {
             name: format!("replay ranges ({shape})"),
             baseline: "read 1 MiB bufs",
-            base: raw_r,
+            base: raw_r.clone(),
             log: replay,
+            bytes,
+            aim: 0.5,
+        });
+        rows.push(Row {
+            name: format!("replay into a block ({shape})"),
+            baseline: "read 1 MiB bufs",
+            base: raw_r,
+            log: replay_block,
             bytes,
             aim: 0.5,
         });

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use sluice_blockstore::{
-    ManualClock, Position, Record, Replay, ReplayError, SequenceNumberRange, SequenceNumberRanges,
+    Block, BlockId, ManualClock, Position, Record, Replay, ReplayError, SequenceNumberRange, SequenceNumberRanges,
 };
 use sluice_receiver::local_log::{LocalLog, LocalLogError, LocalStream, RetentionPolicy, StreamConfig};
 use sluice_receiver::{ShardReader, Source, SourceError, StartingPosition};
@@ -153,6 +153,8 @@ fn replay_starts_and_ends_inside_aggregates() {
     assert_eq!(after.len(), 1 + 1 + 4);
     let at = read_shard(&stream, shard, &StartingPosition::AtPosition(pos3[2].clone()));
     assert_eq!(at.len(), 2);
+    // Plain and aggregated frames, from inside one aggregate to inside the next.
+    assert_replayed_block_is_the_records_block(&stream, &range(&stream, shard, &pos1[2], &pos3[1], 6));
 }
 
 #[test]
@@ -500,6 +502,7 @@ fn appended_records_are_read_started_and_replayed_inside_their_aggregates() {
     }
     producer.flush().unwrap();
     let mut total = 0;
+    let mut block_ranges = Vec::new();
     for shard in stream.list_shards().unwrap() {
         let shard = &*shard.shard_id;
         let all = read_shard(&stream, shard, &StartingPosition::TrimHorizon);
@@ -539,6 +542,7 @@ fn appended_records_are_read_started_and_replayed_inside_their_aggregates() {
             ))
             .unwrap();
         assert_eq!(replayed, all[i..=j]);
+        block_ranges.extend(range(&stream, shard, &all[i].position, &all[j].position, (j - i + 1) as u64).0);
         // Record `k` was appended at 1_001 + k: no record says it arrived before that, and a
         // start at that time keeps record `k` and everything after it.
         let appended_at = |r: &Record| 1_001 + std::str::from_utf8(&r.data[..6]).unwrap().parse::<i64>().unwrap();
@@ -550,6 +554,27 @@ fn appended_records_are_read_started_and_replayed_inside_their_aggregates() {
         );
     }
     assert_eq!(total as u64, n);
+    // A lost block of both shards' ranges, decoded straight into its columns, is the block its
+    // records make.
+    assert_replayed_block_is_the_records_block(&stream, &SequenceNumberRanges::from(block_ranges));
+}
+
+/// `replay_block` (frames decoded into the block's columns) builds exactly the block
+/// `Block::from_records` builds from `replay`'s records, and refuses a wrong count as `replay` does.
+fn assert_replayed_block_is_the_records_block(stream: &LocalStream, ranges: &SequenceNumberRanges) {
+    let id = BlockId {
+        input_id: 3,
+        run_id: 9,
+        seq: 27,
+    };
+    let records = stream.replay(ranges).unwrap();
+    let block = stream.replay_block(id, ranges).unwrap();
+    assert_eq!(block, Block::from_records(id, ranges.clone(), &records).unwrap());
+    assert_eq!(block.records().unwrap(), records);
+    let mut wrong = ranges.clone();
+    wrong.0[0].record_count += 1;
+    let error = stream.replay_block(id, &wrong).unwrap_err();
+    assert!(matches!(error, ReplayError::CountMismatch { .. }), "{error}");
 }
 
 #[test]

@@ -83,29 +83,38 @@ const COUNTER_UNITS_DIGIT: usize = 56 - 7;
 impl SequenceText {
     /// The sequence number with this sequence body.
     pub(crate) fn sequence(&mut self, body: u128) -> SequenceNumber {
-        let digits = match &mut self.last {
+        match self.digits(body) {
+            Some(digits) => SequenceNumber::parse(std::str::from_utf8(digits).expect("ascii digits"))
+                .expect("canonical local-log sequence"),
+            None => sequence_of_body(body),
+        }
+    }
+
+    /// The 56 digits of the sequence number with this sequence body, or `None` for a counter past
+    /// 10^32 (never reached; [`sequence_of_body`] formats those).
+    pub(crate) fn digits(&mut self, body: u128) -> Option<&[u8; 56]> {
+        let carried = match &mut self.last {
+            Some((last, _)) if *last == body => true,
             Some((last, digits)) if last.checked_add(SHARD_INDEX_SPACE) == Some(body) => {
                 let mut i = COUNTER_UNITS_DIGIT;
-                while digits[i] == b'9' {
-                    if i == SEQUENCE_PREFIX.len() {
-                        // The body ran out of its 38 digits (a counter past 10^32): never in
-                        // practice; the formatter handles it.
-                        self.last = None;
-                        return sequence_of_body(body);
-                    }
+                while digits[i] == b'9' && i > SEQUENCE_PREFIX.len() {
                     digits[i] = b'0';
                     i -= 1;
                 }
-                digits[i] += 1;
-                *last = body;
-                &*digits
+                // All 38 digits were nines (a counter past 10^32): never in practice.
+                let overflows = digits[i] == b'9';
+                if !overflows {
+                    digits[i] += 1;
+                    *last = body;
+                }
+                !overflows
             }
-            _ => match sequence_digits(body) {
-                Some(digits) => &self.last.insert((body, digits)).1,
-                None => return sequence_of_body(body),
-            },
+            _ => false,
         };
-        SequenceNumber::parse(std::str::from_utf8(digits).expect("ascii digits")).expect("canonical local-log sequence")
+        if !carried {
+            self.last = sequence_digits(body).map(|digits| (body, digits));
+        }
+        self.last.as_ref().map(|(_, digits)| digits)
     }
 }
 
@@ -206,6 +215,19 @@ impl Frame {
             take(&mut cursor, data_len)?;
             Some((key, offset, data_len))
         })
+    }
+
+    /// `(sub-sequence, key, data)` of each sub-record whose `(sequence body, sub-sequence)`
+    /// passes `keep`, in order.
+    pub fn sub_records_where<'a>(
+        &'a self,
+        mut keep: impl FnMut(u128, u64) -> bool + 'a,
+    ) -> impl Iterator<Item = (u64, &'a [u8], &'a [u8])> + 'a {
+        let all = &self.sub_records[..];
+        self.sub_record_spans()
+            .enumerate()
+            .filter(move |(i, _)| keep(self.sequence_body, *i as u64))
+            .map(move |(i, (key, offset, len))| (i as u64, key, &all[offset..offset + len]))
     }
 
     /// Hands `push` the user records of this frame whose `(sequence body, index)` passes `keep`,
@@ -616,7 +638,7 @@ mod tests {
         let mut text = SequenceText::default();
         for body in (0..2_500u128)
             .map(|c| c * SHARD_INDEX_SPACE + 7)
-            .chain([5, 999_999_000_007, 1_000_000_000_007, 1_000_001_000_007, 3])
+            .chain([5, 999_999_000_007, 1_000_000_000_007, 1_000_001_000_007, 3, 3])
             .chain((0..30).map(|c| (TEN_POW_19 - 5 + c) * SHARD_INDEX_SPACE + 1))
         {
             assert_eq!(text.sequence(body), sequence_of_body(body), "body {body}");

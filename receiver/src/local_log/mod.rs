@@ -78,14 +78,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sluice_blockstore::{Record, Replay, ReplayError, SequenceNumberRange, SequenceNumberRanges};
+use sluice_blockstore::{
+    Block, BlockBuilder, BlockCapacity, BlockId, Record, Replay, ReplayError, SequenceNumberRange, SequenceNumberRanges,
+};
 
 pub use error::{LocalLogError, PoisonCause, Result};
 pub use meta::RetentionPolicy;
 pub use producer::{DEFAULT_WRITE_BUFFER_BYTES, Producer, RetentionReport, hash_key, spread_hash_key};
 pub use reader::LocalShardReader;
 
-use frame::{RecordDecoder, position_key};
+use frame::{RecordDecoder, SequenceText, position_key};
 use meta::{ShardMeta, StreamMeta, shard_id_of};
 use segment::{SegmentCursor, list_segments};
 
@@ -394,7 +396,10 @@ impl LocalStream {
         })
     }
 
-    fn replay_range(&self, meta: &StreamMeta, range: &SequenceNumberRange) -> Result<Vec<Record>, ReplayError> {
+    /// The frames holding `range`'s records (and maybe others before or after it in the same
+    /// frames), checked: the shard exists, retention kept them, and they hold exactly
+    /// `record_count` records of the range.
+    fn range_frames(&self, meta: &StreamMeta, range: &SequenceNumberRange) -> Result<RangeFrames, ReplayError> {
         let unavailable = |e: LocalLogError| ReplayError::Unavailable {
             detail: e.to_string(),
             source: Some(Box::new(e)),
@@ -418,9 +423,15 @@ impl LocalStream {
         let from = position_key(&range.from).ok_or_else(|| not_ours(&range.from))?;
         let to = position_key(&range.to).ok_or_else(|| not_ours(&range.to))?;
         let mut cursor = SegmentCursor::new(self.shard_dir(&range.shard_id), Some(from.0));
-        let mut decoder = RecordDecoder::default();
-        // The range says how many records it holds; a wrong count is caught below.
-        let mut records = Vec::with_capacity(usize::try_from(range.record_count).unwrap_or(0).min(1 << 20));
+        let mut frames = RangeFrames {
+            shard_id: Arc::clone(&shard.shard_id),
+            from,
+            to,
+            frames: Vec::new(),
+            records: 0,
+            key_bytes: 0,
+            data_bytes: 0,
+        };
         loop {
             let frame = match cursor.next_frame() {
                 Ok(Some(frame)) => frame,
@@ -436,31 +447,125 @@ impl LocalStream {
             if frame.sequence_body > to.0 {
                 break;
             }
-            let in_range = |body: u128, sub: u64| from <= (body, sub) && (body, sub) <= to;
-            frame.push_records(&shard.shard_id, &mut decoder, in_range, |r| records.push(r));
+            let (mut records, mut key_bytes, mut data_bytes) = (0, 0, 0);
+            for (_, key, data) in frame.sub_records_where(|body, sub| frames.contains(body, sub)) {
+                records += 1;
+                key_bytes += key.len();
+                data_bytes += data.len();
+            }
+            if records > 0 {
+                frames.records += records;
+                frames.key_bytes += key_bytes;
+                frames.data_bytes += data_bytes;
+                frames.frames.push(frame);
+            }
         }
-        if records.len() as u64 != range.record_count {
+        if frames.records as u64 != range.record_count {
             return Err(ReplayError::CountMismatch {
                 range: range.clone(),
                 expected: range.record_count,
-                found: records.len() as u64,
+                found: frames.records as u64,
             });
         }
-        Ok(records)
+        Ok(frames)
+    }
+}
+
+/// The frames of one replayed range ([`LocalStream::range_frames`]).
+struct RangeFrames {
+    shard_id: Arc<str>,
+    /// The range's ends as `(sequence body, sub-sequence)`.
+    from: (u128, u64),
+    to: (u128, u64),
+    frames: Vec<frame::Frame>,
+    /// The range's records in `frames`, and their keys' and payloads' bytes.
+    records: usize,
+    key_bytes: usize,
+    data_bytes: usize,
+}
+
+impl RangeFrames {
+    fn contains(&self, body: u128, sub: u64) -> bool {
+        self.from <= (body, sub) && (body, sub) <= self.to
+    }
+}
+
+impl LocalStream {
+    /// The stream's metadata, for a replay (failing to read it is retryable).
+    fn replay_meta(&self) -> Result<StreamMeta, ReplayError> {
+        self.load_meta().map_err(|e| ReplayError::Unavailable {
+            detail: e.to_string(),
+            source: Some(Box::new(e)),
+        })
     }
 }
 
 impl Replay for LocalStream {
     fn replay(&self, ranges: &SequenceNumberRanges) -> Result<Vec<Record>, ReplayError> {
-        let meta = self.load_meta().map_err(|e| ReplayError::Unavailable {
-            detail: e.to_string(),
-            source: Some(Box::new(e)),
-        })?;
+        let meta = self.replay_meta()?;
         let mut out = Vec::new();
+        let mut decoder = RecordDecoder::default();
         for range in ranges {
-            out.extend(self.replay_range(&meta, range)?);
+            let frames = self.range_frames(&meta, range)?;
+            out.reserve(usize::try_from(range.record_count).unwrap_or(0));
+            for frame in &frames.frames {
+                let in_range = |body, sub| frames.contains(body, sub);
+                frame.push_records(&frames.shard_id, &mut decoder, in_range, |r| out.push(r));
+            }
         }
         Ok(out)
+    }
+
+    /// Decodes the ranges' frames straight into the block's columns: no [`Record`] per record,
+    /// one sequence number formatted per stored record (not per aggregated one), the payloads
+    /// copied once, from the segment's buffer into the block.
+    fn replay_block(&self, id: BlockId, ranges: &SequenceNumberRanges) -> Result<Block, ReplayError> {
+        let meta = self.replay_meta()?;
+        let parts = ranges
+            .iter()
+            .map(|range| self.range_frames(&meta, range))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Every local-log sequence number has 56 digits, so every number of a range starts with
+        // what its two ends have in common, and the block's prefix is what all the ends share.
+        let ends = ranges
+            .iter()
+            .flat_map(|r| [r.from.sequence.as_str(), r.to.sequence.as_str()]);
+        let prefix = ends
+            .clone()
+            .reduce(|a, b| &a[..a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()])
+            .unwrap_or("");
+        let suffix_len = ends.map(str::len).max().unwrap_or(0).saturating_sub(prefix.len());
+        let records: usize = parts.iter().map(|p| p.records).sum();
+        let mut builder = BlockBuilder::new(
+            prefix,
+            BlockCapacity {
+                records,
+                sequence_suffix_bytes: records * suffix_len,
+                key_bytes: parts.iter().map(|p| p.key_bytes).sum(),
+                data_bytes: parts.iter().map(|p| p.data_bytes).sum(),
+            },
+        );
+        let rebuild = |e: sluice_blockstore::Error| ReplayError::Rebuild(Box::new(e));
+        let mut sequences = SequenceText::default();
+        for part in &parts {
+            for frame in &part.frames {
+                let formatted;
+                let digits = if let Some(digits) = sequences.digits(frame.sequence_body) {
+                    &digits[..]
+                } else {
+                    formatted = frame::sequence_of_body(frame.sequence_body);
+                    formatted.as_str().as_bytes()
+                };
+                // Every number of the range is 56 digits long and starts with the prefix.
+                let suffix = &digits[prefix.len()..];
+                for (sub, key, data) in frame.sub_records_where(|body, sub| part.contains(body, sub)) {
+                    builder
+                        .push(&part.shard_id, suffix, sub, key, frame.arrival_ms, data)
+                        .map_err(rebuild)?;
+                }
+            }
+        }
+        builder.finish(id, ranges.clone()).map_err(rebuild)
     }
 }
 

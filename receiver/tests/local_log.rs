@@ -207,6 +207,23 @@ fn torn_tails_are_truncated_on_reopen() {
 
 #[test]
 fn split_and_merge_keep_per_key_order() {
+    split_and_merge_keep_per_key_order_when(Write::Put);
+}
+
+/// With `append`, the split and the merge come while every open shard has an aggregate open:
+/// closing a shard completes its aggregate first, so the parent's ending sequence number covers it.
+#[test]
+fn split_and_merge_keep_per_key_order_with_aggregated_appends() {
+    split_and_merge_keep_per_key_order_when(Write::Append);
+}
+
+#[derive(Clone, Copy)]
+enum Write {
+    Put,
+    Append,
+}
+
+fn split_and_merge_keep_per_key_order_when(write: Write) {
     let dir = tempfile::tempdir().unwrap();
     let stream = LocalLog::open(dir.path()).unwrap().create_stream("reshard", 2).unwrap();
     let mut producer = stream.producer().unwrap();
@@ -214,7 +231,10 @@ fn split_and_merge_keep_per_key_order() {
     let mut counter = 0u32;
     let mut put_round = |producer: &mut sluice_receiver::Producer| {
         for key in &keys {
-            producer.put(key, counter.to_string()).unwrap();
+            match write {
+                Write::Put => drop(producer.put(key, counter.to_string()).unwrap()),
+                Write::Append => producer.append(key, None, counter.to_string()).unwrap(),
+            }
             counter += 1;
         }
     };
@@ -281,6 +301,10 @@ fn split_and_merge_keep_per_key_order() {
     }
     assert_eq!(total, 60);
     assert!(!early_records.is_empty(), "MD5 sends some of the 20 keys to shard 0");
+    let aggregated = early_records
+        .windows(2)
+        .any(|w| w[0].position.sequence == w[1].position.sequence);
+    assert_eq!(aggregated, matches!(write, Write::Append));
     for (key, values) in per_key {
         assert!(values.windows(2).all(|w| w[0] < w[1]), "key {key}: {values:?}");
         assert_eq!(values.len(), 3);

@@ -396,6 +396,14 @@ impl LocalStream {
         })
     }
 
+    /// The stream's metadata, for a replay (failing to read it is retryable).
+    fn replay_meta(&self) -> Result<StreamMeta, ReplayError> {
+        self.load_meta().map_err(|e| ReplayError::Unavailable {
+            detail: e.to_string(),
+            source: Some(Box::new(e)),
+        })
+    }
+
     /// The frames holding `range`'s records (and maybe others before or after it in the same
     /// frames), checked: the shard exists, retention kept them, and they hold exactly
     /// `record_count` records of the range.
@@ -487,16 +495,6 @@ struct RangeFrames {
 impl RangeFrames {
     fn contains(&self, body: u128, sub: u64) -> bool {
         self.from <= (body, sub) && (body, sub) <= self.to
-    }
-}
-
-impl LocalStream {
-    /// The stream's metadata, for a replay (failing to read it is retryable).
-    fn replay_meta(&self) -> Result<StreamMeta, ReplayError> {
-        self.load_meta().map_err(|e| ReplayError::Unavailable {
-            detail: e.to_string(),
-            source: Some(Box::new(e)),
-        })
     }
 }
 

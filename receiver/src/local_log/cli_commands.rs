@@ -31,7 +31,8 @@ pub fn create(dir: &Path, stream: &str, shards: u32) -> Result<String> {
     ))
 }
 
-/// `put`: appends each line of `lines` as one record, then flushes.
+/// `put`: appends each line of `lines` as one record ([`Producer::append`](super::Producer::append):
+/// consecutive lines of a shard share a stored record, as a KPL producer's would), then flushes.
 ///
 /// Lines end at `\n` (a `\r` before it is dropped too, as [`BufRead::lines`] does) and must be
 /// UTF-8. One line buffer and one key buffer serve every line.

@@ -25,9 +25,10 @@
 //! word-count example's `load` (copied here, since examples cannot be benched), against a raw
 //! `write_all` + `fsync` of the file's bytes.
 //!
-//! Ratios are payload rates (user bytes; the log also writes the key per record and a 37-byte frame
-//! header per stored record, one per `put` and one per up to 64 KiB of `append`s). Every read is checked against what was written: each record's payload must be exactly
-//! the one put, and every record must come back exactly once.
+//! Ratios are payload rates (user bytes; the log also writes 6 bytes of lengths and the key per
+//! record, and a 37-byte frame header per stored record: one per `put`, one per up to 64 KiB of
+//! `append`s). Every read is checked against what was written: each record's payload must be
+//! exactly the one put, and every record must come back exactly once.
 
 use std::fmt::Write as _;
 use std::fs::File;

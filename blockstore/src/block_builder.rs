@@ -59,7 +59,6 @@ pub struct BlockBuilder {
     keys: BinaryBuilder,
     arrivals: TimestampMillisecondBuilder,
     data: BinaryBuilder,
-    num_bytes: u64,
 }
 
 impl BlockBuilder {
@@ -77,7 +76,6 @@ impl BlockBuilder {
             keys: BinaryBuilder::with_capacity(n, capacity.key_bytes),
             arrivals: TimestampMillisecondBuilder::with_capacity(n),
             data: BinaryBuilder::with_capacity(n, capacity.data_bytes),
-            num_bytes: 0,
         }
     }
 
@@ -110,7 +108,6 @@ impl BlockBuilder {
         self.keys.append_value(partition_key);
         self.arrivals.append_value(arrival_ms);
         self.data.append_value(data);
-        self.num_bytes += (partition_key.len() + data.len()) as u64;
         Ok(())
     }
 
@@ -134,6 +131,7 @@ impl BlockBuilder {
             Ok(StringArray::try_new(offsets, values, nulls)?)
         };
         let n = self.len();
+        let num_bytes = (self.keys.values_slice().len() + self.data.values_slice().len()) as u64;
         let shard_names = StringArray::from_iter_values(self.shards.iter().map(|s| &**s));
         let shard = DictionaryArray::<UInt16Type>::try_new(self.shard_keys.finish(), Arc::new(shard_names))?;
         let columns: Vec<ArrayRef> = vec![
@@ -151,7 +149,7 @@ impl BlockBuilder {
             id,
             ranges,
             num_records: n as u64,
-            num_bytes: self.num_bytes,
+            num_bytes,
         };
         Block::try_new(meta, batch)
     }

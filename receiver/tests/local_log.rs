@@ -463,8 +463,8 @@ fn an_explicit_hash_key_picks_the_shard_and_spread_keys_fill_every_shard_evenly(
     }
 }
 
-/// `append` writes the frame `put` would and only skips returning its position: the records read
-/// back in order with their keys and data, and a `put` after them gets the position that follows.
+/// Appends between two puts: the records read back in order with their keys and data, the appends
+/// as one aggregated record (sub-sequences 0..4) between the puts' two stored records.
 #[test]
 fn appends_between_puts_share_one_aggregated_record_in_order() {
     let dir = tempfile::tempdir().unwrap();

@@ -199,11 +199,14 @@ fn take_u32(cursor: &mut &[u8]) -> Option<usize> {
 }
 
 impl Frame {
-    /// `(key, data offset, data length)` of each sub-record, in order.
-    fn sub_record_spans(&self) -> impl Iterator<Item = (&[u8], usize, usize)> + '_ {
-        let all = &self.sub_records[..];
-        let mut cursor = all;
-        std::iter::from_fn(move || {
+    /// `(sub-sequence, key, data)` of each sub-record whose `(sequence body, sub-sequence)`
+    /// passes `keep`, in order.
+    pub fn sub_records_where<'a>(
+        &'a self,
+        mut keep: impl FnMut(u128, u64) -> bool + 'a,
+    ) -> impl Iterator<Item = (u64, &'a [u8], &'a [u8])> + 'a {
+        let mut cursor = &self.sub_records[..];
+        let spans = std::iter::from_fn(move || {
             if cursor.is_empty() {
                 return None;
             }
@@ -211,23 +214,12 @@ impl Frame {
             let key_len = take_u16(&mut cursor)?;
             let key = take(&mut cursor, key_len)?;
             let data_len = take_u32(&mut cursor)?;
-            let offset = all.len() - cursor.len();
-            take(&mut cursor, data_len)?;
-            Some((key, offset, data_len))
-        })
-    }
-
-    /// `(sub-sequence, key, data)` of each sub-record whose `(sequence body, sub-sequence)`
-    /// passes `keep`, in order.
-    pub fn sub_records_where<'a>(
-        &'a self,
-        mut keep: impl FnMut(u128, u64) -> bool + 'a,
-    ) -> impl Iterator<Item = (u64, &'a [u8], &'a [u8])> + 'a {
-        let all = &self.sub_records[..];
-        self.sub_record_spans()
-            .enumerate()
-            .filter(move |(i, _)| keep(self.sequence_body, *i as u64))
-            .map(move |(i, (key, offset, len))| (i as u64, key, &all[offset..offset + len]))
+            Some((key, take(&mut cursor, data_len)?))
+        });
+        (0u64..)
+            .zip(spans)
+            .filter(move |(i, _)| keep(self.sequence_body, *i))
+            .map(|(i, (key, data))| (i, key, data))
     }
 
     /// Hands `push` the user records of this frame whose `(sequence body, index)` passes `keep`,
@@ -240,19 +232,16 @@ impl Frame {
         mut push: impl FnMut(Record),
     ) {
         let mut sequence: Option<SequenceNumber> = None;
-        for (i, (key, offset, len)) in self.sub_record_spans().enumerate() {
-            if !keep(self.sequence_body, i as u64) {
-                continue;
-            }
+        for (i, key, data) in self.sub_records_where(&mut keep) {
             let sequence = sequence
                 .get_or_insert_with(|| decoder.sequences.sequence(self.sequence_body))
                 .clone();
             push(Record {
                 shard_id: Arc::clone(shard_id),
-                position: Position::new(sequence, i as u64),
+                position: Position::new(sequence, i),
                 partition_key: decoder.keys.get(key),
                 approximate_arrival_ms: self.arrival_ms,
-                data: self.sub_records.slice(offset..offset + len),
+                data: self.sub_records.slice_ref(data),
             });
         }
     }

@@ -403,7 +403,7 @@ impl BlockReader {
         loop {
             attempts += 1;
             Counters::incr(&self.store.counters.replay_attempts);
-            let error = match self.replay.replay_block(meta.id, &meta.ranges) {
+            let error = match self.replay.replay_block(meta) {
                 Ok(block) => return Self::check_rebuilt(meta, block),
                 Err(ReplayError::Rebuild(source)) => {
                     return Err(ReadError::Rebuild {

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::{Block, BlockId, Record, SequenceNumberRange, SequenceNumberRanges};
+use crate::{Block, BlockMeta, Record, SequenceNumberRange, SequenceNumberRanges};
 
 /// Re-reads exactly the records of a set of ranges from the source they came from.
 ///
@@ -28,17 +28,19 @@ pub trait Replay: Send + Sync + fmt::Debug {
     /// See the contract above.
     fn replay(&self, ranges: &SequenceNumberRanges) -> Result<Vec<Record>, ReplayError>;
 
-    /// Re-reads the records of `ranges` as the block `id` — what a lost block is rebuilt as —
-    /// under the same contract as [`replay`](Self::replay). The default builds
-    /// [`Block::from_records`] from `replay`'s records; a source that can decode its storage
-    /// straight into a [`BlockBuilder`](crate::BlockBuilder) skips the [`Record`] per record.
+    /// Rebuilds the block `meta` describes (a lost block) by re-reading the records of its
+    /// `ranges`, under the same contract as [`replay`](Self::replay); the block has `meta`'s id and
+    /// ranges. The default builds [`Block::from_records`] from `replay`'s records; a source that can
+    /// decode its storage straight into a [`BlockBuilder`](crate::BlockBuilder) skips the
+    /// [`Record`] per record, and may size the block's columns by `meta`'s `num_records` and
+    /// `num_bytes` (the caller checks the rebuilt block's record count against `meta`'s).
     ///
     /// # Errors
     /// As [`replay`](Self::replay); [`ReplayError::Rebuild`] if the records cannot be built into
     /// a block.
-    fn replay_block(&self, id: BlockId, ranges: &SequenceNumberRanges) -> Result<Block, ReplayError> {
-        let records = self.replay(ranges)?;
-        Block::from_records(id, ranges.clone(), &records).map_err(|e| ReplayError::Rebuild(Box::new(e)))
+    fn replay_block(&self, meta: &BlockMeta) -> Result<Block, ReplayError> {
+        let records = self.replay(&meta.ranges)?;
+        Block::from_records(meta.id, meta.ranges.clone(), &records).map_err(|e| ReplayError::Rebuild(Box::new(e)))
     }
 }
 

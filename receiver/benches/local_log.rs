@@ -6,7 +6,7 @@
 //! --all-targets` runs it) it does one smoke pass on 2,000 records. Knobs (environment):
 //! `SLUICE_BENCH_RECORDS` (records per run), `SLUICE_BENCH_REPEATS` (runs, median taken),
 //! `SLUICE_BENCH_ONLY=log|load` (one section), `SLUICE_BENCH_SHARDS=1|2` (one shape of the log
-//! section).
+//! section), `SLUICE_BENCH_API=put|append` (one way of writing in the log section).
 //!
 //! **log** (target 4), for two shapes — one shard and one partition key; two shards and a distinct
 //! key per record (what the word-count example writes) — and two ways of writing:
@@ -37,7 +37,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_blockstore::{BlockId, Record, Replay, SequenceNumberRange, SequenceNumberRanges};
+use sluice_blockstore::{BlockId, BlockMeta, Record, Replay, SequenceNumberRange, SequenceNumberRanges};
 use sluice_receiver::local_log::{LocalLog, LocalStream, cli, spread_hash_key};
 use sluice_receiver::{Source, StartingPosition};
 
@@ -197,13 +197,13 @@ fn check_payloads<'a>(payloads: impl Iterator<Item = &'a [u8]>, corpus: &[u8], t
 }
 
 /// Reads every shard from `TrimHorizon` to its tail; returns the elapsed time and the range of
-/// each shard (for the replay).
+/// each shard with its key and payload bytes (for the replays).
 #[inline(never)] // a frame of its own in profiles
 fn log_read_shards(
     stream: &LocalStream,
     corpus: &[u8],
     total: usize,
-) -> BenchResult<(Duration, Vec<SequenceNumberRange>)> {
+) -> BenchResult<(Duration, Vec<(SequenceNumberRange, u64)>)> {
     let start = Instant::now();
     let mut all: Vec<Vec<Record>> = Vec::new();
     let mut pages_per_shard = Vec::new();
@@ -226,7 +226,12 @@ fn log_read_shards(
         .filter(|(_, pages)| !pages.is_empty())
         .map(|(shard_id, pages)| {
             let records = &all[pages];
-            SequenceNumberRange {
+            let bytes = records
+                .iter()
+                .flatten()
+                .map(|r| r.partition_key.len() + r.data.len())
+                .sum::<usize>();
+            let range = SequenceNumberRange {
                 stream: Arc::from(stream.name()),
                 shard_id,
                 from: records[0][0].position.clone(),
@@ -236,7 +241,8 @@ fn log_read_shards(
                     .position
                     .clone(),
                 record_count: records.iter().map(Vec::len).sum::<usize>() as u64,
-            }
+            };
+            (range, bytes as u64)
         })
         .collect();
     Ok((elapsed, ranges))
@@ -246,11 +252,11 @@ fn log_read_shards(
 #[inline(never)] // a frame of its own in profiles
 fn log_replay(
     stream: &LocalStream,
-    ranges: &[SequenceNumberRange],
+    ranges: &[(SequenceNumberRange, u64)],
     corpus: &[u8],
     total: usize,
 ) -> BenchResult<Duration> {
-    let ranges = SequenceNumberRanges::from(ranges.to_vec());
+    let ranges = SequenceNumberRanges::from(ranges.iter().map(|(range, _)| range.clone()).collect::<Vec<_>>());
     let start = Instant::now();
     let records = stream.replay(&ranges)?;
     let elapsed = start.elapsed();
@@ -263,20 +269,27 @@ fn log_replay(
 #[inline(never)] // a frame of its own in profiles
 fn log_replay_block(
     stream: &LocalStream,
-    ranges: &[SequenceNumberRange],
+    ranges: &[(SequenceNumberRange, u64)],
     corpus: &[u8],
     total: usize,
 ) -> BenchResult<Duration> {
     let mut elapsed = Duration::ZERO;
     let mut blocks = Vec::new();
-    for (seq, range) in ranges.iter().enumerate() {
+    for (seq, (range, num_bytes)) in ranges.iter().enumerate() {
         let id = BlockId {
             input_id: 0,
             run_id: 0,
             seq: seq as u64,
         };
+        // The lost block's meta, as the block reader has it: its byte count sizes the columns.
+        let meta = BlockMeta {
+            id,
+            ranges: SequenceNumberRanges::from(range.clone()),
+            num_records: range.record_count,
+            num_bytes: *num_bytes,
+        };
         let start = Instant::now();
-        let block = stream.replay_block(id, &SequenceNumberRanges::from(range.clone()))?;
+        let block = stream.replay_block(&meta)?;
         elapsed += start.elapsed();
         blocks.push(block);
     }
@@ -339,7 +352,13 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
         .ok()
         .and_then(|v| v.parse::<u32>().ok());
     let shapes = SHAPES.into_iter().filter(|s| shards_only.is_none_or(|n| n == s.shards));
-    for (shape, api) in shapes.flat_map(|shape| [(shape, Api::Put), (shape, Api::Append)]) {
+    let api_only = std::env::var("SLUICE_BENCH_API").ok();
+    let apis = [(Api::Put, "put"), (Api::Append, "append")]
+        .into_iter()
+        .filter(|(_, name)| api_only.as_deref().is_none_or(|only| only == *name))
+        .map(|(api, _)| api)
+        .collect::<Vec<_>>();
+    for (shape, api) in shapes.flat_map(|shape| apis.iter().map(move |api| (shape, *api))) {
         let mut raw_w = Vec::new();
         let mut raw_r = Vec::new();
         let mut append = Vec::new();

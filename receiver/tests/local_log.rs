@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use sluice_blockstore::{
-    Block, BlockId, ManualClock, Position, Record, Replay, ReplayError, SequenceNumberRange, SequenceNumberRanges,
+    Block, BlockId, BlockMeta, ManualClock, Position, Record, Replay, ReplayError, SequenceNumberRange,
+    SequenceNumberRanges,
 };
 use sluice_receiver::local_log::{LocalLog, LocalLogError, LocalStream, RetentionPolicy, StreamConfig};
 use sluice_receiver::{ShardReader, Source, SourceError, StartingPosition};
@@ -584,7 +585,8 @@ fn appended_records_are_read_started_and_replayed_inside_their_aggregates() {
 }
 
 /// `replay_block` (frames decoded into the block's columns) builds exactly the block
-/// `Block::from_records` builds from `replay`'s records, and refuses a wrong count as `replay` does.
+/// `Block::from_records` builds from `replay`'s records, whatever byte count the lost block's
+/// meta says (it only sizes the columns), and refuses a wrong record count as `replay` does.
 fn assert_replayed_block_is_the_records_block(stream: &LocalStream, ranges: &SequenceNumberRanges) {
     let id = BlockId {
         input_id: 3,
@@ -592,12 +594,21 @@ fn assert_replayed_block_is_the_records_block(stream: &LocalStream, ranges: &Seq
         seq: 27,
     };
     let records = stream.replay(ranges).unwrap();
-    let block = stream.replay_block(id, ranges).unwrap();
-    assert_eq!(block, Block::from_records(id, ranges.clone(), &records).unwrap());
-    assert_eq!(block.records().unwrap(), records);
-    let mut wrong = ranges.clone();
-    wrong.0[0].record_count += 1;
-    let error = stream.replay_block(id, &wrong).unwrap_err();
+    let expected = Block::from_records(id, ranges.clone(), &records).unwrap();
+    let meta = expected.meta().clone();
+    for num_bytes in [meta.num_bytes, 0, meta.num_bytes / 3, meta.num_bytes * 2] {
+        let block = stream
+            .replay_block(&BlockMeta {
+                num_bytes,
+                ..meta.clone()
+            })
+            .unwrap();
+        assert_eq!(block, expected, "sized for {num_bytes} bytes");
+        assert_eq!(block.records().unwrap(), records);
+    }
+    let mut wrong = meta;
+    wrong.ranges.0[0].record_count += 1;
+    let error = stream.replay_block(&wrong).unwrap_err();
     assert!(matches!(error, ReplayError::CountMismatch { .. }), "{error}");
 }
 

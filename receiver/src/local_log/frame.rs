@@ -340,7 +340,11 @@ fn check_body(body: &[u8]) -> Option<(u128, i64)> {
     }
     for _ in 0..count {
         let key_len = take_u16(&mut cursor)?;
-        std::str::from_utf8(take(&mut cursor, key_len)?).ok()?;
+        let key = take(&mut cursor, key_len)?;
+        // Keys are mostly ASCII, which is checked inline; `from_utf8` is a call per key.
+        if !key.is_ascii() {
+            std::str::from_utf8(key).ok()?;
+        }
         let data_len = take_u32(&mut cursor)?;
         take(&mut cursor, data_len)?;
     }
@@ -492,18 +496,39 @@ impl<F: Read + io::Seek> SegmentReader<F> {
             }
             _ => READ_CHUNK_BYTES,
         };
-        let mut chunk = std::mem::take(&mut self.spare);
-        chunk.clear();
-        chunk.reserve_exact(wanted);
-        chunk.extend_from_slice(&self.buf);
-        // `read_to_end` reads into the spare capacity without zeroing it first.
-        let read = self
+        // When nothing kept a slice of the buffer (a replay into a block copies what it takes),
+        // the undecoded bytes move to its front and it is read into again: no fresh memory per
+        // chunk. Otherwise they are copied into a new chunk.
+        let pending_bytes = std::mem::take(&mut self.buf);
+        let mut chunk = if pending_bytes.is_unique() {
+            Vec::from(pending_bytes)
+        } else {
+            let mut chunk = std::mem::take(&mut self.spare);
+            chunk.clear();
+            chunk.extend_from_slice(&pending_bytes);
+            chunk
+        };
+        chunk.reserve_exact(wanted.saturating_sub(chunk.len()));
+        // `read_to_end` reads into the spare capacity without zeroing it first; on an error, what
+        // it read is in `chunk` too, and stays in the buffer, as the file offset has passed it.
+        let read = match self
             .file
             .by_ref()
             .take((wanted - pending) as u64)
-            .read_to_end(&mut chunk)?;
+            .read_to_end(&mut chunk)
+        {
+            Ok(read) => read,
+            Err(e) => {
+                self.buf = Bytes::from(chunk);
+                return Err(e);
+            }
+        };
         if read == 0 {
-            self.spare = chunk;
+            if chunk.is_empty() {
+                self.spare = chunk;
+            } else {
+                self.buf = Bytes::from(chunk);
+            }
             return Ok(false);
         }
         if chunk.len() < chunk.capacity() / 4 {

@@ -79,7 +79,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sluice_blockstore::{
-    Block, BlockBuilder, BlockCapacity, BlockId, Record, Replay, ReplayError, SequenceNumberRange, SequenceNumberRanges,
+    Block, BlockBuilder, BlockCapacity, BlockMeta, Record, Replay, ReplayError, SequenceNumberRange,
+    SequenceNumberRanges,
 };
 
 pub use error::{LocalLogError, PoisonCause, Result};
@@ -404,10 +405,19 @@ impl LocalStream {
         })
     }
 
-    /// The frames holding `range`'s records (and maybe others before or after it in the same
-    /// frames), checked: the shard exists, retention kept them, and they hold exactly
-    /// `record_count` records of the range.
-    fn range_frames(&self, meta: &StreamMeta, range: &SequenceNumberRange) -> Result<RangeFrames, ReplayError> {
+    /// Walks the frames holding `range`'s records (and maybe others before or after it in the
+    /// same frames) in order, handing each to `visit`, which returns how many of the range's
+    /// records it took from it. Checked: the shard exists, retention kept the records, and the
+    /// frames hold exactly `record_count` of them.
+    ///
+    /// One pass, frame by frame: a visitor that keeps nothing of a frame lets the segment reader
+    /// read the next chunk into the same buffer.
+    fn scan_range(
+        &self,
+        meta: &StreamMeta,
+        range: &SequenceNumberRange,
+        mut visit: impl FnMut(&RangeScan, &frame::Frame) -> Result<usize, ReplayError>,
+    ) -> Result<(), ReplayError> {
         let unavailable = |e: LocalLogError| ReplayError::Unavailable {
             detail: e.to_string(),
             source: Some(Box::new(e)),
@@ -428,18 +438,13 @@ impl LocalStream {
             stream: self.name().to_owned(),
             shard_id: format!("{} (not a local-log sequence {})", range.shard_id, p.sequence),
         };
-        let from = position_key(&range.from).ok_or_else(|| not_ours(&range.from))?;
-        let to = position_key(&range.to).ok_or_else(|| not_ours(&range.to))?;
-        let mut cursor = SegmentCursor::new(self.shard_dir(&range.shard_id), Some(from.0));
-        let mut frames = RangeFrames {
+        let scan = RangeScan {
             shard_id: Arc::clone(&shard.shard_id),
-            from,
-            to,
-            frames: Vec::new(),
-            records: 0,
-            key_bytes: 0,
-            data_bytes: 0,
+            from: position_key(&range.from).ok_or_else(|| not_ours(&range.from))?,
+            to: position_key(&range.to).ok_or_else(|| not_ours(&range.to))?,
         };
+        let mut cursor = SegmentCursor::new(self.shard_dir(&range.shard_id), Some(scan.from.0));
+        let mut found = 0u64;
         loop {
             let frame = match cursor.next_frame() {
                 Ok(Some(frame)) => frame,
@@ -452,47 +457,33 @@ impl LocalStream {
                 }
                 Err(e) => return Err(unavailable(e)),
             };
-            if frame.sequence_body > to.0 {
+            if frame.sequence_body > scan.to.0 {
                 break;
             }
-            let (mut records, mut key_bytes, mut data_bytes) = (0, 0, 0);
-            for (_, key, data) in frame.sub_records_where(|body, sub| frames.contains(body, sub)) {
-                records += 1;
-                key_bytes += key.len();
-                data_bytes += data.len();
-            }
-            if records > 0 {
-                frames.records += records;
-                frames.key_bytes += key_bytes;
-                frames.data_bytes += data_bytes;
-                frames.frames.push(frame);
+            if frame.sequence_body >= scan.from.0 {
+                found += visit(&scan, &frame)? as u64;
             }
         }
-        if frames.records as u64 != range.record_count {
+        if found != range.record_count {
             return Err(ReplayError::CountMismatch {
                 range: range.clone(),
                 expected: range.record_count,
-                found: frames.records as u64,
+                found,
             });
         }
-        Ok(frames)
+        Ok(())
     }
 }
 
-/// The frames of one replayed range ([`LocalStream::range_frames`]).
-struct RangeFrames {
+/// One replayed range of a shard ([`LocalStream::scan_range`]).
+struct RangeScan {
     shard_id: Arc<str>,
     /// The range's ends as `(sequence body, sub-sequence)`.
     from: (u128, u64),
     to: (u128, u64),
-    frames: Vec<frame::Frame>,
-    /// The range's records in `frames`, and their keys' and payloads' bytes.
-    records: usize,
-    key_bytes: usize,
-    data_bytes: usize,
 }
 
-impl RangeFrames {
+impl RangeScan {
     fn contains(&self, body: u128, sub: u64) -> bool {
         self.from <= (body, sub) && (body, sub) <= self.to
     }
@@ -504,25 +495,24 @@ impl Replay for LocalStream {
         let mut out = Vec::new();
         let mut decoder = RecordDecoder::default();
         for range in ranges {
-            let frames = self.range_frames(&meta, range)?;
             out.reserve(usize::try_from(range.record_count).unwrap_or(0));
-            for frame in &frames.frames {
-                let in_range = |body, sub| frames.contains(body, sub);
-                frame.push_records(&frames.shard_id, &mut decoder, in_range, |r| out.push(r));
-            }
+            self.scan_range(&meta, range, |scan, frame| {
+                let before = out.len();
+                let in_range = |body, sub| scan.contains(body, sub);
+                frame.push_records(&scan.shard_id, &mut decoder, in_range, |r| out.push(r));
+                Ok(out.len() - before)
+            })?;
         }
         Ok(out)
     }
 
-    /// Decodes the ranges' frames straight into the block's columns: no [`Record`] per record,
-    /// one sequence number formatted per stored record (not per aggregated one), the payloads
-    /// copied once, from the segment's buffer into the block.
-    fn replay_block(&self, id: BlockId, ranges: &SequenceNumberRanges) -> Result<Block, ReplayError> {
-        let meta = self.replay_meta()?;
-        let parts = ranges
-            .iter()
-            .map(|range| self.range_frames(&meta, range))
-            .collect::<Result<Vec<_>, _>>()?;
+    /// Decodes the ranges' frames straight into the block's columns, in one pass: no [`Record`]
+    /// per record, one sequence number formatted per stored record (not per aggregated one), the
+    /// payloads copied once, from the segment reader's buffer (reused from chunk to chunk, since
+    /// nothing keeps a slice of it) into the block, whose columns are sized by `meta`.
+    fn replay_block(&self, meta: &BlockMeta) -> Result<Block, ReplayError> {
+        let ranges = &meta.ranges;
+        let stream_meta = self.replay_meta()?;
         // Every local-log sequence number has 56 digits, so every number of a range starts with
         // what its two ends have in common, and the block's prefix is what all the ends share.
         let ends = ranges
@@ -533,20 +523,25 @@ impl Replay for LocalStream {
             .reduce(|a, b| &a[..a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()])
             .unwrap_or("");
         let suffix_len = ends.map(str::len).max().unwrap_or(0).saturating_sub(prefix.len());
-        let records: usize = parts.iter().map(|p| p.records).sum();
+        let records = ranges
+            .iter()
+            .map(|r| usize::try_from(r.record_count).unwrap_or(0))
+            .sum::<usize>();
+        // `num_bytes` counts keys and payloads together: the payload column gets room for both
+        // (and gives back what it did not use); the key column grows.
         let mut builder = BlockBuilder::new(
             prefix,
             BlockCapacity {
                 records,
                 sequence_suffix_bytes: records * suffix_len,
-                key_bytes: parts.iter().map(|p| p.key_bytes).sum(),
-                data_bytes: parts.iter().map(|p| p.data_bytes).sum(),
+                key_bytes: 0,
+                data_bytes: usize::try_from(meta.num_bytes).unwrap_or(0),
             },
         );
         let rebuild = |e: sluice_blockstore::Error| ReplayError::Rebuild(Box::new(e));
         let mut sequences = SequenceText::default();
-        for part in &parts {
-            for frame in &part.frames {
+        for range in ranges {
+            self.scan_range(&stream_meta, range, |scan, frame| {
                 let formatted;
                 let digits = if let Some(digits) = sequences.digits(frame.sequence_body) {
                     &digits[..]
@@ -556,14 +551,13 @@ impl Replay for LocalStream {
                 };
                 // Every number of the range is 56 digits long and starts with the prefix.
                 let suffix = &digits[prefix.len()..];
-                for (sub, key, data) in frame.sub_records_where(|body, sub| part.contains(body, sub)) {
-                    builder
-                        .push(&part.shard_id, suffix, sub, key, frame.arrival_ms, data)
-                        .map_err(rebuild)?;
-                }
-            }
+                let records = frame.sub_records_where(|body, sub| scan.contains(body, sub));
+                builder
+                    .push_run(&scan.shard_id, suffix, frame.arrival_ms, records)
+                    .map_err(rebuild)
+            })?;
         }
-        builder.finish(id, ranges.clone()).map_err(rebuild)
+        builder.finish(meta.id, ranges.clone()).map_err(rebuild)
     }
 }
 

@@ -187,11 +187,13 @@ fn torn_tails_are_truncated_on_reopen() {
         file.set_len(cut).unwrap();
         drop(file);
         let survivors = (cut / frame) as usize;
-        assert_eq!(
-            read_shard(&stream, shard, &StartingPosition::TrimHorizon).len(),
-            survivors,
-            "round {round}"
-        );
+        let before_repair = read_shard(&stream, shard, &StartingPosition::TrimHorizon);
+        assert_eq!(before_repair.len(), survivors, "round {round}");
+        // A replay into a block stops at the torn frame too.
+        if let (Some(first), Some(last)) = (before_repair.first(), before_repair.last()) {
+            let survived = range(&stream, shard, &first.position, &last.position, survivors as u64);
+            assert_replayed_block_is_the_records_block(&stream, &survived);
+        }
 
         let mut producer = stream.producer().unwrap();
         producer.put("same-key", "after-crash").unwrap();
@@ -204,6 +206,58 @@ fn torn_tails_are_truncated_on_reopen() {
         assert_eq!(&records[survivors].data[..], b"after-crash");
         assert!(records.windows(2).all(|w| w[0].position < w[1].position));
     }
+}
+
+/// A lost block is rebuilt across segment files, over the garbage a crash left at the end of a
+/// closed segment, and with frames larger than one read of the segment (1 MiB).
+#[test]
+fn a_replayed_block_spans_segments_torn_tails_and_frames_larger_than_a_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StreamConfig::new(1);
+    config.segment_bytes = 3 * 1024 * 1024;
+    let stream = LocalLog::open(dir.path())
+        .unwrap()
+        .create_stream_with("seg", &config)
+        .unwrap();
+    let shard = "shardId-000000000000";
+    let mut producer = stream.producer().unwrap();
+    let big = |i: usize| vec![b'a' + (i % 26) as u8; 1024 * 1024 + 333 * i];
+    for i in 0..6 {
+        producer.put("big", big(i)).unwrap();
+        for j in 0..300 {
+            producer
+                .append(&format!("key-{j}"), None, format!("small-{i}-{j}"))
+                .unwrap();
+        }
+    }
+    producer.flush().unwrap();
+    drop(producer);
+    let segments = stream.describe().unwrap().shards[0].segments;
+    assert!(segments >= 3, "{segments} segments");
+    // A crash's torn tail at the end of the oldest (closed) segment.
+    let mut paths: Vec<_> = std::fs::read_dir(stream.dir().join(shard))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    let mut oldest = OpenOptions::new().append(true).open(&paths[0]).unwrap();
+    std::io::Write::write_all(&mut oldest, &[0x17; 100]).unwrap();
+    drop(oldest);
+
+    let all = read_shard(&stream, shard, &StartingPosition::TrimHorizon);
+    assert_eq!(all.len(), 6 * 301);
+    assert_eq!(all[301].data, big(1));
+    let whole = range(
+        &stream,
+        shard,
+        &all[0].position,
+        &all[all.len() - 1].position,
+        all.len() as u64,
+    );
+    assert_replayed_block_is_the_records_block(&stream, &whole);
+    // From inside the second aggregate run to the last big record.
+    let part = range(&stream, shard, &all[350].position, &all[1505].position, 1505 - 350 + 1);
+    assert_replayed_block_is_the_records_block(&stream, &part);
 }
 
 #[test]
@@ -342,11 +396,22 @@ fn trimmed_ranges_are_data_expired() {
     assert!(!kept.is_empty() && kept.len() < 100);
     assert_eq!(kept.last().unwrap().position, positions[99]);
     let first_kept = kept[0].position.clone();
-    let err = stream
-        .replay(&range(&stream, shard, &positions[0], &positions[1], 2))
-        .unwrap_err();
+    let trimmed = range(&stream, shard, &positions[0], &positions[1], 2);
+    let err = stream.replay(&trimmed).unwrap_err();
     assert!(matches!(err, ReplayError::DataExpired { .. }), "{err}");
     assert!(!err.is_retryable());
+    let lost_block = BlockMeta {
+        id: BlockId {
+            input_id: 0,
+            run_id: 0,
+            seq: 0,
+        },
+        ranges: trimmed,
+        num_records: 2,
+        num_bytes: 102,
+    };
+    let err = stream.replay_block(&lost_block).unwrap_err();
+    assert!(matches!(err, ReplayError::DataExpired { .. }), "{err}");
     let err = stream
         .open_reader(shard, &StartingPosition::AtPosition(positions[0].clone()))
         .err()

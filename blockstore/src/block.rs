@@ -84,18 +84,24 @@ pub struct BlockMeta {
 /// | column | type | |
 /// |---|---|---|
 /// | `shard_id` | `Dictionary(UInt16, Utf8)` | shard the record came from (each shard's id stored once) |
-/// | `sequence_suffix` | `Utf8` | the record's canonical decimal sequence number without the block's common prefix |
+/// | `sequence_suffix` | `Utf8` or `Dictionary(UInt16, Utf8)` | the record's canonical decimal sequence number without the block's common prefix |
 /// | `sub_sequence` | `UInt64` | index inside a KPL aggregate, 0 for plain records |
 /// | `partition_key` | `Utf8` | producer's partition key |
-/// | `approximate_arrival` | `Timestamp(ms)` | when the service accepted the record |
+/// | `approximate_arrival` | `Timestamp(ms)` or `Dictionary(UInt16, Timestamp(ms))` | when the service accepted the record |
 /// | `data` | `Binary` | payload |
 ///
 /// The prefix that every sequence number of the block shares is the schema's
 /// `sluice.sequence_prefix` metadata: consecutive sequence numbers of a shard differ only in their
 /// last digits, so a 56-digit number costs a few bytes instead of 60 (with the shard's id once
-/// per block, a 100-byte record takes ~140 bytes of block instead of ~215, and the store's memory
-/// budget holds that many more records). Blocks written with the first layout (`shard_id` as
-/// `Utf8`, whole numbers in a `sequence_number` column) are still read.
+/// per block, a 100-byte record takes ~150 bytes of block instead of ~215, and the store's memory
+/// budget holds that many more records).
+///
+/// The records of a KPL aggregate share their sequence number and arrival time, so
+/// `sequence_suffix` and `approximate_arrival` are each stored as `Dictionary(UInt16, _)` of
+/// their runs of consecutive records (one value per run, a 2-byte key per record) when that is
+/// smaller than the plain column; [`BlockBuilder`] decides per block and column. A 100-byte record
+/// of an aggregate then takes ~130 bytes of block. Blocks written with the first layout
+/// (`shard_id` as `Utf8`, whole numbers in a `sequence_number` column) are still read.
 ///
 /// # Encoded form
 ///
@@ -122,36 +128,58 @@ pub struct Block {
 /// The schema metadata key of the sequence numbers' common prefix.
 pub(crate) const SEQUENCE_PREFIX_KEY: &str = "sluice.sequence_prefix";
 
-/// A block schema's fields, with the shard and sequence columns of one layout.
-fn layout(shard: DataType, sequence: &str) -> SchemaRef {
+/// A block schema's fields, with the shard, sequence and arrival columns of one layout.
+fn layout(shard: DataType, sequence: (&str, DataType), arrival: DataType) -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("shard_id", shard, false),
-        Field::new(sequence, DataType::Utf8, false),
+        Field::new(sequence.0, sequence.1, false),
         Field::new("sub_sequence", DataType::UInt64, false),
         Field::new("partition_key", DataType::Utf8, false),
-        Field::new(
-            "approximate_arrival",
-            DataType::Timestamp(TimeUnit::Millisecond, None),
-            false,
-        ),
+        Field::new("approximate_arrival", arrival, false),
         Field::new("data", DataType::Binary, false),
     ]))
 }
 
-static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    layout(
-        DataType::Dictionary(Box::new(DataType::UInt16), Box::new(DataType::Utf8)),
-        "sequence_suffix",
-    )
+/// `Dictionary(UInt16, values)`.
+fn dictionary_of(values: DataType) -> DataType {
+    DataType::Dictionary(Box::new(DataType::UInt16), Box::new(values))
+}
+
+/// The arrival column's plain type.
+const ARRIVAL: DataType = DataType::Timestamp(TimeUnit::Millisecond, None);
+
+/// The current layout with each of the sequence suffix and arrival columns plain or
+/// dictionary-encoded, indexed by `2 * suffix_dictionary + arrival_dictionary`.
+static LAYOUTS: LazyLock<[SchemaRef; 4]> = LazyLock::new(|| {
+    [(false, false), (false, true), (true, false), (true, true)].map(|(suffix_dictionary, arrival_dictionary)| {
+        let suffix = if suffix_dictionary {
+            dictionary_of(DataType::Utf8)
+        } else {
+            DataType::Utf8
+        };
+        let arrival = if arrival_dictionary {
+            dictionary_of(ARRIVAL)
+        } else {
+            ARRIVAL
+        };
+        layout(dictionary_of(DataType::Utf8), ("sequence_suffix", suffix), arrival)
+    })
 });
 
-/// The first layout: a shard id and a whole sequence number per record. Read, never written.
-static SCHEMA_V1: LazyLock<SchemaRef> = LazyLock::new(|| layout(DataType::Utf8, "sequence_number"));
+/// The block schema whose sequence suffix and arrival columns are dictionary-encoded or not.
+pub(crate) fn block_layout(suffix_dictionary: bool, arrival_dictionary: bool) -> SchemaRef {
+    LAYOUTS[usize::from(suffix_dictionary) * 2 + usize::from(arrival_dictionary)].clone()
+}
 
-/// The Arrow schema of a block's payload (its fields; each block's schema also carries its
-/// sequence prefix as metadata).
+/// The first layout: a shard id and a whole sequence number per record. Read, never written.
+static SCHEMA_V1: LazyLock<SchemaRef> =
+    LazyLock::new(|| layout(DataType::Utf8, ("sequence_number", DataType::Utf8), ARRIVAL));
+
+/// The Arrow schema of a block's payload with every column plain (its fields; each block's schema
+/// also carries its sequence prefix as metadata). A block's `sequence_suffix` and
+/// `approximate_arrival` columns may each be `Dictionary(UInt16, _)` instead (see [`Block`]).
 pub fn block_schema() -> SchemaRef {
-    SCHEMA.clone()
+    block_layout(false, false)
 }
 
 /// The length of the longest common prefix of `a` and `b`, on a `char` boundary of both.
@@ -212,13 +240,17 @@ impl Block {
         builder.finish(id, ranges)
     }
 
-    /// Wraps an existing batch; the batch must have [`block_schema`].
+    /// Wraps an existing batch; the batch must have [`block_schema`] (any of its layouts).
     ///
     /// # Errors
     /// [`Error::Corrupt`] if the schema or the record count disagrees with `meta`.
     pub fn try_new(meta: BlockMeta, batch: RecordBatch) -> Result<Self> {
         let fields = batch.schema_ref().fields();
-        if fields != block_schema().fields() && fields != SCHEMA_V1.fields() {
+        if !LAYOUTS
+            .iter()
+            .chain([&*SCHEMA_V1])
+            .any(|layout| layout.fields() == fields)
+        {
             return Err(Error::Corrupt {
                 id: Some(meta.id),
                 detail: "payload schema is not the block schema".into(),
@@ -316,7 +348,6 @@ impl Block {
     pub fn records(&self) -> Result<Vec<Record>> {
         let sub = self.batch.column(2).as_primitive::<UInt64Type>();
         let key = self.partition_keys();
-        let arrival = self.batch.column(4).as_primitive::<TimestampMillisecondType>();
         let data = self.data();
         let mut last_shard: Option<Arc<str>> = None;
         let prefix = self.sequence_prefix();
@@ -335,7 +366,7 @@ impl Block {
                     shard_id,
                     position: Position::new(self.sequence_at(i, prefix, &mut text)?, sub.value(i)),
                     partition_key: Arc::from(key.value(i)),
-                    approximate_arrival_ms: arrival.value(i),
+                    approximate_arrival_ms: self.arrival_at(i),
                     data: Bytes::copy_from_slice(data.value(i)),
                 })
             })
@@ -354,6 +385,18 @@ impl Block {
         }
     }
 
+    /// The arrival time of record `i` (plain or dictionary-encoded).
+    fn arrival_at(&self, i: usize) -> i64 {
+        let column = self.batch.column(4);
+        match column.as_dictionary_opt::<UInt16Type>() {
+            Some(dictionary) => {
+                let values = dictionary.values().as_primitive::<TimestampMillisecondType>();
+                values.value(usize::from(dictionary.keys().value(i)))
+            }
+            None => column.as_primitive::<TimestampMillisecondType>().value(i),
+        }
+    }
+
     /// The prefix every sequence number of the block shares ("" for the first layout).
     fn sequence_prefix(&self) -> &str {
         self.batch
@@ -367,7 +410,14 @@ impl Block {
     fn sequence_at(&self, i: usize, prefix: &str, text: &mut String) -> Result<SequenceNumber> {
         text.clear();
         text.push_str(prefix);
-        text.push_str(self.batch.column(1).as_string::<i32>().value(i));
+        let column = self.batch.column(1);
+        text.push_str(match column.as_dictionary_opt::<UInt16Type>() {
+            Some(dictionary) => {
+                let values = dictionary.values().as_string::<i32>();
+                values.value(usize::from(dictionary.keys().value(i)))
+            }
+            None => column.as_string::<i32>().value(i),
+        });
         SequenceNumber::parse(text).map_err(|e| Error::Corrupt {
             id: Some(self.meta.id),
             detail: format!("record {i}: {e}"),
@@ -388,7 +438,6 @@ impl Block {
             });
         }
         let sub = self.batch.column(2).as_primitive::<UInt64Type>();
-        let arrival = self.batch.column(4).as_primitive::<TimestampMillisecondType>();
         Ok(Record {
             shard_id: Arc::from(self.shard_at(index)),
             position: Position::new(
@@ -396,7 +445,7 @@ impl Block {
                 sub.value(index),
             ),
             partition_key: Arc::from(self.partition_keys().value(index)),
-            approximate_arrival_ms: arrival.value(index),
+            approximate_arrival_ms: self.arrival_at(index),
             data: Bytes::copy_from_slice(self.data().value(index)),
         })
     }

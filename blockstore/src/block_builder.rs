@@ -7,16 +7,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use arrow_array::Array;
 use arrow_array::types::UInt16Type;
 use arrow_array::{
     ArrayRef, BinaryArray, DictionaryArray, RecordBatch, StringArray, TimestampMillisecondArray, UInt16Array,
     UInt64Array,
 };
 use arrow_buffer::{Buffer, OffsetBuffer, ScalarBuffer};
-use arrow_schema::{ArrowError, Schema};
+use arrow_schema::{ArrowError, DataType, Schema};
 
 use crate::block::SEQUENCE_PREFIX_KEY;
-use crate::{Block, BlockId, BlockMeta, Result, SequenceNumberRanges, block_schema};
+use crate::block::block_layout;
+use crate::{Block, BlockId, BlockMeta, Result, SequenceNumberRanges};
 
 /// How much a block will hold, so that its columns are allocated once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,11 +61,61 @@ pub struct BlockBuilder {
     /// track a validity bit per value, which a block never has). Sequence suffixes and keys are
     /// gathered as bytes and checked as UTF-8 once, in `finish`.
     shard_keys: Vec<u16>,
-    suffixes: ByteColumn,
     sub_sequences: Vec<u64>,
     keys: ByteColumn,
-    arrivals: Vec<i64>,
     data: ByteColumn,
+    /// Sequence suffixes and arrival times as runs of consecutive records that share them (the
+    /// records of one KPL aggregate share both): `finish` stores each column as a dictionary of
+    /// its runs when that is smaller, or plain.
+    suffixes: Runs<ByteColumn>,
+    arrivals: Runs<Vec<i64>>,
+}
+
+/// Runs of consecutive records that share a value: each run's value, and the record count at its
+/// end.
+#[derive(Debug)]
+struct Runs<V> {
+    values: V,
+    ends: Vec<usize>,
+}
+
+impl<V> Runs<V> {
+    /// Ends the last run at `records` if its value is `same`, else starts a run with `push`.
+    fn extend(&mut self, records: usize, same: impl FnOnce(&V) -> bool, push: impl FnOnce(&mut V) -> bool) -> bool {
+        match self.ends.last_mut() {
+            Some(end) if same(&self.values) => *end = records,
+            _ => {
+                if !push(&mut self.values) {
+                    return false;
+                }
+                self.ends.push(records);
+            }
+        }
+        true
+    }
+
+    /// How many records each run holds, in order.
+    fn lengths(&self) -> impl Iterator<Item = usize> + '_ {
+        self.ends
+            .iter()
+            .scan(0, |start, &end| Some(end - std::mem::replace(start, end)))
+    }
+
+    /// The dictionary keys of the records (run `r`'s records get key `r`), if every key fits
+    /// a `u16` and the dictionary (two bytes a record, `run_bytes` per run) is smaller than the
+    /// plain column (`plain_bytes`).
+    fn dictionary_keys(&self, run_bytes: usize, plain_bytes: usize) -> Option<UInt16Array> {
+        let records = self.ends.last().copied().unwrap_or(0);
+        let smaller = 2 * records + run_bytes < plain_bytes;
+        if !smaller || self.ends.len() > usize::from(u16::MAX) + 1 {
+            return None;
+        }
+        let mut keys = Vec::with_capacity(records);
+        for (run, &end) in self.ends.iter().enumerate() {
+            keys.resize(end, run as u16);
+        }
+        Some(UInt16Array::from(keys))
+    }
 }
 
 /// A variable-length column: its values end to end and where each one ends.
@@ -110,6 +162,13 @@ impl ByteColumn {
         true
     }
 
+    /// The last value.
+    fn last(&self) -> Option<&[u8]> {
+        let n = self.offsets.len();
+        let start = *self.offsets.get(n.checked_sub(2)?)? as usize;
+        Some(&self.values[start..])
+    }
+
     /// The last `n` values taken back out.
     fn truncate_last(&mut self, n: usize) {
         let len = self.offsets.len() - n;
@@ -117,8 +176,9 @@ impl ByteColumn {
         self.values.truncate(self.offsets[len - 1] as usize);
     }
 
-    /// The column as Arrow buffers, without copying; values with room to spare give it back.
+    /// The column as Arrow buffers, without copying; a column with room to spare gives it back.
     fn into_parts(mut self) -> (OffsetBuffer<i32>, Buffer) {
+        self.offsets.shrink_to_fit();
         self.values.shrink_to_fit();
         // The offsets start at 0 and never decrease: `push` only appends ends past the last.
         let offsets = OffsetBuffer::new(ScalarBuffer::from(self.offsets));
@@ -141,11 +201,18 @@ impl BlockBuilder {
             shards: Vec::new(),
             last_shard: 0,
             shard_keys: Vec::with_capacity(n),
-            suffixes: ByteColumn::with_capacity(n, capacity.sequence_suffix_bytes),
             sub_sequences: Vec::with_capacity(n),
             keys: ByteColumn::with_capacity(n, capacity.key_bytes),
-            arrivals: Vec::with_capacity(n),
             data: ByteColumn::with_capacity(n, capacity.data_bytes),
+            // At most a run per record; usually far fewer, and the room is given back in `finish`.
+            suffixes: Runs {
+                values: ByteColumn::with_capacity(n, capacity.sequence_suffix_bytes),
+                ends: Vec::new(),
+            },
+            arrivals: Runs {
+                values: Vec::new(),
+                ends: Vec::new(),
+            },
         }
     }
 
@@ -211,12 +278,25 @@ impl BlockBuilder {
                 return Err(e);
             }
         };
-        if !self.suffixes.push_n(sequence_suffix, n) {
+        let records = before + n;
+        let suffix_pushed = self.suffixes.extend(
+            records,
+            |runs| runs.last() == Some(sequence_suffix),
+            |runs| runs.push(sequence_suffix),
+        );
+        if !suffix_pushed {
             self.take_back(before);
             return Err(column_overflow());
         }
-        self.shard_keys.resize(before + n, shard_key);
-        self.arrivals.resize(before + n, arrival_ms);
+        self.arrivals.extend(
+            records,
+            |runs| runs.last() == Some(&arrival_ms),
+            |runs| {
+                runs.push(arrival_ms);
+                true
+            },
+        );
+        self.shard_keys.resize(records, shard_key);
         Ok(n)
     }
 
@@ -271,15 +351,55 @@ impl BlockBuilder {
         let shard_names = StringArray::from_iter_values(self.shards.iter().map(|s| &**s));
         let shard = DictionaryArray::<UInt16Type>::try_new(UInt16Array::from(self.shard_keys), Arc::new(shard_names))?;
         let (data_offsets, data_values) = self.data.into_parts();
+        // Each suffix stored once, or once per record (with a 4-byte offset).
+        let suffix_bytes = self.suffixes.values.values.len();
+        let plain_suffix_bytes = self
+            .suffixes
+            .lengths()
+            .zip(self.suffixes.values.offsets.windows(2))
+            .map(|(records, value)| records * (4 + (value[1] - value[0]) as usize))
+            .sum();
+        let suffix_keys = self
+            .suffixes
+            .dictionary_keys(suffix_bytes + 4 * self.suffixes.ends.len(), plain_suffix_bytes);
+        let suffix: ArrayRef = if let Some(keys) = suffix_keys {
+            Arc::new(DictionaryArray::try_new(keys, Arc::new(utf8(self.suffixes.values)?))?)
+        } else if self.suffixes.ends.len() == n {
+            // A run per record: the runs are the plain column.
+            Arc::new(utf8(self.suffixes.values)?)
+        } else {
+            let mut plain = ByteColumn::with_capacity(n, plain_suffix_bytes - 4 * n);
+            let lengths = self.suffixes.lengths();
+            for (records, value) in lengths.zip(self.suffixes.values.offsets.windows(2)) {
+                let value = &self.suffixes.values.values[value[0] as usize..value[1] as usize];
+                if !plain.push_n(value, records) {
+                    return Err(column_overflow());
+                }
+            }
+            Arc::new(utf8(plain)?)
+        };
+        let arrival_keys = self.arrivals.dictionary_keys(8 * self.arrivals.ends.len(), 8 * n);
+        let arrival: ArrayRef = if let Some(keys) = arrival_keys {
+            let values = TimestampMillisecondArray::from(self.arrivals.values);
+            Arc::new(DictionaryArray::try_new(keys, Arc::new(values))?)
+        } else {
+            let mut plain = Vec::with_capacity(n);
+            for (&end, &arrival_ms) in self.arrivals.ends.iter().zip(&self.arrivals.values) {
+                plain.resize(end, arrival_ms);
+            }
+            Arc::new(TimestampMillisecondArray::from(plain))
+        };
+        let dictionary = |column: &ArrayRef| matches!(column.data_type(), DataType::Dictionary(..));
+        let layout = block_layout(dictionary(&suffix), dictionary(&arrival));
         let columns: Vec<ArrayRef> = vec![
             Arc::new(shard),
-            Arc::new(utf8(self.suffixes)?),
+            suffix,
             Arc::new(UInt64Array::from(self.sub_sequences)),
             Arc::new(utf8(self.keys)?),
-            Arc::new(TimestampMillisecondArray::from(self.arrivals)),
+            arrival,
             Arc::new(BinaryArray::try_new(data_offsets, data_values, None)?),
         ];
-        let schema = Schema::new(block_schema().fields().clone())
+        let schema = Schema::new(layout.fields().clone())
             .with_metadata(HashMap::from([(SEQUENCE_PREFIX_KEY.to_owned(), self.prefix)]));
         let batch = RecordBatch::try_new(Arc::new(schema), columns)?;
         let meta = BlockMeta {
@@ -325,6 +445,93 @@ mod tests {
         assert_eq!(runs, one_by_one);
         assert_eq!(runs.meta().num_bytes, 2 + 2 + 2 + 2 + 1 + 2 + 1);
         assert_eq!(runs.records().unwrap()[2].position.to_string(), "490007/2");
+    }
+
+    /// Whether a block stores its sequence suffix and arrival columns as dictionaries.
+    fn dictionaries(block: &Block) -> (bool, bool) {
+        let dictionary = |i: usize| matches!(block.batch().column(i).data_type(), DataType::Dictionary(..));
+        (dictionary(1), dictionary(4))
+    }
+
+    /// A block of `runs` runs of `per_run` records; each run shares its sequence number, and
+    /// arrival times change every `arrival_every` runs.
+    fn block_of_runs(runs: usize, per_run: usize, arrival_every: usize) -> Block {
+        let shard: Arc<str> = Arc::from("shard-0");
+        let mut builder = BlockBuilder::new("4959", BlockCapacity::default());
+        for run in 0..runs {
+            let suffix = format!("{run:08}");
+            let records: Vec<(u64, Vec<u8>, Vec<u8>)> = (0..per_run)
+                .map(|sub| {
+                    (
+                        sub as u64,
+                        format!("k{sub}").into_bytes(),
+                        format!("{run}/{sub}").into_bytes(),
+                    )
+                })
+                .collect();
+            let arrival = 1_000 + (run / arrival_every) as i64;
+            let pushed = builder
+                .push_run(
+                    &shard,
+                    suffix.as_bytes(),
+                    arrival,
+                    records.iter().map(|(s, k, d)| (*s, &k[..], &d[..])),
+                )
+                .unwrap();
+            assert_eq!(pushed, per_run);
+        }
+        builder.finish(id(), SequenceNumberRanges::default()).unwrap()
+    }
+
+    #[test]
+    fn records_that_share_sequence_numbers_and_arrival_times_store_them_once_per_run() {
+        for (runs, per_run, arrival_every, expected) in [
+            // KPL aggregates: both columns as dictionaries of their runs.
+            (50, 40, 1, (true, true)),
+            // A record per sequence number, arriving in the same milliseconds: only the arrival.
+            (2_000, 1, 100, (false, true)),
+            // Nothing shared: both plain.
+            (2_000, 1, 1, (false, false)),
+            // More runs than a u16 key reaches: plain, though the dictionaries would be smaller.
+            (70_000, 2, 1, (false, false)),
+            (65_536, 2, 1, (true, true)),
+        ] {
+            let block = block_of_runs(runs, per_run, arrival_every);
+            assert_eq!(
+                dictionaries(&block),
+                expected,
+                "{runs} runs of {per_run}, arrival every {arrival_every}"
+            );
+            let records = block.records().unwrap();
+            assert_eq!(records.len(), runs * per_run);
+            for (i, record) in records.iter().enumerate().step_by(997) {
+                let (run, sub) = (i / per_run, i % per_run);
+                assert_eq!(record.position.sequence.as_str(), format!("4959{run:08}"));
+                assert_eq!(record.position.sub_sequence, sub as u64);
+                assert_eq!(record.approximate_arrival_ms, 1_000 + (run / arrival_every) as i64);
+                assert_eq!(&record.data[..], format!("{run}/{sub}").as_bytes());
+                assert_eq!(block.record(i).unwrap(), *record);
+            }
+            // Every layout goes through the codec and back unchanged.
+            if runs <= 2_000 {
+                assert_eq!(Block::decode(block.encode().unwrap()).unwrap(), block);
+            }
+        }
+        // What a block of aggregates saves: its 2,000 records' suffixes and arrival times take
+        // a quarter of the memory they take stored once per record.
+        let columns = |block: &Block| -> usize {
+            [1, 4]
+                .iter()
+                .map(|&i| block.batch().column(i).get_array_memory_size())
+                .sum()
+        };
+        let (runs, plain) = (block_of_runs(50, 40, 1), block_of_runs(2_000, 1, 1));
+        assert!(
+            4 * columns(&runs) < columns(&plain),
+            "{} vs {}",
+            columns(&runs),
+            columns(&plain)
+        );
     }
 
     #[test]

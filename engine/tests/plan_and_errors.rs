@@ -433,3 +433,83 @@ fn a_failed_task_in_a_shared_map_side_map_recomputes_its_chunk_exactly() {
     lines.remove(4_000);
     assert_eq!(*totals.lock().unwrap(), bench_data::reference_word_count(&lines));
 }
+
+/// A batch hands each block back (out of memory and the ingest gate) after the plan's last read
+/// of it, not when the whole batch completes: so the receivers can store the next batch's blocks
+/// while this one runs its later stages. Reads are counted over the whole plan: a second output
+/// and a union of the input with itself read the blocks again, so the blocks stay until they
+/// have, and nothing is replayed.
+#[test]
+fn a_block_leaves_memory_after_the_last_read_of_it_and_none_is_replayed() {
+    use sluice_engine::testing::TestHarness;
+    use std::sync::mpsc;
+
+    // One executor thread: the union's two reads of a block cannot overlap.
+    let h = TestHarness::with_builder(|b| b.executor_threads(1)).unwrap();
+    let lines = h.input().unwrap();
+    // Each output's function stops at a gate the test opens, after telling the test which
+    // output it is: by then that output's stages have read what they read.
+    let (reached, at) = mpsc::channel::<&'static str>();
+    let (open, gate) = mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(gate));
+    let pause = |name: &'static str| {
+        let (reached, gate) = (reached.clone(), gate.clone());
+        // Once the test has closed the gate (the batches of the stop), they run through.
+        move || {
+            let _ = reached.send(name);
+            let _ = gate.lock().unwrap().recv();
+        }
+    };
+    // First output: a word count (its shuffle reads every block once).
+    let first = pause("word count");
+    let counts: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let into = counts.clone();
+    lines
+        .flat_map(words)
+        .count_by_value()
+        .foreach_batch(move |_t, items| {
+            into.lock().unwrap().extend(items);
+            first();
+            Ok(())
+        })
+        .unwrap();
+    // Second output: the input unioned with itself (two more reads of every block).
+    let second = pause("union");
+    let lengths = Arc::new(AtomicU64::new(0));
+    let sum = lengths.clone();
+    lines
+        .union(std::slice::from_ref(&lines))
+        .map(|line| line.len() as u64)
+        .foreach_batch(move |_t, items| {
+            sum.fetch_add(items.iter().sum::<u64>(), SeqCst);
+            second();
+            Ok(())
+        })
+        .unwrap();
+    h.start().unwrap();
+    let batch: Vec<String> = (0..300).map(|i| format!("w{} w{}", i % 7, i % 3)).collect();
+    h.push(batch.iter().map(|l| Bytes::from(l.clone())));
+    std::thread::scope(|s| {
+        let run = s.spawn(|| h.run_batch().unwrap());
+        let in_memory = || h.context().status().unwrap().block_store.memory_blocks;
+        assert_eq!(at.recv().unwrap(), "word count");
+        let blocks = in_memory();
+        assert!(blocks > 0, "the union has not read the blocks yet");
+        open.send(()).unwrap();
+        assert_eq!(at.recv().unwrap(), "union");
+        assert_eq!(
+            in_memory(),
+            0,
+            "every read done: none of the {blocks} blocks is left in memory"
+        );
+        open.send(()).unwrap();
+        run.join().unwrap();
+    });
+    assert_eq!(counts.lock().unwrap()["w0"], 300 / 7 + 1 + 300 / 3);
+    let total: u64 = batch.iter().map(|l| l.len() as u64).sum();
+    assert_eq!(lengths.load(SeqCst), 2 * total);
+    let metrics = h.context().metrics();
+    assert_eq!(metrics.blocks_replayed, 0, "no block was read after it was handed back");
+    drop(open);
+    h.stop().unwrap();
+}

@@ -27,7 +27,9 @@ mod runner;
 
 pub(crate) use cache::{MapSizeHint, StageCache};
 pub(crate) use dead_letters::{RecordCursor, reject};
-pub(crate) use node::{BatchEnv, BatchHistory, InstanceId, Node, OWN_INSTANCE, ReadBlock, Scope};
+pub(crate) use node::{
+    BatchEnv, BatchHistory, BlockReads, InputReads, InstanceId, Node, OWN_INSTANCE, ReadBlock, Scope,
+};
 pub use node::{Data, Key, TrackedBlock};
 pub use runner::{DeadLetter, FailurePolicy, JobError, TaskError};
 pub(crate) use runner::{StageRunner, combine_by_key, combine_with};

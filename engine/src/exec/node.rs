@@ -18,16 +18,20 @@
 //!   restriction and the record cursor down the fused chain.
 //! - [`forget`](Node::forget) drops per-batch caches once a batch completes (windows keep what
 //!   they still cover).
+//! - [`input_reads`](Node::input_reads) counts how many times a batch reads each input block, so
+//!   that a block leaves memory and the ingest gate after its last read ([`BlockReads`]) rather
+//!   than when the whole batch completes.
 //!
 //! User closures run only inside `compute` (narrow operators) or inside tasks and barriers the
 //! runner executes (reduce, window reduce and inverse, state updates, `transform`), so the
 //! retries and the failure policy apply to all of them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use sluice_blockstore::{Block, BlockMeta};
+use sluice_blockstore::{Block, BlockId, BlockMeta};
 
 use super::dead_letters::{DeadLetterCollector, RecordCursor};
 use super::runner::{JobError, StageRunner, TaskError};
@@ -55,6 +59,71 @@ pub struct TrackedBlock {
 pub(crate) trait ReadBlock: Send + Sync {
     /// The block, from the store or rebuilt by replay.
     fn read(&self, block: &TrackedBlock) -> Result<Block, TaskError>;
+    /// The batch has read `block` for the last time ([`BlockReads`]): it may leave memory and
+    /// the ingest gate now. A later read (a retry) still gets it, from a durable copy or replay.
+    fn done_with(&self, block: &TrackedBlock);
+}
+
+/// How many times one batch reads each input's blocks, counted over the plan by
+/// [`Node::input_reads`]: an input node reads its block once per partition it computes, a narrow
+/// node reads what its parent reads, and a stage boundary (which computes its parent once per
+/// batch in `prepare`, however many consume it) counts its parent only the first time the count
+/// meets it.
+#[derive(Debug, Default)]
+pub(crate) struct InputReads {
+    /// The stage boundaries met so far, by address.
+    boundaries: HashSet<usize>,
+    per_input: HashMap<u32, usize>,
+}
+
+impl InputReads {
+    /// One more read of each block of `input_id`.
+    pub fn input(&mut self, input_id: u32) {
+        *self.per_input.entry(input_id).or_default() += 1;
+    }
+
+    /// Whether the count meets this stage boundary for the first time.
+    pub fn first_visit<T>(&mut self, boundary: &T) -> bool {
+        self.boundaries.insert(std::ptr::from_ref(boundary) as usize)
+    }
+
+    /// Reads of each block of `input_id` per batch.
+    pub fn of(&self, input_id: u32) -> usize {
+        self.per_input.get(&input_id).copied().unwrap_or(0)
+    }
+}
+
+/// The reads of each block of one batch still to come (from the plan's [`InputReads`]). The input
+/// node counts each whole read of its block; after the last one the block is handed back
+/// ([`ReadBlock::done_with`]): the receivers may fill the ingest gate with the next batch's blocks
+/// while this batch still runs its later stages. A count too high only hands a block back when
+/// the batch completes, as before; a read past the count (a retry) finds the block in a durable
+/// copy or replays it.
+#[derive(Debug, Default)]
+pub(crate) struct BlockReads {
+    left: HashMap<BlockId, AtomicUsize>,
+}
+
+impl BlockReads {
+    /// The countdown of a batch of these blocks.
+    pub fn new(inputs: &HashMap<u32, Vec<TrackedBlock>>, reads: &InputReads) -> Self {
+        let left = inputs
+            .iter()
+            .flat_map(|(&input_id, blocks)| {
+                blocks
+                    .iter()
+                    .map(move |b| (b.meta.id, AtomicUsize::new(reads.of(input_id))))
+            })
+            .collect();
+        Self { left }
+    }
+
+    /// Counts a whole read of block `id`; `true` when it was the last one the plan makes.
+    pub fn last_read(&self, id: BlockId) -> bool {
+        self.left
+            .get(&id)
+            .is_some_and(|left| left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)) == Ok(1))
+    }
 }
 
 /// Builds the environment of an earlier batch time (for windows after a restart).
@@ -86,6 +155,8 @@ pub(crate) struct BatchEnv {
     pub inputs: Arc<HashMap<u32, Vec<TrackedBlock>>>,
     /// Block reader.
     pub blocks: Arc<dyn ReadBlock>,
+    /// The reads of each block still to come in this batch.
+    pub block_reads: Arc<BlockReads>,
     /// Earlier batches.
     pub history: Arc<dyn BatchHistory>,
     /// The task runner (pool, retry, failure policy).
@@ -140,6 +211,9 @@ pub(crate) trait Node<T>: Send + Sync {
     ) -> Result<(), TaskError>;
     /// The input block a partition reads, when the partition is a fused chain over one block.
     fn source_block(&self, env: &BatchEnv, partition: usize) -> Option<TrackedBlock>;
+    /// Counts into `reads` how many times running this node for a batch reads each input block
+    /// (see [`InputReads`]).
+    fn input_reads(&self, reads: &mut InputReads);
     /// Drops the per-batch caches of `instance` for batches up to `time_ms` (all of them with
     /// `i64::MAX`).
     fn forget(&self, instance: InstanceId, time_ms: i64);

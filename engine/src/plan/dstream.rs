@@ -14,8 +14,8 @@ use sluice_operators::shuffle::{BorrowedKey, CombineMap, Reduce};
 
 use super::GraphBuilder;
 use crate::exec::{
-    BatchEnv, Data, InstanceId, JobError, Key, MapSizeHint, Node, RecordCursor, Scope, StageCache, TaskError,
-    TrackedBlock, combine_with, reject,
+    BatchEnv, Data, InputReads, InstanceId, JobError, Key, MapSizeHint, Node, RecordCursor, Scope, StageCache,
+    TaskError, TrackedBlock, combine_with, reject,
 };
 use crate::{BatchTime, BoxError};
 
@@ -61,6 +61,10 @@ impl<I: Data, O: Data> Node<O> for FlatMapNode<I, O> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.parent.source_block(env, p)
     }
+    fn input_reads(&self, reads: &mut InputReads) {
+        self.parent.input_reads(reads);
+    }
+
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.parent.forget(instance, time_ms);
     }
@@ -103,6 +107,10 @@ impl<I: Data, O: Data> Node<O> for TryFlatMapNode<I, O> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.parent.source_block(env, p)
     }
+    fn input_reads(&self, reads: &mut InputReads) {
+        self.parent.input_reads(reads);
+    }
+
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.parent.forget(instance, time_ms);
     }
@@ -230,6 +238,12 @@ impl<T: Data + Clone> Node<T> for CacheNode<T> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.parent.source_block(env, p)
     }
+    fn input_reads(&self, reads: &mut InputReads) {
+        if reads.first_visit(self) {
+            self.parent.input_reads(reads);
+        }
+    }
+
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.by_batch
             .lock()
@@ -264,6 +278,10 @@ impl<I: Data, O: Data> Node<O> for MapPartitionsNode<I, O> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.parent.source_block(env, p)
     }
+    fn input_reads(&self, reads: &mut InputReads) {
+        self.parent.input_reads(reads);
+    }
+
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.parent.forget(instance, time_ms);
     }
@@ -308,6 +326,12 @@ impl<I: Data, O: Data + Clone> Node<O> for TransformNode<I, O> {
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
+    fn input_reads(&self, reads: &mut InputReads) {
+        if reads.first_visit(self) {
+            self.parent.input_reads(reads);
+        }
+    }
+
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.cache.forget_up_to(instance, time_ms);
         self.parent.forget(instance, time_ms);
@@ -365,6 +389,10 @@ impl<T: Data> Node<T> for UnionNode<T> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.locate(env, p).and_then(|(parent, q)| parent.source_block(env, q))
     }
+    fn input_reads(&self, reads: &mut InputReads) {
+        self.parents.iter().for_each(|p| p.input_reads(reads));
+    }
+
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.parents.iter().for_each(|p| p.forget(instance, time_ms));
     }
@@ -438,6 +466,12 @@ impl<T: Data, K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<T, K, V>
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
+    fn input_reads(&self, reads: &mut InputReads) {
+        if reads.first_visit(self) {
+            self.parent.input_reads(reads);
+        }
+    }
+
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.cache.forget_up_to(instance, time_ms);
         self.parent.forget(instance, time_ms);

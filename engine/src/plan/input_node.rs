@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::exec::{BatchEnv, InstanceId, JobError, Node, Scope, TaskError, TrackedBlock};
+use crate::exec::{BatchEnv, InputReads, InstanceId, JobError, Node, Scope, TaskError, TrackedBlock};
 
 /// Reads the payloads of an input's blocks: one partition per block.
 pub(crate) struct PayloadInputNode {
@@ -70,11 +70,19 @@ impl Node<Bytes> for PayloadInputNode {
                 }
             }
         }
+        // A whole read of the block (not the per-record fallback's, which was handed the block).
+        if scope.block.is_none() && scope.only_record.is_none() && env.block_reads.last_read(tracked.meta.id) {
+            env.blocks.done_with(tracked);
+        }
         Ok(())
     }
 
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         env.inputs.get(&self.input_id).and_then(|b| b.get(p)).cloned()
+    }
+
+    fn input_reads(&self, reads: &mut InputReads) {
+        reads.input(self.input_id);
     }
 
     fn forget(&self, _instance: InstanceId, _time_ms: i64) {}

@@ -30,8 +30,8 @@ use sluice_operators::shuffle::{Group, partition_of};
 use super::dstream::DStream;
 use super::state::{SnapshotKind, StatefulOp};
 use crate::exec::{
-    BatchEnv, Data, InstanceId, JobError, Key, MapSizeHint, Node, Scope, StageCache, TaskError, TrackedBlock,
-    combine_by_key,
+    BatchEnv, Data, InputReads, InstanceId, JobError, Key, MapSizeHint, Node, Scope, StageCache, TaskError,
+    TrackedBlock, combine_by_key,
 };
 use crate::{Error, Result};
 
@@ -464,6 +464,12 @@ impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> Node<O> for MapWithState
         None
     }
 
+    fn input_reads(&self, reads: &mut InputReads) {
+        if reads.first_visit(self) {
+            self.parent.input_reads(reads);
+        }
+    }
+
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.cache.forget_up_to(instance, time_ms);
         self.parent.forget(instance, time_ms);
@@ -675,6 +681,10 @@ impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> Node<(K, S)> for StateSn
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
+    fn input_reads(&self, reads: &mut InputReads) {
+        self.of.input_reads(reads);
+    }
+
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.of.forget(instance, time_ms);
     }

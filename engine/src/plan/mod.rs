@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use outputs::OutputOp;
 use state::StatefulOp;
 
+use crate::exec::InputReads;
 use crate::{Error, Result};
 
 /// The graph, and once frozen the plan: every output (in registration order), every stateful
@@ -27,6 +28,8 @@ use crate::{Error, Result};
 #[derive(Default)]
 pub(crate) struct Plan {
     pub outputs: Vec<Box<dyn OutputOp>>,
+    /// How many times a batch reads each input block, over every output.
+    pub input_reads: InputReads,
     pub stateful: Vec<Arc<dyn StatefulOp>>,
     pub remember_batches: usize,
     inputs: u32,
@@ -109,10 +112,17 @@ impl GraphBuilder {
     /// # Errors
     /// [`Error::Started`] if it was frozen already.
     pub(crate) fn freeze(&self) -> Result<Plan> {
-        self.building
+        let mut plan = self
+            .building
             .lock()
             .expect("graph")
             .take()
-            .ok_or(Error::Started { what: "start" })
+            .ok_or(Error::Started { what: "start" })?;
+        let mut reads = InputReads::default();
+        for output in &plan.outputs {
+            output.input_reads(&mut reads);
+        }
+        plan.input_reads = reads;
+        Ok(plan)
     }
 }

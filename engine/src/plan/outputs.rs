@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use super::dstream::DStream;
-use crate::exec::{BatchEnv, Data, InstanceId, JobError, Node};
+use crate::exec::{BatchEnv, Data, InputReads, InstanceId, JobError, Node};
 use crate::{BatchTime, BoxError};
 
 /// A registered output operation.
@@ -21,6 +21,8 @@ pub(crate) trait OutputOp: Send + Sync {
     fn run(&self, env: &BatchEnv) -> Result<(), OutputError>;
     /// Drops the caches of `instance` for batches up to `time_ms`.
     fn forget(&self, instance: InstanceId, time_ms: i64);
+    /// Counts the input reads of a batch of this output ([`Node::input_reads`]).
+    fn input_reads(&self, reads: &mut InputReads);
 }
 
 /// Why an output operation failed.
@@ -65,6 +67,10 @@ impl<T: Data> OutputOp for ForeachBatch<T> {
     }
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.node.forget(instance, time_ms);
+    }
+
+    fn input_reads(&self, reads: &mut InputReads) {
+        self.node.input_reads(reads);
     }
 }
 
@@ -172,6 +178,10 @@ impl<T: Data + sluice_operators::ToRecordBatch> OutputOp for SaveParquet<T> {
     }
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.node.forget(instance, time_ms);
+    }
+
+    fn input_reads(&self, reads: &mut InputReads) {
+        self.node.input_reads(reads);
     }
 }
 

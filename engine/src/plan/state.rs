@@ -15,8 +15,8 @@ use sluice_operators::state::update_states;
 
 use super::dstream::DStream;
 use crate::exec::{
-    BatchEnv, Data, InstanceId, JobError, Key, MapSizeHint, Node, Scope, StageCache, TaskError, TrackedBlock,
-    combine_by_key,
+    BatchEnv, Data, InputReads, InstanceId, JobError, Key, MapSizeHint, Node, Scope, StageCache, TaskError,
+    TrackedBlock, combine_by_key,
 };
 use crate::{Error, Result};
 
@@ -145,6 +145,12 @@ impl<K: Key, V: Data, S: Data + Clone> Node<(K, S)> for UpdateStateNode<K, V, S>
 
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
+    }
+
+    fn input_reads(&self, reads: &mut InputReads) {
+        if reads.first_visit(self) {
+            self.parent.input_reads(reads);
+        }
     }
 
     fn forget(&self, instance: InstanceId, time_ms: i64) {

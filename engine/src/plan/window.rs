@@ -17,7 +17,9 @@ use rustc_hash::FxHashMap;
 use sluice_operators::window;
 
 use super::dstream::DStream;
-use crate::exec::{BatchEnv, Data, InstanceId, JobError, Key, Node, Scope, StageCache, TaskError, TrackedBlock};
+use crate::exec::{
+    BatchEnv, Data, InputReads, InstanceId, JobError, Key, Node, Scope, StageCache, TaskError, TrackedBlock,
+};
 use crate::{Error, Result};
 
 type Parts<T> = Arc<Vec<Vec<T>>>;
@@ -181,6 +183,12 @@ impl<T: Data + Clone> Node<T> for WindowNode<T> {
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
+    fn input_reads(&self, reads: &mut InputReads) {
+        if reads.first_visit(self) {
+            self.parent.input_reads(reads);
+        }
+    }
+
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.cache.forget_up_to(instance, time_ms);
         self.history.forget_before(instance, time_ms);
@@ -282,6 +290,12 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
+    fn input_reads(&self, reads: &mut InputReads) {
+        if reads.first_visit(self) {
+            self.reduced.input_reads(reads);
+        }
+    }
+
     fn forget(&self, instance: InstanceId, time_ms: i64) {
         self.cache.forget_up_to(instance, time_ms);
         self.history.forget_before(instance, time_ms);

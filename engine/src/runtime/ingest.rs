@@ -273,6 +273,11 @@ impl EngineBlocks {
 }
 
 impl ReadBlock for EngineBlocks {
+    /// As when its batch completes: the block leaves memory and the ingest gate.
+    fn done_with(&self, block: &TrackedBlock) {
+        self.processed(&[block.meta.id]);
+    }
+
     fn read(&self, block: &TrackedBlock) -> Result<Block, TaskError> {
         let readers = self.readers.read().expect("readers");
         let reader = readers.get(&block.meta.id.input_id).ok_or(TaskError::UnknownInput {

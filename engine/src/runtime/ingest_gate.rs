@@ -6,8 +6,9 @@
 //! evicted before its batch runs must be replayed from the source. The gate admits a new block
 //! only while the blocks admitted and not yet processed by a completed batch stay within the
 //! budget; otherwise the engine's block handler waits, which backs up the block generator's
-//! bounded queue and blocks the shard readers (backpressure down to the source). A completed
-//! batch releases its blocks.
+//! bounded queue and blocks the shard readers (backpressure down to the source). A batch releases
+//! each block after its last read of it ([`BlockReads`](crate::exec::BlockReads)), and whatever
+//! is left when it completes.
 //!
 //! One block is always admitted when nothing is pending, so a block larger than the budget
 //! cannot wedge ingest. Closing the gate (at stop) wakes every waiter with an error.

@@ -32,7 +32,7 @@ use metrics::{Listeners, Metrics};
 use tracker::{ReceivedBlockTracker, RecoveredState};
 
 use crate::config::StreamingConfig;
-use crate::exec::{BatchEnv, BatchHistory, InstanceId, OWN_INSTANCE, StageRunner, TrackedBlock};
+use crate::exec::{BatchEnv, BatchHistory, BlockReads, InstanceId, OWN_INSTANCE, StageRunner, TrackedBlock};
 use crate::plan::Plan;
 use crate::{Error, Result};
 
@@ -259,6 +259,7 @@ impl Runtime {
             writer: log.writer.clone(),
             time_ms,
             interval_ms: self.interval_ms,
+            block_reads: Arc::new(BlockReads::new(&inputs, &self.plan.input_reads)),
             inputs: Arc::new(inputs),
             blocks: self.blocks.clone(),
             history: Arc::new(History {

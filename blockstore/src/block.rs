@@ -375,7 +375,12 @@ impl Block {
 
     /// The shard of record `i` (either layout).
     fn shard_at(&self, i: usize) -> &str {
-        let column = self.batch.column(0);
+        self.string_at(0, i)
+    }
+
+    /// Record `i`'s value in string column `column`, plain or dictionary-encoded.
+    fn string_at(&self, column: usize, i: usize) -> &str {
+        let column = self.batch.column(column);
         match column.as_dictionary_opt::<UInt16Type>() {
             Some(dictionary) => {
                 let values = dictionary.values().as_string::<i32>();
@@ -410,14 +415,7 @@ impl Block {
     fn sequence_at(&self, i: usize, prefix: &str, text: &mut String) -> Result<SequenceNumber> {
         text.clear();
         text.push_str(prefix);
-        let column = self.batch.column(1);
-        text.push_str(match column.as_dictionary_opt::<UInt16Type>() {
-            Some(dictionary) => {
-                let values = dictionary.values().as_string::<i32>();
-                values.value(usize::from(dictionary.keys().value(i)))
-            }
-            None => column.as_string::<i32>().value(i),
-        });
+        text.push_str(self.string_at(1, i));
         SequenceNumber::parse(text).map_err(|e| Error::Corrupt {
             id: Some(self.meta.id),
             detail: format!("record {i}: {e}"),

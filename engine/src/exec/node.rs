@@ -19,8 +19,8 @@
 //! - [`forget`](Node::forget) drops per-batch caches once a batch completes (windows keep what
 //!   they still cover).
 //! - [`input_reads`](Node::input_reads) counts how many times a batch reads each input block, so
-//!   that a block leaves memory and the ingest gate after its last read ([`BlockReads`]) rather
-//!   than when the whole batch completes.
+//!   that a block leaves memory and the ingest gate after the last task that reads it is final
+//!   ([`BlockReads`]) rather than when the whole batch completes.
 //!
 //! User closures run only inside `compute` (narrow operators) or inside tasks and barriers the
 //! runner executes (reduce, window reduce and inverse, state updates, `transform`), so the
@@ -60,7 +60,8 @@ pub(crate) trait ReadBlock: Send + Sync {
     /// The block, from the store or rebuilt by replay.
     fn read(&self, block: &TrackedBlock) -> Result<Block, TaskError>;
     /// The batch has read `block` for the last time ([`BlockReads`]): it may leave memory and
-    /// the ingest gate now. A later read (a retry) still gets it, from a durable copy or replay.
+    /// the ingest gate now. A read after all (the count was wrong) still gets it, from a durable
+    /// copy or by replay.
     fn done_with(&self, block: &TrackedBlock);
 }
 
@@ -93,12 +94,12 @@ impl InputReads {
     }
 }
 
-/// The reads of each block of one batch still to come (from the plan's [`InputReads`]). The input
-/// node counts each whole read of its block; after the last one the block is handed back
-/// ([`ReadBlock::done_with`]): the receivers may fill the ingest gate with the next batch's blocks
-/// while this batch still runs its later stages. A count too high only hands a block back when
-/// the batch completes, as before; a read past the count (a retry) finds the block in a durable
-/// copy or replays it.
+/// The reads of each block of one batch still to come (from the plan's [`InputReads`]). The task
+/// runner counts a read when the partition that read the block ([`Node::source_block`]) has its
+/// final result, so a task that fails, or a chunk whose earlier partitions run again, has not
+/// counted it; after the last one the block is handed back ([`ReadBlock::done_with`]): the
+/// receivers may fill the ingest gate with the next batch's blocks while this batch still runs its
+/// later stages. A count too high only hands a block back when the batch completes, as before.
 #[derive(Debug, Default)]
 pub(crate) struct BlockReads {
     left: HashMap<BlockId, AtomicUsize>,
@@ -118,7 +119,7 @@ impl BlockReads {
         Self { left }
     }
 
-    /// Counts a whole read of block `id`; `true` when it was the last one the plan makes.
+    /// Counts a final read of block `id`; `true` when it was the last one the plan makes.
     pub fn last_read(&self, id: BlockId) -> bool {
         self.left
             .get(&id)

@@ -172,6 +172,19 @@ struct Stage<'s, A> {
     task: &'s Task<'s, A>,
 }
 
+impl<A> Stage<'_, A> {
+    /// Partition `p`'s result is final (nothing will run it again in this batch): one of the
+    /// batch's reads of its block is done, and after the last one the block is handed back
+    /// ([`BlockReads`](super::BlockReads)).
+    fn committed(&self, p: usize) {
+        if let Some(block) = (self.source)(p)
+            && self.env.block_reads.last_read(block.meta.id)
+        {
+            self.env.blocks.done_with(&block);
+        }
+    }
+}
+
 /// One rayon split's partitions in [`StageRunner::run_chunked`]: the accumulator they share so
 /// far (`open`, holding the partitions `in_open`), and before it, in partition order, the
 /// accumulators of partitions that had to run on their own after a failure.
@@ -230,7 +243,7 @@ impl StageRunner {
         self.pool.install(|| {
             (0..partitions)
                 .into_par_iter()
-                .map(|p| self.run_partition(&stage, p, None))
+                .map(|p| self.run_committed(&stage, p, None))
                 .collect()
         })
     }
@@ -276,7 +289,13 @@ impl StageRunner {
                         chunk.and_then(|chunk| self.fold_partition(&stage, chunk, p))
                     },
                 )
-                .map(|chunk| chunk.map(Chunk::finish))
+                .map(|chunk| {
+                    chunk.map(|chunk| {
+                        // The chunk is done: its shared accumulator's partitions are final.
+                        chunk.in_open.iter().for_each(|&p| stage.committed(p));
+                        chunk.finish()
+                    })
+                })
                 .collect::<Result<_, _>>()
         })?;
         Ok(chunks.into_iter().flatten().collect())
@@ -312,12 +331,26 @@ impl StageRunner {
                 tracing::warn!(batch = stage.env.time_ms, partition = p, attempt = 1, error = %e, "task failed");
                 chunk.open = None;
                 for q in std::mem::take(&mut chunk.in_open) {
-                    chunk.done.push(self.run_partition(stage, q, None)?);
+                    chunk.done.push(self.run_committed(stage, q, None)?);
                 }
-                chunk.done.push(self.run_partition(stage, p, Some((1, e)))?);
+                chunk.done.push(self.run_committed(stage, p, Some((1, e)))?);
             }
         }
         Ok(chunk)
+    }
+
+    /// [`run_partition`](Self::run_partition), whose result is final once it succeeds.
+    fn run_committed<A>(
+        &self,
+        stage: &Stage<'_, A>,
+        p: usize,
+        failed: Option<(u32, TaskError)>,
+    ) -> Result<A, JobError> {
+        let result = self.run_partition(stage, p, failed);
+        if result.is_ok() {
+            stage.committed(p);
+        }
+        result
     }
 
     /// One partition's task with a fresh accumulator: retried up to `max_attempts` (counting the

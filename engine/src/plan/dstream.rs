@@ -61,6 +61,7 @@ impl<I: Data, O: Data> Node<O> for FlatMapNode<I, O> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.parent.source_block(env, p)
     }
+
     fn input_reads(&self, reads: &mut InputReads) {
         self.parent.input_reads(reads);
     }
@@ -107,6 +108,7 @@ impl<I: Data, O: Data> Node<O> for TryFlatMapNode<I, O> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.parent.source_block(env, p)
     }
+
     fn input_reads(&self, reads: &mut InputReads) {
         self.parent.input_reads(reads);
     }
@@ -238,6 +240,7 @@ impl<T: Data + Clone> Node<T> for CacheNode<T> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.parent.source_block(env, p)
     }
+
     fn input_reads(&self, reads: &mut InputReads) {
         if reads.first_visit(self) {
             self.parent.input_reads(reads);
@@ -278,6 +281,7 @@ impl<I: Data, O: Data> Node<O> for MapPartitionsNode<I, O> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.parent.source_block(env, p)
     }
+
     fn input_reads(&self, reads: &mut InputReads) {
         self.parent.input_reads(reads);
     }
@@ -326,6 +330,7 @@ impl<I: Data, O: Data + Clone> Node<O> for TransformNode<I, O> {
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
+
     fn input_reads(&self, reads: &mut InputReads) {
         if reads.first_visit(self) {
             self.parent.input_reads(reads);
@@ -389,6 +394,7 @@ impl<T: Data> Node<T> for UnionNode<T> {
     fn source_block(&self, env: &BatchEnv, p: usize) -> Option<TrackedBlock> {
         self.locate(env, p).and_then(|(parent, q)| parent.source_block(env, q))
     }
+
     fn input_reads(&self, reads: &mut InputReads) {
         self.parents.iter().for_each(|p| p.input_reads(reads));
     }
@@ -466,6 +472,7 @@ impl<T: Data, K: Key, V: Data + Clone> Node<(K, V)> for ReduceByKeyNode<T, K, V>
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
+
     fn input_reads(&self, reads: &mut InputReads) {
         if reads.first_visit(self) {
             self.parent.input_reads(reads);

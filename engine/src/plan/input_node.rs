@@ -70,10 +70,6 @@ impl Node<Bytes> for PayloadInputNode {
                 }
             }
         }
-        // A whole read of the block (not the per-record fallback's, which was handed the block).
-        if scope.block.is_none() && scope.only_record.is_none() && env.block_reads.last_read(tracked.meta.id) {
-            env.blocks.done_with(tracked);
-        }
         Ok(())
     }
 

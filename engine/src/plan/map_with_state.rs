@@ -681,6 +681,7 @@ impl<K: Key, V: Data, S: Data + Clone, O: Data + Clone> Node<(K, S)> for StateSn
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
+
     fn input_reads(&self, reads: &mut InputReads) {
         self.of.input_reads(reads);
     }

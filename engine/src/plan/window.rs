@@ -183,6 +183,7 @@ impl<T: Data + Clone> Node<T> for WindowNode<T> {
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
+
     fn input_reads(&self, reads: &mut InputReads) {
         if reads.first_visit(self) {
             self.parent.input_reads(reads);
@@ -290,6 +291,7 @@ impl<K: Key, V: Data + Clone> Node<(K, V)> for InvertibleWindowNode<K, V> {
     fn source_block(&self, _env: &BatchEnv, _p: usize) -> Option<TrackedBlock> {
         None
     }
+
     fn input_reads(&self, reads: &mut InputReads) {
         if reads.first_visit(self) {
             self.reduced.input_reads(reads);

@@ -147,9 +147,25 @@ pub(crate) struct Frame {
     pub sequence_body: u128,
     /// Arrival time in ms since the epoch.
     pub arrival_ms: i64,
-    /// The sub-record section of the body, `n × {u16 key_len, key, u32 data_len, data}`, already
-    /// checked: every length fits and every key is UTF-8.
+    /// How many sub-records the frame holds (at least one).
+    pub count: u32,
+    /// The sub-record section of the body, `n × {u16 key_len, key, u32 data_len, data}`: checked
+    /// (every length fits, every key is UTF-8) unless it was decoded with [`BodyCheck::FixedPart`].
     sub_records: Bytes,
+}
+
+/// How much of a frame's body [`decode_frame`] checks once its CRC matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyCheck {
+    /// Every sub-record: its lengths fit and its key is UTF-8. What a reader that hands keys out
+    /// as `str` needs, and what tells a torn tail from a frame.
+    Full,
+    /// The fixed part only, for a caller that copies the sub-records into a block: the block
+    /// checks the keys when it is finished, and a malformed sub-record ends
+    /// [`Frame::sub_records_where`], so the caller's count of what it took falls short. A frame
+    /// whose CRC matches was written whole by the producer, so neither happens unless the
+    /// encoder has a bug; checking every sub-record a second time cost ~10 % of a replay.
+    FixedPart,
 }
 
 /// The partition key of the previous record, reused while keys repeat (one allocation per
@@ -210,7 +226,8 @@ impl Frame {
             if cursor.is_empty() {
                 return None;
             }
-            // Checked when the frame was decoded, so none of these fail.
+            // Checked when the frame was decoded (unless with `BodyCheck::FixedPart`), so none of
+            // these fail; if one does, the walk ends there.
             let key_len = take_u16(&mut cursor)?;
             let key = take(&mut cursor, key_len)?;
             let data_len = take_u32(&mut cursor)?;
@@ -327,16 +344,18 @@ pub(crate) enum FrameRead {
     Corrupt,
 }
 
-/// Checks a frame body (lengths, sub-record count, UTF-8 keys) and returns its sequence body and
-/// arrival time; `None` when it is malformed.
-fn check_body(body: &[u8]) -> Option<(u128, i64)> {
+/// Checks a frame body (its fixed part, and with [`BodyCheck::Full`] every sub-record's lengths
+/// and UTF-8 key) and returns its sequence body, arrival time and sub-record count; `None` when it
+/// is malformed.
+fn check_body(body: &[u8], check: BodyCheck) -> Option<(u128, i64, u32)> {
     let mut cursor = body;
     let sequence_body = u128::from_le_bytes(take(&mut cursor, 16)?.try_into().ok()?);
     let arrival_ms = i64::from_le_bytes(take(&mut cursor, 8)?.try_into().ok()?);
     let _flags = take(&mut cursor, 1)?[0];
     let count = take_u32(&mut cursor)?;
-    if count == 0 {
-        return None;
+    let count = u32::try_from(count).ok().filter(|c| *c > 0)?;
+    if check == BodyCheck::FixedPart {
+        return Some((sequence_body, arrival_ms, count));
     }
     for _ in 0..count {
         let key_len = take_u16(&mut cursor)?;
@@ -348,11 +367,12 @@ fn check_body(body: &[u8]) -> Option<(u128, i64)> {
         let data_len = take_u32(&mut cursor)?;
         take(&mut cursor, data_len)?;
     }
-    cursor.is_empty().then_some((sequence_body, arrival_ms))
+    cursor.is_empty().then_some((sequence_body, arrival_ms, count))
 }
 
-/// Decodes the frame at the start of `buf`; the frame's payloads share `buf`.
-pub(crate) fn decode_frame(buf: &Bytes) -> FrameRead {
+/// Decodes the frame at the start of `buf`, its body checked as `check` says; the frame's
+/// payloads share `buf`.
+pub(crate) fn decode_frame(buf: &Bytes, check: BodyCheck) -> FrameRead {
     if buf.is_empty() {
         return FrameRead::End;
     }
@@ -372,11 +392,12 @@ pub(crate) fn decode_frame(buf: &Bytes) -> FrameRead {
     if sluice_blockstore::crc32c(body) != crc {
         return FrameRead::Corrupt;
     }
-    match check_body(body) {
-        Some((sequence_body, arrival_ms)) => FrameRead::Frame(
+    match check_body(body, check) {
+        Some((sequence_body, arrival_ms, count)) => FrameRead::Frame(
             Frame {
                 sequence_body,
                 arrival_ms,
+                count,
                 sub_records: buf.slice(FRAME_HEADER_LEN + BODY_FIXED_LEN..len),
             },
             len,
@@ -435,6 +456,8 @@ pub(crate) struct SegmentReader<F> {
     /// The buffer of a read that found nothing, kept for the next one (a reader polling the tail
     /// of an idle segment does not allocate a chunk per poll).
     spare: Vec<u8>,
+    /// How much of each frame's body is checked.
+    check: BodyCheck,
 }
 
 impl<F: Read + io::Seek> SegmentReader<F> {
@@ -446,7 +469,15 @@ impl<F: Read + io::Seek> SegmentReader<F> {
             buf: Bytes::new(),
             offset,
             spare: Vec::new(),
+            check: BodyCheck::Full,
         })
+    }
+
+    /// The same reader, checking each frame's body as `check` says ([`BodyCheck::Full`] unless
+    /// told).
+    pub(crate) fn with_body_check(mut self, check: BodyCheck) -> Self {
+        self.check = check;
+        self
     }
 
     /// The file offset just past the last frame returned.
@@ -458,7 +489,7 @@ impl<F: Read + io::Seek> SegmentReader<F> {
     /// [`FrameRead::Incomplete`] when it ends inside a frame (which a writer may be completing).
     pub(crate) fn next(&mut self) -> io::Result<FrameRead> {
         loop {
-            match decode_frame(&self.buf) {
+            match decode_frame(&self.buf, self.check) {
                 FrameRead::Frame(frame, len) => {
                     self.buf.advance(len);
                     self.offset += len as u64;
@@ -576,7 +607,7 @@ mod tests {
         encode_frame(&mut buf, 42, 7, true, &subs);
         assert_eq!(buf.len(), frame_len(&subs));
         let bytes = Bytes::from(buf.clone());
-        let FrameRead::Frame(frame, len) = decode_frame(&bytes) else {
+        let FrameRead::Frame(frame, len) = decode_frame(&bytes, BodyCheck::Full) else {
             panic!("expected a frame");
         };
         assert_eq!(len, buf.len());
@@ -587,18 +618,64 @@ mod tests {
         assert_eq!((&*records[0].partition_key, &records[0].data[..]), ("a", &b"xy"[..]));
         assert_eq!((&*records[1].partition_key, &records[1].data[..]), ("bb", &b""[..]));
         assert_eq!(records[1].position.sub_sequence, 1);
-        assert!(matches!(decode_frame(&Bytes::new()), FrameRead::End));
+        assert!(matches!(decode_frame(&Bytes::new(), BodyCheck::Full), FrameRead::End));
         for cut in 1..buf.len() {
-            assert!(matches!(decode_frame(&bytes.slice(..cut)), FrameRead::Incomplete));
+            assert!(matches!(
+                decode_frame(&bytes.slice(..cut), BodyCheck::Full),
+                FrameRead::Incomplete
+            ));
         }
         for i in 0..buf.len() {
             let mut flipped = buf.clone();
             flipped[i] ^= 1;
             assert!(
-                !matches!(decode_frame(&Bytes::from(flipped)), FrameRead::Frame(..)),
+                !matches!(
+                    decode_frame(&Bytes::from(flipped), BodyCheck::Full),
+                    FrameRead::Frame(..)
+                ),
                 "flip at {i} not detected"
             );
         }
+    }
+
+    #[test]
+    fn a_body_checked_only_in_its_fixed_part_ends_its_walk_at_a_malformed_sub_record() {
+        // Three sub-records whose CRC matches, the second malformed as `malform` says.
+        let frame_with = |malform: &dyn Fn(&mut Vec<u8>, usize)| {
+            let mut buf = Vec::new();
+            begin_frame(&mut buf, 9, true);
+            push_sub_record(&mut buf, b"a", b"first");
+            let second = buf.len();
+            push_sub_record(&mut buf, b"b", b"second");
+            push_sub_record(&mut buf, b"c", b"third");
+            malform(&mut buf, second);
+            finish_frame(&mut buf, 5, 3);
+            Bytes::from(buf)
+        };
+        let overrunning = frame_with(&|buf, at| buf[at + 3..at + 7].copy_from_slice(&u32::MAX.to_le_bytes()));
+        let not_utf8 = frame_with(&|buf, at| buf[at + 2] = 0xFF);
+        for bytes in [&overrunning, &not_utf8] {
+            assert!(matches!(decode_frame(bytes, BodyCheck::Full), FrameRead::Corrupt));
+        }
+        let FrameRead::Frame(frame, len) = decode_frame(&overrunning, BodyCheck::FixedPart) else {
+            panic!("the fixed part is whole");
+        };
+        assert_eq!((len, frame.count, frame.sequence_body), (overrunning.len(), 3, 9));
+        let walked: Vec<_> = frame.sub_records_where(|_, _| true).collect();
+        assert_eq!(walked, [(0, &b"a"[..], &b"first"[..])]);
+        // A key that is not UTF-8 is walked as it is; the block it is copied into rejects it.
+        let FrameRead::Frame(frame, _) = decode_frame(&not_utf8, BodyCheck::FixedPart) else {
+            panic!("the fixed part is whole");
+        };
+        assert_eq!(frame.sub_records_where(|_, _| true).nth(1).unwrap().1, [0xFF]);
+        // A count of zero is malformed either way.
+        let mut empty = Vec::new();
+        begin_frame(&mut empty, 9, false);
+        finish_frame(&mut empty, 5, 0);
+        assert!(matches!(
+            decode_frame(&Bytes::from(empty), BodyCheck::FixedPart),
+            FrameRead::Corrupt
+        ));
     }
 
     #[test]

@@ -88,7 +88,7 @@ pub use meta::RetentionPolicy;
 pub use producer::{DEFAULT_WRITE_BUFFER_BYTES, Producer, RetentionReport, hash_key, spread_hash_key};
 pub use reader::LocalShardReader;
 
-use frame::{RecordDecoder, SequenceText, position_key};
+use frame::{BodyCheck, RecordDecoder, SequenceText, position_key};
 use meta::{ShardMeta, StreamMeta, shard_id_of};
 use segment::{SegmentCursor, list_segments};
 
@@ -416,6 +416,7 @@ impl LocalStream {
         &self,
         meta: &StreamMeta,
         range: &SequenceNumberRange,
+        check: BodyCheck,
         mut visit: impl FnMut(&RangeScan, &frame::Frame) -> Result<usize, ReplayError>,
     ) -> Result<(), ReplayError> {
         let unavailable = |e: LocalLogError| ReplayError::Unavailable {
@@ -443,7 +444,7 @@ impl LocalStream {
             from: position_key(&range.from).ok_or_else(|| not_ours(&range.from))?,
             to: position_key(&range.to).ok_or_else(|| not_ours(&range.to))?,
         };
-        let mut cursor = SegmentCursor::new(self.shard_dir(&range.shard_id), Some(scan.from.0));
+        let mut cursor = SegmentCursor::new(self.shard_dir(&range.shard_id), Some(scan.from.0)).with_body_check(check);
         let mut found = 0u64;
         loop {
             let frame = match cursor.next_frame() {
@@ -487,6 +488,12 @@ impl RangeScan {
     fn contains(&self, body: u128, sub: u64) -> bool {
         self.from <= (body, sub) && (body, sub) <= self.to
     }
+
+    /// Whether every sub-record of `frame` is in the range (most frames of a range are), so that
+    /// none has to be compared.
+    fn contains_frame(&self, frame: &frame::Frame) -> bool {
+        self.contains(frame.sequence_body, 0) && self.contains(frame.sequence_body, u64::from(frame.count) - 1)
+    }
 }
 
 impl Replay for LocalStream {
@@ -496,9 +503,10 @@ impl Replay for LocalStream {
         let mut decoder = RecordDecoder::default();
         for range in ranges {
             out.reserve(usize::try_from(range.record_count).unwrap_or(0));
-            self.scan_range(&meta, range, |scan, frame| {
+            self.scan_range(&meta, range, BodyCheck::Full, |scan, frame| {
                 let before = out.len();
-                let in_range = |body, sub| scan.contains(body, sub);
+                let whole = scan.contains_frame(frame);
+                let in_range = |body, sub| whole || scan.contains(body, sub);
                 frame.push_records(&scan.shard_id, &mut decoder, in_range, |r| out.push(r));
                 Ok(out.len() - before)
             })?;
@@ -541,7 +549,7 @@ impl Replay for LocalStream {
         let rebuild = |e: sluice_blockstore::Error| ReplayError::Rebuild(Box::new(e));
         let mut sequences = SequenceText::default();
         for range in ranges {
-            self.scan_range(&stream_meta, range, |scan, frame| {
+            self.scan_range(&stream_meta, range, BodyCheck::FixedPart, |scan, frame| {
                 let formatted;
                 let digits = if let Some(digits) = sequences.digits(frame.sequence_body) {
                     &digits[..]
@@ -551,7 +559,8 @@ impl Replay for LocalStream {
                 };
                 // Every number of the range is 56 digits long and starts with the prefix.
                 let suffix = &digits[prefix.len()..];
-                let records = frame.sub_records_where(|body, sub| scan.contains(body, sub));
+                let whole = scan.contains_frame(frame);
+                let records = frame.sub_records_where(|body, sub| whole || scan.contains(body, sub));
                 builder
                     .push_run(&scan.shard_id, suffix, frame.arrival_ms, records)
                     .map_err(rebuild)

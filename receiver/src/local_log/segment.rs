@@ -4,7 +4,7 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use super::error::{LocalLogError, Result};
-use super::frame::{self, Frame, FrameRead, SEQUENCE_PREFIX, SegmentReader};
+use super::frame::{self, BodyCheck, Frame, FrameRead, SEQUENCE_PREFIX, SegmentReader};
 
 /// File extension of segment files.
 pub(crate) const SEGMENT_EXTENSION: &str = "seg";
@@ -76,6 +76,8 @@ pub(crate) struct SegmentCursor {
     /// Where to start when no segment is open yet.
     target: Option<u128>,
     current: Option<OpenSegment>,
+    /// How much of each frame's body is checked.
+    check: BodyCheck,
 }
 
 impl SegmentCursor {
@@ -85,7 +87,15 @@ impl SegmentCursor {
             shard_dir,
             target,
             current: None,
+            check: BodyCheck::Full,
         }
+    }
+
+    /// The same cursor, checking each frame's body as `check` says ([`BodyCheck::Full`] unless
+    /// told).
+    pub(crate) fn with_body_check(mut self, check: BodyCheck) -> Self {
+        self.check = check;
+        self
     }
 
     /// A cursor at the end of the newest segment's valid frames (for `LATEST`).
@@ -102,7 +112,9 @@ impl SegmentCursor {
 
     fn open(&mut self, segment: &SegmentFile, offset: u64) -> Result<()> {
         let file = File::open(&segment.path).map_err(|e| LocalLogError::io(&segment.path, e))?;
-        let reader = SegmentReader::new(file, offset).map_err(|e| LocalLogError::io(&segment.path, e))?;
+        let reader = SegmentReader::new(file, offset)
+            .map_err(|e| LocalLogError::io(&segment.path, e))?
+            .with_body_check(self.check);
         self.current = Some(OpenSegment {
             first_body: segment.first_body,
             path: segment.path.clone(),

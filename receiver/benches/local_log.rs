@@ -6,7 +6,8 @@
 //! --all-targets` runs it) it does one smoke pass on 2,000 records. Knobs (environment):
 //! `SLUICE_BENCH_RECORDS` (records per run), `SLUICE_BENCH_REPEATS` (runs, median taken),
 //! `SLUICE_BENCH_ONLY=log|load` (one section), `SLUICE_BENCH_SHARDS=1|2` (one shape of the log
-//! section), `SLUICE_BENCH_API=put|append` (one way of writing in the log section).
+//! section), `SLUICE_BENCH_API=put|append` (one way of writing in the log section),
+//! `SLUICE_BENCH_BLOCK_BYTES` (the largest block rebuilt; the receiver's default, 16 MiB).
 //!
 //! **log** (target 4), for two shapes — one shard and one partition key; two shards and a distinct
 //! key per record (what the word-count example writes) — and two ways of writing:
@@ -16,7 +17,9 @@
 //!   `fsync` to a new file;
 //! - *read shard*: every shard read from `TrimHorizon` to its tail with `LocalShardReader::read`,
 //!   *replay*: `Replay::replay` of each shard's whole range, and *replay into a block*:
-//!   `Replay::replay_block` of the same, as a lost block is rebuilt, against a raw sequential read
+//!   `Replay::replay_block` of each block a receiver would have cut from the shards (at most
+//!   `ReceiverConfig::DEFAULT_MAX_BLOCK_BYTES` of keys and payloads each: the largest block the
+//!   engine ever rebuilds), as a lost block is rebuilt, against a raw sequential read
 //!   of the raw file into memory (1 MiB buffers, all kept, as the log's records keep theirs); all
 //!   from the page cache, since the files were just written.
 //!
@@ -39,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use sluice_blockstore::{BlockId, BlockMeta, Record, Replay, SequenceNumberRange, SequenceNumberRanges};
 use sluice_receiver::local_log::{LocalLog, LocalStream, cli, spread_hash_key};
-use sluice_receiver::{Source, StartingPosition};
+use sluice_receiver::{ReceiverConfig, Source, StartingPosition};
 
 const BENCH_RECORDS: usize = 1_000_000;
 const SMOKE_RECORDS: usize = 2_000;
@@ -196,14 +199,32 @@ fn check_payloads<'a>(payloads: impl Iterator<Item = &'a [u8]>, corpus: &[u8], t
     assert_eq!(n, total, "{what}: records missing");
 }
 
-/// Reads every shard from `TrimHorizon` to its tail; returns the elapsed time and the range of
-/// each shard with its key and payload bytes (for the replays).
+/// What [`log_read_shards`] read: each shard's whole range, and the ranges of the blocks a
+/// receiver would have cut from it, each with its key and payload bytes (for the replays).
+struct ReadRanges {
+    shards: Vec<(SequenceNumberRange, u64)>,
+    blocks: Vec<(SequenceNumberRange, u64)>,
+}
+
+/// The range of `records` (consecutive records of one shard) and their key and payload bytes.
+fn range_of(stream: &LocalStream, records: &[&Record]) -> (SequenceNumberRange, u64) {
+    let bytes = records
+        .iter()
+        .map(|r| r.partition_key.len() + r.data.len())
+        .sum::<usize>();
+    let range = SequenceNumberRange {
+        stream: Arc::from(stream.name()),
+        shard_id: Arc::clone(&records[0].shard_id),
+        from: records[0].position.clone(),
+        to: records[records.len() - 1].position.clone(),
+        record_count: records.len() as u64,
+    };
+    (range, bytes as u64)
+}
+
+/// Reads every shard from `TrimHorizon` to its tail; returns the elapsed time and the ranges read.
 #[inline(never)] // a frame of its own in profiles
-fn log_read_shards(
-    stream: &LocalStream,
-    corpus: &[u8],
-    total: usize,
-) -> BenchResult<(Duration, Vec<(SequenceNumberRange, u64)>)> {
+fn log_read_shards(stream: &LocalStream, corpus: &[u8], total: usize) -> BenchResult<(Duration, ReadRanges)> {
     let start = Instant::now();
     let mut all: Vec<Vec<Record>> = Vec::new();
     let mut pages_per_shard = Vec::new();
@@ -217,34 +238,31 @@ fn log_read_shards(
             }
             all.push(batch.records);
         }
-        pages_per_shard.push((shard.shard_id, first_page..all.len()));
+        pages_per_shard.push(first_page..all.len());
     }
     let elapsed = start.elapsed();
     check_payloads(all.iter().flatten().map(|r| &r.data[..]), corpus, total, "read shard");
-    let ranges = pages_per_shard
-        .into_iter()
-        .filter(|(_, pages)| !pages.is_empty())
-        .map(|(shard_id, pages)| {
-            let records = &all[pages];
-            let bytes = records
-                .iter()
-                .flatten()
-                .map(|r| r.partition_key.len() + r.data.len())
-                .sum::<usize>();
-            let range = SequenceNumberRange {
-                stream: Arc::from(stream.name()),
-                shard_id,
-                from: records[0][0].position.clone(),
-                to: records[records.len() - 1]
-                    .last()
-                    .expect("pages are not empty")
-                    .position
-                    .clone(),
-                record_count: records.iter().map(Vec::len).sum::<usize>() as u64,
-            };
-            (range, bytes as u64)
-        })
-        .collect();
+    let mut ranges = ReadRanges {
+        shards: Vec::new(),
+        blocks: Vec::new(),
+    };
+    for pages in pages_per_shard.into_iter().filter(|pages| !pages.is_empty()) {
+        let records: Vec<&Record> = all[pages].iter().flatten().collect();
+        ranges.shards.push(range_of(stream, &records));
+        // Blocks as the block generator cuts them: at most `max_block_bytes` each.
+        let max_block_bytes = env_usize("SLUICE_BENCH_BLOCK_BYTES", ReceiverConfig::DEFAULT_MAX_BLOCK_BYTES);
+        let mut first = 0;
+        let mut bytes = 0;
+        for (i, record) in records.iter().enumerate() {
+            let size = record.partition_key.len() + record.data.len();
+            if bytes + size > max_block_bytes && i > first {
+                ranges.blocks.push(range_of(stream, &records[first..i]));
+                (first, bytes) = (i, 0);
+            }
+            bytes += size;
+        }
+        ranges.blocks.push(range_of(stream, &records[first..]));
+    }
     Ok((elapsed, ranges))
 }
 
@@ -264,8 +282,8 @@ fn log_replay(
     Ok(elapsed)
 }
 
-/// Replays each shard's whole range as one block, the way a lost block is rebuilt
-/// (`Replay::replay_block`: frames decoded straight into the block's columns).
+/// Rebuilds every block of `blocks` (the blocks a receiver would have cut), the way a lost block
+/// is rebuilt (`Replay::replay_block`: frames decoded straight into the block's columns).
 #[inline(never)] // a frame of its own in profiles
 fn log_replay_block(
     stream: &LocalStream,
@@ -373,8 +391,8 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
             raw_r.push(raw_read(&raw_path, &corpus)?);
             let (elapsed, ranges) = log_read_shards(&stream, &corpus, records)?;
             read.push(elapsed);
-            replay.push(log_replay(&stream, &ranges, &corpus, records)?);
-            replay_block.push(log_replay_block(&stream, &ranges, &corpus, records)?);
+            replay.push(log_replay(&stream, &ranges.shards, &corpus, records)?);
+            replay_block.push(log_replay_block(&stream, &ranges.blocks, &corpus, records)?);
             std::fs::remove_dir_all(&log_dir)?;
         }
         let bytes = records * RECORD_BYTES;

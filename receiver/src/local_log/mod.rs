@@ -90,7 +90,7 @@ pub use reader::LocalShardReader;
 
 use frame::{BodyCheck, RecordDecoder, SequenceText, position_key};
 use meta::{ShardMeta, StreamMeta, shard_id_of};
-use segment::{SegmentCursor, list_segments};
+use segment::{FrameIndex, SegmentCursor, list_segments};
 
 use crate::{ShardInfo, ShardReader, Source, SourceError, StartingPosition};
 
@@ -241,6 +241,7 @@ impl LocalLog {
             inner: Arc::new(StreamInner {
                 dir: stream_dir,
                 name: Arc::from(name),
+                frames: Arc::default(),
             }),
         })
     }
@@ -264,6 +265,8 @@ fn validate_stream_name(name: &str) -> Result<()> {
 struct StreamInner {
     dir: PathBuf,
     name: Arc<str>,
+    /// Where the frames its cursors read start, for the next cursor that starts among them.
+    frames: Arc<FrameIndex>,
 }
 
 /// One stream of a [`LocalLog`]: a [`Source`] (and [`Replay`]). Cheap to clone; every call
@@ -347,6 +350,17 @@ impl LocalStream {
 
     pub(crate) fn shard_dir(&self, shard_id: &str) -> PathBuf {
         self.inner.dir.join(shard_id)
+    }
+
+    /// A cursor over a shard's frames that starts at `target` (or the oldest frame), seeking
+    /// through the frames this handle's cursors have read.
+    pub(crate) fn cursor(&self, shard_id: &str, target: Option<u128>) -> SegmentCursor {
+        SegmentCursor::new(self.shard_dir(shard_id), target, Arc::clone(&self.inner.frames))
+    }
+
+    /// A cursor at the end of a shard's valid frames.
+    pub(crate) fn cursor_at_tail(&self, shard_id: &str) -> Result<SegmentCursor> {
+        SegmentCursor::at_tail(self.shard_dir(shard_id), Arc::clone(&self.inner.frames))
     }
 
     pub(crate) fn load_meta(&self) -> Result<StreamMeta> {
@@ -444,7 +458,7 @@ impl LocalStream {
             from: position_key(&range.from).ok_or_else(|| not_ours(&range.from))?,
             to: position_key(&range.to).ok_or_else(|| not_ours(&range.to))?,
         };
-        let mut cursor = SegmentCursor::new(self.shard_dir(&range.shard_id), Some(scan.from.0)).with_body_check(check);
+        let mut cursor = self.cursor(&range.shard_id, Some(scan.from.0)).with_body_check(check);
         let mut found = 0u64;
         loop {
             let frame = match cursor.next_frame() {

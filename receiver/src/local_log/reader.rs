@@ -64,7 +64,6 @@ impl LocalShardReader {
             stream: stream.name().to_owned(),
             shard_id: shard_id.to_owned(),
         })?;
-        let shard_dir = stream.shard_dir(shard_id);
         let expired = |p: &Position| {
             if let Some(horizon) = &shard.trim_horizon
                 && &p.sequence < horizon
@@ -82,18 +81,18 @@ impl LocalShardReader {
                 .ok_or_else(|| SourceError::Invalid(format!("{} is not a local-log sequence number", p.sequence)))
         };
         let (cursor, skip) = match start {
-            StartingPosition::TrimHorizon => (SegmentCursor::new(shard_dir, None), Skip::Nothing),
-            StartingPosition::Latest => (SegmentCursor::at_tail(shard_dir)?, Skip::Nothing),
-            StartingPosition::AtTimestamp(t) => (SegmentCursor::new(shard_dir, None), Skip::ArrivedBefore(*t)),
+            StartingPosition::TrimHorizon => (stream.cursor(shard_id, None), Skip::Nothing),
+            StartingPosition::Latest => (stream.cursor_at_tail(shard_id)?, Skip::Nothing),
+            StartingPosition::AtTimestamp(t) => (stream.cursor(shard_id, None), Skip::ArrivedBefore(*t)),
             StartingPosition::AtPosition(p) => {
                 expired(p)?;
                 let key = key_of(p)?;
-                (SegmentCursor::new(shard_dir, Some(key.0)), Skip::Before(key))
+                (stream.cursor(shard_id, Some(key.0)), Skip::Before(key))
             }
             StartingPosition::AfterPosition(p) => {
                 expired(p)?;
                 let key = key_of(p)?;
-                (SegmentCursor::new(shard_dir, Some(key.0)), Skip::UpTo(key))
+                (stream.cursor(shard_id, Some(key.0)), Skip::UpTo(key))
             }
         };
         Ok(Self {

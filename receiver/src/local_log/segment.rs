@@ -1,7 +1,9 @@
 //! Segment files of one shard and a cursor that walks their frames in order.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::error::{LocalLogError, Result};
 use super::frame::{self, BodyCheck, Frame, FrameRead, SEQUENCE_PREFIX, SegmentReader};
@@ -63,10 +65,67 @@ pub(crate) fn start_segment(segments: &[SegmentFile], target: Option<u128>) -> O
     }
 }
 
+/// Bytes of a segment between two frames a cursor records in the [`FrameIndex`].
+pub(crate) const INDEX_INTERVAL_BYTES: u64 = 1024 * 1024;
+
+/// Where frames start in segment files, learned as cursors read them: about one frame per
+/// [`INDEX_INTERVAL_BYTES`] of a segment, so that a cursor that starts at a sequence number (a
+/// replay, a reader resuming after a checkpoint) seeks to the last recorded frame at or before it
+/// instead of reading the segment from its start. Segments are 64 MiB by default and a block at
+/// most 16 MiB, so without it a replayed block read up to four times its own bytes first.
+///
+/// A frame read whole with its CRC is never cut off its segment (the producer truncates only
+/// what follows the last such frame), so a recorded offset stays a frame's start while the file
+/// exists. A cursor checks anyway that the frame it seeks to is the one recorded, and starts
+/// from the segment's beginning when not (a stream deleted and created again under the same
+/// name, say). One per [`LocalStream`](super::LocalStream) handle and its clones.
+#[derive(Debug, Default)]
+pub(crate) struct FrameIndex {
+    /// Per segment path, the recorded frames: sequence body → file offset.
+    segments: Mutex<HashMap<PathBuf, BTreeMap<u128, u64>>>,
+}
+
+impl FrameIndex {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, BTreeMap<u128, u64>>> {
+        // The map is only ever inserted into or pruned: a panic elsewhere leaves it consistent.
+        self.segments.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records that the frame with sequence body `body` starts at `offset` of `segment`.
+    fn record(&self, segment: &Path, body: u128, offset: u64) {
+        self.lock().entry(segment.to_owned()).or_default().insert(body, offset);
+    }
+
+    /// The last recorded frame of `segment` with a sequence body at or before `target`:
+    /// `(body, offset)`.
+    fn seek(&self, segment: &Path, target: u128) -> Option<(u128, u64)> {
+        let segments = self.lock();
+        let (body, offset) = segments.get(segment)?.range(..=target).next_back()?;
+        Some((*body, *offset))
+    }
+
+    /// Forgets the frames of `segment` (its file is not what was recorded).
+    fn forget(&self, segment: &Path) {
+        self.lock().remove(segment);
+    }
+
+    /// Forgets the segments of `shard_dir` that are no longer among `segments` (retention
+    /// deleted them), so the index holds only files that exist.
+    fn retain(&self, shard_dir: &Path, segments: &[SegmentFile]) {
+        self.lock()
+            .retain(|path, _| path.parent() != Some(shard_dir) || segments.iter().any(|s| s.path == *path));
+    }
+}
+
 struct OpenSegment {
     first_body: u128,
     path: PathBuf,
     reader: SegmentReader<File>,
+    /// The sequence body of the frame the index said starts where the reader was opened, until
+    /// the first frame read confirms it.
+    unconfirmed_seek: Option<u128>,
+    /// The offset past which the next frame is recorded in the index.
+    next_recorded: u64,
 }
 
 /// Walks the frames of a shard across its segments, stopping (without error) at the tail: a clean
@@ -78,16 +137,20 @@ pub(crate) struct SegmentCursor {
     current: Option<OpenSegment>,
     /// How much of each frame's body is checked.
     check: BodyCheck,
+    /// Where frames start, shared with the stream's other cursors.
+    index: Arc<FrameIndex>,
 }
 
 impl SegmentCursor {
-    /// A cursor that will start in the segment holding `target` (or the oldest one).
-    pub(crate) fn new(shard_dir: PathBuf, target: Option<u128>) -> Self {
+    /// A cursor that will start in the segment holding `target` (or the oldest one), at the last
+    /// frame `index` knows at or before it; it records in `index` the frames it reads.
+    pub(crate) fn new(shard_dir: PathBuf, target: Option<u128>, index: Arc<FrameIndex>) -> Self {
         Self {
             shard_dir,
             target,
             current: None,
             check: BodyCheck::Full,
+            index,
         }
     }
 
@@ -99,18 +162,20 @@ impl SegmentCursor {
     }
 
     /// A cursor at the end of the newest segment's valid frames (for `LATEST`).
-    pub(crate) fn at_tail(shard_dir: PathBuf) -> Result<Self> {
+    pub(crate) fn at_tail(shard_dir: PathBuf, index: Arc<FrameIndex>) -> Result<Self> {
         let segments = list_segments(&shard_dir)?;
-        let mut cursor = Self::new(shard_dir, None);
+        let mut cursor = Self::new(shard_dir, None, index);
         if let Some(last) = segments.last() {
             let mut file = File::open(&last.path).map_err(|e| LocalLogError::io(&last.path, e))?;
             let (end, _) = frame::scan_segment(&mut file, |_| {}).map_err(|e| LocalLogError::io(&last.path, e))?;
-            cursor.open(last, end)?;
+            cursor.open(last, end, None)?;
         }
         Ok(cursor)
     }
 
-    fn open(&mut self, segment: &SegmentFile, offset: u64) -> Result<()> {
+    /// Opens `segment` at `offset`, where the frame with sequence body `seeked` starts if the
+    /// offset came from the index.
+    fn open(&mut self, segment: &SegmentFile, offset: u64, seeked: Option<u128>) -> Result<()> {
         let file = File::open(&segment.path).map_err(|e| LocalLogError::io(&segment.path, e))?;
         let reader = SegmentReader::new(file, offset)
             .map_err(|e| LocalLogError::io(&segment.path, e))?
@@ -119,8 +184,18 @@ impl SegmentCursor {
             first_body: segment.first_body,
             path: segment.path.clone(),
             reader,
+            unconfirmed_seek: seeked,
+            next_recorded: offset,
         });
         Ok(())
+    }
+
+    /// Opens the segment to start in, at the last frame the index knows at or before the target.
+    fn open_start(&mut self, segment: &SegmentFile) -> Result<()> {
+        match self.target.and_then(|target| self.index.seek(&segment.path, target)) {
+            Some((body, offset)) => self.open(segment, offset, Some(body)),
+            None => self.open(segment, 0, None),
+        }
     }
 
     /// The next whole frame, or `None` at the tail.
@@ -128,15 +203,36 @@ impl SegmentCursor {
         loop {
             let Some(current) = self.current.as_mut() else {
                 let segments = list_segments(&self.shard_dir)?;
+                self.index.retain(&self.shard_dir, &segments);
                 let Some(first) = start_segment(&segments, self.target).cloned() else {
                     return Ok(None);
                 };
-                self.open(&first, 0)?;
+                self.open_start(&first)?;
                 continue;
             };
+            let at = current.reader.offset();
             let read = current.reader.next().map_err(|e| LocalLogError::io(&current.path, e))?;
+            if let Some(seeked) = current.unconfirmed_seek.take()
+                && !matches!(&read, FrameRead::Frame(frame, _) if frame.sequence_body == seeked)
+            {
+                // The file is not the one the index learned: read it from its start.
+                tracing::warn!(segment = %current.path.display(), offset = at, "the frame index does not match the segment; reading it from its start");
+                self.index.forget(&current.path);
+                let segment = SegmentFile {
+                    first_body: current.first_body,
+                    path: current.path.clone(),
+                };
+                self.open(&segment, 0, None)?;
+                continue;
+            }
             let torn = match read {
-                FrameRead::Frame(frame, _) => return Ok(Some(frame)),
+                FrameRead::Frame(frame, _) => {
+                    if at >= current.next_recorded {
+                        self.index.record(&current.path, frame.sequence_body, at);
+                        current.next_recorded = at + INDEX_INTERVAL_BYTES;
+                    }
+                    return Ok(Some(frame));
+                }
                 FrameRead::End => false,
                 FrameRead::Incomplete | FrameRead::Corrupt => true,
             };
@@ -156,7 +252,61 @@ impl SegmentCursor {
                 let offset = current.reader.offset();
                 tracing::warn!(segment = %current.path.display(), offset, "skipping torn bytes at the end of a closed segment");
             }
-            self.open(&next, 0)?;
+            self.open(&next, 0, None)?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a segment of `frames` frames of `size` payload bytes each, sequence bodies
+    /// `0..frames`, into `shard_dir`.
+    fn write_segment(shard_dir: &Path, frames: u128, size: usize) {
+        let mut file = Vec::new();
+        for body in 0..frames {
+            frame::encode_frame(&mut file, body, 0, false, &[("k", vec![body as u8; size])]);
+        }
+        fs::write(shard_dir.join(segment_name(0)), file).unwrap();
+    }
+
+    /// The sequence bodies a cursor starting at `target` returns.
+    fn bodies(shard_dir: &Path, target: Option<u128>, index: &Arc<FrameIndex>) -> Vec<u128> {
+        let mut cursor = SegmentCursor::new(shard_dir.to_owned(), target, Arc::clone(index));
+        std::iter::from_fn(|| cursor.next_frame().unwrap())
+            .map(|frame| frame.sequence_body)
+            .collect()
+    }
+
+    #[test]
+    fn a_cursor_starts_at_the_last_frame_read_before_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        // 300 frames of ~10 KiB: about a hundred per index interval.
+        write_segment(dir.path(), 300, 10_000);
+        let index = Arc::new(FrameIndex::default());
+        assert_eq!(bodies(dir.path(), Some(250), &index), (0..300).collect::<Vec<_>>());
+        // The first cursor read the whole segment: the next one starts within an interval of 250.
+        let seeked = bodies(dir.path(), Some(250), &index);
+        let first = seeked[0];
+        assert!((150..=250).contains(&first), "started at {first}");
+        assert_eq!(seeked, (first..300).collect::<Vec<_>>());
+        // Before the first recorded frame, and with nothing recorded: from the start.
+        assert_eq!(bodies(dir.path(), None, &index)[0], 0);
+        assert_eq!(bodies(dir.path(), Some(250), &Arc::default())[0], 0);
+
+        // The same file name with other frames (a stream created again): the recorded offset is
+        // not the recorded frame's, so the cursor reads the file from its start.
+        write_segment(dir.path(), 700, 4_000);
+        assert_eq!(bodies(dir.path(), Some(250), &index), (0..700).collect::<Vec<_>>());
+        // ... and learns the new file's frames as it reads it.
+        let seeked = bodies(dir.path(), Some(600), &index);
+        assert!(seeked[0] > 0 && seeked[0] <= 600, "started at {}", seeked[0]);
+        assert_eq!(seeked, (seeked[0]..700).collect::<Vec<_>>());
+
+        // A deleted segment's frames are forgotten when the shard is listed again.
+        fs::remove_file(dir.path().join(segment_name(0))).unwrap();
+        assert!(bodies(dir.path(), Some(250), &index).is_empty());
+        assert!(index.lock().is_empty());
     }
 }

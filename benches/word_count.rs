@@ -47,6 +47,8 @@ use sluice::receiver::ReceiverConfig;
 use sluice::receiver::local_log::{LocalLog, spread_hash_key};
 
 const STREAM: &str = "lines";
+/// The word-count example's batch interval, which the end-to-end runs use.
+const E2E_BATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 fn hand_written(lines: &[String], threads: usize) -> (Duration, usize) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -219,7 +221,7 @@ fn peak_rss() -> u64 {
 fn e2e_child(dir: &Path) {
     // The word-count example's settings: 500 ms batches, 100 ms blocks; everything else default.
     let mut builder = StreamingContext::builder()
-        .batch_interval(Duration::from_millis(500))
+        .batch_interval(E2E_BATCH_INTERVAL)
         .data_dir(dir.join("data"));
     if let Ok(mib) = std::env::var("SLUICE_BENCH_MEMORY_MIB") {
         builder = builder.memory_budget_bytes(mib.parse::<u64>().unwrap() << 20);
@@ -247,14 +249,21 @@ fn e2e_child(dir: &Path) {
     ctx.start().unwrap();
     assert!(ctx.await_drained(Duration::from_secs(1_800)).unwrap());
     let elapsed = start.elapsed();
+    let status = ctx.status().unwrap();
     ctx.stop(StopMode::Graceful).unwrap();
     let metrics = ctx.metrics();
     eprintln!("{metrics:?}");
+    // The batches that held records: how many intervals the run took, and whether processing
+    // (not the interval) was the bound.
+    let batches: Vec<_> = status.batches.into_iter().filter(|b| b.num_records > 0).collect();
+    let slowest_ms = batches.iter().map(|b| b.processing_delay_ms).max().unwrap_or(0);
     println!(
-        "{} {} {}",
+        "{} {} {} {} {}",
         elapsed.as_millis(),
         peak_rss(),
-        metrics.ingest_gate_wait_micros / 1_000
+        metrics.ingest_gate_wait_micros / 1_000,
+        batches.len(),
+        slowest_ms
     );
 }
 
@@ -264,6 +273,9 @@ struct E2e {
     peak_rss: u64,
     /// How long the receivers' blocks waited for the memory budget (the ingest gate).
     gate_wait: Duration,
+    /// Batches that held records, and the longest any of them took to process.
+    batches: u64,
+    slowest_batch: Duration,
     /// The Parquet output summed over batches.
     output: HashMap<String, u64>,
 }
@@ -291,6 +303,8 @@ fn e2e(log_dir: &Path, env: &[(&str, &str)]) -> E2e {
         time: Duration::from_millis(figures[0]),
         peak_rss: figures[1],
         gate_wait: Duration::from_millis(figures[2]),
+        batches: figures[3],
+        slowest_batch: Duration::from_millis(figures[4]),
         output: summed_output(&dir.path().join("data").join("output")),
     }
 }
@@ -438,9 +452,13 @@ fn main() {
         "end to end as the example (default settings)",
         run.time,
         &format!(
-            "(aim >= 0.5x)  peak RSS {:.0} MiB (aim <= 256); ingest waited {} ms for the memory budget",
+            "(aim >= 0.5x)  peak RSS {:.0} MiB (aim <= 256); ingest waited {} ms for the memory budget; \
+             {} batches held records (so the last was cut >= {} ms after the start), the slowest processed in {} ms",
             mib(run.peak_rss),
-            run.gate_wait.as_millis()
+            run.gate_wait.as_millis(),
+            run.batches,
+            run.batches * E2E_BATCH_INTERVAL.as_millis() as u64,
+            run.slowest_batch.as_millis()
         ),
     );
     if only == "e2e" {

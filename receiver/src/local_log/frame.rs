@@ -352,8 +352,10 @@ fn check_body(body: &[u8], check: BodyCheck) -> Option<(u128, i64, u32)> {
     let sequence_body = u128::from_le_bytes(take(&mut cursor, 16)?.try_into().ok()?);
     let arrival_ms = i64::from_le_bytes(take(&mut cursor, 8)?.try_into().ok()?);
     let _flags = take(&mut cursor, 1)?[0];
-    let count = take_u32(&mut cursor)?;
-    let count = u32::try_from(count).ok().filter(|c| *c > 0)?;
+    let count = u32::from_le_bytes(take(&mut cursor, 4)?.try_into().ok()?);
+    if count == 0 {
+        return None;
+    }
     if check == BodyCheck::FixedPart {
         return Some((sequence_body, arrival_ms, count));
     }

@@ -158,7 +158,8 @@ pub(crate) struct Frame {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BodyCheck {
     /// Every sub-record: its lengths fit and its key is UTF-8. What a reader that hands keys out
-    /// as `str` needs, and what tells a torn tail from a frame.
+    /// as `str` needs; a frame that passes its CRC but not this is treated as corrupt, like a
+    /// torn one.
     Full,
     /// The fixed part only, for a caller that copies the sub-records into a block: the block
     /// checks the keys when it is finished, and a malformed sub-record ends

@@ -68,58 +68,98 @@ pub(crate) fn start_segment(segments: &[SegmentFile], target: Option<u128>) -> O
 /// Bytes of a segment between two frames a cursor records in the [`FrameIndex`].
 pub(crate) const INDEX_INTERVAL_BYTES: u64 = 1024 * 1024;
 
+/// The most segments a [`FrameIndex`] holds frames of (64 GiB of segments at the default 64 MiB,
+/// at most ~64 entries each); past it the index starts over.
+pub(crate) const INDEX_MAX_SEGMENTS: usize = 1024;
+
 /// Where frames start in segment files, learned as cursors read them: about one frame per
 /// [`INDEX_INTERVAL_BYTES`] of a segment, so that a cursor that starts at a sequence number (a
 /// replay, a reader resuming after a checkpoint) seeks to the last recorded frame at or before it
 /// instead of reading the segment from its start. Segments are 64 MiB by default and a block at
 /// most 16 MiB, so without it a replayed block read up to four times its own bytes first.
 ///
-/// A frame read whole with its CRC is never cut off its segment (the producer truncates only
-/// what follows the last such frame), so a recorded offset stays a frame's start while the file
-/// exists. A cursor checks anyway that the frame it seeks to is the one recorded, and starts
-/// from the segment's beginning when not (a stream deleted and created again under the same
-/// name, say). One per [`LocalStream`](super::LocalStream) handle and its clones.
-#[derive(Debug, Default)]
+/// A recorded offset is only a hint. Sequence bodies increase within a segment file, so a frame
+/// that passes its CRC at the recorded offset with the recorded body is a correct place to start
+/// for any target at or after it; a cursor checks that on every seek, and on anything else (the
+/// producer truncated the file after a torn or corrupt frame and wrote other frames there, the
+/// stream was deleted and created again) it forgets the segment and reads it from its start.
+///
+/// Bounded: each listing of a shard's segments drops the frames of segments no longer listed
+/// (retention deleted them), and past [`INDEX_MAX_SEGMENTS`] the index is emptied and learned
+/// again. One per [`LocalStream`](super::LocalStream) handle and its clones.
+#[derive(Debug)]
 pub(crate) struct FrameIndex {
-    /// Per segment path, the recorded frames: sequence body → file offset.
-    segments: Mutex<HashMap<PathBuf, BTreeMap<u128, u64>>>,
+    shards: Mutex<HashMap<PathBuf, ShardFrames>>,
+    max_segments: usize,
+}
+
+/// One shard's recorded frames: per segment (by its first sequence body), sequence body → file
+/// offset.
+type ShardFrames = BTreeMap<u128, BTreeMap<u128, u64>>;
+
+impl Default for FrameIndex {
+    fn default() -> Self {
+        Self::with_max_segments(INDEX_MAX_SEGMENTS)
+    }
 }
 
 impl FrameIndex {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, BTreeMap<u128, u64>>> {
-        // The map is only ever inserted into or pruned: a panic elsewhere leaves it consistent.
-        self.segments.lock().unwrap_or_else(PoisonError::into_inner)
+    /// An empty index that holds the frames of at most `max_segments` segments.
+    pub(crate) fn with_max_segments(max_segments: usize) -> Self {
+        Self {
+            shards: Mutex::default(),
+            max_segments,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, ShardFrames>> {
+        // Every change leaves the map consistent, so a panic elsewhere does not spoil it.
+        self.shards.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records that the frame with sequence body `body` starts at `offset` of `segment`.
-    fn record(&self, segment: &Path, body: u128, offset: u64) {
-        self.lock().entry(segment.to_owned()).or_default().insert(body, offset);
+    fn record(&self, shard_dir: &Path, segment: u128, body: u128, offset: u64) {
+        let mut shards = self.lock();
+        let known = shards.get(shard_dir).is_some_and(|s| s.contains_key(&segment));
+        if !known && shards.values().map(BTreeMap::len).sum::<usize>() >= self.max_segments {
+            shards.clear();
+        }
+        let frames = shards
+            .entry(shard_dir.to_owned())
+            .or_default()
+            .entry(segment)
+            .or_default();
+        frames.insert(body, offset);
     }
 
     /// The last recorded frame of `segment` with a sequence body at or before `target`:
     /// `(body, offset)`.
-    fn seek(&self, segment: &Path, target: u128) -> Option<(u128, u64)> {
-        let segments = self.lock();
-        let (body, offset) = segments.get(segment)?.range(..=target).next_back()?;
-        Some((*body, *offset))
+    fn seek(&self, shard_dir: &Path, segment: u128, target: u128) -> Option<(u128, u64)> {
+        let shards = self.lock();
+        let frames = shards.get(shard_dir)?.get(&segment)?;
+        frames
+            .range(..=target)
+            .next_back()
+            .map(|(body, offset)| (*body, *offset))
     }
 
     /// Forgets the frames of `segment` (its file is not what was recorded).
-    fn forget(&self, segment: &Path) {
-        self.lock().remove(segment);
+    fn forget(&self, shard_dir: &Path, segment: u128) {
+        if let Some(segments) = self.lock().get_mut(shard_dir) {
+            segments.remove(&segment);
+        }
     }
 
-    /// Forgets the segments of `shard_dir` that are no longer among `segments` (retention
-    /// deleted them), so the index holds only files that exist.
-    fn retain(&self, shard_dir: &Path, segments: &[SegmentFile]) {
-        self.lock()
-            .retain(|path, _| path.parent() != Some(shard_dir) || segments.iter().any(|s| s.path == *path));
+    /// Forgets the segments of `shard_dir` that are not among `listed` (sorted oldest first).
+    fn retain(&self, shard_dir: &Path, listed: &[SegmentFile]) {
+        if let Some(segments) = self.lock().get_mut(shard_dir) {
+            segments.retain(|first, _| listed.binary_search_by_key(first, |s| s.first_body).is_ok());
+        }
     }
 }
 
 struct OpenSegment {
-    first_body: u128,
-    path: PathBuf,
+    segment: SegmentFile,
     reader: SegmentReader<File>,
     /// The sequence body of the frame the index said starts where the reader was opened, until
     /// the first frame read confirms it.
@@ -181,8 +221,7 @@ impl SegmentCursor {
             .map_err(|e| LocalLogError::io(&segment.path, e))?
             .with_body_check(self.check);
         self.current = Some(OpenSegment {
-            first_body: segment.first_body,
-            path: segment.path.clone(),
+            segment: segment.clone(),
             reader,
             unconfirmed_seek: seeked,
             next_recorded: offset,
@@ -192,7 +231,10 @@ impl SegmentCursor {
 
     /// Opens the segment to start in, at the last frame the index knows at or before the target.
     fn open_start(&mut self, segment: &SegmentFile) -> Result<()> {
-        match self.target.and_then(|target| self.index.seek(&segment.path, target)) {
+        match self
+            .target
+            .and_then(|target| self.index.seek(&self.shard_dir, segment.first_body, target))
+        {
             Some((body, offset)) => self.open(segment, offset, Some(body)),
             None => self.open(segment, 0, None),
         }
@@ -202,33 +244,31 @@ impl SegmentCursor {
     pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>> {
         loop {
             let Some(current) = self.current.as_mut() else {
-                let segments = list_segments(&self.shard_dir)?;
-                self.index.retain(&self.shard_dir, &segments);
+                let segments = self.list_segments()?;
                 let Some(first) = start_segment(&segments, self.target).cloned() else {
                     return Ok(None);
                 };
                 self.open_start(&first)?;
                 continue;
             };
+            let path = &current.segment.path;
             let at = current.reader.offset();
-            let read = current.reader.next().map_err(|e| LocalLogError::io(&current.path, e))?;
+            let read = current.reader.next().map_err(|e| LocalLogError::io(path, e))?;
             if let Some(seeked) = current.unconfirmed_seek.take()
                 && !matches!(&read, FrameRead::Frame(frame, _) if frame.sequence_body == seeked)
             {
                 // The file is not the one the index learned: read it from its start.
-                tracing::warn!(segment = %current.path.display(), offset = at, "the frame index does not match the segment; reading it from its start");
-                self.index.forget(&current.path);
-                let segment = SegmentFile {
-                    first_body: current.first_body,
-                    path: current.path.clone(),
-                };
+                tracing::warn!(segment = %path.display(), offset = at, "the frame index does not match the segment; reading it from its start");
+                let segment = current.segment.clone();
+                self.index.forget(&self.shard_dir, segment.first_body);
                 self.open(&segment, 0, None)?;
                 continue;
             }
             let torn = match read {
                 FrameRead::Frame(frame, _) => {
                     if at >= current.next_recorded {
-                        self.index.record(&current.path, frame.sequence_body, at);
+                        let segment = current.segment.first_body;
+                        self.index.record(&self.shard_dir, segment, frame.sequence_body, at);
                         current.next_recorded = at + INDEX_INTERVAL_BYTES;
                     }
                     return Ok(Some(frame));
@@ -240,20 +280,28 @@ impl SegmentCursor {
             current
                 .reader
                 .rewind_to_last_frame()
-                .map_err(|e| LocalLogError::io(&current.path, e))?;
-            let first_body = current.first_body;
-            let segments = list_segments(&self.shard_dir)?;
+                .map_err(|e| LocalLogError::io(&current.segment.path, e))?;
+            let first_body = current.segment.first_body;
+            let segments = self.list_segments()?;
             let Some(next) = segments.iter().find(|s| s.first_body > first_body).cloned() else {
                 return Ok(None);
             };
+            let current = self.current.as_ref().expect("a segment is open");
             // The producer finishes a segment before it creates the next one, so bytes left
             // after the last whole frame of a non-newest segment are garbage from a crash.
             if torn {
                 let offset = current.reader.offset();
-                tracing::warn!(segment = %current.path.display(), offset, "skipping torn bytes at the end of a closed segment");
+                tracing::warn!(segment = %current.segment.path.display(), offset, "skipping torn bytes at the end of a closed segment");
             }
             self.open(&next, 0, None)?;
         }
+    }
+
+    /// The shard's segments, oldest first; the index forgets the segments no longer among them.
+    fn list_segments(&self) -> Result<Vec<SegmentFile>> {
+        let segments = list_segments(&self.shard_dir)?;
+        self.index.retain(&self.shard_dir, &segments);
+        Ok(segments)
     }
 }
 
@@ -262,13 +310,13 @@ mod tests {
     use super::*;
 
     /// Writes a segment of `frames` frames of `size` payload bytes each, sequence bodies
-    /// `0..frames`, into `shard_dir`.
-    fn write_segment(shard_dir: &Path, frames: u128, size: usize) {
+    /// `first..first + frames`, into `shard_dir`.
+    fn write_segment(shard_dir: &Path, first: u128, frames: u128, size: usize) {
         let mut file = Vec::new();
-        for body in 0..frames {
+        for body in first..first + frames {
             frame::encode_frame(&mut file, body, 0, false, &[("k", vec![body as u8; size])]);
         }
-        fs::write(shard_dir.join(segment_name(0)), file).unwrap();
+        fs::write(shard_dir.join(segment_name(first)), file).unwrap();
     }
 
     /// The sequence bodies a cursor starting at `target` returns.
@@ -279,11 +327,20 @@ mod tests {
             .collect()
     }
 
+    /// The first sequence bodies of the segments `index` holds frames of.
+    fn indexed(index: &FrameIndex) -> Vec<u128> {
+        index
+            .lock()
+            .values()
+            .flat_map(|segments| segments.keys().copied())
+            .collect()
+    }
+
     #[test]
     fn a_cursor_starts_at_the_last_frame_read_before_its_target() {
         let dir = tempfile::tempdir().unwrap();
         // 300 frames of ~10 KiB: about a hundred per index interval.
-        write_segment(dir.path(), 300, 10_000);
+        write_segment(dir.path(), 0, 300, 10_000);
         let index = Arc::new(FrameIndex::default());
         assert_eq!(bodies(dir.path(), Some(250), &index), (0..300).collect::<Vec<_>>());
         // The first cursor read the whole segment: the next one starts within an interval of 250.
@@ -296,17 +353,52 @@ mod tests {
         assert_eq!(bodies(dir.path(), Some(250), &Arc::default())[0], 0);
 
         // The same file name with other frames (a stream created again): the recorded offset is
-        // not the recorded frame's, so the cursor reads the file from its start.
-        write_segment(dir.path(), 700, 4_000);
+        // not the recorded frame's, so the cursor reads the file from its start...
+        write_segment(dir.path(), 0, 700, 4_000);
         assert_eq!(bodies(dir.path(), Some(250), &index), (0..700).collect::<Vec<_>>());
         // ... and learns the new file's frames as it reads it.
         let seeked = bodies(dir.path(), Some(600), &index);
         assert!(seeked[0] > 0 && seeked[0] <= 600, "started at {}", seeked[0]);
         assert_eq!(seeked, (seeked[0]..700).collect::<Vec<_>>());
 
+        // Cut before a recorded offset (a producer truncating after a corrupt frame): from the
+        // start again, and only the frames left.
+        let path = dir.path().join(segment_name(0));
+        let file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(fs::metadata(&path).unwrap().len() / 2).unwrap();
+        let left = bodies(dir.path(), Some(600), &index);
+        assert_eq!(left, (0..left.len() as u128).collect::<Vec<_>>());
+        assert!(left.len() < 600);
+
         // A deleted segment's frames are forgotten when the shard is listed again.
-        fs::remove_file(dir.path().join(segment_name(0))).unwrap();
+        fs::remove_file(&path).unwrap();
         assert!(bodies(dir.path(), Some(250), &index).is_empty());
-        assert!(index.lock().is_empty());
+        assert!(indexed(&index).is_empty());
+    }
+
+    #[test]
+    fn the_index_forgets_deleted_segments_while_a_cursor_reads_on_and_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        write_segment(dir.path(), 0, 300, 10_000);
+        write_segment(dir.path(), 300, 300, 10_000);
+        let index = Arc::new(FrameIndex::default());
+        // One cursor reads both segments and waits at the tail, as a receiver's reader does.
+        let mut cursor = SegmentCursor::new(dir.path().to_owned(), None, Arc::clone(&index));
+        let read = std::iter::from_fn(|| cursor.next_frame().unwrap()).count();
+        assert_eq!(read, 600);
+        assert_eq!(indexed(&index), [0, 300]);
+        // Retention deletes the older segment; the next poll at the tail forgets it.
+        fs::remove_file(dir.path().join(segment_name(0))).unwrap();
+        assert!(cursor.next_frame().unwrap().is_none());
+        assert_eq!(indexed(&index), [300]);
+
+        // At most `max_segments` segments: recording a frame of one more starts the index over.
+        let small = Arc::new(FrameIndex::with_max_segments(1));
+        write_segment(dir.path(), 0, 300, 10_000);
+        assert_eq!(bodies(dir.path(), None, &small).len(), 600);
+        assert_eq!(indexed(&small), [300]);
+        // What it no longer knows, a cursor reads from the segment's start.
+        assert_eq!(bodies(dir.path(), Some(250), &small)[0], 0);
+        assert!(bodies(dir.path(), Some(550), &small)[0] > 300);
     }
 }

@@ -602,3 +602,44 @@ impl Source for LocalStream {
         Ok(Box::new(LocalShardReader::open(self, shard_id, start)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_cursor_starts_where_the_handles_live_reads_indexed_its_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = LocalLog::open(dir.path()).unwrap().create_stream("s", 1).unwrap();
+        let mut producer = stream.producer().unwrap();
+        // 3,000 frames of ~2 KB: about five hundred per indexed MiB.
+        for i in 0..3_000 {
+            producer.put("k", vec![(i % 251) as u8; 2_000]).unwrap();
+        }
+        producer.flush().unwrap();
+        let shard = stream.list_shards().unwrap()[0].shard_id.clone();
+        // The receiver's live read, through the handle.
+        let mut reader = stream.open_reader(&shard, &StartingPosition::TrimHorizon).unwrap();
+        let mut bodies = Vec::new();
+        loop {
+            let page = reader.read(1_000).unwrap();
+            if page.records.is_empty() {
+                break;
+            }
+            bodies.extend(page.records.iter().map(|r| position_key(&r.position).unwrap().0));
+        }
+        assert_eq!(bodies.len(), 3_000);
+        // A clone of the handle (what the engine's block reader holds) starts a replay of record
+        // 2,500 within an indexed MiB of it, not at the segment's first frame.
+        let target = bodies[2_500];
+        let first = |stream: &LocalStream| {
+            let mut cursor = stream.cursor(&shard, Some(target));
+            cursor.next_frame().unwrap().unwrap().sequence_body
+        };
+        let started = first(&stream.clone());
+        assert!((bodies[1_900]..=target).contains(&started), "started at {started}");
+        // A handle that read nothing reads the segment from its start.
+        let fresh = LocalLog::open(dir.path()).unwrap().stream("s").unwrap();
+        assert_eq!(first(&fresh), bodies[0]);
+    }
+}

@@ -85,7 +85,7 @@ pub struct BlockMeta {
 /// |---|---|---|
 /// | `shard_id` | `Dictionary(UInt16, Utf8)` | shard the record came from (each shard's id stored once) |
 /// | `sequence_suffix` | `Utf8` or `Dictionary(UInt16, Utf8)` | the record's canonical decimal sequence number without the block's common prefix |
-/// | `sub_sequence` | `UInt64` | index inside a KPL aggregate, 0 for plain records |
+/// | `sub_sequence` | `UInt16` or `UInt64` | index inside a KPL aggregate, 0 for plain records |
 /// | `partition_key` | `Utf8` | producer's partition key |
 /// | `approximate_arrival` | `Timestamp(ms)` or `Dictionary(UInt16, Timestamp(ms))` | when the service accepted the record |
 /// | `data` | `Binary` | payload |
@@ -99,8 +99,10 @@ pub struct BlockMeta {
 /// The records of a KPL aggregate share their sequence number and arrival time, so
 /// `sequence_suffix` and `approximate_arrival` are each stored as `Dictionary(UInt16, _)` of
 /// their runs of consecutive records (one value per run, a 2-byte key per record) when that is
-/// smaller than the plain column; [`BlockBuilder`] decides per block and column. A 100-byte record
-/// of an aggregate then takes ~130 bytes of block. Blocks written with the first layout
+/// smaller than the plain column; [`BlockBuilder`] decides per block and column. `sub_sequence` is
+/// `UInt16` when every sub-sequence number of the block fits one (2 bytes a record instead of 8;
+/// always, for the local log's aggregates), else `UInt64`. A 100-byte record of an aggregate then
+/// takes ~123 bytes of block. Blocks written with the first layout
 /// (`shard_id` as `Utf8`, whole numbers in a `sequence_number` column) are still read.
 ///
 /// # Encoded form
@@ -128,12 +130,13 @@ pub struct Block {
 /// The schema metadata key of the sequence numbers' common prefix.
 pub(crate) const SEQUENCE_PREFIX_KEY: &str = "sluice.sequence_prefix";
 
-/// A block schema's fields, with the shard, sequence and arrival columns of one layout.
-fn layout(shard: DataType, sequence: (&str, DataType), arrival: DataType) -> SchemaRef {
+/// A block schema's fields, with the shard, sequence, sub-sequence and arrival columns of one
+/// layout.
+fn layout(shard: DataType, sequence: (&str, DataType), sub_sequence: DataType, arrival: DataType) -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("shard_id", shard, false),
         Field::new(sequence.0, sequence.1, false),
-        Field::new("sub_sequence", DataType::UInt64, false),
+        Field::new("sub_sequence", sub_sequence, false),
         Field::new("partition_key", DataType::Utf8, false),
         Field::new("approximate_arrival", arrival, false),
         Field::new("data", DataType::Binary, false),
@@ -148,38 +151,96 @@ fn dictionary_of(values: DataType) -> DataType {
 /// The arrival column's plain type.
 const ARRIVAL: DataType = DataType::Timestamp(TimeUnit::Millisecond, None);
 
-/// The current layout with each of the sequence suffix and arrival columns plain or
-/// dictionary-encoded, indexed by `2 * suffix_dictionary + arrival_dictionary`.
-static LAYOUTS: LazyLock<[SchemaRef; 4]> = LazyLock::new(|| {
-    [(false, false), (false, true), (true, false), (true, true)].map(|(suffix_dictionary, arrival_dictionary)| {
-        let suffix = if suffix_dictionary {
+/// Which form each of a block's compactable columns takes (the current layout; see [`Block`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Layout {
+    /// `sequence_suffix` is `Dictionary(UInt16, Utf8)` rather than `Utf8`.
+    pub suffix_dictionary: bool,
+    /// `approximate_arrival` is `Dictionary(UInt16, Timestamp(ms))` rather than `Timestamp(ms)`.
+    pub arrival_dictionary: bool,
+    /// `sub_sequence` is `UInt16` rather than `UInt64`.
+    pub narrow_sub_sequence: bool,
+}
+
+impl Layout {
+    /// Every layout, in the order of [`Layout::index`].
+    const ALL: [Self; 8] = {
+        let mut all = [Self {
+            suffix_dictionary: false,
+            arrival_dictionary: false,
+            narrow_sub_sequence: false,
+        }; 8];
+        let mut i = 0;
+        while i < 8 {
+            all[i] = Self {
+                suffix_dictionary: i & 4 != 0,
+                arrival_dictionary: i & 2 != 0,
+                narrow_sub_sequence: i & 1 != 0,
+            };
+            i += 1;
+        }
+        all
+    };
+
+    fn index(self) -> usize {
+        usize::from(self.suffix_dictionary) * 4
+            + usize::from(self.arrival_dictionary) * 2
+            + usize::from(self.narrow_sub_sequence)
+    }
+
+    fn schema(self) -> SchemaRef {
+        let suffix = if self.suffix_dictionary {
             dictionary_of(DataType::Utf8)
         } else {
             DataType::Utf8
         };
-        let arrival = if arrival_dictionary {
+        let arrival = if self.arrival_dictionary {
             dictionary_of(ARRIVAL)
         } else {
             ARRIVAL
         };
-        layout(dictionary_of(DataType::Utf8), ("sequence_suffix", suffix), arrival)
-    })
-});
+        let sub_sequence = if self.narrow_sub_sequence {
+            DataType::UInt16
+        } else {
+            DataType::UInt64
+        };
+        layout(
+            dictionary_of(DataType::Utf8),
+            ("sequence_suffix", suffix),
+            sub_sequence,
+            arrival,
+        )
+    }
+}
 
-/// The block schema whose sequence suffix and arrival columns are dictionary-encoded or not.
-pub(crate) fn block_layout(suffix_dictionary: bool, arrival_dictionary: bool) -> SchemaRef {
-    LAYOUTS[usize::from(suffix_dictionary) * 2 + usize::from(arrival_dictionary)].clone()
+/// The schema of every current layout, indexed by [`Layout::index`].
+static LAYOUTS: LazyLock<[SchemaRef; 8]> = LazyLock::new(|| Layout::ALL.map(Layout::schema));
+
+/// The block schema of `layout`.
+pub(crate) fn block_layout(layout: Layout) -> SchemaRef {
+    LAYOUTS[layout.index()].clone()
 }
 
 /// The first layout: a shard id and a whole sequence number per record. Read, never written.
-static SCHEMA_V1: LazyLock<SchemaRef> =
-    LazyLock::new(|| layout(DataType::Utf8, ("sequence_number", DataType::Utf8), ARRIVAL));
+static SCHEMA_V1: LazyLock<SchemaRef> = LazyLock::new(|| {
+    layout(
+        DataType::Utf8,
+        ("sequence_number", DataType::Utf8),
+        DataType::UInt64,
+        ARRIVAL,
+    )
+});
 
 /// The Arrow schema of a block's payload with every column plain (its fields; each block's schema
 /// also carries its sequence prefix as metadata). A block's `sequence_suffix` and
-/// `approximate_arrival` columns may each be `Dictionary(UInt16, _)` instead (see [`Block`]).
+/// `approximate_arrival` columns may each be `Dictionary(UInt16, _)` instead, and its
+/// `sub_sequence` `UInt16` (see [`Block`]).
 pub fn block_schema() -> SchemaRef {
-    block_layout(false, false)
+    block_layout(Layout {
+        suffix_dictionary: false,
+        arrival_dictionary: false,
+        narrow_sub_sequence: false,
+    })
 }
 
 /// The length of the longest common prefix of `a` and `b`, on a `char` boundary of both.
@@ -346,7 +407,6 @@ impl Block {
     /// # Errors
     /// [`Error::Corrupt`] if a stored sequence number is not canonical.
     pub fn records(&self) -> Result<Vec<Record>> {
-        let sub = self.batch.column(2).as_primitive::<UInt64Type>();
         let key = self.partition_keys();
         let data = self.data();
         let mut last_shard: Option<Arc<str>> = None;
@@ -364,7 +424,7 @@ impl Block {
                 };
                 Ok(Record {
                     shard_id,
-                    position: Position::new(self.sequence_at(i, prefix, &mut text)?, sub.value(i)),
+                    position: Position::new(self.sequence_at(i, prefix, &mut text)?, self.sub_sequence_at(i)),
                     partition_key: Arc::from(key.value(i)),
                     approximate_arrival_ms: self.arrival_at(i),
                     data: Bytes::copy_from_slice(data.value(i)),
@@ -387,6 +447,15 @@ impl Block {
                 values.value(usize::from(dictionary.keys().value(i)))
             }
             None => column.as_string::<i32>().value(i),
+        }
+    }
+
+    /// The sub-sequence number of record `i` (`UInt16` or `UInt64`).
+    fn sub_sequence_at(&self, i: usize) -> u64 {
+        let column = self.batch.column(2);
+        match column.as_primitive_opt::<UInt16Type>() {
+            Some(narrow) => u64::from(narrow.value(i)),
+            None => column.as_primitive::<UInt64Type>().value(i),
         }
     }
 
@@ -435,12 +504,11 @@ impl Block {
                 detail: format!("record {index} of a block of {}", self.len()),
             });
         }
-        let sub = self.batch.column(2).as_primitive::<UInt64Type>();
         Ok(Record {
             shard_id: Arc::from(self.shard_at(index)),
             position: Position::new(
                 self.sequence_at(index, self.sequence_prefix(), &mut String::new())?,
-                sub.value(index),
+                self.sub_sequence_at(index),
             ),
             partition_key: Arc::from(self.partition_keys().value(index)),
             approximate_arrival_ms: self.arrival_at(index),
@@ -622,7 +690,7 @@ mod tests {
     fn a_record_takes_about_its_payload_and_key_in_memory() {
         let block = block_of(&interleaved(&["shardId-000000000001", "shardId-000000000002"], 10_000));
         let per_record = block.memory_size() / block.len();
-        // 100 bytes of payload, a 2–5 byte key, 8 + 8 of sub-sequence and arrival, four offsets,
+        // 100 bytes of payload, a 2–5 byte key, 2 + 8 of sub-sequence and arrival, four offsets,
         // two of shard key and a short sequence suffix; the first layout took ~215 bytes.
         assert!(per_record < 160, "{per_record} bytes of block per 100-byte record");
     }

@@ -17,7 +17,7 @@ use arrow_buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use arrow_schema::{ArrowError, DataType, Schema};
 
 use crate::block::SEQUENCE_PREFIX_KEY;
-use crate::block::block_layout;
+use crate::block::{Layout, block_layout};
 use crate::{Block, BlockId, BlockMeta, Result, SequenceNumberRanges};
 
 /// How much a block will hold, so that its columns are allocated once.
@@ -61,7 +61,7 @@ pub struct BlockBuilder {
     /// track a validity bit per value, which a block never has). Sequence suffixes and keys are
     /// gathered as bytes and checked as UTF-8 once, in `finish`.
     shard_keys: Vec<u16>,
-    sub_sequences: Vec<u64>,
+    sub_sequences: SubSequences,
     keys: ByteColumn,
     data: ByteColumn,
     /// Sequence suffixes and arrival times as runs of consecutive records that share them (the
@@ -115,6 +115,56 @@ impl<V> Runs<V> {
             keys.resize(end, run as u16);
         }
         Some(UInt16Array::from(keys))
+    }
+}
+
+/// The sub-sequence numbers: two bytes each while every one fits a `u16` (a KPL aggregate's
+/// indexes do: an aggregate of 64 KiB holds at most ~10k records), eight from the first that does
+/// not.
+#[derive(Debug)]
+enum SubSequences {
+    Narrow(Vec<u16>),
+    Wide(Vec<u64>),
+}
+
+impl SubSequences {
+    #[inline]
+    fn push(&mut self, sub_sequence: u64) {
+        match self {
+            Self::Narrow(narrow) => {
+                if let Ok(value) = u16::try_from(sub_sequence) {
+                    narrow.push(value);
+                } else {
+                    let mut wide: Vec<u64> = Vec::with_capacity(narrow.capacity());
+                    wide.extend(narrow.iter().map(|&v| u64::from(v)));
+                    wide.push(sub_sequence);
+                    *self = Self::Wide(wide);
+                }
+            }
+            Self::Wide(wide) => wide.push(sub_sequence),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Narrow(narrow) => narrow.len(),
+            Self::Wide(wide) => wide.len(),
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        match self {
+            Self::Narrow(narrow) => narrow.truncate(len),
+            Self::Wide(wide) => wide.truncate(len),
+        }
+    }
+
+    /// The column: `UInt16` or `UInt64`.
+    fn into_array(self) -> ArrayRef {
+        match self {
+            Self::Narrow(narrow) => Arc::new(UInt16Array::from(narrow)),
+            Self::Wide(wide) => Arc::new(UInt64Array::from(wide)),
+        }
     }
 }
 
@@ -201,7 +251,7 @@ impl BlockBuilder {
             shards: Vec::new(),
             last_shard: 0,
             shard_keys: Vec::with_capacity(n),
-            sub_sequences: Vec::with_capacity(n),
+            sub_sequences: SubSequences::Narrow(Vec::with_capacity(n)),
             keys: ByteColumn::with_capacity(n, capacity.key_bytes),
             data: ByteColumn::with_capacity(n, capacity.data_bytes),
             // At most a run per record; usually far fewer, and the room is given back in `finish`.
@@ -390,11 +440,16 @@ impl BlockBuilder {
             Arc::new(TimestampMillisecondArray::from(plain))
         };
         let dictionary = |column: &ArrayRef| matches!(column.data_type(), DataType::Dictionary(..));
-        let layout = block_layout(dictionary(&suffix), dictionary(&arrival));
+        let sub_sequence = self.sub_sequences.into_array();
+        let layout = block_layout(Layout {
+            suffix_dictionary: dictionary(&suffix),
+            arrival_dictionary: dictionary(&arrival),
+            narrow_sub_sequence: sub_sequence.data_type() == &DataType::UInt16,
+        });
         let columns: Vec<ArrayRef> = vec![
             Arc::new(shard),
             suffix,
-            Arc::new(UInt64Array::from(self.sub_sequences)),
+            sub_sequence,
             Arc::new(utf8(self.keys)?),
             arrival,
             Arc::new(BinaryArray::try_new(data_offsets, data_values, None)?),
@@ -532,6 +587,41 @@ mod tests {
             columns(&runs),
             columns(&plain)
         );
+    }
+
+    #[test]
+    fn sub_sequences_take_two_bytes_while_they_fit_a_u16() {
+        let shard: Arc<str> = Arc::from("s");
+        let block_of = |subs: &[u64]| {
+            let mut builder = BlockBuilder::new("4959", BlockCapacity::default());
+            let records = subs.iter().map(|&sub| (sub, &b"k"[..], &b"d"[..]));
+            builder.push_run(&shard, b"01", 7, records).unwrap();
+            builder.finish(id(), SequenceNumberRanges::default()).unwrap()
+        };
+        let narrow = [0, 1, 2, u64::from(u16::MAX)];
+        // The first that does not fit widens the column, keeping the ones before it.
+        let wide = [0, 1, u64::from(u16::MAX) + 1, 2, u64::MAX];
+        for (subs, column_type) in [(&narrow[..], DataType::UInt16), (&wide[..], DataType::UInt64)] {
+            let block = block_of(subs);
+            assert_eq!(block.batch().column(2).data_type(), &column_type);
+            let read: Vec<u64> = block
+                .records()
+                .unwrap()
+                .iter()
+                .map(|r| r.position.sub_sequence)
+                .collect();
+            assert_eq!(read, subs);
+            assert_eq!(
+                block.record(subs.len() - 1).unwrap().position.sub_sequence,
+                subs[subs.len() - 1]
+            );
+            assert_eq!(Block::decode(block.encode().unwrap()).unwrap(), block);
+        }
+        // The same records from `Record`s: the same narrow column.
+        let records = block_of(&narrow).records().unwrap();
+        let again = Block::from_records(id(), SequenceNumberRanges::default(), &records).unwrap();
+        assert_eq!(again.batch().column(2).data_type(), &DataType::UInt16);
+        assert_eq!(again.records().unwrap(), records);
     }
 
     #[test]

@@ -163,24 +163,14 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
-    /// Every layout, in the order of [`Layout::index`].
-    const ALL: [Self; 8] = {
-        let mut all = [Self {
-            suffix_dictionary: false,
-            arrival_dictionary: false,
-            narrow_sub_sequence: false,
-        }; 8];
-        let mut i = 0;
-        while i < 8 {
-            all[i] = Self {
-                suffix_dictionary: i & 4 != 0,
-                arrival_dictionary: i & 2 != 0,
-                narrow_sub_sequence: i & 1 != 0,
-            };
-            i += 1;
+    /// The layout at `index` (the inverse of [`Layout::index`]).
+    fn at(index: usize) -> Self {
+        Self {
+            suffix_dictionary: index & 4 != 0,
+            arrival_dictionary: index & 2 != 0,
+            narrow_sub_sequence: index & 1 != 0,
         }
-        all
-    };
+    }
 
     fn index(self) -> usize {
         usize::from(self.suffix_dictionary) * 4
@@ -214,7 +204,7 @@ impl Layout {
 }
 
 /// The schema of every current layout, indexed by [`Layout::index`].
-static LAYOUTS: LazyLock<[SchemaRef; 8]> = LazyLock::new(|| Layout::ALL.map(Layout::schema));
+static LAYOUTS: LazyLock<[SchemaRef; 8]> = LazyLock::new(|| std::array::from_fn(|i| Layout::at(i).schema()));
 
 /// The block schema of `layout`.
 pub(crate) fn block_layout(layout: Layout) -> SchemaRef {

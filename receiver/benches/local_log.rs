@@ -246,11 +246,11 @@ fn log_read_shards(stream: &LocalStream, corpus: &[u8], total: usize) -> BenchRe
         shards: Vec::new(),
         blocks: Vec::new(),
     };
+    // Blocks as the block generator cuts them: at most `max_block_bytes` each.
+    let max_block_bytes = env_usize("SLUICE_BENCH_BLOCK_BYTES", ReceiverConfig::DEFAULT_MAX_BLOCK_BYTES);
     for pages in pages_per_shard.into_iter().filter(|pages| !pages.is_empty()) {
         let records: Vec<&Record> = all[pages].iter().flatten().collect();
         ranges.shards.push(range_of(stream, &records));
-        // Blocks as the block generator cuts them: at most `max_block_bytes` each.
-        let max_block_bytes = env_usize("SLUICE_BENCH_BLOCK_BYTES", ReceiverConfig::DEFAULT_MAX_BLOCK_BYTES);
         let mut first = 0;
         let mut bytes = 0;
         for (i, record) in records.iter().enumerate() {

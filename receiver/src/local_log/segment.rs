@@ -66,11 +66,11 @@ pub(crate) fn start_segment(segments: &[SegmentFile], target: Option<u128>) -> O
 }
 
 /// Bytes of a segment between two frames a cursor records in the [`FrameIndex`].
-pub(crate) const INDEX_INTERVAL_BYTES: u64 = 1024 * 1024;
+const INDEX_INTERVAL_BYTES: u64 = 1024 * 1024;
 
 /// The most segments a [`FrameIndex`] holds frames of (64 GiB of segments at the default 64 MiB,
 /// at most ~64 entries each); past it the index starts over.
-pub(crate) const INDEX_MAX_SEGMENTS: usize = 1024;
+const INDEX_MAX_SEGMENTS: usize = 1024;
 
 /// Where frames start in segment files, learned as cursors read them: about one frame per
 /// [`INDEX_INTERVAL_BYTES`] of a segment, so that a cursor that starts at a sequence number (a

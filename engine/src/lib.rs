@@ -1,7 +1,7 @@
 //! # sluice-engine
 //!
 //! The layer that wires Sluice together: it owns the [`StreamingContext`], the `DStream` graph,
-//! the [`ReceivedBlockTracker`] and its [`MetadataLog`], the job generator that cuts a batch every
+//! the `ReceivedBlockTracker` and its `MetadataLog`, the job generator that cuts a batch every
 //! interval, recovery after a crash, backpressure and metrics.
 //!
 //! It is the only crate that knows about all three lower crates: receivers (`sluice-receiver`)

@@ -121,15 +121,16 @@ impl StreamingContextBuilder {
         self
     }
 
-    /// Total delay above which a batch raises [`HealthEvent::StuckProcessing`] (default 10 ×
-    /// batch interval).
+    /// Total delay above which a batch raises
+    /// [`HealthEvent::StuckProcessing`](crate::HealthEvent::StuckProcessing) (default 10 × batch
+    /// interval).
     #[must_use]
     pub fn stuck_bound(mut self, bound: Duration) -> Self {
         self.config.stuck_bound_ms = Some(u64::try_from(bound.as_millis()).unwrap_or(u64::MAX));
         self
     }
     /// Fraction of failed task attempts above which a batch raises
-    /// [`HealthEvent::HighErrorRate`] (default 0.05).
+    /// [`HealthEvent::HighErrorRate`](crate::HealthEvent::HighErrorRate) (default 0.05).
     #[must_use]
     pub fn error_rate_bound(mut self, bound: f64) -> Self {
         self.config.error_rate_bound = bound;
@@ -178,7 +179,7 @@ impl StreamingContextBuilder {
     /// [`StreamingContext::start`].
     ///
     /// # Errors
-    /// [`Error::Config`] naming the bad setting and the fix.
+    /// [`Error::Config`](crate::Error::Config) naming the bad setting and the fix.
     pub fn build(self) -> Result<StreamingContext> {
         self.config.validate()?;
         Ok(StreamingContext::new(self.config, self.clock))

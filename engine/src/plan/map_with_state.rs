@@ -698,7 +698,8 @@ where
 {
     /// Keeps a state per key and maps each batch through it, touching only the keys that have
     /// new values (or time out): a batch costs what it holds, not what the state holds, and each
-    /// batch writes only the keys it changed (see the [module docs](crate::map_with_state)).
+    /// batch writes only the keys it changed (see the module docs of
+    /// `engine/src/plan/map_with_state.rs`).
     /// Spark's `mapWithState`. The function must be deterministic: a re-run batch (after a
     /// restart, or by the worker that adopts a dead one) must reproduce its state and output.
     ///

@@ -19,7 +19,7 @@ use super::metrics::{
     BatchDelays, BatchInfo, HIGH_ERROR_RATE, HealthEvent, MetricsSnapshot, RecoveryStatus, ReplayInfo, STUCK_PROCESSING,
 };
 
-/// A running context at one moment. See the [module docs](self).
+/// A running context at one moment. See the module docs of `engine/src/runtime/status.rs`.
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct StreamingStatus {

@@ -18,7 +18,7 @@ pub enum WhenFull {
     Block,
 }
 
-/// Block sizes, timing and queueing of a [`BlockGenerator`].
+/// Block sizes, timing and queueing of a [`BlockGenerator`](crate::BlockGenerator).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BlockGeneratorConfig {
@@ -27,7 +27,8 @@ pub struct BlockGeneratorConfig {
     /// Seal as soon as the buffer holds this many records.
     pub max_block_records: usize,
     /// Seal as soon as the buffered records hold this many bytes of memory
-    /// ([`Record::memory_bytes`]: payload, partition key, sequence number, per-record overhead).
+    /// ([`Record::memory_bytes`](sluice_blockstore::Record::memory_bytes): payload, partition key,
+    /// sequence number, per-record overhead).
     pub max_block_bytes: usize,
     /// Sealed blocks waiting for the pusher, at most.
     pub queue_capacity: usize,

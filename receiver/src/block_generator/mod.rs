@@ -65,8 +65,8 @@ struct Threads {
     pusher: JoinHandle<()>,
 }
 
-/// Buffers records into blocks and stores them through a [`BlockHandler`]; see the
-/// [module docs](self).
+/// Buffers records into blocks and stores them through a [`BlockHandler`]; see the module docs
+/// of `receiver/src/block_generator/mod.rs`.
 ///
 /// ```
 /// use std::sync::{Arc, Mutex};

@@ -24,9 +24,11 @@ pub struct GeneratorMetrics {
 pub enum GeneratorPhase {
     /// Accepting records.
     Active,
-    /// Stopping with [`StopMode::Graceful`]: no new records; buffered ones are being stored.
+    /// Stopping with [`StopMode::Graceful`](crate::StopMode::Graceful): no new records; buffered
+    /// ones are being stored.
     Draining,
-    /// Stopped; everything accepted was stored (or discarded by [`StopMode::Immediate`]).
+    /// Stopped; everything accepted was stored (or discarded by
+    /// [`StopMode::Immediate`](crate::StopMode::Immediate)).
     Stopped,
     /// A block could not be stored; nothing after it will be.
     Failed(GeneratorError),
@@ -39,8 +41,9 @@ pub struct GeneratorStats {
     pub phase: GeneratorPhase,
     /// Records buffered (current buffer + queue + the block being stored).
     pub buffered_records: usize,
-    /// Memory held by buffered records, as [`Record::memory_bytes`] counts it (current buffer +
-    /// queue + the block being stored).
+    /// Memory held by buffered records, as
+    /// [`Record::memory_bytes`](sluice_blockstore::Record::memory_bytes) counts it (current
+    /// buffer + queue + the block being stored).
     pub buffered_bytes: usize,
     /// Sealed blocks waiting for the pusher.
     pub queued_blocks: usize,

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::{Checkpoint, Lease, LeaseError, LeaseFence, LeaseKind, LeaseStore, rules};
 use crate::file_lock::{FileLock, replace_file};
 
-/// A [`LeaseStore`] in a local JSON file; see the [module docs](self).
+/// A [`LeaseStore`] in a local JSON file; see the module docs of `receiver/src/lease/local.rs`.
 ///
 /// ```
 /// use sluice_receiver::{Checkpoint, Lease, LeaseStore, LocalLeaseStore};

@@ -101,7 +101,8 @@ struct RegistryState {
     live: Vec<String>,
 }
 
-/// This worker's view of the worker leases of its application; see the [module docs](self).
+/// This worker's view of the worker leases of its application; see the module docs of
+/// `receiver/src/lease/workers.rs`.
 pub struct WorkerRegistry {
     store: Arc<dyn LeaseStore>,
     me: String,

@@ -253,7 +253,7 @@ impl Core {
     }
 }
 
-/// A receiver: see the [module docs](self).
+/// A receiver: see the module docs of `receiver/src/receiver/mod.rs`.
 ///
 /// Build it with [`Receiver::new`], [`start`](Receiver::start) it (returns at once), watch
 /// [`status`](Receiver::status), slow it with [`set_max_rate`](Receiver::set_max_rate), and

@@ -25,8 +25,11 @@
 //!
 //! Settings: `SLUICE_BENCH_FILE` (a text file), `SLUICE_BENCH_LINES` (size of the generated
 //! corpus), `SLUICE_BENCH_ONLY=batch|e2e` (only section 2, or only 3–4),
-//! `SLUICE_BENCH_MAX_BLOCK_BYTES` (block size of section 2), `SLUICE_BENCH_REPEATS` (sections 1
-//! and 2 run this many times, default 3, and print the best time of each).
+//! `SLUICE_BENCH_MAX_BLOCK_BYTES` (block size of sections 2 and 4), `SLUICE_BENCH_REPEATS` (sections 1
+//! and 2 run this many times, default 3, and print the best time of each); for section 4 only,
+//! `SLUICE_BENCH_BATCH_MS` (the batch interval, the example's 500 unless set),
+//! `SLUICE_BENCH_MEMORY_MIB` (the block store's memory budget) and `SLUICE_BENCH_QUEUE` (the
+//! generator's queue of blocks).
 
 #[path = "../examples/support/mod.rs"]
 mod support;
@@ -47,8 +50,13 @@ use sluice::receiver::ReceiverConfig;
 use sluice::receiver::local_log::{LocalLog, spread_hash_key};
 
 const STREAM: &str = "lines";
-/// The word-count example's batch interval, which the end-to-end runs use.
-const E2E_BATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// The word-count example's batch interval, which the end-to-end runs use unless
+/// `SLUICE_BENCH_BATCH_MS` says otherwise.
+const E2E_BATCH_INTERVAL_MS: usize = 500;
+
+fn e2e_batch_interval() -> Duration {
+    Duration::from_millis(env_or("SLUICE_BENCH_BATCH_MS", E2E_BATCH_INTERVAL_MS) as u64)
+}
 
 fn hand_written(lines: &[String], threads: usize) -> (Duration, usize) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -221,7 +229,7 @@ fn peak_rss() -> u64 {
 fn e2e_child(dir: &Path) {
     // The word-count example's settings: 500 ms batches, 100 ms blocks; everything else default.
     let mut builder = StreamingContext::builder()
-        .batch_interval(E2E_BATCH_INTERVAL)
+        .batch_interval(e2e_batch_interval())
         .data_dir(dir.join("data"));
     if let Ok(mib) = std::env::var("SLUICE_BENCH_MEMORY_MIB") {
         builder = builder.memory_budget_bytes(mib.parse::<u64>().unwrap() << 20);
@@ -453,11 +461,13 @@ fn main() {
         run.time,
         &format!(
             "(aim >= 0.5x)  peak RSS {:.0} MiB (aim <= 256); ingest waited {} ms for the memory budget; \
-             {} batches held records (so the last was cut >= {} ms after the start), the slowest processed in {} ms",
+             {} batches of {} ms held records (batch times are multiples of the interval, so the last was cut \
+             >= {} ms after the start), the slowest processed in {} ms",
             mib(run.peak_rss),
             run.gate_wait.as_millis(),
             run.batches,
-            run.batches * E2E_BATCH_INTERVAL.as_millis() as u64,
+            e2e_batch_interval().as_millis(),
+            run.batches.saturating_sub(1) * e2e_batch_interval().as_millis() as u64,
             run.slowest_batch.as_millis()
         ),
     );

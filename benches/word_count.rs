@@ -227,7 +227,8 @@ fn peak_rss() -> u64 {
 /// `dir`, default settings (plus a rate limit or backpressure when asked), from start to
 /// drained. Prints `<milliseconds> <peak rss bytes>`.
 fn e2e_child(dir: &Path) {
-    // The word-count example's settings: 500 ms batches, 100 ms blocks; everything else default.
+    // The word-count example's settings: 500 ms batches (unless `SLUICE_BENCH_BATCH_MS`), 100 ms
+    // blocks; everything else default.
     let mut builder = StreamingContext::builder()
         .batch_interval(e2e_batch_interval())
         .data_dir(dir.join("data"));

@@ -87,12 +87,16 @@ impl JobGenerator {
             if let Err(e) = self.run_adoptions() {
                 return self.rt.fail(e);
             }
-            if self.rt.drain_requested.load(Ordering::SeqCst) && !self.rt.own.tracker.has_unallocated_blocks() {
-                // Receivers are stopped (stop() stops them first), so nothing new can arrive.
-                return self.rt.finish(None);
-            }
+            // Returns at once when a stop or a drain is asked for.
             self.wait_for_batch_time(next);
             if self.rt.stop_requested.load(Ordering::SeqCst) {
+                return self.rt.finish(None);
+            }
+            if self.rt.drain_requested.load(Ordering::SeqCst) && !self.rt.own.tracker.has_unallocated_blocks() {
+                // Nothing left to process (stop() stops the receivers first, so nothing new can
+                // arrive). The drain woke the wait, possibly before `next`'s time: a batch run now
+                // would run ahead of the clock, and when empty it is not logged (a plan without
+                // state), so a restart before the clock reaches `next` would run `next` again.
                 return self.rt.finish(None);
             }
             if let Err(e) = self.run_batch(&self.rt.own, next, std::mem::replace(&mut step, RecoveryStep::None)) {

@@ -6,15 +6,17 @@
 //! --all-targets` runs it) it does one smoke pass on 2,000 records. Knobs (environment):
 //! `SLUICE_BENCH_RECORDS` (records per run), `SLUICE_BENCH_REPEATS` (runs, median taken),
 //! `SLUICE_BENCH_ONLY=log|load` (one section), `SLUICE_BENCH_SHARDS=1|2` (one shape of the log
-//! section), `SLUICE_BENCH_API=put|append` (one way of writing in the log section),
+//! section), `SLUICE_BENCH_API=put|append|append-hashed` (one way of writing in the log section),
 //! `SLUICE_BENCH_BLOCK_BYTES` (the largest block rebuilt; the receiver's default, 16 MiB).
 //!
 //! **log** (target 4), for two shapes — one shard and one partition key; two shards and a distinct
-//! key per record (what the word-count example writes) — and two ways of writing:
-//! - *put* / *append*: `Producer::put` (a stored record each, its position returned) or
-//!   `Producer::append` (aggregated, as bulk loads write) of every record, then `flush` (write +
-//!   fsync), against a raw sequential `write_all` of the same payload bytes in 1 MiB slices +
-//!   `fsync` to a new file;
+//! key per record (what the word-count example writes) — and three ways of writing:
+//! - *put* / *append* / *`hash_keys` + append*: `Producer::put` (a stored record each, its position
+//!   returned) or `Producer::append` (aggregated, as bulk loads write) of every record, the last
+//!   with each key's MD5 computed by `hash_keys` 500 keys at a time and passed as the explicit
+//!   hash key (two shards only: one shard needs no MD5; the log it writes is the one `append`
+//!   writes, so only its writing is timed), then `flush` (write + fsync), against a raw
+//!   sequential `write_all` of the same payload bytes in 1 MiB slices + `fsync` to a new file;
 //! - *read shard*: every shard read from `TrimHorizon` to its tail with `LocalShardReader::read`,
 //!   *replay*: `Replay::replay` of each shard's whole range, and *replay into a block*:
 //!   `Replay::replay_block` of each block a receiver would have cut from the shards (at most
@@ -41,7 +43,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_blockstore::{BlockId, BlockMeta, Record, Replay, SequenceNumberRange, SequenceNumberRanges};
-use sluice_receiver::local_log::{LocalLog, LocalStream, cli, spread_hash_key};
+use sluice_receiver::local_log::{LocalLog, LocalStream, cli, hash_keys, spread_hash_key};
 use sluice_receiver::{ReceiverConfig, Source, StartingPosition};
 
 const BENCH_RECORDS: usize = 1_000_000;
@@ -145,13 +147,21 @@ const SHAPES: [Shape; 2] = [
 ];
 
 /// How the log section writes its records.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Api {
     /// `Producer::put`: a stored record each, its position returned.
     Put,
     /// `Producer::append`: aggregated, no position returned.
     Append,
+    /// `Producer::append` with each key's MD5 from `hash_keys`, [`HASH_BATCH`] keys at a time (a
+    /// bulk load that routes by partition key). Only with more than one shard: one shard needs
+    /// no MD5.
+    AppendHashed,
 }
+
+/// Keys hashed per `hash_keys` call by [`Api::AppendHashed`] (Kinesis `PutRecords` takes up to
+/// 500 records per call).
+const HASH_BATCH: usize = 500;
 
 /// Writes every record and flushes; returns the elapsed time.
 #[inline(never)] // a frame of its own in profiles
@@ -159,6 +169,33 @@ fn log_append(stream: &LocalStream, corpus: &[u8], records: usize, shape: Shape,
     let mut producer = stream.producer()?;
     let mut key = String::new();
     let start = Instant::now();
+    if api == Api::AppendHashed {
+        // A batch's keys written end to end into one buffer (no allocation per key).
+        let (mut text, mut ends, mut hashes) = (String::new(), Vec::new(), Vec::with_capacity(HASH_BATCH));
+        for first in (0..records).step_by(HASH_BATCH) {
+            let batch = first..(first + HASH_BATCH).min(records);
+            text.clear();
+            ends.clear();
+            for i in batch.clone() {
+                if shape.distinct_keys {
+                    write!(text, "{i}").expect("format a key");
+                } else {
+                    text.push('k');
+                }
+                ends.push(text.len());
+            }
+            let keys: Vec<&str> = (0..ends.len())
+                .map(|j| &text[j.checked_sub(1).map_or(0, |p| ends[p])..ends[j]])
+                .collect();
+            hashes.clear();
+            hash_keys(&keys, &mut hashes);
+            for ((i, k), hash) in batch.zip(&keys).zip(&hashes) {
+                producer.append(k, Some(*hash), record_payload(corpus, i))?;
+            }
+        }
+        producer.flush()?;
+        return Ok(start.elapsed());
+    }
     for i in 0..records {
         let k = if shape.distinct_keys {
             key.clear();
@@ -170,6 +207,7 @@ fn log_append(stream: &LocalStream, corpus: &[u8], records: usize, shape: Shape,
         match api {
             Api::Put => drop(producer.put(k, record_payload(corpus, i))?),
             Api::Append => producer.append(k, None, record_payload(corpus, i))?,
+            Api::AppendHashed => unreachable!("appended above"),
         }
     }
     producer.flush()?;
@@ -371,12 +409,20 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
         .and_then(|v| v.parse::<u32>().ok());
     let shapes = SHAPES.into_iter().filter(|s| shards_only.is_none_or(|n| n == s.shards));
     let api_only = std::env::var("SLUICE_BENCH_API").ok();
-    let apis = [(Api::Put, "put"), (Api::Append, "append")]
-        .into_iter()
-        .filter(|(_, name)| api_only.as_deref().is_none_or(|only| only == *name))
-        .map(|(api, _)| api)
-        .collect::<Vec<_>>();
-    for (shape, api) in shapes.flat_map(|shape| apis.iter().map(move |api| (shape, *api))) {
+    let apis = [
+        (Api::Put, "put"),
+        (Api::Append, "append"),
+        (Api::AppendHashed, "append-hashed"),
+    ]
+    .into_iter()
+    .filter(|(_, name)| api_only.as_deref().is_none_or(|only| only == *name))
+    .map(|(api, _)| api)
+    .collect::<Vec<_>>();
+    let cases = shapes.flat_map(|shape| apis.iter().map(move |api| (shape, *api)));
+    for (shape, api) in cases.filter(|(shape, api)| *api != Api::AppendHashed || shape.shards > 1) {
+        // The log an `AppendHashed` run writes is the one `Append` writes: only its writing is
+        // measured.
+        let reads = api != Api::AppendHashed;
         let mut raw_w = Vec::new();
         let mut raw_r = Vec::new();
         let mut append = Vec::new();
@@ -388,17 +434,23 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
             raw_w.push(raw_write(&raw_path, &corpus)?);
             let stream = LocalLog::open(&log_dir)?.create_stream("bench", shape.shards)?;
             append.push(log_append(&stream, &corpus, records, shape, api)?);
-            raw_r.push(raw_read(&raw_path, &corpus)?);
-            let (elapsed, ranges) = log_read_shards(&stream, &corpus, records)?;
-            read.push(elapsed);
-            replay.push(log_replay(&stream, &ranges.shards, &corpus, records)?);
-            replay_block.push(log_replay_block(&stream, &ranges.blocks, &corpus, records)?);
+            if reads {
+                raw_r.push(raw_read(&raw_path, &corpus)?);
+                let (elapsed, ranges) = log_read_shards(&stream, &corpus, records)?;
+                read.push(elapsed);
+                replay.push(log_replay(&stream, &ranges.shards, &corpus, records)?);
+                replay_block.push(log_replay_block(&stream, &ranges.blocks, &corpus, records)?);
+            } else {
+                // Still checked: every record back exactly once.
+                log_read_shards(&stream, &corpus, records)?;
+            }
             std::fs::remove_dir_all(&log_dir)?;
         }
         let bytes = records * RECORD_BYTES;
         let (written_by, shape) = match api {
             Api::Put => ("put", shape.name.to_owned()),
             Api::Append => ("append", format!("{}, appended", shape.name)),
+            Api::AppendHashed => ("hash_keys + append", format!("{}, appended", shape.name)),
         };
         rows.push(Row {
             name: format!("{written_by} + flush ({shape})"),
@@ -408,6 +460,9 @@ fn log_section(dir: &Path, records: usize, repeats: usize) -> BenchResult {
             bytes,
             aim: 0.5,
         });
+        if !reads {
+            continue;
+        }
         rows.push(Row {
             name: format!("read shards ({shape})"),
             baseline: "read 1 MiB bufs",

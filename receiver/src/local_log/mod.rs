@@ -63,6 +63,7 @@
 mod cli_commands;
 mod error;
 mod frame;
+mod md5_lanes;
 mod meta;
 mod producer;
 mod reader;
@@ -85,7 +86,7 @@ use sluice_blockstore::{
 
 pub use error::{LocalLogError, PoisonCause, Result};
 pub use meta::RetentionPolicy;
-pub use producer::{DEFAULT_WRITE_BUFFER_BYTES, Producer, RetentionReport, hash_key, spread_hash_key};
+pub use producer::{DEFAULT_WRITE_BUFFER_BYTES, Producer, RetentionReport, hash_key, hash_keys, spread_hash_key};
 pub use reader::LocalShardReader;
 
 use frame::{BodyCheck, RecordDecoder, SequenceText, position_key};

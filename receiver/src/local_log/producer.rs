@@ -273,6 +273,31 @@ pub fn hash_key(partition_key: &str) -> u128 {
     u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into())
 }
 
+/// [`hash_key`] of every key, in order, appended to `out`: for bulk appends that route records
+/// by their partition keys, as Kinesis does. Sixteen keys of up to 55 bytes are hashed side by
+/// side, about three times as fast per key as one `hash_key` call each (an MD5 is 64 dependent
+/// steps; the CPU can run several keys' steps at once). Pass each record's hash to
+/// [`Producer::append`] as its explicit hash key: it lands in the shard `None` would have chosen.
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// use sluice_receiver::local_log::{LocalLog, hash_key, hash_keys};
+/// let stream = LocalLog::open(dir.path())?.create_stream("s", 4)?;
+/// let mut producer = stream.producer()?;
+/// let records = [("user-1", "a"), ("user-2", "b"), ("user-1", "c")];
+/// let mut hashes = Vec::new();
+/// hash_keys(&records.map(|(key, _)| key), &mut hashes);
+/// assert_eq!(hashes[2], hash_key("user-1"));
+/// for ((key, data), hash) in records.iter().zip(hashes) {
+///     producer.append(key, Some(hash), data)?;
+/// }
+/// producer.flush()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn hash_keys<K: AsRef<str>>(keys: &[K], out: &mut Vec<u128>) {
+    super::md5_lanes::md5_of_keys(keys.iter().map(|k| k.as_ref().as_bytes()), out);
+}
+
 /// An explicit hash key for the `n`-th record of a bulk load whose keys are only counters:
 /// consecutive `n` land far apart (`n` times the odd integer nearest `2^128 / φ`, Fibonacci
 /// hashing), so records spread evenly over any split of the hash key space, as MD5 of the

@@ -13,7 +13,9 @@ use sluice_operators::bench_data;
 
 mod support;
 
-use support::{DRAIN_TIMEOUT, STREAM, await_stored, context, fill_log, receiver_config, word_count, words};
+use support::{
+    DRAIN_TIMEOUT, STREAM, await_stored, context, fill_log, manual_clock_context, receiver_config, word_count, words,
+};
 
 /// Word count whose totals (state) are captured after every batch.
 #[test]
@@ -235,12 +237,7 @@ fn a_graceful_stop_ahead_of_the_next_batch_time_never_runs_a_batch_time_twice_ac
     let clock = Arc::new(ManualClock::new(1_000));
     let times: Arc<Mutex<Vec<i64>>> = Arc::default();
     let start = || {
-        let ctx = StreamingContext::builder()
-            .batch_interval(Duration::from_secs(1))
-            .data_dir(dir.path().join("data"))
-            .clock(clock.clone())
-            .build()
-            .unwrap();
+        let ctx = manual_clock_context(&dir.path().join("data"), &clock);
         let stream = ctx
             .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(50))
             .unwrap();

@@ -16,7 +16,9 @@ use sluice_receiver::local_log::{LocalLog, RetentionPolicy, StreamConfig};
 
 mod support;
 
-use support::{DRAIN_TIMEOUT, STREAM, await_stored, context, fill_log, receiver_config, word_count, words};
+use support::{
+    DRAIN_TIMEOUT, STREAM, await_stored, context, fill_log, manual_clock_context, receiver_config, word_count, words,
+};
 
 #[test]
 fn inputs_and_outputs_cannot_be_added_after_start() {
@@ -206,12 +208,7 @@ fn data_gone_from_the_source_stops_the_stream_with_data_lost() {
     producer.flush().unwrap();
     // A manual clock: blocks are cut as it moves, and no batch runs before it reaches 2,000.
     let clock = Arc::new(ManualClock::new(1_000));
-    let ctx = StreamingContext::builder()
-        .batch_interval(Duration::from_secs(1))
-        .data_dir(dir.path().join("data"))
-        .clock(clock.clone())
-        .build()
-        .unwrap();
+    let ctx = manual_clock_context(&dir.path().join("data"), &clock);
     let stream = ctx
         .local_log_stream(&dir.path().join("log"), STREAM, receiver_config(50))
         .unwrap();

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use sluice_blockstore::ManualClock;
 use sluice_engine::{DStream, StreamingContext};
 use sluice_receiver::ReceiverConfig;
 use sluice_receiver::local_log::LocalLog;
@@ -47,6 +48,17 @@ pub fn context(data: &Path, batch_ms: u64, threads: usize) -> StreamingContext {
         .batch_interval(Duration::from_millis(batch_ms))
         .data_dir(data)
         .executor_threads(threads)
+        .build()
+        .unwrap()
+}
+
+/// A context with its data under `data`, one-second batches and `clock`'s time: blocks are cut
+/// and batches run as the test moves the clock.
+pub fn manual_clock_context(data: &Path, clock: &Arc<ManualClock>) -> StreamingContext {
+    StreamingContext::builder()
+        .batch_interval(Duration::from_secs(1))
+        .data_dir(data)
+        .clock(clock.clone())
         .build()
         .unwrap()
 }

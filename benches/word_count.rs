@@ -25,9 +25,10 @@
 //!
 //! Settings: `SLUICE_BENCH_FILE` (a text file), `SLUICE_BENCH_LINES` (size of the generated
 //! corpus), `SLUICE_BENCH_ONLY=batch|e2e` (only section 2, or only 3–4),
-//! `SLUICE_BENCH_MAX_BLOCK_BYTES` (block size of sections 2 and 4), `SLUICE_BENCH_REPEATS` (sections 1
-//! and 2 run this many times, default 3, and print the best time of each); for section 4 only,
-//! `SLUICE_BENCH_BATCH_MS` (the batch interval, the example's 500 unless set),
+//! `SLUICE_BENCH_MAX_BLOCK_BYTES` (block size of sections 2, 4 and 6), `SLUICE_BENCH_REPEATS`
+//! (sections 1 and 2 run this many times, default 3, and print the best time of each); for the
+//! end-to-end runs (sections 4 and 6), `SLUICE_BENCH_BATCH_MS` (the batch interval, the example's
+//! 500 unless set),
 //! `SLUICE_BENCH_MEMORY_MIB` (the block store's memory budget) and `SLUICE_BENCH_QUEUE` (the
 //! generator's queue of blocks).
 

@@ -222,7 +222,8 @@ impl StreamingContext {
     /// the graceful-stop timeout; [`StopMode::Immediate`] finishes only the batch in progress. Past the
     /// timeout the batch in progress is abandoned between records (it is logged and re-runs after
     /// a restart). Neither waits for the next batch time: a graceful stop runs its last batch (the
-    /// next batch's time, holding every block left) as soon as the receivers are stopped.
+    /// next batch's time, holding every block left) as soon as the receivers are stopped, or none
+    /// when no block is left (a restart then runs that batch time when it comes, once).
     ///
     /// # Errors
     /// [`Error::StopTimeout`] if the stop did not finish in time (what was not processed is still

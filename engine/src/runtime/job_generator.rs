@@ -87,17 +87,21 @@ impl JobGenerator {
             if let Err(e) = self.run_adoptions() {
                 return self.rt.fail(e);
             }
-            // Returns at once when a stop or a drain is asked for.
+            if self.draining_with_nothing_left() {
+                // Receivers are stopped (stop() stops them first), so nothing new can arrive.
+                return self.rt.finish(None);
+            }
             self.wait_for_batch_time(next);
             if self.rt.stop_requested.load(Ordering::SeqCst) {
                 return self.rt.finish(None);
             }
-            if self.rt.drain_requested.load(Ordering::SeqCst) && !self.rt.own.tracker.has_unallocated_blocks() {
-                // Nothing left to process (stop() stops the receivers first, so nothing new can
-                // arrive). The drain woke the wait, possibly before `next`'s time: a batch run now
-                // would run ahead of the clock, and when empty it is not logged (a plan without
-                // state), so a restart before the clock reaches `next` would run `next` again.
-                return self.rt.finish(None);
+            if self.draining_with_nothing_left() {
+                // The drain woke the wait, possibly before `next`'s time, with nothing left to
+                // process: a batch run now would run ahead of the clock, and when empty it is not
+                // logged (a plan without state), so a restart before the clock reaches `next` would
+                // run `next` again. The next pass sees what happened during the wait (a receiver
+                // failure, a queued adoption) and then finishes.
+                continue;
             }
             if let Err(e) = self.run_batch(&self.rt.own, next, std::mem::replace(&mut step, RecoveryStep::None)) {
                 return self.rt.fail(e);
@@ -109,6 +113,11 @@ impl JobGenerator {
                 next = now / self.rt.interval_ms * self.rt.interval_ms;
             }
         }
+    }
+
+    /// Whether a graceful stop asked for a drain and no logged block waits for a batch.
+    fn draining_with_nothing_left(&self) -> bool {
+        self.rt.drain_requested.load(Ordering::SeqCst) && !self.rt.own.tracker.has_unallocated_blocks()
     }
 
     /// Waits until the clock reads `time_ms`, or until `stop()` asks for a stop or a drain: a stop

@@ -275,7 +275,7 @@ pub fn hash_key(partition_key: &str) -> u128 {
 
 /// [`hash_key`] of every key, in order, appended to `out`: for bulk appends that route records
 /// by their partition keys, as Kinesis does. Sixteen keys of up to 55 bytes are hashed side by
-/// side, about three times as fast per key as one `hash_key` call each (an MD5 is 64 dependent
+/// side, two to three times as fast per key as one `hash_key` call each (an MD5 is 64 dependent
 /// steps; the CPU can run several keys' steps at once). Pass each record's hash to
 /// [`Producer::append`] as its explicit hash key: it lands in the shard `None` would have chosen.
 ///

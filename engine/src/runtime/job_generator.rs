@@ -121,11 +121,11 @@ impl JobGenerator {
     }
 
     /// Waits until the clock reads `time_ms`, or until `stop()` asks for a stop or a drain: a stop
-    /// must not wait out a long batch interval, and a drain runs the last batch at once (the
-    /// receivers are stopped by then, so it holds every block there will be). `stop()` announces
-    /// both on `status_changed`; the wait also re-reads the clock every [`MAX_REAL_WAIT`], so an
-    /// injected clock that a test moves is seen to move (it cannot wake this thread itself), and a
-    /// wake-up lost between the check and the wait costs at most that.
+    /// must not wait out a long batch interval, and a drain runs the last batch at once if any
+    /// block is left (the receivers are stopped by then, so it holds every block there will be).
+    /// `stop()` announces both on `status_changed`; the wait also re-reads the clock every
+    /// [`MAX_REAL_WAIT`], so an injected clock that a test moves is seen to move (it cannot wake
+    /// this thread itself), and a wake-up lost between the check and the wait costs at most that.
     fn wait_for_batch_time(&self, time_ms: i64) {
         let mut status = self.rt.status.lock().expect("status");
         while !self.rt.stop_requested.load(Ordering::SeqCst) && !self.rt.drain_requested.load(Ordering::SeqCst) {

@@ -28,9 +28,8 @@
 //! `SLUICE_BENCH_MAX_BLOCK_BYTES` (block size of sections 2, 4 and 6), `SLUICE_BENCH_REPEATS`
 //! (sections 1 and 2 run this many times, default 3, and print the best time of each); for the
 //! end-to-end runs (sections 4 and 6), `SLUICE_BENCH_BATCH_MS` (the batch interval, the example's
-//! 500 unless set),
-//! `SLUICE_BENCH_MEMORY_MIB` (the block store's memory budget) and `SLUICE_BENCH_QUEUE` (the
-//! generator's queue of blocks).
+//! 500 unless set), `SLUICE_BENCH_MEMORY_MIB` (the block store's memory budget) and
+//! `SLUICE_BENCH_QUEUE` (the generator's queue of blocks).
 
 #[path = "../examples/support/mod.rs"]
 mod support;

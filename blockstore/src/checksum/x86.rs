@@ -6,15 +6,18 @@
 //! # Why `unsafe`, and its invariants
 //!
 //! This is the crate's one `unsafe` module. Two kinds of `unsafe` block, nothing else:
-//! - calling [`update`], compiled for AVX2, VPCLMULQDQ, PCLMULQDQ and SSE4.2, which the baseline
-//!   x86-64 target does not assume: it is called only after [`cpu`] has seen every one of those
-//!   features at run time (`is_x86_feature_detected!`, its answer cached in [`CPU`]);
+//! - calling [`update`], compiled for AVX2, VPCLMULQDQ, PCLMULQDQ and SSE4.2 (and so for what
+//!   the compiler takes them to imply, AVX and SSE4.1 among them), which the baseline x86-64
+//!   target does not assume: it is called only after [`cpu`] has seen every one of those
+//!   features, the implied ones too, at run time (`is_x86_feature_detected!`, which reads each
+//!   from its own CPUID bit, so an emulated CPU may report AVX2 without AVX; its answer cached in
+//!   [`CPU`]);
 //! - the unaligned vector loads, [`load256`] and [`load128`]: each reads exactly the 32 or 16
 //!   bytes of the array reference it is given, so every load stays within the caller's slice.
 //!
 //! The intrinsics without pointers (carry-less multiply, XOR, `crc32`) are safe to call from
-//! functions compiled with their features, and all the slicing is checked (the compiler drops the
-//! checks, as the chunk and block sizes are constants).
+//! functions compiled with their features, and all the slicing is checked (the compiler drops all
+//! the checks but one per call, as the chunk and block sizes are constants).
 //!
 //! # Design
 //!
@@ -23,8 +26,8 @@
 //! - [`LANES`] (four) 256-bit accumulators, 128 bytes, fold with VPCLMULQDQ: each 128-bit lane is
 //!   moved on by the block size (its halves carry-less multiplied by `x^(8·128+31)` and
 //!   `x^(8·128−33)` mod `P`, [`fold_by`]) and XOR-ed with the next block. Alone they reach ~24
-//!   GB/s here, with 4, 6 or 8 accumulators alike: the multiplier's throughput is the limit, not
-//!   its latency;
+//!   GB/s here, whether 4, 6 or 8 of them: the multiplier's throughput is the limit, not its
+//!   latency;
 //! - the `crc32` instruction, on the integer units, idle meanwhile, takes [`STREAMS`] (three)
 //!   independent runs of the message at the same time, 8 bytes a step.
 //!
@@ -36,8 +39,8 @@
 //! own. The constants depend on the chunk's layout only, so all are computed at compile time
 //! ([`x_pow_mod`]). At the end, the accumulators are folded into one 128-bit value, which two
 //! `crc32` steps reduce, and `crc32` takes the last bytes under 16 too. This layout measured among
-//! the best of a dozen tried here (2–5 accumulators, 3 or 4 runs of 3–7 words, chunks of 2–16
-//! blocks; most within 15 % of each other). Loads are unaligned: aligning the start to 32 bytes
+//! the best of a dozen tried here (2–5 accumulators beside 3 or 4 runs of 3–7 words, chunks of
+//! 2–16 blocks; most within 15 % of each other). Loads are unaligned: aligning the start to 32 bytes
 //! first measured no faster.
 //!
 //! Shorter inputs: under [`SERIAL_BELOW`] (160) bytes, `crc32` alone (the accumulators' set-up
@@ -69,10 +72,12 @@ use std::arch::x86_64::{
 };
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// CRC-32C of `bytes` (initial value and final XOR `!0`) where this module is the faster choice,
-/// or `None`: on a CPU without the features it needs, and on one with AVX-512VL too, where
-/// `crc-fast` folds 512 bits at a time (~58 GB/s on a 4 MiB block, `docs/benchmarks.md`, against
-/// ~31–34 GB/s for this module on Zen 3; not measured on an AVX-512 CPU).
+/// CRC-32C of `bytes` (initial value and final XOR `!0`) on a CPU with the features this module
+/// needs and without AVX-512VL, or `None`. Measured faster than `crc-fast` on AMD Zen 3 only;
+/// Intel CPUs with AVX2 and VPCLMULQDQ but no AVX-512 (Alder Lake and later client cores) take
+/// this path too, unmeasured. With AVX-512VL `crc-fast` folds 512 bits at a time (~56 GB/s on a
+/// 4 MiB block, `docs/benchmarks.md`, against ~31–34 GB/s for this module on Zen 3; this module
+/// is not measured on an AVX-512 CPU).
 pub(super) fn crc32c(bytes: &[u8]) -> Option<u32> {
     if cpu() != PREFERRED {
         return None;
@@ -109,7 +114,9 @@ fn cpu() -> u8 {
     if known != UNKNOWN {
         return known;
     }
-    let found = if !(is_x86_feature_detected!("avx2")
+    let found = if !(is_x86_feature_detected!("avx")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("sse4.1")
         && is_x86_feature_detected!("vpclmulqdq")
         && is_x86_feature_detected!("pclmulqdq")
         && is_x86_feature_detected!("sse4.2"))

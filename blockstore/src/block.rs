@@ -245,48 +245,60 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
 impl Block {
     /// Builds a block from records and the ranges they cover.
     ///
+    /// The records are read twice: once for the columns' sizes and the sequence numbers' common
+    /// prefix, once to fill the columns, a run at a time. Consecutive records that share their
+    /// sequence number's allocation (the user records of one aggregate, as a reader decodes
+    /// them), their shard and their arrival time are one run: their sequence number is compared
+    /// with the prefix, and their shard and suffix looked up, once for the run.
+    ///
     /// # Errors
     /// [`Error::Arrow`] if Arrow rejects the arrays (it does not for well-formed records).
     pub fn from_records(id: BlockId, ranges: SequenceNumberRanges, records: &[Record]) -> Result<Self> {
-        let n = records.len();
-        let data_len: usize = records.iter().map(|r| r.data.len()).sum();
-        let key_len: usize = records.iter().map(|r| r.partition_key.len()).sum();
-        let prefix_len = records.split_first().map_or(0, |(first, rest)| {
-            let first = first.position.sequence.as_str();
-            rest.iter().fold(first.len(), |len, r| {
-                let sequence = r.position.sequence.as_str();
-                if sequence.starts_with(&first[..len]) {
-                    len
-                } else {
-                    common_prefix_len(&first[..len], sequence)
-                }
-            })
-        });
-        let prefix = records
-            .first()
-            .map_or("", |r| &r.position.sequence.as_str()[..prefix_len]);
-        let suffix_len: usize = records
-            .iter()
-            .map(|r| r.position.sequence.as_str().len() - prefix_len)
-            .sum();
+        let (mut data_len, mut key_len, mut sequence_len) = (0, 0, 0);
+        let mut prefix: Option<&str> = None;
+        let mut last_sequence: Option<&SequenceNumber> = None;
+        for r in records {
+            data_len += r.data.len();
+            key_len += r.partition_key.len();
+            let sequence = &r.position.sequence;
+            sequence_len += sequence.as_str().len();
+            if last_sequence.is_some_and(|last| last.is_clone_of(sequence)) {
+                continue;
+            }
+            last_sequence = Some(sequence);
+            let digits = sequence.as_str();
+            prefix = Some(match prefix {
+                Some(prefix) if digits.starts_with(prefix) => prefix,
+                Some(prefix) => &prefix[..common_prefix_len(prefix, digits)],
+                None => digits,
+            });
+        }
+        let prefix = prefix.unwrap_or("");
         let mut builder = BlockBuilder::new(
             prefix,
             BlockCapacity {
-                records: n,
-                sequence_suffix_bytes: suffix_len,
+                records: records.len(),
+                sequence_suffix_bytes: sequence_len - records.len() * prefix.len(),
                 key_bytes: key_len,
                 data_bytes: data_len,
             },
         );
-        for r in records {
-            builder.push(
-                &r.shard_id,
-                &r.position.sequence.as_str().as_bytes()[prefix_len..],
-                r.position.sub_sequence,
-                r.partition_key.as_bytes(),
-                r.approximate_arrival_ms,
-                &r.data,
+        let same_run = |a: &Record, b: &Record| {
+            a.position.sequence.is_clone_of(&b.position.sequence)
+                && Arc::ptr_eq(&a.shard_id, &b.shard_id)
+                && a.approximate_arrival_ms == b.approximate_arrival_ms
+        };
+        let mut rest = records;
+        while let Some(head) = rest.first() {
+            let (run, after) = rest.split_at(rest.iter().take_while(|r| same_run(head, r)).count());
+            builder.push_run(
+                &head.shard_id,
+                &head.position.sequence.as_str().as_bytes()[prefix.len()..],
+                head.approximate_arrival_ms,
+                run.iter()
+                    .map(|r| (r.position.sub_sequence, r.partition_key.as_bytes(), &r.data[..])),
             )?;
+            rest = after;
         }
         builder.finish(id, ranges)
     }
@@ -674,6 +686,74 @@ mod tests {
         uneven[0].position = Position::plain(SequenceNumber::from_u128(999));
         uneven[1].position = Position::plain(SequenceNumber::from_u128(1000));
         assert_eq!(block_of(&uneven).records().unwrap(), uneven);
+    }
+
+    #[test]
+    fn records_of_aggregates_build_the_block_their_records_build_one_by_one() {
+        // Aggregates as a reader decodes them: user records that share their sequence number's
+        // allocation. Between and inside them, what must still split a run or be compared: an
+        // equal number in an allocation of its own, an arrival time that changes inside an
+        // aggregate, a shard id equal to the last but not shared, another shard, and a number
+        // that shortens the common prefix.
+        let (a, a_again, b): (Arc<str>, Arc<str>, Arc<str>) = (
+            Arc::from("shardId-000000000001"),
+            Arc::from("shardId-000000000001"),
+            Arc::from("shardId-000000000002"),
+        );
+        let sequence =
+            |tail: &str| SequenceNumber::parse(&format!("49590338271490256608559692538361571095921575{tail}")).unwrap();
+        let (first, second, third) = (
+            sequence("000000000100"),
+            sequence("000000000200"),
+            sequence("990000000300"),
+        );
+        let record = |shard: &Arc<str>, sequence: &SequenceNumber, sub: u64, arrival: i64| Record {
+            shard_id: Arc::clone(shard),
+            position: Position::new(sequence.clone(), sub),
+            partition_key: format!("k{sub}").into(),
+            approximate_arrival_ms: arrival,
+            data: Bytes::from(format!("payload {sub} of {sequence}")),
+        };
+        let mut records: Vec<Record> = (0..3).map(|sub| record(&a, &first, sub, 10)).collect();
+        records.extend((3..5).map(|sub| record(&a, &first, sub, 11)));
+        records.push(record(&a, &sequence("000000000100"), 5, 11));
+        records.extend((6..9).map(|sub| record(&a, &first, sub, 11)));
+        records.extend((0..4).map(|sub| record(&a_again, &second, sub, 12)));
+        records.push(record(&b, &second, 4, 12));
+        records.extend((0..3).map(|sub| record(&b, &third, sub, 13)));
+        records.push(record(&a, &second, 5, 12));
+
+        let id = BlockId {
+            input_id: 0,
+            run_id: 0,
+            seq: 1,
+        };
+        let built = Block::from_records(id, SequenceNumberRanges::default(), &records).unwrap();
+        // The prefix every number shares: the first 44 digits.
+        let prefix = records
+            .iter()
+            .map(|r| r.position.sequence.as_str())
+            .fold(first.as_str(), |prefix, digits| {
+                &prefix[..common_prefix_len(prefix, digits)]
+            });
+        assert_eq!(prefix.len(), 44);
+        let mut one_by_one = BlockBuilder::new(prefix, BlockCapacity::default());
+        for r in &records {
+            let digits = r.position.sequence.as_str().as_bytes();
+            one_by_one
+                .push(
+                    &r.shard_id,
+                    &digits[prefix.len()..],
+                    r.position.sub_sequence,
+                    r.partition_key.as_bytes(),
+                    r.approximate_arrival_ms,
+                    &r.data,
+                )
+                .unwrap();
+        }
+        let one_by_one = one_by_one.finish(id, SequenceNumberRanges::default()).unwrap();
+        assert_eq!(built, one_by_one);
+        assert_eq!(built.records().unwrap(), records);
     }
 
     #[test]

@@ -89,6 +89,12 @@ impl SequenceNumber {
         &self.0
     }
 
+    /// Whether `other` is a clone of this very value (the user records of one aggregate share
+    /// their sequence number's allocation): a pointer comparison, where `==` compares digits.
+    pub(crate) fn is_clone_of(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The value as a `u128` when it fits (at most 38 digits and in range), else `None`.
     pub fn to_u128(&self) -> Option<u128> {
         self.0.parse().ok()
